@@ -1,0 +1,61 @@
+//! Collectors turn what the sources read into [`MetricPoint`]s, one group each.
+//!
+//! Collectors never touch the outside world themselves: every source sits behind a trait
+//! (the spec's `SystemReader`, `TunnelStatsReader`, `Pinger`, ...) so that collectors and the
+//! [`crate::manager::Manager`] are tested with fakes and without privileges.
+
+mod agent;
+mod system;
+
+pub use agent::{AgentStats, AgentStatsCollector, KernelCounters, KernelTotals, ReconnectCounter};
+pub use system::{SystemCollector, SystemReader, SystemStats};
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::MetricPoint;
+
+/// Any error a source may return; collectors wrap it with their group's prefix.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a collector produced no (or only some) points this cycle.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectError {
+    /// The source behind the collector failed; the text is `metrics: <group>: <cause>`.
+    #[error("metrics: {group}: {source}")]
+    Source {
+        /// The collector's group.
+        group: &'static str,
+        /// What the source reported.
+        source: BoxError,
+    },
+    /// The cycle was cancelled; `partial` holds what was collected before that.
+    #[error("metrics: {group}: collection cancelled")]
+    Cancelled {
+        /// The collector's group.
+        group: &'static str,
+        /// Points collected before the cancellation; the Manager keeps them.
+        partial: Vec<MetricPoint>,
+    },
+}
+
+impl CollectError {
+    /// Wraps a source's error with the collector's group, as the spec's `metrics: <group>: %w`.
+    pub fn source(group: &'static str, source: impl Into<BoxError>) -> Self {
+        Self::Source {
+            group,
+            source: source.into(),
+        }
+    }
+}
+
+/// One group's collection: the spec's `Collector` interface.
+#[async_trait]
+pub trait Collector: Send + Sync {
+    /// The group this collector's points carry, for logs.
+    fn group(&self) -> &'static str;
+
+    /// Collects this cycle's points. Long collections watch `cancel` and return
+    /// [`CollectError::Cancelled`] with what they have when it fires.
+    async fn collect(&self, cancel: &CancellationToken) -> Result<Vec<MetricPoint>, CollectError>;
+}

@@ -1,0 +1,15 @@
+//! plexd-metrics: a node metrics agent for WireGuard meshes.
+//!
+//! The pipeline is the plexd spec's: sources (behind traits) feed [`collector`]s, whose
+//! points the [`manager::Manager`] buffers and hands to a [`reporter::MetricReporter`].
+//! [`agent`] wires these together from a [`config::Config`].
+
+pub mod agent;
+pub mod api;
+pub mod collector;
+pub mod config;
+pub mod logging;
+pub mod manager;
+pub mod memory;
+pub mod reporter;
+pub mod source;

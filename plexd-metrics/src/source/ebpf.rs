@@ -1,0 +1,2 @@
+//! Loading and attaching the kernel programs, and reading their maps.
+// (being written)

@@ -1,0 +1,38 @@
+//! `cargo xtask`: the project's build, run and test entry points.
+
+mod build_ebpf;
+mod run;
+mod setup;
+mod test;
+mod util;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, run and test plexd-metrics")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what the project needs (Debian packages, bpf-linker); idempotent.
+    Setup(setup::Options),
+    /// Build the kernel programs and place the object where the agent embeds it.
+    BuildEbpf(build_ebpf::Options),
+    /// Build both sides and run the agent as root.
+    Run(run::Options),
+    /// Run every test this machine can run, privileged ones included.
+    Test(test::Options),
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Setup(o) => setup::run(&o),
+        Command::BuildEbpf(o) => build_ebpf::run(&o),
+        Command::Run(o) => run::run(&o),
+        Command::Test(o) => test::run(&o),
+    }
+}

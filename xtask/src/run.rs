@@ -1,0 +1,71 @@
+//! `cargo xtask run`: build both sides and run the agent as root.
+
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::build_ebpf;
+use crate::util::{is_root, run_cmd, workspace_root};
+
+/// Options of `cargo xtask run`.
+#[derive(clap::Args)]
+pub struct Options {
+    /// Build in release mode.
+    #[arg(long)]
+    release: bool,
+    /// Arguments for the agent (after `--`). Without any, the agent runs with
+    /// examples/dev.yaml: short intervals, stdout sink, eBPF on the default route's interface.
+    #[arg(last = true)]
+    args: Vec<String>,
+}
+
+/// Builds the kernel programs and the agent, then replaces this process with the agent.
+pub fn run(o: &Options) -> Result<()> {
+    build_ebpf::build(o.release)?;
+    let root = workspace_root();
+    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    build.current_dir(&root).args(["build", "--package", "plexd-metrics", "--bin", "plexd-metrics"]);
+    if o.release {
+        build.arg("--release");
+    }
+    run_cmd(&mut build)?;
+
+    let binary = root
+        .join("target")
+        .join(if o.release { "release" } else { "debug" })
+        .join("plexd-metrics");
+    let mut args = o.args.clone();
+    if args.is_empty() {
+        let dev = root.join("examples/dev.yaml");
+        eprintln!(
+            "xtask: no agent arguments given; using --config {} (collect every 5s, report every 10s to stdout)",
+            dev.display()
+        );
+        args = vec!["--config".into(), dev.display().to_string()];
+    }
+
+    // The agent needs CAP_BPF and CAP_NET_ADMIN to attach its programs.
+    let mut agent = if is_root() {
+        Command::new(&binary)
+    } else if which("sudo") {
+        eprintln!("xtask: not root; running the agent through sudo");
+        let mut c = Command::new("sudo");
+        c.arg("--preserve-env=RUST_LOG").arg(&binary);
+        c
+    } else {
+        bail!("the agent needs root (CAP_BPF, CAP_NET_ADMIN) and sudo is not installed; run as root");
+    };
+    agent.args(&args);
+    eprintln!("xtask: running {agent:?}");
+    // exec, so that Ctrl-C and SIGTERM reach the agent directly and its exit code is ours.
+    let err = agent.exec();
+    Err(err).with_context(|| format!("cannot start {}", binary.display()))
+}
+
+/// Whether `program` is on PATH.
+pub fn which(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+        .unwrap_or(false)
+}

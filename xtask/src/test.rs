@@ -1,0 +1,62 @@
+//! `cargo xtask test`: every test this machine can run.
+//!
+//! Unit tests of both workspaces, then the privileged integration tests in `tests/` as root.
+//! A privileged test that would skip itself fails instead (PLEXD_METRICS_REQUIRE_PRIVILEGED),
+//! so a green run means they really ran.
+
+use std::process::Command;
+
+use anyhow::{bail, Result};
+
+use crate::build_ebpf;
+use crate::run::which;
+use crate::util::{is_root, run_cmd, workspace_root};
+
+/// Options of `cargo xtask test`.
+#[derive(clap::Args)]
+pub struct Options {
+    /// Arguments passed to every `cargo test` invocation's test binaries (after `--`),
+    /// e.g. a test name filter.
+    #[arg(last = true)]
+    args: Vec<String>,
+}
+
+/// Runs the unit tests, then the privileged tests.
+pub fn run(o: &Options) -> Result<()> {
+    // The agent embeds the kernel object, and the privileged tests load it.
+    build_ebpf::build(false)?;
+    let root = workspace_root();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+
+    let mut unit = Command::new(&cargo);
+    unit.current_dir(&root)
+        .args(["test", "--workspace", "--exclude", "plexd-metrics-tests"]);
+    if !o.args.is_empty() {
+        unit.arg("--").args(&o.args);
+    }
+    run_cmd(&mut unit)?;
+
+    build_ebpf::test_host()?;
+
+    let mut privileged = if is_root() {
+        Command::new(&cargo)
+    } else if which("sudo") {
+        eprintln!("xtask: not root; running the privileged tests through sudo");
+        let mut c = Command::new("sudo");
+        c.args(["--preserve-env=PATH,CARGO_HOME,RUSTUP_HOME,RUST_LOG", "env", "PLEXD_METRICS_REQUIRE_PRIVILEGED=1"])
+            .arg(&cargo);
+        c
+    } else {
+        bail!("the privileged tests need root (CAP_BPF, CAP_NET_ADMIN) and sudo is not installed; run as root");
+    };
+    privileged
+        .current_dir(&root)
+        .env("PLEXD_METRICS_REQUIRE_PRIVILEGED", "1")
+        .args(["test", "--package", "plexd-metrics-tests"]);
+    if !o.args.is_empty() {
+        privileged.arg("--").args(&o.args);
+    }
+    run_cmd(&mut privileged)?;
+    eprintln!("xtask: all tests passed, privileged tests included");
+    Ok(())
+}
