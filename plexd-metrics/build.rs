@@ -13,7 +13,8 @@ fn main() {
         .unwrap_or_else(|| manifest_dir.join("../target/ebpf/plexd-metrics-ebpf.o"));
     println!("cargo:rerun-if-changed={}", object.display());
 
-    let out = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo")).join("plexd-metrics-ebpf.o");
+    let out =
+        PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo")).join("plexd-metrics-ebpf.o");
     match fs::read(&object) {
         Ok(bytes) => fs::write(&out, bytes).expect("write embedded eBPF object"),
         Err(_) => {

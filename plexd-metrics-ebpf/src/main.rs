@@ -19,6 +19,7 @@ use aya_ebpf::{
 use plexd_metrics_common::{
     Direction, PacketCounters, DIRECTIONS, MAP_PACKET_COUNTERS, PROG_EGRESS, PROG_INGRESS,
 };
+use plexd_metrics_ebpf::{record, same_name};
 
 /// Packets and bytes per [`Direction`]. Per-CPU, so that concurrent packets on different CPUs
 /// never contend and a plain add is enough; the agent sums the CPUs when it reads.
@@ -27,9 +28,9 @@ static PACKET_COUNTERS: PerCpuArray<PacketCounters> = PerCpuArray::with_max_entr
 
 // The macros take the symbol's own name as the map and program name, so the contract's
 // constants are checked against the symbols here.
-const _: () = assert!(same(MAP_PACKET_COUNTERS, "PACKET_COUNTERS"));
-const _: () = assert!(same(PROG_INGRESS, "plexd_tc_ingress"));
-const _: () = assert!(same(PROG_EGRESS, "plexd_tc_egress"));
+const _: () = assert!(same_name(MAP_PACKET_COUNTERS, "PACKET_COUNTERS"));
+const _: () = assert!(same_name(PROG_INGRESS, "plexd_tc_ingress"));
+const _: () = assert!(same_name(PROG_EGRESS, "plexd_tc_egress"));
 
 /// Counts a packet arriving on the interface.
 #[classifier]
@@ -53,30 +54,12 @@ fn count(ctx: &TcContext, direction: Direction) {
         // SAFETY: the slot belongs to this CPU and TC programs run with migration disabled;
         // ingress (softirq) and egress (BH disabled) cannot interleave on one CPU, and they
         // use different indices anyway.
-        unsafe {
-            (*slot).packets = (*slot).packets.wrapping_add(1);
-            (*slot).bytes = (*slot).bytes.wrapping_add(u64::from(ctx.len()));
-        }
+        record(unsafe { &mut *slot }, ctx.len());
     }
 }
 
-const fn same(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    if a.len() != b.len() {
-        return false;
-    }
-    let mut i = 0;
-    while i < a.len() {
-        if a[i] != b[i] {
-            return false;
-        }
-        i += 1;
-    }
-    true
-}
-
-// Nothing above can panic (no indexing, no unwrap, no overflow checks in these profiles), and
-// the verifier would reject a program that could reach this loop.
+// Nothing the programs run can panic (no indexing, no unwrap, no overflow checks in these
+// profiles), and the verifier would reject a program that could reach this loop.
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo) -> ! {
     loop {}

@@ -67,7 +67,12 @@ impl Agent {
         let reporter: Arc<dyn MetricReporter> = Arc::new(StdoutReporter::new());
 
         Ok(Self {
-            manager: Manager::new(cfg.metrics.clone(), collectors, reporter, cfg.node_id.clone()),
+            manager: Manager::new(
+                cfg.metrics.clone(),
+                collectors,
+                reporter,
+                cfg.node_id.clone(),
+            ),
             _probe: probe,
         })
     }

@@ -64,8 +64,13 @@ mod tests {
     #[test]
     fn point_serialises_like_the_api_contract() {
         let ts = Utc.with_ymd_and_hms(2026, 2, 12, 10, 30, 0).unwrap();
-        let p = MetricPoint::new(ts, GROUP_SYSTEM, "", &serde_json::json!({"load_avg_1": 1.5}))
-            .unwrap();
+        let p = MetricPoint::new(
+            ts,
+            GROUP_SYSTEM,
+            "",
+            &serde_json::json!({"load_avg_1": 1.5}),
+        )
+        .unwrap();
         assert_eq!(
             serde_json::to_string(&p).unwrap(),
             r#"{"timestamp":"2026-02-12T10:30:00Z","group":"system","data":{"load_avg_1":1.5}}"#

@@ -99,7 +99,11 @@ impl fmt::Debug for LocalEndpointConfig {
             .field("url", &self.url)
             .field(
                 "secret_key",
-                &if self.secret_key.is_empty() { "" } else { "[redacted]" },
+                &if self.secret_key.is_empty() {
+                    ""
+                } else {
+                    "[redacted]"
+                },
             )
             .field("tls_insecure_skip_verify", &self.tls_insecure_skip_verify)
             .finish()
@@ -203,7 +207,22 @@ impl Config {
         if text.trim().is_empty() {
             return Ok(Self::default());
         }
-        serde_yaml_ng::from_str(text).map_err(|e| e.to_string())
+        // serde_yaml_ng names the key only for some errors; serde_path_to_error names it for
+        // all of them (a bad duration inside a nested map included).
+        serde_path_to_error::deserialize(serde_yaml_ng::Deserializer::from_str(text)).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            if path == "." {
+                return inner;
+            }
+            // serde_yaml_ng sometimes prefixes a partial path of its own; keep only ours.
+            let parts: Vec<&str> = path.split('.').collect();
+            let message = (1..=parts.len())
+                .rev()
+                .find_map(|n| inner.strip_prefix(&format!("{}: ", parts[..n].join("."))))
+                .unwrap_or(&inner);
+            format!("{path}: {message}")
+        })
     }
 
     /// Checks every rule and returns all broken ones. Paths that the sources need are
@@ -212,7 +231,8 @@ impl Config {
         let mut problems = Vec::new();
         if !self.control_plane.url.is_empty() {
             if self.node_id.trim().is_empty() {
-                problems.push("config: node_id is required when control_plane.url is set".to_owned());
+                problems
+                    .push("config: node_id is required when control_plane.url is set".to_owned());
             }
             if let Err(e) = url::Url::parse(&self.control_plane.url) {
                 problems.push(format!(
@@ -364,7 +384,10 @@ metrics:
         .unwrap();
         assert_eq!(cfg.node_id, "node-1");
         assert_eq!(cfg.metrics.report_interval, Duration::from_secs(60));
-        assert_eq!(cfg.control_plane.token_file.as_deref(), Some(Path::new("/etc/plexd/token")));
+        assert_eq!(
+            cfg.control_plane.token_file.as_deref(),
+            Some(Path::new("/etc/plexd/token"))
+        );
         cfg.validate().unwrap();
     }
 
@@ -442,8 +465,9 @@ metrics:
 
     #[test]
     fn secret_key_is_redacted_in_debug_output() {
-        let cfg = Config::parse("metrics: { local_endpoint: { url: 'https://x', secret_key: hunter2 } }")
-            .unwrap();
+        let cfg =
+            Config::parse("metrics: { local_endpoint: { url: 'https://x', secret_key: hunter2 } }")
+                .unwrap();
         let dump = format!("{cfg:?}");
         assert!(!dump.contains("hunter2"), "{dump}");
         assert!(dump.contains("[redacted]"), "{dump}");
@@ -457,7 +481,10 @@ metrics:
         );
         let p = problems("node_id: n1\ncontrol_plane: { url: 'cp.example' }");
         assert_eq!(p.len(), 1);
-        assert!(p[0].starts_with(r#"config: control_plane: invalid URL "cp.example""#), "{p:?}");
+        assert!(
+            p[0].starts_with(r#"config: control_plane: invalid URL "cp.example""#),
+            "{p:?}"
+        );
     }
 
     #[test]
@@ -471,23 +498,29 @@ metrics:
     #[test]
     fn bad_durations_name_the_key_and_the_value() {
         for bad in ["fast", "15", "-5s"] {
-            let e = Config::parse(&format!("metrics: {{ collect_interval: '{bad}' }}")).unwrap_err();
+            let e =
+                Config::parse(&format!("metrics: {{ collect_interval: '{bad}' }}")).unwrap_err();
             assert!(e.contains("metrics.collect_interval"), "{e}");
             assert!(e.contains(&format!("invalid duration {bad:?}")), "{e}");
         }
-        let cfg = Config::parse("metrics: { collect_interval: 1m30s, report_interval: 2m }").unwrap();
+        let cfg =
+            Config::parse("metrics: { collect_interval: 1m30s, report_interval: 2m }").unwrap();
         assert_eq!(cfg.metrics.collect_interval, Duration::from_secs(90));
     }
 
     #[test]
     fn invalid_yaml_is_a_parse_error() {
         assert!(Config::parse("metrics: [").is_err());
-        assert!(Config::parse("metrics: { batch_size: many }").unwrap_err().contains("batch_size"));
+        assert!(Config::parse("metrics: { batch_size: many }")
+            .unwrap_err()
+            .contains("batch_size"));
     }
 
     #[test]
     fn absent_proc_root_and_mount_point_are_named() {
-        let p = problems("metrics: { system: { proc_root: /nonexistent/proc, mount_point: /nonexistent/mnt } }");
+        let p = problems(
+            "metrics: { system: { proc_root: /nonexistent/proc, mount_point: /nonexistent/mnt } }",
+        );
         assert_eq!(
             p,
             [
@@ -508,6 +541,10 @@ metrics:
     #[test]
     fn file_errors_name_the_file() {
         let e = Config::load(Some(Path::new("/nonexistent/plexd.yaml"))).unwrap_err();
-        assert!(e.to_string().starts_with("cannot read config file /nonexistent/plexd.yaml: "), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("cannot read config file /nonexistent/plexd.yaml: "),
+            "{e}"
+        );
     }
 }

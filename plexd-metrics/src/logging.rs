@@ -16,8 +16,12 @@ pub enum LogFormat {
 /// (`plexd_metrics=debug,aya=warn`); `RUST_LOG`, when set, wins over it.
 pub fn init(level: &str, format: LogFormat) -> Result<(), String> {
     let filter = match std::env::var("RUST_LOG") {
-        Ok(env) if !env.is_empty() => EnvFilter::try_new(&env).map_err(|e| format!("invalid RUST_LOG {env:?}: {e}"))?,
-        _ => EnvFilter::try_new(level).map_err(|e| format!("invalid --log-level {level:?}: {e}"))?,
+        Ok(env) if !env.is_empty() => {
+            EnvFilter::try_new(&env).map_err(|e| format!("invalid RUST_LOG {env:?}: {e}"))?
+        }
+        _ => {
+            EnvFilter::try_new(level).map_err(|e| format!("invalid --log-level {level:?}: {e}"))?
+        }
     };
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let result = match format {

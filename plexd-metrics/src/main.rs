@@ -38,7 +38,12 @@ struct Cli {
 
     /// Log level (error, warn, info, debug, trace) or a filter such as
     /// `plexd_metrics=debug,aya=warn`. RUST_LOG overrides it.
-    #[arg(long, value_name = "LEVEL", default_value = "info", env = "PLEXD_METRICS_LOG_LEVEL")]
+    #[arg(
+        long,
+        value_name = "LEVEL",
+        default_value = "info",
+        env = "PLEXD_METRICS_LOG_LEVEL"
+    )]
     log_level: String,
 
     /// Log line format.

@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use tokio::time::{interval_at, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::api::MetricPoint;
 use crate::collector::{CollectError, Collector};
@@ -75,7 +75,9 @@ impl Manager {
                 biased;
                 () = cancel.cancelled() => break,
                 _ = collect.tick() => {
-                    buffer.extend(self.collect_once(&cancel).await);
+                    let points = self.collect_once(&cancel).await;
+                    debug!(component = "metrics", points = points.len(), buffered = buffer.len() + points.len(), "collect cycle done");
+                    buffer.extend(points);
                     if buffer.len() >= self.cfg.batch_limit() {
                         self.report(std::mem::take(&mut buffer)).await;
                     }
@@ -108,7 +110,10 @@ impl Manager {
             match result {
                 Ok(p) => points.extend(p),
                 Err(CollectError::Cancelled { group, partial }) => {
-                    warn!(component = "metrics", group, "collection cancelled; keeping partial results");
+                    warn!(
+                        component = "metrics",
+                        group, "collection cancelled; keeping partial results"
+                    );
                     points.extend(partial);
                 }
                 Err(e) => warn!(component = "metrics", error = %e, "collector failed"),
@@ -171,8 +176,13 @@ mod tests {
             }
             Ok((0..self.per_call)
                 .map(|i| {
-                    MetricPoint::new(chrono::Utc::now(), self.group, "", &serde_json::json!({"n": n, "i": i}))
-                        .unwrap()
+                    MetricPoint::new(
+                        chrono::Utc::now(),
+                        self.group,
+                        "",
+                        &serde_json::json!({"n": n, "i": i}),
+                    )
+                    .unwrap()
                 })
                 .collect())
         }
@@ -186,7 +196,13 @@ mod tests {
             "latency"
         }
         async fn collect(&self, _: &CancellationToken) -> Result<Vec<MetricPoint>, CollectError> {
-            let p = MetricPoint::new(chrono::Utc::now(), "latency", "peer-1", &serde_json::json!({})).unwrap();
+            let p = MetricPoint::new(
+                chrono::Utc::now(),
+                "latency",
+                "peer-1",
+                &serde_json::json!({}),
+            )
+            .unwrap();
             Err(CollectError::Cancelled {
                 group: "latency",
                 partial: vec![p],
@@ -203,9 +219,15 @@ mod tests {
 
     #[async_trait]
     impl MetricReporter for Recorder {
-        async fn report_metrics(&self, node_id: &str, batch: &[MetricPoint]) -> Result<(), BoxError> {
+        async fn report_metrics(
+            &self,
+            node_id: &str,
+            batch: &[MetricPoint],
+        ) -> Result<(), BoxError> {
             assert_eq!(node_id, "node-1");
-            self.tx.send((self.start.elapsed(), batch.to_vec())).unwrap();
+            self.tx
+                .send((self.start.elapsed(), batch.to_vec()))
+                .unwrap();
             let mut left = self.failures_left.lock().unwrap();
             if *left > 0 {
                 *left -= 1;
@@ -302,15 +324,20 @@ mod tests {
         let mut h = start(cfg(15, 30, 100), vec![bad.clone(), good.clone()], 0);
         let (_, batch) = h.batches.recv().await.unwrap();
         assert_eq!(seqs(&batch), [("system".into(), 1), ("system".into(), 2)]);
-        assert_eq!(bad.calls.load(Ordering::SeqCst), 2, "the failing collector is retried each cycle");
+        assert_eq!(
+            bad.calls.load(Ordering::SeqCst),
+            2,
+            "the failing collector is retried each cycle"
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn when_all_collectors_fail_the_report_tick_is_a_no_op() {
         let bad = Counting::with("system", true, 1);
         let mut h = start(cfg(5, 10, 100), vec![bad.clone()], 0);
-        // Let several report ticks pass, then stop: nothing may have been reported.
-        tokio::time::sleep(Duration::from_secs(35)).await;
+        // Let virtual time pass seven collect ticks and three report ticks, then stop:
+        // nothing may have been reported.
+        tokio::time::sleep(Duration::from_secs(37)).await;
         h.cancel.cancel();
         assert_eq!(h.task.await.unwrap(), RunOutcome::Cancelled);
         assert_eq!(bad.calls.load(Ordering::SeqCst), 7);
@@ -322,7 +349,13 @@ mod tests {
         let c = Counting::new("system");
         let mut h = start(cfg(15, 30, 100), vec![c], 1);
         let (at, first) = h.batches.recv().await.unwrap();
-        assert_eq!((at, seqs(&first)), (Duration::from_secs(30), vec![("system".into(), 1), ("system".into(), 2)]));
+        assert_eq!(
+            (at, seqs(&first)),
+            (
+                Duration::from_secs(30),
+                vec![("system".into(), 1), ("system".into(), 2)]
+            )
+        );
         let (at, second) = h.batches.recv().await.unwrap();
         assert_eq!(at, Duration::from_secs(60));
         assert_eq!(seqs(&second), [("system".into(), 3), ("system".into(), 4)]);
@@ -333,7 +366,11 @@ mod tests {
         let c = Counting::with("tunnel", false, 3);
         let mut h = start(cfg(5, 60, 6), vec![c], 0);
         let (at, batch) = h.batches.recv().await.unwrap();
-        assert_eq!(at, Duration::from_secs(10), "the second collect filled the batch");
+        assert_eq!(
+            at,
+            Duration::from_secs(10),
+            "the second collect filled the batch"
+        );
         assert_eq!(batch.len(), 6);
     }
 
@@ -345,7 +382,11 @@ mod tests {
             h.batches.recv().await.unwrap().1.len(),
             h.batches.recv().await.unwrap().1.len(),
         ];
-        assert_eq!(sizes, [4, 1], "five points go out as a full batch and a remainder");
+        assert_eq!(
+            sizes,
+            [4, 1],
+            "five points go out as a full batch and a remainder"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -357,7 +398,14 @@ mod tests {
         assert_eq!(h.task.await.unwrap(), RunOutcome::Cancelled);
         let (at, batch) = h.batches.recv().await.unwrap();
         assert_eq!(at, Duration::from_secs(16));
-        assert_eq!(seqs(&batch), [("system".into(), 1), ("system".into(), 2), ("system".into(), 3)]);
+        assert_eq!(
+            seqs(&batch),
+            [
+                ("system".into(), 1),
+                ("system".into(), 2),
+                ("system".into(), 3)
+            ]
+        );
         assert!(h.batches.recv().await.is_none());
     }
 

@@ -1,0 +1,249 @@
+//! Helpers for plexd-metrics' privileged integration tests.
+//!
+//! Every resource a test creates (network namespaces, veth pairs) is an RAII guard that
+//! removes it on drop, so a failing assertion does not leave debris on the machine. Names
+//! carry the process id and a counter, so tests can run in parallel, and next to other runs.
+//!
+//! The tests need root (CAP_SYS_ADMIN for namespaces, CAP_BPF and CAP_NET_ADMIN for TC). A
+//! plain `cargo test` without root skips them loudly; `cargo xtask test` sets
+//! `PLEXD_METRICS_REQUIRE_PRIVILEGED=1`, which turns a skip into a failure.
+
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Write as _};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use nix::sched::{setns, CloneFlags};
+
+/// Environment variable that makes a missing privilege a test failure instead of a skip.
+pub const REQUIRE_PRIVILEGED: &str = "PLEXD_METRICS_REQUIRE_PRIVILEGED";
+
+/// Whether this process may run the privileged tests.
+///
+/// Without root it panics when [`REQUIRE_PRIVILEGED`] is `1` (the run promised to exercise
+/// them) and otherwise prints a `SKIPPED` line to stderr and returns `false`; the caller then
+/// returns early. `test` is the name printed.
+pub fn require_privileges(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var(REQUIRE_PRIVILEGED).is_ok_and(|v| v == "1") {
+        panic!("{test}: needs root, and {REQUIRE_PRIVILEGED}=1 forbids skipping it");
+    }
+    // Straight to the stream: libtest captures eprintln!, and a skip must be seen.
+    let _ = writeln!(
+        io::stderr(),
+        "\n*** SKIPPED: {test} needs root (network namespaces, eBPF); run `cargo xtask test` ***\n"
+    );
+    false
+}
+
+/// A short name that is unique across this machine's concurrent test runs.
+///
+/// Interface names are limited to 15 bytes, so this stays well below that: `prefix` should be
+/// at most 3 characters.
+pub fn unique_name(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}{:x}x{:x}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Runs a command and returns its stdout; fails with its stderr when it does not succeed.
+pub fn run(program: &str, args: &[&str]) -> io::Result<String> {
+    let out = Command::new(program).args(args).output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "`{program} {}` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    String::from_utf8(out.stdout).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// A named network namespace (`ip netns add`), deleted with everything in it on drop.
+pub struct NetNs {
+    name: String,
+}
+
+impl fmt::Debug for NetNs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+impl NetNs {
+    /// Creates a namespace whose name starts with `prefix` (at most 3 characters).
+    pub fn new(prefix: &str) -> io::Result<Self> {
+        let name = unique_name(prefix);
+        run("ip", &["netns", "add", &name])?;
+        let ns = Self { name };
+        // A namespace starts with lo down; some kernels' defaults need it up for local traffic.
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// The namespace's name, as `ip netns` knows it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Where `ip netns` keeps the namespace's handle.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// Runs `ip -n <ns> args...`.
+    pub fn ip(&self, args: &[&str]) -> io::Result<String> {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// Runs any program inside the namespace (`ip netns exec`).
+    pub fn exec(&self, program: &str, args: &[&str]) -> io::Result<String> {
+        let mut all = vec!["netns", "exec", self.name.as_str(), program];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// Runs `f` inside the namespace, on a thread of its own so that no other thread of the
+    /// test process changes namespace, and returns what it returns.
+    ///
+    /// Sockets and BPF links created in `f` stay bound to this namespace after it returns,
+    /// so they can be returned and used from any thread. A panic in `f` propagates.
+    pub fn run<T, F>(&self, f: F) -> io::Result<T>
+    where
+        F: FnOnce() -> T + Send,
+        T: Send,
+    {
+        let handle = File::open(self.path())?;
+        std::thread::scope(|scope| {
+            let worker = scope.spawn(move || {
+                setns(&handle, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+                Ok(f())
+            });
+            worker
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
+    /// Writes a sysctl under `/proc/sys/net` for this namespace, e.g.
+    /// `("ipv6/conf/all/disable_ipv6", "1")`.
+    pub fn sysctl_net(&self, key: &str, value: &str) -> io::Result<()> {
+        let path = PathBuf::from("/proc/sys/net").join(key);
+        // /proc/sys/net shows the namespace of the thread that opens it.
+        self.run(|| std::fs::write(&path, value))?
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+    }
+
+    /// Turns IPv6 off for every interface of the namespace, present and future, so that no
+    /// router solicitation, DAD or MLD packet disturbs an exact count.
+    pub fn disable_ipv6(&self) -> io::Result<()> {
+        self.sysctl_net("ipv6/conf/all/disable_ipv6", "1")?;
+        self.sysctl_net("ipv6/conf/default/disable_ipv6", "1")
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        if let Err(e) = run("ip", &["netns", "del", &self.name]) {
+            eprintln!(
+                "warning: cannot delete network namespace {}: {e}",
+                self.name
+            );
+        }
+    }
+}
+
+/// One end of a [`VethPair`].
+#[derive(Clone, Debug)]
+pub struct VethEnd {
+    /// Interface name inside its namespace.
+    pub name: String,
+    /// IPv4 address, without prefix length.
+    pub addr: std::net::Ipv4Addr,
+    /// MAC address, fixed so that the peer's neighbour entry can be written in advance.
+    pub mac: String,
+}
+
+/// A veth pair joining two namespaces on 10.201.x.0/24, up, with IPv4 addresses and permanent
+/// neighbour entries on both sides so that no ARP ever crosses it.
+///
+/// Deleting one end deletes both; the namespaces' own drops would too.
+#[derive(Debug)]
+pub struct VethPair<'a> {
+    /// The end in the first namespace.
+    pub a: VethEnd,
+    /// The end in the second namespace.
+    pub b: VethEnd,
+    ns_a: &'a NetNs,
+}
+
+impl<'a> VethPair<'a> {
+    /// Creates the pair between `ns_a` and `ns_b`. Call [`NetNs::disable_ipv6`] on both
+    /// first when the test counts packets.
+    pub fn new(ns_a: &'a NetNs, ns_b: &NetNs) -> io::Result<Self> {
+        static SUBNET: AtomicU32 = AtomicU32::new(0);
+        // Each namespace pair is isolated, so the subnet only varies to keep logs readable.
+        let subnet = (SUBNET.fetch_add(1, Ordering::Relaxed) % 250) as u8;
+        let end = |suffix: &str, host: u8| VethEnd {
+            name: unique_name(&format!("v{suffix}")),
+            addr: std::net::Ipv4Addr::new(10, 201, subnet, host),
+            mac: format!("02:00:0a:c9:{subnet:02x}:{host:02x}"),
+        };
+        let (a, b) = (end("a", 1), end("b", 2));
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &a.name,
+                "address",
+                &a.mac,
+                "netns",
+                ns_a.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &b.name,
+                "address",
+                &b.mac,
+                "netns",
+                ns_b.name(),
+            ],
+        )?;
+        let pair = Self { a, b, ns_a };
+        for (ns, me, peer) in [(ns_a, &pair.a, &pair.b), (ns_b, &pair.b, &pair.a)] {
+            ns.ip(&["addr", "add", &format!("{}/24", me.addr), "dev", &me.name])?;
+            ns.ip(&[
+                "neigh",
+                "replace",
+                &peer.addr.to_string(),
+                "lladdr",
+                &peer.mac,
+                "dev",
+                &me.name,
+                "nud",
+                "permanent",
+            ])?;
+            ns.ip(&["link", "set", &me.name, "up"])?;
+        }
+        Ok(pair)
+    }
+}
+
+impl Drop for VethPair<'_> {
+    fn drop(&mut self) {
+        // Already gone if the namespace went first; nothing to report then.
+        let _ = self.ns_a.ip(&["link", "del", &self.a.name]);
+    }
+}

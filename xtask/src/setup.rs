@@ -1,11 +1,296 @@
-//! (being written)
-use anyhow::Result;
+//! `cargo xtask setup`: installs what building and testing plexd-metrics needs.
+//!
+//! Idempotent: it looks first and installs only what is missing, saying what and how. The
+//! other commands call [`ensure`] so that a fresh Debian machine needs nothing but the README's
+//! one command.
 
-/// Options of this command.
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{bail, Context, Result};
+
+use crate::util::{is_root, run_cmd};
+
+/// Options of `cargo xtask setup`.
 #[derive(clap::Args)]
-pub struct Options {}
+pub struct Options {
+    /// Only report what is missing; fail if anything is.
+    #[arg(long)]
+    check: bool,
+}
 
-/// Runs the command.
-pub fn run(_: &Options) -> Result<()> {
-    anyhow::bail!("not yet")
+/// A group of prerequisites, so that a command installs only what it uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// Building the kernel programs on the Debian route: Debian's Rust with a prebuilt `core`
+    /// for BPF, LLVM 22, and bpf-linker built against it.
+    EbpfBuild,
+    /// Running the agent and the privileged tests: WireGuard, iproute2 (`ip`, `tc`), nftables,
+    /// ping, fping, bpftool.
+    Testbed,
+}
+
+/// Debian packages for building the kernel programs (see TESTBED.md).
+const EBPF_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+];
+/// Debian packages for the testbed and the agent's own needs.
+const TESTBED_PACKAGES: &[&str] = &[
+    "wireguard-go",
+    "wireguard-tools",
+    "iproute2",
+    "nftables",
+    "iputils-ping",
+    "fping",
+    "bpftool",
+];
+/// The bpf-linker release that builds against LLVM 22 with these compilers.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+/// Commands the testbed packages provide, checked instead of packages where dpkg is absent.
+const TESTBED_COMMANDS: &[&str] = &[
+    "wireguard-go",
+    "wg",
+    "ip",
+    "tc",
+    "nft",
+    "ping",
+    "fping",
+    "bpftool",
+];
+
+impl Need {
+    fn packages(self) -> &'static [&'static str] {
+        match self {
+            Need::EbpfBuild => EBPF_PACKAGES,
+            Need::Testbed => TESTBED_PACKAGES,
+        }
+    }
+
+    fn needs_bpf_linker(self) -> bool {
+        self == Need::EbpfBuild
+    }
+}
+
+/// Installs everything, or with `--check` reports what is missing.
+pub fn run(o: &Options) -> Result<()> {
+    let needs = [Need::EbpfBuild, Need::Testbed];
+    if o.check {
+        let missing = missing(&needs)?;
+        if missing.is_empty() {
+            eprintln!("xtask setup: nothing missing");
+            return Ok(());
+        }
+        bail!("missing: {}; run `cargo xtask setup`", missing.describe());
+    }
+    install(&needs)
+}
+
+/// Installs what `needs` lacks, if anything. Cheap when everything is there: one
+/// `dpkg-query` and a look at PATH.
+pub fn ensure(needs: &[Need]) -> Result<()> {
+    install(needs)
+}
+
+/// Where bpf-linker is, on PATH or in cargo's bin directory (which a fresh login may not have
+/// on PATH yet).
+pub fn bpf_linker() -> Option<PathBuf> {
+    find_on_path("bpf-linker").or_else(|| {
+        let candidate = cargo_home()?.join("bin").join("bpf-linker");
+        candidate.is_file().then_some(candidate)
+    })
+}
+
+/// Whether `program` is an executable file in one of PATH's directories.
+pub fn find_on_path(program: &str) -> Option<PathBuf> {
+    let paths = std::env::var_os("PATH")?;
+    std::env::split_paths(&paths)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+}
+
+fn cargo_home() -> Option<PathBuf> {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+}
+
+#[derive(Debug, Default)]
+struct Missing {
+    packages: Vec<&'static str>,
+    /// Only filled where dpkg is absent, which cannot tell packages.
+    commands: Vec<&'static str>,
+    bpf_linker: bool,
+}
+
+impl Missing {
+    fn is_empty(&self) -> bool {
+        self.packages.is_empty() && self.commands.is_empty() && !self.bpf_linker
+    }
+
+    fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.packages.is_empty() {
+            parts.push(format!("Debian packages {}", self.packages.join(" ")));
+        }
+        if !self.commands.is_empty() {
+            parts.push(format!("commands {}", self.commands.join(" ")));
+        }
+        if self.bpf_linker {
+            parts.push(format!("bpf-linker {BPF_LINKER_VERSION}"));
+        }
+        parts.join(", ")
+    }
+}
+
+fn missing(needs: &[Need]) -> Result<Missing> {
+    let wanted: Vec<&'static str> = needs.iter().flat_map(|n| n.packages()).copied().collect();
+    let (packages, commands) = if find_on_path("dpkg-query").is_some() {
+        (missing_packages(&wanted)?, Vec::new())
+    } else if needs.contains(&Need::Testbed) {
+        let absent = TESTBED_COMMANDS
+            .iter()
+            .copied()
+            .filter(|c| find_on_path(c).is_none());
+        (Vec::new(), absent.collect())
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    Ok(Missing {
+        packages,
+        commands,
+        bpf_linker: needs.iter().any(|n| n.needs_bpf_linker()) && bpf_linker().is_none(),
+    })
+}
+
+/// Debian packages of `wanted` that are not installed, per dpkg's own database.
+fn missing_packages(wanted: &[&'static str]) -> Result<Vec<&'static str>> {
+    // dpkg-query exits non-zero when any name is unknown to it, but still reports the others;
+    // so its status is ignored and absence from the output means "not installed".
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Package} ${db:Status-Status}\\n"])
+        .args(wanted)
+        .output()
+        .context("cannot run dpkg-query")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let installed: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_suffix(" installed"))
+        .map(|name| name.split(':').next().unwrap_or(name))
+        .collect();
+    Ok(wanted
+        .iter()
+        .copied()
+        .filter(|p| !installed.contains(p))
+        .collect())
+}
+
+fn install(needs: &[Need]) -> Result<()> {
+    let missing = missing(needs)?;
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask setup: missing {}", missing.describe());
+    if find_on_path("apt-get").is_none() || !missing.commands.is_empty() {
+        print_manual_steps(needs);
+        bail!(
+            "cannot install {} on a system without apt-get; follow the steps above",
+            missing.describe()
+        );
+    }
+    if !missing.packages.is_empty() {
+        eprintln!(
+            "xtask setup: installing Debian packages: {}",
+            missing.packages.join(" ")
+        );
+        apt_get(&["update"], true)?;
+        let mut args = vec!["install", "-y", "--no-install-recommends"];
+        args.extend(&missing.packages);
+        apt_get(&args, false)?;
+    }
+    if missing.bpf_linker {
+        install_bpf_linker()?;
+    }
+    eprintln!("xtask setup: installed {}", missing.describe());
+    Ok(())
+}
+
+/// Runs apt-get non-interactively, through sudo when not root. `update` runs at most once per
+/// xtask invocation, however many commands ask for it.
+fn apt_get(args: &[&str], is_update: bool) -> Result<()> {
+    static UPDATED: AtomicBool = AtomicBool::new(false);
+    if is_update && UPDATED.swap(true, Ordering::SeqCst) {
+        return Ok(());
+    }
+    let mut cmd = if is_root() {
+        Command::new("apt-get")
+    } else if find_on_path("sudo").is_some() {
+        eprintln!("xtask setup: not root; using sudo for apt-get");
+        let mut c = Command::new("sudo");
+        // sudo drops the environment; `env` carries the one variable apt needs.
+        c.args(["env", "DEBIAN_FRONTEND=noninteractive", "apt-get"]);
+        c
+    } else {
+        bail!(
+            "installing Debian packages needs root, and sudo is not installed; \
+             run `cargo xtask setup` as root"
+        );
+    };
+    cmd.env("DEBIAN_FRONTEND", "noninteractive").args(args);
+    run_cmd(&mut cmd)
+}
+
+fn install_bpf_linker() -> Result<()> {
+    if !PathBuf::from(LLVM_PREFIX).join("bin/llvm-config").is_file() {
+        bail!("bpf-linker needs LLVM 22 in {LLVM_PREFIX}; install the Debian package llvm-22-dev first");
+    }
+    eprintln!(
+        "xtask setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 \
+         (about 4 minutes on 2 cores) into {}",
+        cargo_home().map_or_else(|| "~/.cargo".into(), |h| h.display().to_string())
+    );
+    // The host cargo, not the one building an eBPF crate: bpf-linker is an ordinary host tool.
+    // --locked uses bpf-linker's own lock file, the versions its release was tested with.
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.env("LLVM_PREFIX", LLVM_PREFIX)
+        .env_remove("CARGO_TARGET_DIR")
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ]);
+    run_cmd(&mut cmd)?;
+    if bpf_linker().is_none() {
+        bail!("bpf-linker was installed but is neither on PATH nor in cargo's bin directory");
+    }
+    Ok(())
+}
+
+fn print_manual_steps(needs: &[Need]) {
+    eprintln!("\nThis system has no apt-get. Install by hand:\n");
+    if needs.contains(&Need::EbpfBuild) {
+        eprintln!(
+            "  # kernel programs (the usual aya route):\n\
+             \x20 rustup toolchain install nightly --component rust-src\n\
+             \x20 cargo install bpf-linker\n"
+        );
+    }
+    if needs.contains(&Need::Testbed) {
+        eprintln!(
+            "  # testbed: wireguard-go, wg (wireguard-tools), ip and tc (iproute2), nft (nftables),\n\
+             \x20 # ping, fping and bpftool from your distribution, e.g. on Fedora:\n\
+             \x20 dnf install wireguard-tools wireguard-go iproute nftables iputils fping bpftool\n"
+        );
+    }
 }

@@ -132,7 +132,9 @@ impl Collector for AgentStatsCollector {
     }
 
     async fn collect(&self, _: &CancellationToken) -> Result<Vec<MetricPoint>, CollectError> {
-        let stats = self.stats().map_err(|e| CollectError::source(GROUP_AGENT, e))?;
+        let stats = self
+            .stats()
+            .map_err(|e| CollectError::source(GROUP_AGENT, e))?;
         let point = MetricPoint::new(Utc::now(), GROUP_AGENT, "", &stats)
             .map_err(|e| CollectError::source(GROUP_AGENT, e))?;
         Ok(vec![point])
@@ -162,7 +164,11 @@ mod tests {
     async fn spec_keys_and_values() {
         let started = Instant::now() - Duration::from_secs(3600);
         let c = AgentStatsCollector::new(started, Some(Arc::new(Reconnects(3))), None);
-        let points = c.collect(&CancellationToken::new()).await.unwrap();
+        // Collect from a spawned task, so that at least that one task is alive.
+        let points = tokio::spawn(async move { c.collect(&CancellationToken::new()).await })
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(points.len(), 1);
         let d = points[0].data.as_object().unwrap();
         let keys: Vec<&str> = d.keys().map(String::as_str).collect();
@@ -181,8 +187,14 @@ mod tests {
         assert_eq!(d["reconnect_count"], 3);
         assert_eq!(d["gc_num_gc"], 0);
         assert!(d["uptime_seconds"].as_f64().unwrap() >= 3600.0);
-        assert!(d["goroutine_count"].as_u64().unwrap() >= 1, "this test runs in a task");
-        assert!(d["heap_sys_bytes"].as_u64().unwrap() > 0, "resident memory is read from /proc/self");
+        assert!(
+            d["goroutine_count"].as_u64().unwrap() >= 1,
+            "this test runs in a task"
+        );
+        assert!(
+            d["heap_sys_bytes"].as_u64().unwrap() > 0,
+            "resident memory is read from /proc/self"
+        );
     }
 
     #[tokio::test]
@@ -207,7 +219,11 @@ mod tests {
         assert_eq!(d["ebpf_ingress_packets"], 10);
         assert_eq!(d["ebpf_egress_bytes"], 700);
 
-        let c = AgentStatsCollector::new(Instant::now(), None, Some(Arc::new(Kernel(Err("map gone".into())))));
+        let c = AgentStatsCollector::new(
+            Instant::now(),
+            None,
+            Some(Arc::new(Kernel(Err("map gone".into())))),
+        );
         let err = c.collect(&CancellationToken::new()).await.unwrap_err();
         assert_eq!(err.to_string(), "metrics: agent: map gone");
     }

@@ -102,7 +102,13 @@ mod tests {
         assert_eq!(points.len(), 1);
         assert_eq!(points[0].group, "system");
         assert!(points[0].peer_id.is_empty());
-        let keys: Vec<_> = points[0].data.as_object().unwrap().keys().cloned().collect();
+        let keys: Vec<_> = points[0]
+            .data
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
         assert_eq!(keys.len(), 10, "{keys:?}");
         let back: SystemStats = serde_json::from_value(points[0].data.clone()).unwrap();
         assert_eq!(back, stats);

@@ -22,7 +22,9 @@ impl StdoutReporter {
 
     /// A sink writing to `out`.
     pub fn to_writer(out: Box<dyn Write + Send>) -> Self {
-        Self { out: Mutex::new(out) }
+        Self {
+            out: Mutex::new(out),
+        }
     }
 }
 
@@ -67,9 +69,19 @@ mod tests {
     async fn one_line_per_batch_parsable_as_the_api_array() {
         let buf = Shared::default();
         let r = StdoutReporter::to_writer(Box::new(buf.clone()));
-        let p = MetricPoint::new(chrono::Utc::now(), "agent", "", &serde_json::json!({"a": 1})).unwrap();
-        r.report_metrics("n", &[p.clone(), p.clone()]).await.unwrap();
-        r.report_metrics("n", &[p.clone()]).await.unwrap();
+        let p = MetricPoint::new(
+            chrono::Utc::now(),
+            "agent",
+            "",
+            &serde_json::json!({"a": 1}),
+        )
+        .unwrap();
+        r.report_metrics("n", &[p.clone(), p.clone()])
+            .await
+            .unwrap();
+        r.report_metrics("n", std::slice::from_ref(&p))
+            .await
+            .unwrap();
         let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<_> = text.lines().collect();
         assert_eq!(lines.len(), 2);

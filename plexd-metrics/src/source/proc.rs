@@ -456,13 +456,18 @@ fn parse_file<T>(
 /// procfs reports malformed input as an "internal error" with a request to report a procfs
 /// bug, which would mislead whoever reads our log: keep only the part about the input.
 fn describe(error: procfs::ProcError) -> String {
+    const UNWRAP_PREFIX: &str = "Internal Unwrap Error: ";
     match error {
         procfs::ProcError::InternalError(internal) => {
+            // Errors from procfs's helpers arrive wrapped in further internal errors, each
+            // adding the prefix and the plea; the innermost message is the informative one.
             let msg = internal.msg;
-            let msg = msg.strip_prefix("Internal Unwrap Error: ").unwrap_or(&msg);
+            let msg = msg
+                .rsplit_once(UNWRAP_PREFIX)
+                .map_or(msg.as_str(), |(_, inner)| inner);
             // `NoneError` is how procfs says a required field or column was absent.
             match msg.strip_suffix("NoneError") {
-                Some("") => "a required field is missing".to_owned(),
+                Some("") => "a field is missing".to_owned(),
                 Some(context) => format!("{}: missing", context.trim_end_matches(": ")),
                 None => msg.to_owned(),
             }
@@ -497,8 +502,10 @@ mod tests {
                 std::process::id(),
                 NEXT.fetch_add(1, Ordering::Relaxed)
             ));
-            copy_dir(&fixture_root(), &dir);
-            Self(dir)
+            // Constructed first so that a failed copy is still cleaned up.
+            let root = Self(dir);
+            copy_dir(&fixture_root(), &root.0);
+            root
         }
 
         fn replace(&self, name: &str, malformed: &str) {
@@ -668,8 +675,8 @@ mod tests {
         let root = TempRoot::new();
         root.replace("net/dev", "net-dev");
         let err = read_root(&root.0, None).await.unwrap_err().to_string();
-        let prefix = format!("parse {}: ", root.0.join("net/dev").display());
-        assert!(err.starts_with(&prefix), "{err}");
+        let path = root.0.join("net/dev");
+        assert_eq!(err, format!("parse {}: a field is missing", path.display()));
     }
 
     #[test]

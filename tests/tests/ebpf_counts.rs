@@ -1,0 +1,307 @@
+//! The TC programs count exactly the packets that cross an interface, and leave nothing
+//! behind when the probe goes.
+//!
+//! Two namespaces joined by a veth pair, with IPv6 off and permanent neighbour entries, carry
+//! no traffic but the test's own UDP datagrams, so the counts can be compared exactly.
+
+use std::net::{SocketAddrV4, UdpSocket};
+use std::time::Duration;
+
+use aya::programs::{SchedClassifier, TcAttachType};
+use plexd_metrics::collector::KernelCounters as _;
+use plexd_metrics::source::ebpf::{embedded_object, AttachMode, UnderlayProbe};
+use plexd_metrics_common::{PROG_EGRESS, PROG_INGRESS};
+use plexd_metrics_tests::{require_privileges, NetNs, VethPair};
+
+const PACKETS: u64 = 37;
+const PAYLOAD: usize = 100;
+/// What TC sees of each datagram: Ethernet (14) + IPv4 (20) + UDP (8) + payload.
+const FRAME: u64 = 14 + 20 + 8 + PAYLOAD as u64;
+const PORT: u16 = 40_000;
+
+fn two_namespaces() -> (NetNs, NetNs) {
+    let sender = NetNs::new("pms").expect("create sender namespace");
+    let receiver = NetNs::new("pmr").expect("create receiver namespace");
+    sender
+        .disable_ipv6()
+        .expect("disable IPv6 in sender namespace");
+    receiver
+        .disable_ipv6()
+        .expect("disable IPv6 in receiver namespace");
+    (sender, receiver)
+}
+
+fn counts_exactly_what_crosses_the_veth(mode: AttachMode) {
+    let (sender_ns, receiver_ns) = two_namespaces();
+    let veth = VethPair::new(&sender_ns, &receiver_ns).expect("create veth pair");
+
+    let receiver = receiver_ns
+        .run(|| UdpSocket::bind(SocketAddrV4::new(veth.b.addr, PORT)))
+        .expect("enter receiver namespace")
+        .expect("bind receiver socket");
+    receiver
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("set receive timeout");
+    let sender = sender_ns
+        .run(|| UdpSocket::bind(SocketAddrV4::new(veth.a.addr, 0)))
+        .expect("enter sender namespace")
+        .expect("bind sender socket");
+
+    // Attached last, so that nothing from setting up the link is counted.
+    let sender_probe = sender_ns
+        .run(|| UnderlayProbe::attach_with(embedded_object(), &[&veth.a.name], mode))
+        .expect("enter sender namespace")
+        .expect("attach probe to sender veth");
+    let receiver_probe = receiver_ns
+        .run(|| UnderlayProbe::attach_with(embedded_object(), &[&veth.b.name], mode))
+        .expect("enter receiver namespace")
+        .expect("attach probe to receiver veth");
+    assert_eq!(sender_probe.programs_attached(), 2);
+    assert_eq!(receiver_probe.programs_attached(), 2);
+
+    let payload = [0xa5u8; PAYLOAD];
+    let to = SocketAddrV4::new(veth.b.addr, PORT);
+    for _ in 0..PACKETS {
+        // On a veth, send_to returns after the packet went through TC egress.
+        assert_eq!(
+            sender.send_to(&payload, to).expect("send datagram"),
+            PAYLOAD
+        );
+    }
+    // TC ingress runs before the socket gets the datagram: once all are received, all are
+    // counted.
+    let mut buf = [0u8; 2 * PAYLOAD];
+    for i in 0..PACKETS {
+        let (n, _) = receiver
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("datagram {i} of {PACKETS} did not arrive: {e}"));
+        assert_eq!(n, PAYLOAD);
+    }
+
+    let sent = sender_probe.read().expect("read sender counters");
+    let received = receiver_probe.read().expect("read receiver counters");
+    assert_eq!(
+        (sent.egress_packets, sent.egress_bytes),
+        (PACKETS, PACKETS * FRAME),
+        "sender egress"
+    );
+    assert_eq!(
+        (received.ingress_packets, received.ingress_bytes),
+        (PACKETS, PACKETS * FRAME),
+        "receiver ingress"
+    );
+    // Nothing flows back: no ARP (permanent neighbours), no ICMP (the port is bound), no
+    // IPv6 chatter. Anything here means the programs count what they should not.
+    assert_eq!(
+        (sent.ingress_packets, sent.ingress_bytes),
+        (0, 0),
+        "sender ingress"
+    );
+    assert_eq!(
+        (received.egress_packets, received.egress_bytes),
+        (0, 0),
+        "receiver egress"
+    );
+    assert_eq!(sent.programs_attached, 2);
+
+    // Netlink attachments are looked up in the current namespace when detached.
+    sender_ns
+        .run(|| sender_probe.detach())
+        .expect("enter sender namespace")
+        .expect("detach sender probe");
+    receiver_ns
+        .run(|| receiver_probe.detach())
+        .expect("enter receiver namespace")
+        .expect("detach receiver probe");
+}
+
+#[test]
+fn counts_exact_packets_and_bytes_with_default_attachment() {
+    if !require_privileges("counts_exact_packets_and_bytes_with_default_attachment") {
+        return;
+    }
+    counts_exactly_what_crosses_the_veth(AttachMode::Auto);
+}
+
+#[test]
+fn counts_exact_packets_and_bytes_with_netlink_attachment() {
+    if !require_privileges("counts_exact_packets_and_bytes_with_netlink_attachment") {
+        return;
+    }
+    counts_exactly_what_crosses_the_veth(AttachMode::Netlink);
+}
+
+/// What is hooked into TC on `dev`, as seen from inside its namespace: program names attached
+/// through TCX, legacy tc filter lines, and qdisc kinds.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct TcState {
+    tcx_programs: Vec<String>,
+    filters: Vec<String>,
+    clsact: bool,
+}
+
+fn tc_state(ns: &NetNs, dev: &str) -> TcState {
+    let tcx_programs = ns
+        .run(|| {
+            let mut names = Vec::new();
+            for attach in [TcAttachType::Ingress, TcAttachType::Egress] {
+                let (_, programs) =
+                    SchedClassifier::query_tcx(dev, attach).expect("query TCX programs");
+                names.extend(
+                    programs
+                        .iter()
+                        .map(|p| p.name_as_str().unwrap_or("?").to_owned()),
+                );
+            }
+            names
+        })
+        .expect("enter namespace");
+    let qdiscs = ns
+        .exec("tc", &["qdisc", "show", "dev", dev])
+        .expect("tc qdisc show");
+    let clsact = qdiscs.lines().any(|l| l.starts_with("qdisc clsact"));
+    let filters = if clsact {
+        ["ingress", "egress"]
+            .iter()
+            .flat_map(|parent| {
+                ns.exec("tc", &["filter", "show", "dev", dev, parent])
+                    .expect("tc filter show")
+                    .lines()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    TcState {
+        tcx_programs,
+        filters,
+        clsact,
+    }
+}
+
+/// Kernel program names are cut to 15 bytes.
+fn kernel_name(name: &str) -> &str {
+    &name[..name.len().min(15)]
+}
+
+fn ours(state: &TcState) -> usize {
+    let names = [kernel_name(PROG_INGRESS), kernel_name(PROG_EGRESS)];
+    state
+        .tcx_programs
+        .iter()
+        .filter(|p| names.contains(&p.as_str()))
+        .count()
+        + state
+            .filters
+            .iter()
+            .filter(|l| l.contains(PROG_INGRESS) || l.contains(PROG_EGRESS))
+            .count()
+}
+
+fn leaves_nothing_behind(mode: AttachMode, preexisting_clsact: bool) {
+    let (ns_a, ns_b) = two_namespaces();
+    let veth = VethPair::new(&ns_a, &ns_b).expect("create veth pair");
+    let dev = veth.a.name.as_str();
+    if preexisting_clsact {
+        ns_a.exec("tc", &["qdisc", "add", "dev", dev, "clsact"])
+            .expect("add clsact");
+    }
+    let before = tc_state(&ns_a, dev);
+    assert_eq!(ours(&before), 0, "{before:?}");
+
+    let probe = ns_a
+        .run(|| UnderlayProbe::attach_with(embedded_object(), &[dev], mode))
+        .expect("enter namespace")
+        .expect("attach probe");
+    let during = tc_state(&ns_a, dev);
+    // Proves the inspection sees our programs, so that the check after the drop means
+    // something.
+    assert_eq!(ours(&during), 2, "both programs attached: {during:?}");
+
+    ns_a.run(move || drop(probe)).expect("enter namespace");
+    let after = tc_state(&ns_a, dev);
+    assert_eq!(ours(&after), 0, "programs left attached: {after:?}");
+    assert_eq!(after, before, "TC state differs from before the probe");
+}
+
+#[test]
+fn dropping_the_probe_leaves_nothing_attached_with_default_attachment() {
+    if !require_privileges("dropping_the_probe_leaves_nothing_attached_with_default_attachment") {
+        return;
+    }
+    leaves_nothing_behind(AttachMode::Auto, false);
+}
+
+#[test]
+fn dropping_the_probe_removes_the_clsact_qdisc_it_added() {
+    if !require_privileges("dropping_the_probe_removes_the_clsact_qdisc_it_added") {
+        return;
+    }
+    leaves_nothing_behind(AttachMode::Netlink, false);
+}
+
+#[test]
+fn dropping_the_probe_keeps_a_clsact_qdisc_it_did_not_add() {
+    if !require_privileges("dropping_the_probe_keeps_a_clsact_qdisc_it_did_not_add") {
+        return;
+    }
+    leaves_nothing_behind(AttachMode::Netlink, true);
+}
+
+#[test]
+fn a_missing_interface_is_named_and_nothing_stays_attached() {
+    if !require_privileges("a_missing_interface_is_named_and_nothing_stays_attached") {
+        return;
+    }
+    let (ns_a, ns_b) = two_namespaces();
+    let veth = VethPair::new(&ns_a, &ns_b).expect("create veth pair");
+    let before = tc_state(&ns_a, &veth.a.name);
+    let err = ns_a
+        .run(|| UnderlayProbe::attach(&[veth.a.name.as_str(), "nope0"]))
+        .expect("enter namespace")
+        .expect_err("attaching to a missing interface must fail");
+    assert_eq!(
+        err.to_string(),
+        "cannot attach to nope0: interface not found; set metrics.ebpf.interfaces"
+    );
+    assert_eq!(tc_state(&ns_a, &veth.a.name), before);
+}
+
+#[test]
+fn a_clsact_qdisc_that_others_still_use_is_kept() {
+    if !require_privileges("a_clsact_qdisc_that_others_still_use_is_kept") {
+        return;
+    }
+    let (ns_a, ns_b) = two_namespaces();
+    let veth = VethPair::new(&ns_a, &ns_b).expect("create veth pair");
+    let dev = veth.a.name.as_str();
+    let attach = || {
+        ns_a.run(|| UnderlayProbe::attach_with(embedded_object(), &[dev], AttachMode::Netlink))
+            .expect("enter namespace")
+            .expect("attach probe")
+    };
+    // The first probe creates the qdisc; the second stands for any other user of it.
+    let first = attach();
+    let second = attach();
+    assert_eq!(ours(&tc_state(&ns_a, dev)), 4);
+
+    ns_a.run(move || drop(first)).expect("enter namespace");
+    let after_first = tc_state(&ns_a, dev);
+    assert!(
+        after_first.clsact,
+        "qdisc removed under other filters: {after_first:?}"
+    );
+    assert_eq!(
+        ours(&after_first),
+        2,
+        "the other probe's filters must survive: {after_first:?}"
+    );
+
+    ns_a.run(move || drop(second)).expect("enter namespace");
+    // The second probe found the qdisc there and so leaves it, as it would anyone's.
+    let after_second = tc_state(&ns_a, dev);
+    assert_eq!(ours(&after_second), 0, "{after_second:?}");
+    assert!(after_second.clsact, "{after_second:?}");
+}
