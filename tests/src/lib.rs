@@ -24,11 +24,14 @@ pub const REQUIRE_PRIVILEGED: &str = "PLEXD_METRICS_REQUIRE_PRIVILEGED";
 ///
 /// Without root it panics when [`REQUIRE_PRIVILEGED`] is `1` (the run promised to exercise
 /// them) and otherwise prints a `SKIPPED` line to stderr and returns `false`; the caller then
-/// returns early. `test` is the name printed.
-pub fn require_privileges(test: &str) -> bool {
+/// returns early.
+pub fn require_privileges() -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;
     }
+    // libtest names each test's thread after the test.
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("this test");
     if std::env::var(REQUIRE_PRIVILEGED).is_ok_and(|v| v == "1") {
         panic!("{test}: needs root, and {REQUIRE_PRIVILEGED}=1 forbids skipping it");
     }

@@ -117,7 +117,7 @@ fn counts_exactly_what_crosses_the_veth(mode: AttachMode) {
 
 #[test]
 fn counts_exact_packets_and_bytes_with_default_attachment() {
-    if !require_privileges("counts_exact_packets_and_bytes_with_default_attachment") {
+    if !require_privileges() {
         return;
     }
     counts_exactly_what_crosses_the_veth(AttachMode::Auto);
@@ -125,7 +125,7 @@ fn counts_exact_packets_and_bytes_with_default_attachment() {
 
 #[test]
 fn counts_exact_packets_and_bytes_with_netlink_attachment() {
-    if !require_privileges("counts_exact_packets_and_bytes_with_netlink_attachment") {
+    if !require_privileges() {
         return;
     }
     counts_exactly_what_crosses_the_veth(AttachMode::Netlink);
@@ -228,7 +228,7 @@ fn leaves_nothing_behind(mode: AttachMode, preexisting_clsact: bool) {
 
 #[test]
 fn dropping_the_probe_leaves_nothing_attached_with_default_attachment() {
-    if !require_privileges("dropping_the_probe_leaves_nothing_attached_with_default_attachment") {
+    if !require_privileges() {
         return;
     }
     leaves_nothing_behind(AttachMode::Auto, false);
@@ -236,7 +236,7 @@ fn dropping_the_probe_leaves_nothing_attached_with_default_attachment() {
 
 #[test]
 fn dropping_the_probe_removes_the_clsact_qdisc_it_added() {
-    if !require_privileges("dropping_the_probe_removes_the_clsact_qdisc_it_added") {
+    if !require_privileges() {
         return;
     }
     leaves_nothing_behind(AttachMode::Netlink, false);
@@ -244,7 +244,7 @@ fn dropping_the_probe_removes_the_clsact_qdisc_it_added() {
 
 #[test]
 fn dropping_the_probe_keeps_a_clsact_qdisc_it_did_not_add() {
-    if !require_privileges("dropping_the_probe_keeps_a_clsact_qdisc_it_did_not_add") {
+    if !require_privileges() {
         return;
     }
     leaves_nothing_behind(AttachMode::Netlink, true);
@@ -252,7 +252,7 @@ fn dropping_the_probe_keeps_a_clsact_qdisc_it_did_not_add() {
 
 #[test]
 fn a_missing_interface_is_named_and_nothing_stays_attached() {
-    if !require_privileges("a_missing_interface_is_named_and_nothing_stays_attached") {
+    if !require_privileges() {
         return;
     }
     let (ns_a, ns_b) = two_namespaces();
@@ -271,7 +271,7 @@ fn a_missing_interface_is_named_and_nothing_stays_attached() {
 
 #[test]
 fn a_clsact_qdisc_that_others_still_use_is_kept() {
-    if !require_privileges("a_clsact_qdisc_that_others_still_use_is_kept") {
+    if !require_privileges() {
         return;
     }
     let (ns_a, ns_b) = two_namespaces();

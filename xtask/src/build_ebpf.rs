@@ -116,8 +116,10 @@ pub fn test_host() -> Result<()> {
     let crate_dir = workspace_root().join(CRATE);
     let mut cmd = Command::new(cargo);
     clean_env(&mut cmd);
+    // Apart from the BPF build's directory: the two use different compilers, and sharing
+    // would rebuild the build scripts and proc-macros each time one follows the other.
     cmd.current_dir(&crate_dir)
-        .env("CARGO_TARGET_DIR", crate_dir.join("target"))
+        .env("CARGO_TARGET_DIR", crate_dir.join("target").join("host"))
         .args(["test", "--lib"]);
     run_cmd(&mut cmd)
 }

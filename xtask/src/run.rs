@@ -25,7 +25,13 @@ pub fn run(o: &Options) -> Result<()> {
     build_ebpf::build(o.release)?;
     let root = workspace_root();
     let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    build.current_dir(&root).args(["build", "--package", "plexd-metrics", "--bin", "plexd-metrics"]);
+    build.current_dir(&root).args([
+        "build",
+        "--package",
+        "plexd-metrics",
+        "--bin",
+        "plexd-metrics",
+    ]);
     if o.release {
         build.arg("--release");
     }
@@ -54,7 +60,9 @@ pub fn run(o: &Options) -> Result<()> {
         c.arg("--preserve-env=RUST_LOG").arg(&binary);
         c
     } else {
-        bail!("the agent needs root (CAP_BPF, CAP_NET_ADMIN) and sudo is not installed; run as root");
+        bail!(
+            "the agent needs root (CAP_BPF, CAP_NET_ADMIN) and sudo is not installed; run as root"
+        );
     };
     agent.args(&args);
     eprintln!("xtask: running {agent:?}");

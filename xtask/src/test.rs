@@ -43,8 +43,12 @@ pub fn run(o: &Options) -> Result<()> {
     } else if which("sudo") {
         eprintln!("xtask: not root; running the privileged tests through sudo");
         let mut c = Command::new("sudo");
-        c.args(["--preserve-env=PATH,CARGO_HOME,RUSTUP_HOME,RUST_LOG", "env", "PLEXD_METRICS_REQUIRE_PRIVILEGED=1"])
-            .arg(&cargo);
+        c.args([
+            "--preserve-env=PATH,CARGO_HOME,RUSTUP_HOME,RUST_LOG",
+            "env",
+            "PLEXD_METRICS_REQUIRE_PRIVILEGED=1",
+        ])
+        .arg(&cargo);
         c
     } else {
         bail!("the privileged tests need root (CAP_BPF, CAP_NET_ADMIN) and sudo is not installed; run as root");

@@ -183,7 +183,7 @@ pub struct UnderlayProbe {
     // Detached explicitly in Drop, before the fields below close the programs and maps.
     attachments: Vec<Attachment>,
     counters: PerCpuArray<MapData, PacketCounters>,
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
 }
 
 struct Attachment {
@@ -263,26 +263,28 @@ impl UnderlayProbe {
         let mut probe = Self {
             attachments: Vec::with_capacity(interfaces.len()),
             counters,
-            _ebpf: ebpf,
+            ebpf,
         };
         // Each attachment is recorded before the next step can fail, so that an early return
         // drops `probe` and takes back whatever was already done.
         for (interface, ifindex) in interfaces.into_iter().zip(ifindexes) {
             let added_clsact = !tcx && add_clsact(interface)?;
-            probe.attachments.push(Attachment {
+            let Self {
+                attachments, ebpf, ..
+            } = &mut probe;
+            attachments.push(Attachment {
                 interface: interface.to_owned(),
                 ifindex,
                 links: Vec::with_capacity(2),
                 added_clsact,
             });
+            let current = attachments.len() - 1;
             for (name, direction) in [
                 (PROG_INGRESS, Direction::Ingress),
                 (PROG_EGRESS, Direction::Egress),
             ] {
-                let link = attach_one(&mut probe._ebpf, name, interface, direction, tcx)?;
-                if let Some(attachment) = probe.attachments.last_mut() {
-                    attachment.links.push(link);
-                }
+                let link = attach_one(ebpf, name, interface, direction, tcx)?;
+                attachments[current].links.push(link);
             }
         }
         Ok(probe)
