@@ -15,7 +15,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use aya::programs::{SchedClassifier, TcAttachType};
 use nix::sched::{setns, CloneFlags};
+use plexd_metrics_common::{PROG_EGRESS, PROG_INGRESS};
 
 /// Environment variable that makes a missing privilege a test failure instead of a skip.
 pub const REQUIRE_PRIVILEGED: &str = "PLEXD_METRICS_REQUIRE_PRIVILEGED";
@@ -249,4 +251,77 @@ impl Drop for VethPair<'_> {
         // Already gone if the namespace went first; nothing to report then.
         let _ = self.ns_a.ip(&["link", "del", &self.a.name]);
     }
+}
+
+/// What TC holds on one interface: TCX programs, cls_bpf filters, a clsact qdisc.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct TcState {
+    /// Names of the TCX programs on ingress and egress.
+    pub tcx_programs: Vec<String>,
+    /// `tc filter show` lines of the clsact hooks.
+    pub filters: Vec<String>,
+    /// Whether a clsact qdisc is present.
+    pub clsact: bool,
+}
+
+/// Reads the TC state of `dev` inside `ns`.
+pub fn tc_state(ns: &NetNs, dev: &str) -> TcState {
+    let tcx_programs = ns
+        .run(|| {
+            let mut names = Vec::new();
+            for attach in [TcAttachType::Ingress, TcAttachType::Egress] {
+                let (_, programs) =
+                    SchedClassifier::query_tcx(dev, attach).expect("query TCX programs");
+                names.extend(
+                    programs
+                        .iter()
+                        .map(|p| p.name_as_str().unwrap_or("?").to_owned()),
+                );
+            }
+            names
+        })
+        .expect("enter namespace");
+    let qdiscs = ns
+        .exec("tc", &["qdisc", "show", "dev", dev])
+        .expect("tc qdisc show");
+    let clsact = qdiscs.lines().any(|l| l.starts_with("qdisc clsact"));
+    let filters = if clsact {
+        ["ingress", "egress"]
+            .iter()
+            .flat_map(|parent| {
+                ns.exec("tc", &["filter", "show", "dev", dev, parent])
+                    .expect("tc filter show")
+                    .lines()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    TcState {
+        tcx_programs,
+        filters,
+        clsact,
+    }
+}
+
+/// Kernel program names are cut to 15 bytes.
+pub fn kernel_name(name: &str) -> &str {
+    &name[..name.len().min(15)]
+}
+
+/// How many of plexd-metrics' programs `state` holds.
+pub fn ours(state: &TcState) -> usize {
+    let names = [kernel_name(PROG_INGRESS), kernel_name(PROG_EGRESS)];
+    state
+        .tcx_programs
+        .iter()
+        .filter(|p| names.contains(&p.as_str()))
+        .count()
+        + state
+            .filters
+            .iter()
+            .filter(|l| l.contains(PROG_INGRESS) || l.contains(PROG_EGRESS))
+            .count()
 }

@@ -7,11 +7,9 @@
 use std::net::{SocketAddrV4, UdpSocket};
 use std::time::Duration;
 
-use aya::programs::{SchedClassifier, TcAttachType};
 use plexd_metrics::collector::KernelCounters as _;
 use plexd_metrics::source::ebpf::{embedded_object, AttachMode, UnderlayProbe};
-use plexd_metrics_common::{PROG_EGRESS, PROG_INGRESS};
-use plexd_metrics_tests::{require_privileges, NetNs, VethPair};
+use plexd_metrics_tests::{ours, require_privileges, tc_state, NetNs, VethPair};
 
 const PACKETS: u64 = 37;
 const PAYLOAD: usize = 100;
@@ -133,73 +131,6 @@ fn counts_exact_packets_and_bytes_with_netlink_attachment() {
 
 /// What is hooked into TC on `dev`, as seen from inside its namespace: program names attached
 /// through TCX, legacy tc filter lines, and qdisc kinds.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct TcState {
-    tcx_programs: Vec<String>,
-    filters: Vec<String>,
-    clsact: bool,
-}
-
-fn tc_state(ns: &NetNs, dev: &str) -> TcState {
-    let tcx_programs = ns
-        .run(|| {
-            let mut names = Vec::new();
-            for attach in [TcAttachType::Ingress, TcAttachType::Egress] {
-                let (_, programs) =
-                    SchedClassifier::query_tcx(dev, attach).expect("query TCX programs");
-                names.extend(
-                    programs
-                        .iter()
-                        .map(|p| p.name_as_str().unwrap_or("?").to_owned()),
-                );
-            }
-            names
-        })
-        .expect("enter namespace");
-    let qdiscs = ns
-        .exec("tc", &["qdisc", "show", "dev", dev])
-        .expect("tc qdisc show");
-    let clsact = qdiscs.lines().any(|l| l.starts_with("qdisc clsact"));
-    let filters = if clsact {
-        ["ingress", "egress"]
-            .iter()
-            .flat_map(|parent| {
-                ns.exec("tc", &["filter", "show", "dev", dev, parent])
-                    .expect("tc filter show")
-                    .lines()
-                    .map(str::to_owned)
-                    .collect::<Vec<_>>()
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
-    TcState {
-        tcx_programs,
-        filters,
-        clsact,
-    }
-}
-
-/// Kernel program names are cut to 15 bytes.
-fn kernel_name(name: &str) -> &str {
-    &name[..name.len().min(15)]
-}
-
-fn ours(state: &TcState) -> usize {
-    let names = [kernel_name(PROG_INGRESS), kernel_name(PROG_EGRESS)];
-    state
-        .tcx_programs
-        .iter()
-        .filter(|p| names.contains(&p.as_str()))
-        .count()
-        + state
-            .filters
-            .iter()
-            .filter(|l| l.contains(PROG_INGRESS) || l.contains(PROG_EGRESS))
-            .count()
-}
-
 fn leaves_nothing_behind(mode: AttachMode, preexisting_clsact: bool) {
     let (ns_a, ns_b) = two_namespaces();
     let veth = VethPair::new(&ns_a, &ns_b).expect("create veth pair");

@@ -17,7 +17,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 use crate::setup::{self, Need};
-use crate::util::{run_cmd, workspace_root};
+use crate::util::{run_cmd, workspace_root, Tally};
 
 const TARGET: &str = "bpfel-unknown-none";
 const CRATE: &str = "plexd-metrics-ebpf";
@@ -111,7 +111,7 @@ pub fn build(release: bool) -> Result<PathBuf> {
 
 /// Runs the host-side unit tests of the eBPF crate's pure parts (its library), with the
 /// host's ordinary toolchain.
-pub fn test_host() -> Result<()> {
+pub fn test_host(tally: &mut Tally) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let crate_dir = workspace_root().join(CRATE);
     let mut cmd = Command::new(cargo);
@@ -121,7 +121,7 @@ pub fn test_host() -> Result<()> {
     cmd.current_dir(&crate_dir)
         .env("CARGO_TARGET_DIR", crate_dir.join("target").join("host"))
         .args(["test", "--lib"]);
-    run_cmd(&mut cmd)
+    tally.run(&mut cmd)
 }
 
 /// The route this machine has, Debian's preferred: it needs no rust-src download.

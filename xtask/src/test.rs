@@ -10,7 +10,7 @@ use anyhow::{bail, Result};
 
 use crate::build_ebpf;
 use crate::run::which;
-use crate::util::{is_root, run_cmd, workspace_root};
+use crate::util::{is_root, workspace_root, Tally};
 
 /// Options of `cargo xtask test`.
 #[derive(clap::Args)]
@@ -34,9 +34,10 @@ pub fn run(o: &Options) -> Result<()> {
     if !o.args.is_empty() {
         unit.arg("--").args(&o.args);
     }
-    run_cmd(&mut unit)?;
+    let mut tally = Tally::default();
+    tally.run(&mut unit)?;
 
-    build_ebpf::test_host()?;
+    build_ebpf::test_host(&mut tally)?;
 
     let mut privileged = if is_root() {
         Command::new(&cargo)
@@ -56,11 +57,20 @@ pub fn run(o: &Options) -> Result<()> {
     privileged
         .current_dir(&root)
         .env("PLEXD_METRICS_REQUIRE_PRIVILEGED", "1")
+        // Built by the unit-test run above (the CLI tests use it).
+        .env("PLEXD_METRICS_BIN", root.join("target/debug/plexd-metrics"))
         .args(["test", "--package", "plexd-metrics-tests"]);
     if !o.args.is_empty() {
         privileged.arg("--").args(&o.args);
     }
-    run_cmd(&mut privileged)?;
+    tally.run(&mut privileged)?;
+    if tally.ignored() > 0 {
+        bail!(
+            "{} test(s) are #[ignore]d; every test must run",
+            tally.ignored()
+        );
+    }
     eprintln!("xtask: all tests passed, privileged tests included");
+    println!("xtask: {}", tally.summary());
     Ok(())
 }

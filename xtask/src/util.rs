@@ -35,3 +35,80 @@ extern "C" {
     #[link_name = "geteuid"]
     fn libc_geteuid() -> u32;
 }
+
+/// Test counts summed over several `cargo test` runs.
+#[derive(Debug, Default)]
+pub struct Tally {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Tally {
+    /// Runs a `cargo test` command, echoing its output, and adds up its `test result:` lines.
+    pub fn run(&mut self, cmd: &mut Command) -> Result<()> {
+        use std::io::{BufRead, BufReader};
+        use std::process::Stdio;
+
+        eprintln!("xtask: running {cmd:?}");
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+        let stdout = child.stdout.take().context("piped stdout")?;
+        for line in BufReader::new(stdout).lines() {
+            let line = line.context("read test output")?;
+            println!("{line}");
+            self.add(&line);
+        }
+        let status = child.wait().context("wait for cargo test")?;
+        if !status.success() {
+            bail!("{:?} failed: {status}", cmd.get_program());
+        }
+        Ok(())
+    }
+
+    fn add(&mut self, line: &str) {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split([';', '.']) {
+            let mut words = part.split_whitespace();
+            if let (Some(n), Some(what)) = (words.next(), words.next()) {
+                if let Ok(n) = n.parse::<u64>() {
+                    match what {
+                        "passed" => self.passed += n,
+                        "failed" => self.failed += n,
+                        "ignored" => self.ignored += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// The closing line: `N passed, N failed`, as test-report readers expect.
+    pub fn summary(&self) -> String {
+        format!("{} passed, {} failed", self.passed, self.failed)
+    }
+
+    /// Tests marked `#[ignore]`; the project allows none.
+    pub fn ignored(&self) -> u64 {
+        self.ignored
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tally;
+
+    #[test]
+    fn adds_up_libtest_result_lines() {
+        let mut t = Tally::default();
+        t.add("test result: ok. 66 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.83s");
+        t.add("test result: FAILED. 3 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.1s");
+        t.add("running 3 tests");
+        assert_eq!(t.summary(), "69 passed, 2 failed");
+        assert_eq!(t.ignored(), 1);
+    }
+}
