@@ -4,6 +4,8 @@
 //! points the [`manager::Manager`] buffers and hands to a [`reporter::MetricReporter`].
 //! [`agent`] wires these together from a [`config::Config`].
 
+#![warn(missing_docs)]
+
 pub mod agent;
 pub mod api;
 pub mod collector;

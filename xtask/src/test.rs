@@ -10,6 +10,7 @@ use anyhow::{bail, Result};
 
 use crate::build_ebpf;
 use crate::run::which;
+use crate::setup::{self, Need};
 use crate::util::{is_root, workspace_root, Tally};
 
 /// Options of `cargo xtask test`.
@@ -23,6 +24,8 @@ pub struct Options {
 
 /// Runs the unit tests, then the privileged tests.
 pub fn run(o: &Options) -> Result<()> {
+    // The privileged tests drive ip, tc, bpftool and the WireGuard tools.
+    setup::ensure(&[Need::Testbed])?;
     // The agent embeds the kernel object, and the privileged tests load it.
     build_ebpf::build(false)?;
     let root = workspace_root();
