@@ -325,3 +325,64 @@ pub fn ours(state: &TcState) -> usize {
             .filter(|l| l.contains(PROG_INGRESS) || l.contains(PROG_EGRESS))
             .count()
 }
+
+/// Two namespaces with IPv6 off, so that nothing but a test's own packets crosses between
+/// them (no router solicitations, no duplicate address detection).
+pub fn quiet_namespaces() -> (NetNs, NetNs) {
+    let a = NetNs::new("pqa").expect("create namespace");
+    let b = NetNs::new("pqb").expect("create namespace");
+    a.disable_ipv6().expect("disable IPv6");
+    b.disable_ipv6().expect("disable IPv6");
+    (a, b)
+}
+
+/// A UDP sender on end `a` of a veth pair and a receiver on end `b`.
+pub struct UdpFlow {
+    sender: std::net::UdpSocket,
+    receiver: std::net::UdpSocket,
+    to: std::net::SocketAddrV4,
+}
+
+impl UdpFlow {
+    /// Binds the sender in `sender_ns` and the receiver on `port` in `receiver_ns`.
+    pub fn new(sender_ns: &NetNs, receiver_ns: &NetNs, veth: &VethPair<'_>, port: u16) -> Self {
+        use std::net::{SocketAddrV4, UdpSocket};
+        let to = SocketAddrV4::new(veth.b.addr, port);
+        let receiver = receiver_ns
+            .run(move || UdpSocket::bind(to))
+            .expect("enter receiver namespace")
+            .expect("bind receiver socket");
+        receiver
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .expect("set receive timeout");
+        let from = SocketAddrV4::new(veth.a.addr, 0);
+        let sender = sender_ns
+            .run(move || UdpSocket::bind(from))
+            .expect("enter sender namespace")
+            .expect("bind sender socket");
+        Self {
+            sender,
+            receiver,
+            to,
+        }
+    }
+
+    /// Sends `count` datagrams of `payload` bytes and returns once all have arrived. On a veth,
+    /// `send_to` returns after the packet went through TC egress, and TC ingress runs before
+    /// the socket gets the datagram: on return, every hook has seen every packet.
+    pub fn send_and_receive(&self, count: u64, payload: usize) {
+        let data = vec![0xa5u8; payload];
+        for _ in 0..count {
+            let sent = self.sender.send_to(&data, self.to).expect("send datagram");
+            assert_eq!(sent, payload);
+        }
+        let mut buf = vec![0u8; payload + 1];
+        for i in 0..count {
+            let (n, _) = self
+                .receiver
+                .recv_from(&mut buf)
+                .unwrap_or_else(|e| panic!("datagram {i} of {count} did not arrive: {e}"));
+            assert_eq!(n, payload);
+        }
+    }
+}

@@ -3,14 +3,15 @@
 //! buffer on SIGTERM and leaving nothing attached behind it.
 
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddrV4, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use plexd_metrics::api::MetricPoint;
-use plexd_metrics_tests::{ours, require_privileges, tc_state, NetNs, VethPair};
+use plexd_metrics_tests::{
+    ours, quiet_namespaces, require_privileges, tc_state, NetNs, UdpFlow, VethPair,
+};
 
 const PACKETS: u64 = 25;
 const PAYLOAD: usize = 64;
@@ -101,10 +102,7 @@ fn agent_counts_attaches_flushes_on_sigterm_and_detaches() {
     if !require_privileges() {
         return;
     }
-    let sender_ns = NetNs::new("pas").expect("create sender namespace");
-    let receiver_ns = NetNs::new("par").expect("create receiver namespace");
-    sender_ns.disable_ipv6().expect("disable IPv6");
-    receiver_ns.disable_ipv6().expect("disable IPv6");
+    let (sender_ns, receiver_ns) = quiet_namespaces();
     let veth = VethPair::new(&sender_ns, &receiver_ns).expect("create veth pair");
     let dev = veth.a.name.clone();
 
@@ -119,17 +117,7 @@ fn agent_counts_attaches_flushes_on_sigterm_and_detaches() {
     )
     .expect("write config");
 
-    let receiver = receiver_ns
-        .run(|| UdpSocket::bind(SocketAddrV4::new(veth.b.addr, PORT)))
-        .expect("enter receiver namespace")
-        .expect("bind receiver");
-    receiver
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    let sender = sender_ns
-        .run(|| UdpSocket::bind(SocketAddrV4::new(veth.a.addr, 0)))
-        .expect("enter sender namespace")
-        .expect("bind sender");
+    let flow = UdpFlow::new(&sender_ns, &receiver_ns, &veth, PORT);
 
     let mut agent = RunningAgent::start(&sender_ns, &config);
     let attached = agent.wait_for("kernel programs attached");
@@ -146,16 +134,7 @@ fn agent_counts_attaches_flushes_on_sigterm_and_detaches() {
         "both programs on {dev}"
     );
 
-    let to = SocketAddrV4::new(veth.b.addr, PORT);
-    for _ in 0..PACKETS {
-        sender.send_to(&[7u8; PAYLOAD], to).expect("send datagram");
-    }
-    let mut buf = [0u8; 2 * PAYLOAD];
-    for i in 0..PACKETS {
-        receiver
-            .recv_from(&mut buf)
-            .unwrap_or_else(|e| panic!("datagram {i} did not arrive: {e}"));
-    }
+    flow.send_and_receive(PACKETS, PAYLOAD);
 
     // The first collect comes 5 s after the start, the first report 10 s after it: stopping
     // between the two leaves exactly one cycle in the buffer for the shutdown flush.

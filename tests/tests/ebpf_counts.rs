@@ -4,12 +4,11 @@
 //! Two namespaces joined by a veth pair, with IPv6 off and permanent neighbour entries, carry
 //! no traffic but the test's own UDP datagrams, so the counts can be compared exactly.
 
-use std::net::{SocketAddrV4, UdpSocket};
-use std::time::Duration;
-
 use plexd_metrics::collector::KernelCounters as _;
 use plexd_metrics::source::ebpf::{embedded_object, AttachMode, UnderlayProbe};
-use plexd_metrics_tests::{ours, require_privileges, tc_state, NetNs, VethPair};
+use plexd_metrics_tests::{
+    ours, quiet_namespaces, require_privileges, tc_state, UdpFlow, VethPair,
+};
 
 const PACKETS: u64 = 37;
 const PAYLOAD: usize = 100;
@@ -17,33 +16,11 @@ const PAYLOAD: usize = 100;
 const FRAME: u64 = 14 + 20 + 8 + PAYLOAD as u64;
 const PORT: u16 = 40_000;
 
-fn two_namespaces() -> (NetNs, NetNs) {
-    let sender = NetNs::new("pms").expect("create sender namespace");
-    let receiver = NetNs::new("pmr").expect("create receiver namespace");
-    sender
-        .disable_ipv6()
-        .expect("disable IPv6 in sender namespace");
-    receiver
-        .disable_ipv6()
-        .expect("disable IPv6 in receiver namespace");
-    (sender, receiver)
-}
-
 fn counts_exactly_what_crosses_the_veth(mode: AttachMode) {
-    let (sender_ns, receiver_ns) = two_namespaces();
+    let (sender_ns, receiver_ns) = quiet_namespaces();
     let veth = VethPair::new(&sender_ns, &receiver_ns).expect("create veth pair");
 
-    let receiver = receiver_ns
-        .run(|| UdpSocket::bind(SocketAddrV4::new(veth.b.addr, PORT)))
-        .expect("enter receiver namespace")
-        .expect("bind receiver socket");
-    receiver
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("set receive timeout");
-    let sender = sender_ns
-        .run(|| UdpSocket::bind(SocketAddrV4::new(veth.a.addr, 0)))
-        .expect("enter sender namespace")
-        .expect("bind sender socket");
+    let flow = UdpFlow::new(&sender_ns, &receiver_ns, &veth, PORT);
 
     // Attached last, so that nothing from setting up the link is counted.
     let sender_probe = sender_ns
@@ -57,24 +34,7 @@ fn counts_exactly_what_crosses_the_veth(mode: AttachMode) {
     assert_eq!(sender_probe.programs_attached(), 2);
     assert_eq!(receiver_probe.programs_attached(), 2);
 
-    let payload = [0xa5u8; PAYLOAD];
-    let to = SocketAddrV4::new(veth.b.addr, PORT);
-    for _ in 0..PACKETS {
-        // On a veth, send_to returns after the packet went through TC egress.
-        assert_eq!(
-            sender.send_to(&payload, to).expect("send datagram"),
-            PAYLOAD
-        );
-    }
-    // TC ingress runs before the socket gets the datagram: once all are received, all are
-    // counted.
-    let mut buf = [0u8; 2 * PAYLOAD];
-    for i in 0..PACKETS {
-        let (n, _) = receiver
-            .recv_from(&mut buf)
-            .unwrap_or_else(|e| panic!("datagram {i} of {PACKETS} did not arrive: {e}"));
-        assert_eq!(n, PAYLOAD);
-    }
+    flow.send_and_receive(PACKETS, PAYLOAD);
 
     let sent = sender_probe.read().expect("read sender counters");
     let received = receiver_probe.read().expect("read receiver counters");
@@ -132,7 +92,7 @@ fn counts_exact_packets_and_bytes_with_netlink_attachment() {
 /// What is hooked into TC on `dev`, as seen from inside its namespace: program names attached
 /// through TCX, legacy tc filter lines, and qdisc kinds.
 fn leaves_nothing_behind(mode: AttachMode, preexisting_clsact: bool) {
-    let (ns_a, ns_b) = two_namespaces();
+    let (ns_a, ns_b) = quiet_namespaces();
     let veth = VethPair::new(&ns_a, &ns_b).expect("create veth pair");
     let dev = veth.a.name.as_str();
     if preexisting_clsact {
@@ -186,7 +146,7 @@ fn a_missing_interface_is_named_and_nothing_stays_attached() {
     if !require_privileges() {
         return;
     }
-    let (ns_a, ns_b) = two_namespaces();
+    let (ns_a, ns_b) = quiet_namespaces();
     let veth = VethPair::new(&ns_a, &ns_b).expect("create veth pair");
     let before = tc_state(&ns_a, &veth.a.name);
     let err = ns_a
@@ -205,7 +165,7 @@ fn a_clsact_qdisc_that_others_still_use_is_kept() {
     if !require_privileges() {
         return;
     }
-    let (ns_a, ns_b) = two_namespaces();
+    let (ns_a, ns_b) = quiet_namespaces();
     let veth = VethPair::new(&ns_a, &ns_b).expect("create veth pair");
     let dev = veth.a.name.as_str();
     let attach = || {
