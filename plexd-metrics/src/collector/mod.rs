@@ -6,9 +6,11 @@
 
 mod agent;
 mod system;
+mod tunnel;
 
 pub use agent::{AgentStats, AgentStatsCollector, KernelCounters, KernelTotals, ReconnectCounter};
 pub use system::{SystemCollector, SystemReader, SystemStats};
+pub use tunnel::{TunnelCollector, TunnelStats, TunnelStatsReader};
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;

@@ -1,5 +1,6 @@
 //! Sources touch the outside world (files, sockets, BPF maps) and return plain structs for
 //! the collectors.
 
+pub mod counters;
 pub mod ebpf;
 pub mod proc;

@@ -1,0 +1,65 @@
+//! What the kernel programs count per WireGuard peer, as userspace sees it.
+//!
+//! This is the seam between the eBPF source (which reads and settles the maps) and the
+//! tunnel reader (which joins the counts with the WireGuard device state). Counts are
+//! cumulative since the programs were attached; the tunnel reader turns them into
+//! per-interval figures.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use crate::collector::BoxError;
+
+/// Cumulative WireGuard counters for one remote endpoint (address and UDP port).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointCounters {
+    /// Transport messages received from the endpoint (keepalives included).
+    pub rx_packets: u64,
+    /// Bytes of those messages, as they crossed the underlay (outer headers included).
+    pub rx_bytes: u64,
+    /// Transport messages sent to the endpoint (keepalives included).
+    pub tx_packets: u64,
+    /// Bytes of those messages, as they crossed the underlay.
+    pub tx_bytes: u64,
+    /// Keepalives (transport messages with an empty payload) received.
+    pub rx_keepalives: u64,
+    /// Keepalives sent.
+    pub tx_keepalives: u64,
+    /// Handshake initiations sent to the endpoint.
+    pub initiations_sent: u64,
+    /// Handshake initiations received from the endpoint.
+    pub initiations_received: u64,
+    /// Handshake responses sent to the endpoint.
+    pub responses_sent: u64,
+    /// Handshake responses received from the endpoint.
+    pub responses_received: u64,
+    /// Cookie replies, in either direction.
+    pub cookie_replies: u64,
+    /// Packets on a WireGuard port that are not a valid WireGuard message.
+    pub malformed: u64,
+    /// Transport messages from the endpoint that never arrived, settled.
+    pub lost: u64,
+    /// Transport messages from the endpoint that filled a hole (arrived after a later one).
+    pub late: u64,
+    /// Transport messages from the endpoint that arrived twice.
+    pub duplicate: u64,
+}
+
+/// A snapshot of the kernel programs' per-endpoint counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    /// Counters per remote endpoint.
+    pub endpoints: HashMap<SocketAddr, EndpointCounters>,
+    /// Endpoints or sessions the maps had no room for since attach (never silent).
+    pub map_overflows: u64,
+}
+
+/// Reads the per-endpoint counters, settling lost packets first: the kernel side's face
+/// toward the tunnel reader, so that the join is tested with a fake.
+pub trait EndpointCounterSource: Send + Sync {
+    /// Settles holes that can no longer be filled, then returns every endpoint's counters.
+    fn read_endpoints(&self) -> Result<CounterSnapshot, BoxError>;
+
+    /// Tells the kernel programs which UDP ports WireGuard listens on (all devices).
+    fn set_listen_ports(&self, ports: &[u16]) -> Result<(), BoxError>;
+}
