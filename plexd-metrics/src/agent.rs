@@ -10,10 +10,16 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::api::MetricBatch;
-use crate::collector::{AgentStatsCollector, Collector, KernelCounters, SystemCollector};
+use crate::collector::{
+    AgentStatsCollector, Collector, KernelCounters, ReconnectCounter, SystemCollector,
+};
 use crate::config::Config;
-use crate::manager::{Manager, RunOutcome};
-use crate::reporter::{MetricReporter, StdoutReporter};
+use crate::manager::{DeliveryStats, Manager, RunOutcome};
+use crate::reporter::{
+    ControlPlaneReporter, LocalReporter, MetricReporter, MultiReporter, ReportError,
+    StdoutReporter,
+};
+use crate::secret::{NodeSecretKey, SecretError};
 use crate::source::ebpf::{default_route_interfaces, UnderlayProbe};
 use crate::source::proc::LinuxSystemReader;
 
@@ -24,12 +30,12 @@ pub enum AgentError {
     /// The configured proc root or mount point cannot be read.
     #[error("metrics: system: {0}")]
     System(#[from] crate::source::proc::ProcError),
-    /// Reporting to a control plane was asked for, but this build cannot do it yet.
-    #[error(
-        "control_plane.url is set, but this build has no control plane reporter yet; \
-         remove control_plane.url to use the stdout sink"
-    )]
-    ControlPlaneUnsupported,
+    /// A reporter's HTTP client cannot be set up (an unusable CA or client certificate).
+    #[error("metrics: {0}")]
+    Reporter(#[from] ReportError),
+    /// The node secret key file cannot be used.
+    #[error("control_plane.node_secret_key_file: {0}")]
+    NodeSecretKey(#[from] SecretError),
 }
 
 /// The assembled pipeline, ready to run.
@@ -46,9 +52,6 @@ impl Agent {
     /// then runs without them and says so, because the other groups are still worth having.
     pub fn build(cfg: &Config) -> Result<Self, AgentError> {
         let started = Instant::now();
-        if !cfg.control_plane.url.is_empty() {
-            return Err(AgentError::ControlPlaneUnsupported);
-        }
         let system = &cfg.metrics.system;
         let net_interface = Some(system.net_interface.clone()).filter(|s| !s.is_empty());
         let reader = LinuxSystemReader::new(&system.proc_root, &system.mount_point, net_interface);
@@ -60,11 +63,16 @@ impl Agent {
             None
         };
         let kernel = probe.clone().map(|p| p as Arc<dyn KernelCounters>);
+        let delivery = Arc::new(DeliveryStats::default());
+        let reconnects = delivery.clone() as Arc<dyn ReconnectCounter>;
         let collectors: Vec<Arc<dyn Collector>> = vec![
             Arc::new(SystemCollector::new(reader)),
-            Arc::new(AgentStatsCollector::new(started, None, kernel)),
+            Arc::new(
+                AgentStatsCollector::new(started, Some(reconnects), kernel)
+                    .with_delivery(delivery.clone()),
+            ),
         ];
-        let reporter: Arc<dyn MetricReporter> = Arc::new(StdoutReporter::new());
+        let reporter = build_reporter(cfg)?;
 
         Ok(Self {
             manager: Manager::new(
@@ -72,7 +80,8 @@ impl Agent {
                 collectors,
                 reporter,
                 cfg.node_id.clone(),
-            ),
+            )
+            .with_delivery_stats(delivery),
             _probe: probe,
         })
     }
@@ -106,6 +115,37 @@ impl Agent {
         let _ = signals.await;
         Ok(outcome)
     }
+}
+
+/// The control plane when one is configured (with the local endpoint beside it when that is
+/// configured too), stdout otherwise.
+fn build_reporter(cfg: &Config) -> Result<Arc<dyn MetricReporter>, AgentError> {
+    if !cfg.control_plane.is_configured() {
+        return Ok(Arc::new(StdoutReporter::new()));
+    }
+    let control_plane = Arc::new(ControlPlaneReporter::new(&cfg.control_plane)?);
+    info!(
+        component = "metrics",
+        url = %cfg.control_plane.url,
+        node_id = %cfg.node_id,
+        "reporting to the control plane"
+    );
+    let local = &cfg.metrics.local_endpoint;
+    if !cfg.metrics.enabled || !local.is_configured() {
+        return Ok(control_plane);
+    }
+    let path = cfg.control_plane.node_secret_key_file.as_deref().ok_or_else(|| {
+        ReportError::Setup(
+            "metrics: config: local_endpoint: control_plane.node_secret_key_file is required".into(),
+        )
+    })?;
+    let key = NodeSecretKey::load(path)?;
+    let local_reporter = LocalReporter::new(local, control_plane.clone(), key, &cfg.node_id)?;
+    info!(component = "metrics", pipeline = "metrics", url = %local.url, "local endpoint enabled");
+    Ok(Arc::new(MultiReporter::new(
+        control_plane,
+        Arc::new(local_reporter),
+    )))
 }
 
 fn attach_probe(cfg: &Config) -> Option<Arc<UnderlayProbe>> {

@@ -3,19 +3,34 @@
 //! Loading and validation report every problem at once, each on its own line, so that a user
 //! fixes a file in one pass. The metrics rules carry the Go agent's exact texts.
 
+use std::ffi::OsString;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::secret::NodeSecretKey;
 
 /// Shortest collect interval the spec allows.
 pub const MIN_COLLECT_INTERVAL: Duration = Duration::from_secs(5);
 /// Shortest report interval the spec allows.
 pub const MIN_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+/// Default bound of one HTTP request to the control plane.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default bound of the retry queue, in points.
+pub const DEFAULT_QUEUE_MAX_POINTS: i64 = 10_000;
+/// Prefix of the environment variables that override config keys.
+pub const ENV_PREFIX: &str = "PLEXD_METRICS_";
+/// Variables with [`ENV_PREFIX`] that are command-line flags, not config keys.
+pub const CLI_ENV_VARIABLES: [&str; 3] = [
+    "PLEXD_METRICS_CONFIG",
+    "PLEXD_METRICS_LOG_LEVEL",
+    "PLEXD_METRICS_LOG_FORMAT",
+];
 
 /// Everything the agent reads from its config file.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// This node's identity in the control plane; required when a control plane is set.
@@ -27,32 +42,71 @@ pub struct Config {
 }
 
 /// The control plane the agent reports to.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ControlPlaneConfig {
-    /// Base URL, e.g. `https://cp.example:8443`; empty means the stdout sink.
+    /// Base URL, e.g. `https://cp.example:8443`; empty means the stdout sink. Plain `http`
+    /// only to a loopback address.
     pub url: String,
-    /// File holding the bearer token.
+    /// File holding the bearer token; read again whenever it changes, so tokens can rotate.
     pub token_file: Option<PathBuf>,
+    /// PEM file with CA certificates trusted in addition to the system's and Mozilla's roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) for mutual TLS; needs `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+    /// Accept any server certificate. Only for testing; the agent warns at start.
+    pub tls_insecure_skip_verify: bool,
+    /// File with this node's 32-byte secret key (hex or base64), which decrypts the local
+    /// endpoint's credential.
+    pub node_secret_key_file: Option<PathBuf>,
+    /// Bound of one request, from connecting to the end of the response.
+    #[serde(deserialize_with = "duration", serialize_with = "duration_text")]
+    pub timeout: Duration,
+}
+
+impl Default for ControlPlaneConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            token_file: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            tls_insecure_skip_verify: false,
+            node_secret_key_file: None,
+            timeout: DEFAULT_REQUEST_TIMEOUT,
+        }
+    }
+}
+
+impl ControlPlaneConfig {
+    /// Whether batches go to a control plane (and not to stdout).
+    pub fn is_configured(&self) -> bool {
+        !self.url.is_empty()
+    }
 }
 
 /// Collection and reporting: the spec's `metrics.Config`.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MetricsConfig {
     /// Whether metrics are collected at all.
     pub enabled: bool,
     /// Time between collection cycles (at least 5s).
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "duration_text")]
     pub collect_interval: Duration,
     /// Time between reports (at least 10s, and not shorter than `collect_interval`).
-    #[serde(deserialize_with = "duration")]
+    #[serde(deserialize_with = "duration", serialize_with = "duration_text")]
     pub report_interval: Duration,
     /// Most points in one report; reaching it triggers a report before the tick.
     /// Signed so that a negative value meets the spec's rule instead of a type error.
     pub batch_size: i64,
     /// Optional second destination for every batch.
     pub local_endpoint: LocalEndpointConfig,
+    /// Batches waiting for the control plane to accept them.
+    pub queue: QueueConfig,
     /// Where the `system` group reads from.
     pub system: SystemConfig,
     /// The kernel programs.
@@ -67,6 +121,7 @@ impl Default for MetricsConfig {
             report_interval: Duration::from_secs(60),
             batch_size: 100,
             local_endpoint: LocalEndpointConfig::default(),
+            queue: QueueConfig::default(),
             system: SystemConfig::default(),
             ebpf: EbpfConfig::default(),
         }
@@ -80,8 +135,32 @@ impl MetricsConfig {
     }
 }
 
+/// The retry queue: batches the control plane has not accepted yet.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Most points kept for retry; beyond it the oldest are dropped and counted.
+    /// Signed so that a negative value gets a rule's message instead of a type error.
+    pub max_points: i64,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            max_points: DEFAULT_QUEUE_MAX_POINTS,
+        }
+    }
+}
+
+impl QueueConfig {
+    /// `max_points` as a count; only meaningful after [`Config::validate`] passed.
+    pub fn limit(&self) -> usize {
+        usize::try_from(self.max_points).unwrap_or(1).max(1)
+    }
+}
+
 /// The spec's `LocalEndpointConfig`: an HTTPS endpoint that receives every batch too.
-#[derive(Clone, Default, PartialEq, Deserialize)]
+#[derive(Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LocalEndpointConfig {
     /// HTTPS URL; empty means not configured.
@@ -90,6 +169,9 @@ pub struct LocalEndpointConfig {
     pub secret_key: String,
     /// Skip certificate verification for this endpoint only.
     pub tls_insecure_skip_verify: bool,
+    /// PEM file with CA certificates trusted for this endpoint only (an addition to the
+    /// spec, so that a private endpoint can be verified instead of skipping verification).
+    pub ca_file: Option<PathBuf>,
 }
 
 // The secret key never appears in logs or config dumps.
@@ -106,12 +188,13 @@ impl fmt::Debug for LocalEndpointConfig {
                 },
             )
             .field("tls_insecure_skip_verify", &self.tls_insecure_skip_verify)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
 
 /// Where the `system` group reads the host's figures.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SystemConfig {
     /// The proc filesystem to read; `/host/proc` when the host's is mounted into a container.
@@ -133,7 +216,7 @@ impl Default for SystemConfig {
 }
 
 /// The kernel programs on the underlay interfaces.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EbpfConfig {
     /// Attach the TC programs; when off, nothing is loaded into the kernel.
@@ -170,6 +253,10 @@ pub enum ConfigError {
         /// The parser's message, naming the key and position.
         message: String,
     },
+    /// A `PLEXD_METRICS_*` variable names no config key or holds a value of the wrong type;
+    /// every such variable is listed.
+    #[error("{}", .0.join("\n"))]
+    Environment(Vec<String>),
     /// The values break one or more rules; every broken rule is listed.
     #[error("{}", .0.join("\n"))]
     Invalid(Vec<String>),
@@ -179,26 +266,101 @@ impl ConfigError {
     /// Each problem as its own line, for printing one per line.
     pub fn lines(&self) -> Vec<String> {
         match self {
-            Self::Invalid(problems) => problems.clone(),
+            Self::Invalid(problems) | Self::Environment(problems) => problems.clone(),
             other => vec![other.to_string()],
         }
     }
 }
 
+/// How an environment variable's text becomes a config value, decided by the key's default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LeafKind {
+    /// Strings, paths and durations: the text as it is (so `node_id=123` stays a string).
+    Text,
+    /// Booleans and numbers: read as a YAML scalar.
+    Scalar,
+    /// Lists: YAML flow syntax (`[a, b]`) or comma-separated.
+    List,
+}
+
+/// One config key that an environment variable can set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EnvKey {
+    /// The variable, e.g. `PLEXD_METRICS_CONTROL_PLANE_URL`.
+    pub variable: String,
+    /// The key's path, e.g. `["control_plane", "url"]`.
+    pub path: Vec<String>,
+    kind: LeafKind,
+}
+
 impl Config {
+    /// Every config key with the environment variable that sets it, derived from the
+    /// schema itself so that a new key gets its variable without further code.
+    pub fn env_keys() -> Vec<EnvKey> {
+        fn walk(value: &serde_json::Value, path: &mut Vec<String>, out: &mut Vec<EnvKey>) {
+            let kind = match value {
+                serde_json::Value::Object(map) => {
+                    for (key, child) in map {
+                        path.push(key.clone());
+                        walk(child, path, out);
+                        path.pop();
+                    }
+                    return;
+                }
+                serde_json::Value::Bool(_) | serde_json::Value::Number(_) => LeafKind::Scalar,
+                serde_json::Value::Array(_) => LeafKind::List,
+                // Optional keys (null by default) are all paths today.
+                serde_json::Value::String(_) | serde_json::Value::Null => LeafKind::Text,
+            };
+            out.push(EnvKey {
+                variable: format!("{ENV_PREFIX}{}", path.join("_").to_uppercase()),
+                path: path.clone(),
+                kind,
+            });
+        }
+        let schema = serde_json::to_value(Self::default()).expect("the config serialises");
+        let mut out = Vec::new();
+        walk(&schema, &mut Vec::new(), &mut out);
+        out
+    }
+
     /// Reads and parses `path`; without a path, every setting takes its default.
     /// Does not validate: call [`Config::validate`].
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let Some(path) = path else {
-            return Ok(Self::default());
+        Self::load_with_env(path, std::iter::empty::<(OsString, OsString)>())
+    }
+
+    /// Like [`Config::load`], then applies `PLEXD_METRICS_<PATH>` variables from `vars`
+    /// (the process environment in the binary) over the file's values. A variable that looks
+    /// like a config key but names none is an error naming it.
+    pub fn load_with_env<K, V>(
+        path: Option<&Path>,
+        vars: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<Self, ConfigError>
+    where
+        K: Into<OsString>,
+        V: Into<OsString>,
+    {
+        let text = match path {
+            Some(path) => std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?,
+            None => String::new(),
         };
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&text).map_err(|message| ConfigError::Parse {
-            path: path.to_owned(),
-            message,
+        let overrides = env_overrides(vars)?;
+        let parsed = if overrides.is_empty() {
+            // Straight from the text, so that errors keep their line and column.
+            Self::parse(&text)
+        } else {
+            Self::parse_with_overrides(&text, &overrides)
+        };
+        parsed.map_err(|message| match path {
+            Some(path) => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            None => ConfigError::Environment(vec![message]),
         })
     }
 
@@ -209,19 +371,62 @@ impl Config {
         }
         // serde_yaml_ng names the key only for some errors; serde_path_to_error names it for
         // all of them (a bad duration inside a nested map included).
-        serde_path_to_error::deserialize(serde_yaml_ng::Deserializer::from_str(text)).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner().to_string();
-            if path == "." {
-                return inner;
+        serde_path_to_error::deserialize(serde_yaml_ng::Deserializer::from_str(text))
+            .map_err(path_error)
+    }
+
+    fn parse_with_overrides(text: &str, overrides: &[(EnvKey, String)]) -> Result<Self, String> {
+        use serde_yaml_ng::{Mapping, Value};
+        let mut doc: Value = if text.trim().is_empty() {
+            Value::Mapping(Mapping::new())
+        } else {
+            serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?
+        };
+        if doc.is_null() {
+            doc = Value::Mapping(Mapping::new());
+        }
+        for (key, text) in overrides {
+            let value = match key.kind {
+                LeafKind::Text => Value::String(text.clone()),
+                LeafKind::Scalar => serde_yaml_ng::from_str(text)
+                    .unwrap_or_else(|_| Value::String(text.clone())),
+                LeafKind::List if text.trim_start().starts_with('[') => {
+                    serde_yaml_ng::from_str(text).unwrap_or_else(|_| Value::String(text.clone()))
+                }
+                LeafKind::List => Value::Sequence(
+                    text.split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(|s| Value::String(s.to_owned()))
+                        .collect(),
+                ),
+            };
+            let mut node = &mut doc;
+            for (i, segment) in key.path.iter().enumerate() {
+                if node.is_null() {
+                    *node = Value::Mapping(Mapping::new());
+                }
+                // A non-map in the file where a section belongs: leave it for the
+                // deserializer, which names the key and the type it expected.
+                let Value::Mapping(map) = node else { break };
+                let segment = Value::String(segment.clone());
+                if i + 1 == key.path.len() {
+                    map.insert(segment, value);
+                    break;
+                }
+                node = map.entry(segment).or_insert(Value::Null);
             }
-            // serde_yaml_ng sometimes prefixes a partial path of its own; keep only ours.
-            let parts: Vec<&str> = path.split('.').collect();
-            let message = (1..=parts.len())
-                .rev()
-                .find_map(|n| inner.strip_prefix(&format!("{}: ", parts[..n].join("."))))
-                .unwrap_or(&inner);
-            format!("{path}: {message}")
+        }
+        serde_path_to_error::deserialize(doc).map_err(|e| {
+            let set_by = overrides
+                .iter()
+                .find(|(key, _)| key.path.join(".") == e.path().to_string())
+                .map(|(key, _)| key.variable.clone());
+            let message = path_error(e);
+            match set_by {
+                Some(variable) => format!("{message} (set by {variable})"),
+                None => message,
+            }
         })
     }
 
@@ -229,27 +434,195 @@ impl Config {
     /// checked here too, so that a bad one stops the agent before anything starts.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
-        if !self.control_plane.url.is_empty() {
+        if self.control_plane.is_configured() {
             if self.node_id.trim().is_empty() {
                 problems
                     .push("config: node_id is required when control_plane.url is set".to_owned());
             }
-            if let Err(e) = url::Url::parse(&self.control_plane.url) {
-                problems.push(format!(
-                    "config: control_plane: invalid URL {:?}: {e}",
-                    self.control_plane.url
-                ));
-            }
+            self.control_plane.validate_into(&mut problems);
         }
         // As in the spec, a disabled pipeline is not validated at all.
         if self.metrics.enabled {
             self.metrics.validate_into(&mut problems);
+            if self.metrics.local_endpoint.is_configured() {
+                // The endpoint's credential is a secret fetched from the control plane and
+                // decrypted with the node's key: both must be there.
+                if !self.control_plane.is_configured() {
+                    problems.push(
+                        "metrics: config: local_endpoint: control_plane.url is required (the endpoint's credential is fetched from the control plane)"
+                            .to_owned(),
+                    );
+                } else if self.control_plane.node_secret_key_file.is_none() {
+                    problems.push(
+                        "metrics: config: local_endpoint: control_plane.node_secret_key_file is required (it decrypts the endpoint's credential)"
+                            .to_owned(),
+                    );
+                }
+            }
         }
         if problems.is_empty() {
             Ok(())
         } else {
             Err(ConfigError::Invalid(problems))
         }
+    }
+}
+
+/// The `PLEXD_METRICS_*` variables of `vars` that set config keys, with their values.
+fn env_overrides<K, V>(
+    vars: impl IntoIterator<Item = (K, V)>,
+) -> Result<Vec<(EnvKey, String)>, ConfigError>
+where
+    K: Into<OsString>,
+    V: Into<OsString>,
+{
+    let keys = Config::env_keys();
+    // Top-level keys (`NODE_ID`, `CONTROL_PLANE`, `METRICS`): a variable starting with one
+    // of them is meant for the config, so a typo in the rest is an error, not a silent no-op.
+    let sections: Vec<String> = keys
+        .iter()
+        .map(|k| k.path[0].to_uppercase())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut overrides = Vec::new();
+    let mut problems = Vec::new();
+    for (name, value) in vars {
+        let (name, value) = (name.into(), value.into());
+        let Some(name) = name.to_str() else { continue };
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        if CLI_ENV_VARIABLES.contains(&name) {
+            continue;
+        }
+        match keys.iter().find(|k| k.variable == name) {
+            Some(key) => match value.into_string() {
+                Ok(text) => overrides.push((key.clone(), text)),
+                Err(_) => problems.push(format!("environment: {name} is not valid UTF-8")),
+            },
+            None if sections
+                .iter()
+                .any(|s| rest == s || rest.starts_with(&format!("{s}_"))) =>
+            {
+                problems.push(format!(
+                    "environment: {name} names no config key; the variables are {ENV_PREFIX}<KEY PATH> such as {ENV_PREFIX}CONTROL_PLANE_URL (see the README)"
+                ));
+            }
+            None => {}
+        }
+    }
+    if problems.is_empty() {
+        // Stable order, so that two variables for one key cannot race each other.
+        overrides.sort_by(|a, b| a.0.variable.cmp(&b.0.variable));
+        Ok(overrides)
+    } else {
+        Err(ConfigError::Environment(problems))
+    }
+}
+
+fn path_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> String {
+    let path = e.path().to_string();
+    let inner = e.into_inner().to_string();
+    if path == "." {
+        return inner;
+    }
+    // serde_yaml_ng sometimes prefixes a partial path of its own; keep only ours.
+    let parts: Vec<&str> = path.split('.').collect();
+    let message = (1..=parts.len())
+        .rev()
+        .find_map(|n| inner.strip_prefix(&format!("{}: ", parts[..n].join("."))))
+        .unwrap_or(&inner);
+    format!("{path}: {message}")
+}
+
+impl ControlPlaneConfig {
+    fn validate_into(&self, problems: &mut Vec<String>) {
+        match url::Url::parse(&self.url) {
+            Err(e) => problems.push(format!(
+                "config: control_plane: invalid URL {:?}: {e}",
+                self.url
+            )),
+            Ok(u) => {
+                if !u.username().is_empty() || u.password().is_some() {
+                    // Never echo the URL here: it carries a credential.
+                    problems.push(
+                        "config: control_plane: URL must not carry credentials; put the token in control_plane.token_file"
+                            .to_owned(),
+                    );
+                } else if u.query().is_some() || u.fragment().is_some() {
+                    problems.push(format!(
+                        "config: control_plane: URL must be a base URL without query or fragment, got {:?}",
+                        self.url
+                    ));
+                }
+                match u.scheme() {
+                    "https" => {}
+                    "http" if is_loopback(&u) => {}
+                    "http" => problems.push(format!(
+                        "config: control_plane: URL must be HTTPS (plain http only to a loopback address), got {:?}",
+                        u.host_str().unwrap_or_default()
+                    )),
+                    other => problems.push(format!(
+                        "config: control_plane: URL must be HTTPS, got {other:?}"
+                    )),
+                }
+            }
+        }
+        match &self.token_file {
+            None => problems.push(
+                "config: control_plane.token_file is required when control_plane.url is set"
+                    .to_owned(),
+            ),
+            Some(path) => match std::fs::read_to_string(path) {
+                Err(e) => problems.push(format!(
+                    "config: control_plane.token_file: cannot read {}: {e}",
+                    path.display()
+                )),
+                Ok(text) if text.trim().is_empty() => problems.push(format!(
+                    "config: control_plane.token_file: {} is empty",
+                    path.display()
+                )),
+                Ok(_) => {}
+            },
+        }
+        for (key, file) in [
+            ("ca_file", &self.ca_file),
+            ("cert_file", &self.cert_file),
+            ("key_file", &self.key_file),
+        ] {
+            if let Some(path) = file {
+                if let Err(e) = std::fs::File::open(path) {
+                    problems.push(format!(
+                        "config: control_plane.{key}: cannot read {}: {e}",
+                        path.display()
+                    ));
+                }
+            }
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            problems.push(
+                "config: control_plane: cert_file and key_file must be set together".to_owned(),
+            );
+        }
+        if let Some(path) = &self.node_secret_key_file {
+            if let Err(e) = NodeSecretKey::load(path) {
+                problems.push(format!("config: control_plane.node_secret_key_file: {e}"));
+            }
+        }
+        if self.timeout.is_zero() {
+            problems.push("config: control_plane.timeout must be > 0".to_owned());
+        }
+    }
+}
+
+/// Plain http is allowed to this host only: a token in clear text never leaves the machine.
+fn is_loopback(u: &url::Url) -> bool {
+    match u.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        None => false,
     }
 }
 
@@ -266,6 +639,12 @@ impl MetricsConfig {
         }
         if self.batch_size <= 0 {
             problems.push("metrics: config: BatchSize must be > 0".to_owned());
+        }
+        if self.queue.max_points <= 0 {
+            problems.push("metrics: config: queue.max_points must be > 0".to_owned());
+        } else if self.batch_size > 0 && self.queue.max_points < self.batch_size {
+            // A batch that cannot fit in the queue could never be retried whole.
+            problems.push("metrics: config: queue.max_points must be >= BatchSize".to_owned());
         }
         self.local_endpoint.validate_into(problems);
         self.system.validate_into(problems);
@@ -306,6 +685,14 @@ impl LocalEndpointConfig {
                 "metrics: config: local_endpoint: SecretKey is required when URL is set".to_owned(),
             );
         }
+        if let Some(path) = &self.ca_file {
+            if let Err(e) = std::fs::File::open(path) {
+                problems.push(format!(
+                    "metrics: config: local_endpoint.ca_file: cannot read {}: {e}",
+                    path.display()
+                ));
+            }
+        }
     }
 }
 
@@ -334,6 +721,11 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
             "invalid duration {text:?} ({e}); write it like 15s, 1m or 1m30s"
         ))
     })
+}
+
+/// The inverse of [`duration`], so that a dumped config reads back the same.
+fn duration_text<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
 }
 
 #[cfg(test)]

@@ -14,4 +14,5 @@ pub mod logging;
 pub mod manager;
 pub mod memory;
 pub mod reporter;
+pub mod secret;
 pub mod source;

@@ -58,7 +58,8 @@ fn main() -> ExitCode {
         return ExitCode::from(EXIT_CONFIG);
     }
 
-    let cfg = match Config::load(cli.config.as_deref()).and_then(|c| c.validate().map(|()| c)) {
+    let loaded = Config::load_with_env(cli.config.as_deref(), std::env::vars_os());
+    let cfg = match loaded.and_then(|c| c.validate().map(|()| c)) {
         Ok(cfg) => cfg,
         Err(e) => {
             for line in e.lines() {

@@ -1,24 +1,40 @@
-//! The spec's `Manager`: a collect ticker and a report ticker around one buffer.
+//! The spec's `Manager`: a collect ticker and a report ticker around one buffer, and a
+//! retry queue so that no batch the control plane did not accept is lost.
 //!
-//! Both tickers run in one task, as in the Go agent, so the buffer needs no lock: it is a
-//! local of the loop. A tick that is late because a collection or a report ran long is
-//! skipped rather than bunched up, like Go's `time.Ticker`.
+//! Both tickers, the buffer, the queue and the one request in flight live in one task, as in
+//! the Go agent, so nothing here needs a lock. A tick that is late because a collection ran
+//! long is skipped rather than bunched up, like Go's `time.Ticker`.
+//!
+//! The spec drops a batch whose report failed; this Manager keeps it. A failed batch stays
+//! at the head of the queue with its idempotency key and is sent again after an exponential
+//! backoff with jitter, before any newer batch, so the control plane sees points in order.
+//! A batch the control plane refuses (4xx other than 408/429) is dropped and counted. The
+//! queue holds at most `metrics.queue.max_points`; beyond that the oldest points go, counted.
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::future::join_all;
-use tokio::time::{interval_at, Instant, MissedTickBehavior};
+use futures_util::future::{join_all, BoxFuture};
+use tokio::time::{interval_at, sleep_until, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+use uuid::Uuid;
 
 use crate::api::MetricPoint;
-use crate::collector::{CollectError, Collector};
+use crate::collector::{
+    BoxError, CollectError, Collector, DeliveryCounters, DeliveryTotals, ReconnectCounter,
+};
 use crate::config::MetricsConfig;
-use crate::reporter::MetricReporter;
+use crate::reporter::{classify, Failure, MetricReporter};
 
 /// How long the flush at shutdown may take before the agent gives up on it.
 pub const SHUTDOWN_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Wait before the first retry of a failed batch; it doubles with every further failure.
+pub const RETRY_INITIAL_BACKOFF: Duration = Duration::from_secs(1);
+/// Longest wait a server's `Retry-After` can impose.
+pub const RETRY_AFTER_LIMIT: Duration = Duration::from_secs(5 * 60);
 
 /// How [`Manager::run`] ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,12 +45,137 @@ pub enum RunOutcome {
     Cancelled,
 }
 
+/// The delivery figures of a running Manager, shared with the `agent` group's collector.
+#[derive(Debug, Default)]
+pub struct DeliveryStats {
+    queued: AtomicU64,
+    dropped: AtomicU64,
+    rejected: AtomicU64,
+    reconnects: AtomicU64,
+}
+
+impl DeliveryCounters for DeliveryStats {
+    fn delivery_totals(&self) -> DeliveryTotals {
+        DeliveryTotals {
+            queued_points: self.queued.load(Ordering::Relaxed),
+            dropped_points: self.dropped.load(Ordering::Relaxed),
+            rejected_points: self.rejected.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A recovery is the first accepted report after one or more failed ones.
+impl ReconnectCounter for DeliveryStats {
+    fn reconnect_count(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+}
+
+/// One batch waiting for delivery. Its key goes with every attempt, so a control plane that
+/// accepted it once but whose answer was lost can drop the repeat.
+#[derive(Debug)]
+struct Pending {
+    key: Uuid,
+    points: Arc<Vec<MetricPoint>>,
+}
+
+/// Batches in the order they were formed, bounded in points.
+#[derive(Debug)]
+struct RetryQueue {
+    batches: VecDeque<Pending>,
+    points: usize,
+    max_points: usize,
+}
+
+impl RetryQueue {
+    fn new(max_points: usize) -> Self {
+        Self {
+            batches: VecDeque::new(),
+            points: 0,
+            max_points,
+        }
+    }
+
+    /// Appends `points` as batches of at most `batch_size`, each with a fresh key.
+    fn push(&mut self, points: Vec<MetricPoint>, batch_size: usize) {
+        let mut points = points.into_iter().peekable();
+        while points.peek().is_some() {
+            let batch: Vec<MetricPoint> = points.by_ref().take(batch_size).collect();
+            self.points += batch.len();
+            self.batches.push_back(Pending {
+                key: Uuid::new_v4(),
+                points: Arc::new(batch),
+            });
+        }
+    }
+
+    /// Drops the oldest points beyond the bound and returns how many. The head batch is
+    /// left alone while it is in flight: its request carries it already.
+    fn trim(&mut self, head_in_flight: bool) -> usize {
+        let mut dropped = 0;
+        let first = usize::from(head_in_flight);
+        while self.points > self.max_points && self.batches.len() > first {
+            let excess = self.points - self.max_points;
+            let oldest = &mut self.batches[first];
+            if oldest.points.len() <= excess {
+                let gone = self.batches.remove(first).expect("index checked");
+                dropped += gone.points.len();
+                self.points -= gone.points.len();
+            } else {
+                // The key stays: if an earlier attempt of this batch did land, the control
+                // plane drops the rest as a repeat, which is what it already holds.
+                Arc::make_mut(&mut oldest.points).drain(..excess);
+                dropped += excess;
+                self.points -= excess;
+            }
+        }
+        dropped
+    }
+
+    fn front(&self) -> Option<&Pending> {
+        self.batches.front()
+    }
+
+    fn pop(&mut self) -> usize {
+        let n = self.batches.pop_front().map_or(0, |b| b.points.len());
+        self.points -= n;
+        n
+    }
+
+    fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+}
+
+/// The wait before retry number `failures` (1 for the first): doubling from
+/// [`RETRY_INITIAL_BACKOFF`] up to `cap`, then a random point in its upper half, so that
+/// many agents that lost the control plane at once do not come back in step. A server's
+/// `Retry-After` is honoured when it asks for longer, up to [`RETRY_AFTER_LIMIT`].
+fn backoff(
+    failures: u32,
+    retry_after: Option<Duration>,
+    cap: Duration,
+    rng: &mut fastrand::Rng,
+) -> Duration {
+    let doublings = failures.saturating_sub(1).min(30);
+    let full = RETRY_INITIAL_BACKOFF
+        .saturating_mul(1 << doublings)
+        .min(cap.max(RETRY_INITIAL_BACKOFF));
+    let half = full / 2;
+    let jittered = half + half.mul_f64(rng.f64());
+    match retry_after {
+        Some(asked) => jittered.max(asked.min(RETRY_AFTER_LIMIT)),
+        None => jittered,
+    }
+}
+
 /// Runs the collectors on the collect interval and hands their points to the reporter.
 pub struct Manager {
     cfg: MetricsConfig,
     collectors: Vec<Arc<dyn Collector>>,
     reporter: Arc<dyn MetricReporter>,
     node_id: String,
+    stats: Arc<DeliveryStats>,
 }
 
 impl Manager {
@@ -51,7 +192,14 @@ impl Manager {
             collectors,
             reporter,
             node_id: node_id.into(),
+            stats: Arc::default(),
         }
+    }
+
+    /// Publishes the delivery figures into `stats` (which the `agent` collector reads).
+    pub fn with_delivery_stats(mut self, stats: Arc<DeliveryStats>) -> Self {
+        self.stats = stats;
+        self
     }
 
     /// Collects and reports until `cancel` fires, then flushes what is buffered.
@@ -67,38 +215,178 @@ impl Manager {
         collect.set_missed_tick_behavior(MissedTickBehavior::Skip);
         report.set_missed_tick_behavior(MissedTickBehavior::Skip);
 
+        let batch_size = self.cfg.batch_limit();
+        let mut rng = fastrand::Rng::new();
         let mut buffer: Vec<MetricPoint> = Vec::new();
+        let mut queue = RetryQueue::new(self.cfg.queue.limit());
+        let mut in_flight: Option<BoxFuture<'static, Result<(), BoxError>>> = None;
+        let mut retry_at: Option<Instant> = None;
+        let mut failures: u32 = 0;
         loop {
-            // Biased: when both tickers fire at once, the points just collected go out with
-            // the report instead of waiting a whole report interval.
+            if in_flight.is_none() && retry_at.is_none() {
+                in_flight = queue.front().map(|b| self.send(b));
+            }
+            // Biased: cancellation first; then a finished request, so the next batch goes
+            // out at once; when both tickers fire together, the points just collected go out
+            // with the report instead of waiting a whole report interval.
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
+                result = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
+                    in_flight = None;
+                    match self.settle(&mut queue, result, &mut failures) {
+                        Some(after) => {
+                            let wait = backoff(failures, after, self.cfg.report_interval, &mut rng);
+                            debug!(component = "metrics", retry_in = ?wait, failures, "retry scheduled");
+                            retry_at = Some(Instant::now() + wait);
+                        }
+                        None => retry_at = None,
+                    }
+                }
+                () = sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {
+                    retry_at = None;
+                }
                 _ = collect.tick() => {
                     let points = self.collect_once(&cancel).await;
                     debug!(component = "metrics", points = points.len(), buffered = buffer.len() + points.len(), "collect cycle done");
                     buffer.extend(points);
-                    if buffer.len() >= self.cfg.batch_limit() {
-                        self.report(std::mem::take(&mut buffer)).await;
+                    if buffer.len() >= batch_size {
+                        self.enqueue(&mut queue, std::mem::take(&mut buffer), in_flight.is_some());
                     }
                 }
-                _ = report.tick() => self.report(std::mem::take(&mut buffer)).await,
+                _ = report.tick() => {
+                    self.enqueue(&mut queue, std::mem::take(&mut buffer), in_flight.is_some());
+                }
             }
         }
+        self.flush(queue, buffer, in_flight).await;
+        RunOutcome::Cancelled
+    }
 
-        // Best effort: the run's own token has fired, so the flush gets a deadline instead.
-        if !buffer.is_empty()
-            && tokio::time::timeout(SHUTDOWN_FLUSH_TIMEOUT, self.report(buffer))
-                .await
-                .is_err()
-        {
+    /// Best effort at shutdown: the request in flight, then each queued batch once, in
+    /// order, stopping at the first failure, all within [`SHUTDOWN_FLUSH_TIMEOUT`].
+    async fn flush(
+        &self,
+        mut queue: RetryQueue,
+        buffer: Vec<MetricPoint>,
+        in_flight: Option<BoxFuture<'static, Result<(), BoxError>>>,
+    ) {
+        let head_in_flight = in_flight.is_some();
+        self.enqueue(&mut queue, buffer, head_in_flight);
+        let deadline = Instant::now() + SHUTDOWN_FLUSH_TIMEOUT;
+        let mut failures = 0;
+        let sent = tokio::time::timeout_at(deadline, async {
+            if let Some(request) = in_flight {
+                let result = request.await;
+                if self.settle(&mut queue, result, &mut failures).is_some() {
+                    return;
+                }
+            }
+            while let Some(batch) = queue.front() {
+                let result = self.send(batch).await;
+                if self.settle(&mut queue, result, &mut failures).is_some() {
+                    return;
+                }
+            }
+        })
+        .await;
+        if sent.is_err() {
+            warn!(component = "metrics", timeout = ?SHUTDOWN_FLUSH_TIMEOUT, "final metrics flush timed out");
+        }
+        if !queue.is_empty() {
             warn!(
                 component = "metrics",
-                timeout = ?SHUTDOWN_FLUSH_TIMEOUT,
-                "final metrics flush timed out; buffered points were dropped"
+                points = queue.points,
+                "shutting down with points the control plane has not accepted; they are lost"
             );
         }
-        RunOutcome::Cancelled
+        // Whatever time is left goes to the reporter's own background work.
+        if tokio::time::timeout_at(deadline, self.reporter.close())
+            .await
+            .is_err()
+        {
+            warn!(component = "metrics", "reporter did not finish its background deliveries before shutdown");
+        }
+    }
+
+    /// A request for the head batch, owning what it needs so that it can be polled from
+    /// the loop while the tickers go on.
+    fn send(&self, batch: &Pending) -> BoxFuture<'static, Result<(), BoxError>> {
+        let reporter = self.reporter.clone();
+        let node_id = self.node_id.clone();
+        let (key, points) = (batch.key, batch.points.clone());
+        Box::pin(async move { reporter.report_batch(&node_id, key, &points).await })
+    }
+
+    /// Applies the head batch's result to the queue and the counters. Returns `Some` with the
+    /// server's requested wait when the batch stays for a retry.
+    fn settle(
+        &self,
+        queue: &mut RetryQueue,
+        result: Result<(), BoxError>,
+        failures: &mut u32,
+    ) -> Option<Option<Duration>> {
+        let outcome = match result {
+            Ok(()) => {
+                let sent = queue.pop();
+                if *failures > 0 {
+                    let n = self.stats.reconnects.fetch_add(1, Ordering::Relaxed) + 1;
+                    info!(
+                        component = "metrics",
+                        failed_attempts = *failures,
+                        reconnect_count = n,
+                        queued_points = queue.points,
+                        "metrics delivery recovered"
+                    );
+                }
+                debug!(component = "metrics", points = sent, queued_points = queue.points, "batch accepted");
+                *failures = 0;
+                None
+            }
+            Err(e) => match classify(&e) {
+                Failure::Rejected => {
+                    let n = queue.pop();
+                    self.stats.rejected.fetch_add(n as u64, Ordering::Relaxed);
+                    warn!(
+                        component = "metrics",
+                        error = %e,
+                        points = n,
+                        "metrics batch rejected by the control plane; not retried"
+                    );
+                    None
+                }
+                Failure::Retry { after } => {
+                    *failures += 1;
+                    warn!(
+                        component = "metrics",
+                        error = %e,
+                        points = queue.front().map_or(0, |b| b.points.len()),
+                        queued_points = queue.points,
+                        failures = *failures,
+                        "metrics report failed"
+                    );
+                    Some(after)
+                }
+            },
+        };
+        self.stats.queued.store(queue.points as u64, Ordering::Relaxed);
+        outcome
+    }
+
+    fn enqueue(&self, queue: &mut RetryQueue, points: Vec<MetricPoint>, head_in_flight: bool) {
+        queue.push(points, self.cfg.batch_limit());
+        let dropped = queue.trim(head_in_flight);
+        if dropped > 0 {
+            let total = self.stats.dropped.fetch_add(dropped as u64, Ordering::Relaxed) + dropped as u64;
+            warn!(
+                component = "metrics",
+                dropped,
+                dropped_total = total,
+                max_points = queue.max_points,
+                "retry queue full; dropped the oldest points (raise metrics.queue.max_points to keep more)"
+            );
+        }
+        self.stats.queued.store(queue.points as u64, Ordering::Relaxed);
     }
 
     /// Runs every collector once, side by side, and returns their points. A failing
@@ -121,24 +409,13 @@ impl Manager {
         }
         points
     }
-
-    /// Sends `points` in batches of at most `batch_size`. A failed batch is logged and
-    /// dropped, as the spec's error table says.
-    async fn report(&self, points: Vec<MetricPoint>) {
-        for batch in points.chunks(self.cfg.batch_limit()) {
-            if let Err(e) = self.reporter.report_metrics(&self.node_id, batch).await {
-                warn!(component = "metrics", error = %e, points = batch.len(), "metrics report failed");
-            }
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::collector::BoxError;
+    use crate::reporter::ReportError;
     use async_trait::async_trait;
-    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Mutex;
     use tokio::sync::mpsc;
 
@@ -210,35 +487,77 @@ mod tests {
         }
     }
 
-    /// Records each batch with the virtual time it arrived at, and can fail the first few.
+    /// What the fake control plane answers to one request.
+    #[derive(Clone, Copy, Debug)]
+    enum Answer {
+        Accept,
+        Unavailable,
+        Status(u16, Option<u64>),
+    }
+
+    /// One request as the fake control plane saw it.
+    #[derive(Clone, Debug)]
+    struct Attempt {
+        at: Duration,
+        key: Uuid,
+        batch: Vec<MetricPoint>,
+        accepted: bool,
+    }
+
+    /// Records each batch with the virtual time it arrived at, and answers from a script
+    /// (then accepts).
     struct Recorder {
         tx: mpsc::UnboundedSender<(Duration, Vec<MetricPoint>)>,
+        attempts: mpsc::UnboundedSender<Attempt>,
         start: Instant,
-        failures_left: Mutex<u32>,
+        script: Mutex<VecDeque<Answer>>,
     }
 
     #[async_trait]
     impl MetricReporter for Recorder {
-        async fn report_metrics(
+        async fn report_metrics(&self, _: &str, _: &[MetricPoint]) -> Result<(), BoxError> {
+            unreachable!("the Manager always passes the batch's key")
+        }
+
+        async fn report_batch(
             &self,
             node_id: &str,
+            key: Uuid,
             batch: &[MetricPoint],
         ) -> Result<(), BoxError> {
             assert_eq!(node_id, "node-1");
-            self.tx
-                .send((self.start.elapsed(), batch.to_vec()))
-                .unwrap();
-            let mut left = self.failures_left.lock().unwrap();
-            if *left > 0 {
-                *left -= 1;
-                return Err("control plane unavailable".into());
+            let at = self.start.elapsed();
+            self.tx.send((at, batch.to_vec())).unwrap();
+            let answer = self
+                .script
+                .lock()
+                .unwrap()
+                .pop_front()
+                .unwrap_or(Answer::Accept);
+            let _ = self.attempts.send(Attempt {
+                at,
+                key,
+                batch: batch.to_vec(),
+                accepted: matches!(answer, Answer::Accept),
+            });
+            match answer {
+                Answer::Accept => Ok(()),
+                Answer::Unavailable => Err("control plane unavailable".into()),
+                Answer::Status(code, retry_after) => Err(Box::new(ReportError::Status {
+                    what: "control plane",
+                    url: "https://cp.test/v1/nodes/node-1/metrics".into(),
+                    status: reqwest::StatusCode::from_u16(code).unwrap(),
+                    body: "no".into(),
+                    retry_after: retry_after.map(Duration::from_secs),
+                })),
             }
-            Ok(())
         }
     }
 
     struct Harness {
         batches: mpsc::UnboundedReceiver<(Duration, Vec<MetricPoint>)>,
+        attempts: mpsc::UnboundedReceiver<Attempt>,
+        stats: Arc<DeliveryStats>,
         cancel: CancellationToken,
         task: tokio::task::JoinHandle<RunOutcome>,
     }
@@ -253,13 +572,29 @@ mod tests {
     }
 
     fn start(cfg: MetricsConfig, collectors: Vec<Arc<dyn Collector>>, failures: u32) -> Harness {
+        start_scripted(
+            cfg,
+            collectors,
+            vec![Answer::Unavailable; failures as usize],
+        )
+    }
+
+    fn start_scripted(
+        cfg: MetricsConfig,
+        collectors: Vec<Arc<dyn Collector>>,
+        script: Vec<Answer>,
+    ) -> Harness {
         let (tx, batches) = mpsc::unbounded_channel();
+        let (attempts_tx, attempts) = mpsc::unbounded_channel();
         let reporter = Arc::new(Recorder {
             tx,
+            attempts: attempts_tx,
             start: Instant::now(),
-            failures_left: Mutex::new(failures),
+            script: Mutex::new(script.into()),
         });
-        let manager = Manager::new(cfg, collectors, reporter, "node-1");
+        let stats = Arc::new(DeliveryStats::default());
+        let manager =
+            Manager::new(cfg, collectors, reporter, "node-1").with_delivery_stats(stats.clone());
         let cancel = CancellationToken::new();
         let task = tokio::spawn({
             let cancel = cancel.clone();
@@ -267,6 +602,8 @@ mod tests {
         });
         Harness {
             batches,
+            attempts,
+            stats,
             cancel,
             task,
         }
@@ -344,21 +681,165 @@ mod tests {
         assert!(h.batches.recv().await.is_none());
     }
 
+    fn ns(batch: &[MetricPoint]) -> Vec<u64> {
+        batch.iter().map(|p| p.data["n"].as_u64().unwrap()).collect()
+    }
+
+    fn secs(s: f64) -> Duration {
+        Duration::from_secs_f64(s)
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn a_failed_report_clears_the_buffer_and_the_next_cycle_goes_on() {
+    async fn a_failed_batch_is_retried_with_its_key_and_backoff_before_newer_points() {
         let c = Counting::new("system");
-        let mut h = start(cfg(15, 30, 100), vec![c], 1);
-        let (at, first) = h.batches.recv().await.unwrap();
-        assert_eq!(
-            (at, seqs(&first)),
-            (
-                Duration::from_secs(30),
-                vec![("system".into(), 1), ("system".into(), 2)]
-            )
+        let mut h = start(cfg(5, 10, 100), vec![c], 3);
+        let first = h.attempts.recv().await.unwrap();
+        assert_eq!((first.at, ns(&first.batch)), (secs(10.0), vec![1, 2]));
+        let mut previous = first.at;
+        // Three failures: waits drawn from [0.5, 1], [1, 2] and [2, 4] seconds.
+        for (lo, hi) in [(0.5, 1.0), (1.0, 2.0), (2.0, 4.0)] {
+            let retry = h.attempts.recv().await.unwrap();
+            let waited = retry.at - previous;
+            assert!(waited >= secs(lo) && waited <= secs(hi), "{waited:?} not in [{lo}, {hi}]");
+            assert_eq!(retry.key, first.key, "the key is kept across retries");
+            assert_eq!(ns(&retry.batch), [1, 2], "the same points, not newer ones");
+            previous = retry.at;
+        }
+        // The retried batch went out before t=17; the report at 20 carries only new points.
+        let next = h.attempts.recv().await.unwrap();
+        assert_eq!((next.at, ns(&next.batch)), (secs(20.0), vec![3, 4]));
+        assert_ne!(next.key, first.key);
+        assert_eq!(h.stats.reconnect_count(), 1, "one recovery after failures");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_doubles_with_jitter_and_is_capped_at_the_report_interval() {
+        let c = Counting::new("system");
+        let mut h = start(cfg(5, 10, 100), vec![c], 12);
+        let mut at = h.attempts.recv().await.unwrap().at;
+        let mut waits = Vec::new();
+        for _ in 0..12 {
+            let next = h.attempts.recv().await.unwrap().at;
+            waits.push(next - at);
+            at = next;
+        }
+        for (i, wait) in waits.iter().enumerate() {
+            let full = secs(2f64.powi(i as i32).min(10.0));
+            assert!(
+                *wait >= full / 2 && *wait <= full,
+                "wait {i} is {wait:?}, full backoff {full:?}"
+            );
+        }
+        assert!(
+            waits.iter().enumerate().any(|(i, w)| *w != secs(2f64.powi(i as i32).min(10.0))),
+            "jitter varies the waits: {waits:?}"
         );
-        let (at, second) = h.batches.recv().await.unwrap();
-        assert_eq!(at, Duration::from_secs(60));
-        assert_eq!(seqs(&second), [("system".into(), 3), ("system".into(), 4)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_of_many_intervals_loses_nothing_and_keeps_order() {
+        let c = Counting::new("system");
+        // About two minutes of failures: a dozen report intervals.
+        let mut h = start(cfg(5, 10, 4), vec![c], 18);
+        let mut delivered = Vec::new();
+        let mut keys = std::collections::HashSet::new();
+        let mut saw_backlog = false;
+        while delivered.len() < 60 {
+            let a = h.attempts.recv().await.unwrap();
+            saw_backlog |= h.stats.delivery_totals().queued_points > 4;
+            if a.accepted {
+                assert!(keys.insert(a.key), "each accepted batch once");
+                assert!(a.batch.len() <= 4, "batches never exceed batch_size");
+                delivered.extend(ns(&a.batch));
+            }
+        }
+        assert_eq!(delivered, (1..=delivered.len() as u64).collect::<Vec<_>>());
+        assert!(saw_backlog, "the outage built up a queue");
+        assert_eq!(h.stats.reconnect_count(), 1);
+        assert_eq!(h.stats.delivery_totals().dropped_points, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_drops_the_oldest_points_and_counts_them() {
+        let c = Counting::new("system");
+        let mut config = cfg(5, 10, 2);
+        config.queue.max_points = 6;
+        // Fail long enough for 20 points to be collected (t = 100 s).
+        let script = vec![Answer::Unavailable; 13];
+        let mut h = start_scripted(config, vec![c], script);
+        let mut delivered = Vec::new();
+        loop {
+            let a = h.attempts.recv().await.unwrap();
+            assert!(h.stats.delivery_totals().queued_points <= 6, "bounded");
+            if a.accepted {
+                delivered.extend(ns(&a.batch));
+                if h.stats.delivery_totals().queued_points == 0 {
+                    break;
+                }
+            }
+        }
+        let dropped = h.stats.delivery_totals().dropped_points;
+        assert!(dropped > 0);
+        let newest = *delivered.last().unwrap();
+        assert_eq!(
+            delivered,
+            ((dropped + 1)..=newest).collect::<Vec<_>>(),
+            "the oldest {dropped} went, the rest arrived in order"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_batch_is_dropped_counted_and_not_retried() {
+        let c = Counting::new("system");
+        let mut h = start_scripted(
+            cfg(5, 10, 100),
+            vec![c],
+            vec![Answer::Status(422, None), Answer::Status(400, None)],
+        );
+        let first = h.attempts.recv().await.unwrap();
+        let second = h.attempts.recv().await.unwrap();
+        let third = h.attempts.recv().await.unwrap();
+        assert_eq!(
+            [first.at, second.at, third.at],
+            [secs(10.0), secs(20.0), secs(30.0)],
+            "no retries in between"
+        );
+        assert_eq!(ns(&third.batch), [5, 6]);
+        assert_eq!(h.stats.delivery_totals().rejected_points, 4);
+        assert_eq!(h.stats.reconnect_count(), 0, "a refusal is no outage");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn request_timeout_and_too_many_requests_are_retried_after_the_servers_wait() {
+        let c = Counting::new("system");
+        let mut h = start_scripted(
+            cfg(5, 10, 100),
+            vec![c],
+            vec![Answer::Status(408, None), Answer::Status(429, Some(30))],
+        );
+        let first = h.attempts.recv().await.unwrap();
+        let second = h.attempts.recv().await.unwrap();
+        assert_eq!(second.key, first.key);
+        assert!(second.at - first.at <= secs(1.0));
+        let third = h.attempts.recv().await.unwrap();
+        assert_eq!(third.key, first.key);
+        assert!(third.at - second.at >= secs(30.0), "Retry-After honoured");
+        assert!(third.accepted);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_tries_the_queue_once_in_order() {
+        let c = Counting::new("system");
+        let mut h = start(cfg(5, 10, 100), vec![c], 1);
+        let failed = h.attempts.recv().await.unwrap();
+        assert!(!failed.accepted);
+        h.cancel.cancel();
+        assert_eq!(h.task.await.unwrap(), RunOutcome::Cancelled);
+        let flushed = h.attempts.recv().await.unwrap();
+        assert_eq!(flushed.key, failed.key, "the failed batch first");
+        assert_eq!(ns(&flushed.batch), [1, 2]);
+        assert!(flushed.accepted);
+        assert!(h.attempts.recv().await.is_none(), "nothing else was buffered");
     }
 
     #[tokio::test(start_paused = true)]

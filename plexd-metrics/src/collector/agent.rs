@@ -18,6 +18,24 @@ pub trait ReconnectCounter: Send + Sync {
     fn reconnect_count(&self) -> u64;
 }
 
+/// The delivery side's figures, reported in the `agent` group so that an operator sees a
+/// backlog or lost points in the data itself.
+pub trait DeliveryCounters: Send + Sync {
+    /// Reads the current figures.
+    fn delivery_totals(&self) -> DeliveryTotals;
+}
+
+/// Points the reporting side holds back or lost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeliveryTotals {
+    /// Points waiting in the retry queue right now.
+    pub queued_points: u64,
+    /// Points dropped since start because the retry queue was full.
+    pub dropped_points: u64,
+    /// Points the control plane refused (4xx other than 408/429) since start.
+    pub rejected_points: u64,
+}
+
 /// Totals of the agent's kernel programs, reported beside the agent's own figures.
 pub trait KernelCounters: Send + Sync {
     /// Reads the current totals.
@@ -75,6 +93,15 @@ pub struct AgentStats {
     /// Bytes the egress programs saw.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ebpf_egress_bytes: Option<u64>,
+    /// Points dropped because the retry queue was full; absent without a delivery side.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped_points: Option<u64>,
+    /// Points waiting in the retry queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued_points: Option<u64>,
+    /// Points the control plane refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected_points: Option<u64>,
 }
 
 /// Emits one `agent` point per cycle.
@@ -82,6 +109,7 @@ pub struct AgentStatsCollector {
     started: Instant,
     reconnects: Option<Arc<dyn ReconnectCounter>>,
     kernel: Option<Arc<dyn KernelCounters>>,
+    delivery: Option<Arc<dyn DeliveryCounters>>,
 }
 
 impl AgentStatsCollector {
@@ -96,7 +124,14 @@ impl AgentStatsCollector {
             started,
             reconnects,
             kernel,
+            delivery: None,
         }
+    }
+
+    /// Adds `dropped_points`, `queued_points` and `rejected_points` from `delivery`.
+    pub fn with_delivery(mut self, delivery: Arc<dyn DeliveryCounters>) -> Self {
+        self.delivery = Some(delivery);
+        self
     }
 
     fn stats(&self) -> Result<AgentStats, BoxError> {
@@ -120,6 +155,12 @@ impl AgentStatsCollector {
             stats.ebpf_ingress_bytes = Some(t.ingress_bytes);
             stats.ebpf_egress_packets = Some(t.egress_packets);
             stats.ebpf_egress_bytes = Some(t.egress_bytes);
+        }
+        if let Some(delivery) = &self.delivery {
+            let d = delivery.delivery_totals();
+            stats.dropped_points = Some(d.dropped_points);
+            stats.queued_points = Some(d.queued_points);
+            stats.rejected_points = Some(d.rejected_points);
         }
         Ok(stats)
     }
@@ -195,6 +236,26 @@ mod tests {
             d["heap_sys_bytes"].as_u64().unwrap() > 0,
             "resident memory is read from /proc/self"
         );
+    }
+
+    struct Delivery;
+    impl DeliveryCounters for Delivery {
+        fn delivery_totals(&self) -> DeliveryTotals {
+            DeliveryTotals {
+                queued_points: 40,
+                dropped_points: 12,
+                rejected_points: 3,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn delivery_figures_are_extra_keys() {
+        let c = AgentStatsCollector::new(Instant::now(), None, None).with_delivery(Arc::new(Delivery));
+        let d = &c.collect(&CancellationToken::new()).await.unwrap()[0].data;
+        assert_eq!(d["queued_points"], 40);
+        assert_eq!(d["dropped_points"], 12);
+        assert_eq!(d["rejected_points"], 3);
     }
 
     #[tokio::test]

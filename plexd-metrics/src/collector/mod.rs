@@ -8,7 +8,10 @@ mod agent;
 mod system;
 mod tunnel;
 
-pub use agent::{AgentStats, AgentStatsCollector, KernelCounters, KernelTotals, ReconnectCounter};
+pub use agent::{
+    AgentStats, AgentStatsCollector, DeliveryCounters, DeliveryTotals, KernelCounters, KernelTotals,
+    ReconnectCounter,
+};
 pub use system::{SystemCollector, SystemReader, SystemStats};
 pub use tunnel::{TunnelCollector, TunnelStats, TunnelStatsReader};
 

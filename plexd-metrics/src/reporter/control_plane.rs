@@ -1,0 +1,223 @@
+//! The control plane's metrics API and its secrets API, as the spec's `api.ControlPlane`.
+
+use std::io::Write as _;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use flate2::write::GzEncoder;
+use flate2::Compression;
+use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE};
+use reqwest::StatusCode;
+use tracing::{debug, warn};
+use url::Url;
+use uuid::Uuid;
+
+use super::http::{build_client, check_status, transport_error, TlsSettings, CONTROL_PLANE};
+use super::local::SecretFetcher;
+use super::{MetricReporter, ReportError, TokenFile};
+use crate::api::MetricPoint;
+use crate::collector::BoxError;
+use crate::config::ControlPlaneConfig;
+use crate::secret::{SecretResponse, SecretString};
+
+/// Header that carries a batch's idempotency key, the same on every retry of the batch.
+pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
+
+/// Posts batches to `{url}/v1/nodes/{node_id}/metrics` as gzip-compressed JSON with the
+/// bearer token of `control_plane.token_file`, and fetches secrets for the local endpoint.
+#[derive(Debug)]
+pub struct ControlPlaneReporter {
+    client: reqwest::Client,
+    base: Url,
+    token: TokenFile,
+    timeout: Duration,
+}
+
+impl ControlPlaneReporter {
+    /// A client for `cfg`, which must have passed [`crate::config::Config::validate`]. Fails
+    /// when a CA or client certificate file cannot be used.
+    pub fn new(cfg: &ControlPlaneConfig) -> Result<Self, ReportError> {
+        let base = Url::parse(&cfg.url).map_err(|e| {
+            ReportError::Setup(format!("control_plane.url {:?} is invalid: {e}", cfg.url))
+        })?;
+        let token = cfg.token_file.clone().ok_or_else(|| {
+            ReportError::Setup("control_plane.token_file is required when control_plane.url is set".into())
+        })?;
+        let tls = TlsSettings {
+            ca_file: cfg.ca_file.clone(),
+            client_identity: cfg.cert_file.clone().zip(cfg.key_file.clone()),
+            insecure_skip_verify: cfg.tls_insecure_skip_verify,
+        };
+        if tls.insecure_skip_verify {
+            warn!(
+                component = "metrics",
+                url = %base,
+                "control_plane.tls_insecure_skip_verify is set: the control plane's certificate is NOT verified; use control_plane.ca_file instead"
+            );
+        }
+        Ok(Self {
+            client: build_client(&tls, cfg.timeout, &CONTROL_PLANE)?,
+            base,
+            token: TokenFile::new(token),
+            timeout: cfg.timeout,
+        })
+    }
+
+    /// `{url}/v1/nodes/{node_id}/metrics`, with the node id escaped as a path segment.
+    pub fn metrics_url(&self, node_id: &str) -> Url {
+        self.endpoint(&["v1", "nodes", node_id, "metrics"])
+    }
+
+    fn endpoint(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .expect("validated http(s) URLs have a path")
+            .pop_if_empty()
+            .extend(segments);
+        url
+    }
+
+    fn bearer(&self, token: &SecretString) -> Result<HeaderValue, ReportError> {
+        let mut value = HeaderValue::from_str(&format!("Bearer {}", token.expose())).map_err(|_| {
+            ReportError::Setup(format!(
+                "control_plane.token_file: {} holds characters that cannot go into an HTTP header",
+                self.token.path().display()
+            ))
+        })?;
+        // Keeps the value out of reqwest's and hyper's Debug output.
+        value.set_sensitive(true);
+        Ok(value)
+    }
+
+    async fn post(&self, node_id: &str, key: Uuid, batch: &[MetricPoint]) -> Result<(), ReportError> {
+        let url = self.metrics_url(node_id);
+        let body = gzip_json(batch)
+            .map_err(|e| ReportError::Setup(format!("cannot encode the batch: {e}")))?;
+        let mut token = self.token.current().map_err(ReportError::Token)?;
+        let mut retried_new_token = false;
+        loop {
+            let sent = self
+                .client
+                .post(url.clone())
+                .header(CONTENT_TYPE, "application/json")
+                .header(CONTENT_ENCODING, "gzip")
+                .header(AUTHORIZATION, self.bearer(&token)?)
+                .header(IDEMPOTENCY_KEY, key.to_string())
+                .body(body.clone())
+                .send()
+                .await
+                .map_err(|e| transport_error(&CONTROL_PLANE, url.as_str(), self.timeout, e))?;
+            let result = check_status(&CONTROL_PLANE, url.as_str(), sent).await;
+            // A token rotated between reading it and the server checking it: the batch is
+            // worth one more try at once with the new token instead of being rejected.
+            if let Err(ReportError::Status { status, .. }) = &result {
+                if *status == StatusCode::UNAUTHORIZED && !retried_new_token {
+                    if let Ok(fresh) = self.token.current() {
+                        if fresh != token {
+                            debug!(
+                                component = "metrics",
+                                "token file changed; sending the batch again with the new token"
+                            );
+                            token = fresh;
+                            retried_new_token = true;
+                            continue;
+                        }
+                    }
+                }
+            }
+            return result.map(drop);
+        }
+    }
+}
+
+/// The batch as the API's JSON array, gzip-compressed.
+fn gzip_json(batch: &[MetricPoint]) -> std::io::Result<Vec<u8>> {
+    let json = serde_json::to_vec(batch)?;
+    let mut gz = GzEncoder::new(Vec::with_capacity(json.len() / 4), Compression::default());
+    gz.write_all(&json)?;
+    gz.finish()
+}
+
+#[async_trait]
+impl MetricReporter for ControlPlaneReporter {
+    async fn report_metrics(&self, node_id: &str, batch: &[MetricPoint]) -> Result<(), BoxError> {
+        self.report_batch(node_id, Uuid::new_v4(), batch).await
+    }
+
+    async fn report_batch(
+        &self,
+        node_id: &str,
+        key: Uuid,
+        batch: &[MetricPoint],
+    ) -> Result<(), BoxError> {
+        Ok(self.post(node_id, key, batch).await?)
+    }
+}
+
+#[async_trait]
+impl SecretFetcher for ControlPlaneReporter {
+    async fn fetch_secret(&self, node_id: &str, key: &str) -> Result<SecretResponse, BoxError> {
+        let url = self.endpoint(&["v1", "nodes", node_id, "secrets", key]);
+        let token = self.token.current().map_err(ReportError::Token)?;
+        let response = self
+            .client
+            .get(url.clone())
+            .header(ACCEPT, "application/json")
+            .header(AUTHORIZATION, self.bearer(&token)?)
+            .send()
+            .await
+            .map_err(|e| transport_error(&CONTROL_PLANE, url.as_str(), self.timeout, e))?;
+        let body = check_status(&CONTROL_PLANE, url.as_str(), response).await?;
+        serde_json::from_str(&body).map_err(|e| {
+            ReportError::SecretFormat {
+                url: url.to_string(),
+                detail: e.to_string(),
+            }
+            .into()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read as _;
+
+    #[test]
+    fn urls_escape_the_node_id_and_keep_a_base_path() {
+        let dir = std::env::temp_dir();
+        let cfg = |url: &str| ControlPlaneConfig {
+            url: url.into(),
+            token_file: Some(dir.join("unused")),
+            ..ControlPlaneConfig::default()
+        };
+        let r = ControlPlaneReporter::new(&cfg("https://cp.example:8443")).unwrap();
+        assert_eq!(
+            r.metrics_url("node-1").as_str(),
+            "https://cp.example:8443/v1/nodes/node-1/metrics"
+        );
+        let r = ControlPlaneReporter::new(&cfg("https://cp.example/api/")).unwrap();
+        assert_eq!(
+            r.metrics_url("a/b c").as_str(),
+            "https://cp.example/api/v1/nodes/a%2Fb%20c/metrics"
+        );
+    }
+
+    #[test]
+    fn the_body_is_the_gzipped_json_array() {
+        let p = MetricPoint::new(
+            chrono::Utc::now(),
+            "system",
+            "",
+            &serde_json::json!({"load_avg_1": 1.5}),
+        )
+        .unwrap();
+        let gz = gzip_json(&[p.clone(), p.clone()]).unwrap();
+        let mut json = String::new();
+        flate2::read::GzDecoder::new(gz.as_slice())
+            .read_to_string(&mut json)
+            .unwrap();
+        let back: Vec<MetricPoint> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, vec![p.clone(), p]);
+    }
+}
