@@ -166,6 +166,7 @@ pub struct LocalEndpointConfig {
     /// HTTPS URL; empty means not configured.
     pub url: String,
     /// Name of the secret holding the endpoint's bearer token.
+    #[serde(serialize_with = "redacted")]
     pub secret_key: String,
     /// Skip certificate verification for this endpoint only.
     pub tls_insecure_skip_verify: bool,
@@ -723,6 +724,11 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     })
 }
 
+/// Secrets are never written out, not even by a config dump.
+fn redacted<S: Serializer>(value: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(if value.is_empty() { "" } else { "[redacted]" })
+}
+
 /// The inverse of [`duration`], so that a dumped config reads back the same.
 fn duration_text<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&humantime::format_duration(*d).to_string())
@@ -756,30 +762,54 @@ mod tests {
         assert_eq!(Config::parse("metrics: {}\n").unwrap(), cfg);
     }
 
+    /// A temporary directory with a token file, removed on drop.
+    struct Files(PathBuf);
+    impl Files {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("plexd-config-{}-{name}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("token"), "t0k3n\n").unwrap();
+            std::fs::write(dir.join("nsk"), format!("{}\n", "ab".repeat(32))).unwrap();
+            Self(dir)
+        }
+        fn path(&self, name: &str) -> String {
+            self.0.join(name).display().to_string()
+        }
+    }
+    impl Drop for Files {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     #[test]
     fn the_issue_example_parses() {
-        let cfg = Config::parse(
+        let files = Files::new("issue");
+        let cfg = Config::parse(&format!(
             r#"
 node_id: node-1
 control_plane:
   url: https://cp.example:8443
-  token_file: /etc/plexd/token
+  token_file: {}
 metrics:
   enabled: true
   collect_interval: 15s
   report_interval: 1m
   batch_size: 100
-  local_endpoint: { url: "", secret_key: "", tls_insecure_skip_verify: false }
-  system: { proc_root: /proc, mount_point: /, net_interface: "" }
+  local_endpoint: {{ url: "", secret_key: "", tls_insecure_skip_verify: false }}
+  system: {{ proc_root: /proc, mount_point: /, net_interface: "" }}
 "#,
-        )
+            files.path("token")
+        ))
         .unwrap();
         assert_eq!(cfg.node_id, "node-1");
         assert_eq!(cfg.metrics.report_interval, Duration::from_secs(60));
         assert_eq!(
             cfg.control_plane.token_file.as_deref(),
-            Some(Path::new("/etc/plexd/token"))
+            Some(files.0.join("token").as_path())
         );
+        assert_eq!(cfg.control_plane.timeout, DEFAULT_REQUEST_TIMEOUT);
+        assert_eq!(cfg.metrics.queue.max_points, 10_000);
         cfg.validate().unwrap();
     }
 
@@ -833,26 +863,34 @@ metrics:
         .is_empty());
     }
 
+    /// Problems other than the local endpoint's need for a control plane.
+    fn spec_problems(yaml: &str) -> Vec<String> {
+        problems(yaml)
+            .into_iter()
+            .filter(|p| !p.starts_with("metrics: config: local_endpoint: control_plane."))
+            .collect()
+    }
+
     #[test]
     fn local_endpoint_rules_have_the_spec_texts() {
         assert_eq!(
-            problems("metrics: { local_endpoint: { url: 'not a url', secret_key: k } }"),
+            spec_problems("metrics: { local_endpoint: { url: 'not a url', secret_key: k } }"),
             [r#"metrics: config: local_endpoint: invalid URL "not a url""#]
         );
         assert_eq!(
-            problems("metrics: { local_endpoint: { url: 'http://metrics.local:9090/ingest', secret_key: k } }"),
+            spec_problems("metrics: { local_endpoint: { url: 'http://metrics.local:9090/ingest', secret_key: k } }"),
             [r#"metrics: config: local_endpoint: URL must be HTTPS, got "http""#]
         );
         assert_eq!(
-            problems("metrics: { local_endpoint: { url: 'https://metrics.local:9090/ingest' } }"),
+            spec_problems("metrics: { local_endpoint: { url: 'https://metrics.local:9090/ingest' } }"),
             ["metrics: config: local_endpoint: SecretKey is required when URL is set"]
         );
-        assert!(problems(
+        assert!(spec_problems(
             "metrics: { local_endpoint: { url: 'https://metrics.local:9090/ingest', secret_key: local-metrics-token } }"
         )
         .is_empty());
         // The zero value means "not configured" and is valid.
-        assert!(problems("metrics: { local_endpoint: { url: '', secret_key: '' } }").is_empty());
+        assert!(spec_problems("metrics: { local_endpoint: { url: '', secret_key: '' } }").is_empty());
     }
 
     #[test]
@@ -866,17 +904,229 @@ metrics:
     }
 
     #[test]
-    fn control_plane_needs_a_node_id_and_a_url_that_parses() {
+    fn control_plane_needs_a_node_id_a_url_that_parses_and_a_token() {
+        let files = Files::new("cp-basics");
+        let token = files.path("token");
         assert_eq!(
-            problems("control_plane: { url: 'https://cp.example' }"),
+            problems(&format!("control_plane: {{ url: 'https://cp.example', token_file: {token} }}")),
             ["config: node_id is required when control_plane.url is set"]
         );
-        let p = problems("node_id: n1\ncontrol_plane: { url: 'cp.example' }");
+        let p = problems(&format!("node_id: n1\ncontrol_plane: {{ url: 'cp.example', token_file: {token} }}"));
         assert_eq!(p.len(), 1);
         assert!(
             p[0].starts_with(r#"config: control_plane: invalid URL "cp.example""#),
             "{p:?}"
         );
+        assert_eq!(
+            problems("node_id: n1\ncontrol_plane: { url: 'https://cp.example' }"),
+            ["config: control_plane.token_file is required when control_plane.url is set"]
+        );
+        let p = problems("node_id: n1\ncontrol_plane: { url: 'https://cp.example', token_file: /nonexistent/token }");
+        assert_eq!(p.len(), 1);
+        assert!(p[0].starts_with("config: control_plane.token_file: cannot read /nonexistent/token: "), "{p:?}");
+        std::fs::write(files.0.join("empty"), " \n").unwrap();
+        assert_eq!(
+            problems(&format!("node_id: n1\ncontrol_plane: {{ url: 'https://cp.example', token_file: {} }}", files.path("empty"))),
+            [format!("config: control_plane.token_file: {} is empty", files.path("empty"))]
+        );
+    }
+
+    #[test]
+    fn plain_http_only_to_loopback_and_no_credentials_in_the_url() {
+        let files = Files::new("cp-scheme");
+        let cp = |url: &str| {
+            problems(&format!(
+                "node_id: n1\ncontrol_plane: {{ url: '{url}', token_file: {} }}",
+                files.path("token")
+            ))
+        };
+        for ok in [
+            "http://127.0.0.1:8080",
+            "http://127.8.0.1",
+            "http://[::1]:9000/base",
+            "http://localhost:1234",
+            "https://cp.example:8443/api",
+        ] {
+            assert!(cp(ok).is_empty(), "{ok}: {:?}", cp(ok));
+        }
+        assert_eq!(
+            cp("http://cp.example"),
+            [r#"config: control_plane: URL must be HTTPS (plain http only to a loopback address), got "cp.example""#]
+        );
+        assert_eq!(
+            cp("ftp://cp.example"),
+            [r#"config: control_plane: URL must be HTTPS, got "ftp""#]
+        );
+        let p = cp("https://user:hunter2@cp.example");
+        assert_eq!(
+            p,
+            ["config: control_plane: URL must not carry credentials; put the token in control_plane.token_file"]
+        );
+        assert_eq!(
+            cp("https://cp.example/?a=b"),
+            [r#"config: control_plane: URL must be a base URL without query or fragment, got "https://cp.example/?a=b""#]
+        );
+    }
+
+    #[test]
+    fn tls_files_secret_key_and_timeout_are_checked() {
+        let files = Files::new("cp-tls");
+        let base = format!(
+            "node_id: n1\ncontrol_plane: {{ url: 'https://cp', token_file: {}",
+            files.path("token")
+        );
+        assert_eq!(
+            problems(&format!("{base}, cert_file: {} }}", files.path("token"))),
+            ["config: control_plane: cert_file and key_file must be set together"]
+        );
+        let p = problems(&format!("{base}, ca_file: /nonexistent/ca.pem }}"));
+        assert_eq!(p.len(), 1);
+        assert!(p[0].starts_with("config: control_plane.ca_file: cannot read /nonexistent/ca.pem: "), "{p:?}");
+        std::fs::write(files.0.join("bad-nsk"), "secret-but-not-a-key").unwrap();
+        let p = problems(&format!("{base}, node_secret_key_file: {} }}", files.path("bad-nsk")));
+        assert_eq!(
+            p,
+            [format!(
+                "config: control_plane.node_secret_key_file: {} does not hold a node secret key: expected 32 bytes written as 64 hex digits or as base64",
+                files.path("bad-nsk")
+            )]
+        );
+        assert!(problems(&format!("{base}, node_secret_key_file: {} }}", files.path("nsk"))).is_empty());
+        assert_eq!(
+            problems(&format!("{base}, timeout: 0s }}")),
+            ["config: control_plane.timeout must be > 0"]
+        );
+        let cfg = Config::parse(&format!("{base}, timeout: 2500ms }}")).unwrap();
+        assert_eq!(cfg.control_plane.timeout, Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn a_local_endpoint_needs_the_control_plane_and_the_node_key() {
+        let files = Files::new("local-needs");
+        let local = "metrics: { local_endpoint: { url: 'https://metrics.local/ingest', secret_key: k } }";
+        assert_eq!(
+            problems(local),
+            ["metrics: config: local_endpoint: control_plane.url is required (the endpoint's credential is fetched from the control plane)"]
+        );
+        let cp = format!("node_id: n1\ncontrol_plane: {{ url: 'https://cp', token_file: {} }}\n", files.path("token"));
+        assert_eq!(
+            problems(&format!("{cp}{local}")),
+            ["metrics: config: local_endpoint: control_plane.node_secret_key_file is required (it decrypts the endpoint's credential)"]
+        );
+        let cp = format!(
+            "node_id: n1\ncontrol_plane: {{ url: 'https://cp', token_file: {}, node_secret_key_file: {} }}\n",
+            files.path("token"),
+            files.path("nsk")
+        );
+        assert!(problems(&format!("{cp}{local}")).is_empty());
+    }
+
+    #[test]
+    fn the_queue_bound_must_hold_a_batch() {
+        assert_eq!(
+            problems("metrics: { queue: { max_points: 0 } }"),
+            ["metrics: config: queue.max_points must be > 0"]
+        );
+        assert_eq!(
+            problems("metrics: { batch_size: 100, queue: { max_points: 99 } }"),
+            ["metrics: config: queue.max_points must be >= BatchSize"]
+        );
+        assert!(problems("metrics: { batch_size: 100, queue: { max_points: 100 } }").is_empty());
+    }
+
+    fn with_env(yaml: Option<&str>, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let files = yaml.map(|y| {
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let f = Files::new(&format!("env-{n}"));
+            std::fs::write(f.0.join("config.yaml"), y).unwrap();
+            f
+        });
+        let path = files.as_ref().map(|f| f.0.join("config.yaml"));
+        Config::load_with_env(
+            path.as_deref(),
+            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn every_key_has_a_variable() {
+        let names: Vec<String> = Config::env_keys().into_iter().map(|k| k.variable).collect();
+        for want in [
+            "PLEXD_METRICS_NODE_ID",
+            "PLEXD_METRICS_CONTROL_PLANE_URL",
+            "PLEXD_METRICS_CONTROL_PLANE_TOKEN_FILE",
+            "PLEXD_METRICS_CONTROL_PLANE_TIMEOUT",
+            "PLEXD_METRICS_CONTROL_PLANE_NODE_SECRET_KEY_FILE",
+            "PLEXD_METRICS_METRICS_BATCH_SIZE",
+            "PLEXD_METRICS_METRICS_QUEUE_MAX_POINTS",
+            "PLEXD_METRICS_METRICS_LOCAL_ENDPOINT_SECRET_KEY",
+            "PLEXD_METRICS_METRICS_EBPF_INTERFACES",
+        ] {
+            assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+        }
+        // One variable per leaf: sections themselves have none.
+        assert!(!names.iter().any(|n| n == "PLEXD_METRICS_METRICS"));
+    }
+
+    #[test]
+    fn variables_override_the_file_with_the_keys_types() {
+        let cfg = with_env(
+            Some("node_id: from-file\nmetrics: { batch_size: 5, collect_interval: 30s, report_interval: 1m }\n"),
+            &[
+                ("PLEXD_METRICS_NODE_ID", "123"),
+                ("PLEXD_METRICS_CONTROL_PLANE_URL", "https://cp.example"),
+                ("PLEXD_METRICS_METRICS_BATCH_SIZE", "200"),
+                ("PLEXD_METRICS_METRICS_ENABLED", "true"),
+                ("PLEXD_METRICS_METRICS_COLLECT_INTERVAL", "5s"),
+                ("PLEXD_METRICS_METRICS_EBPF_INTERFACES", "eth0, wg0"),
+                ("PLEXD_METRICS_CONTROL_PLANE_TLS_INSECURE_SKIP_VERIFY", "false"),
+                // Not config keys: left alone.
+                ("PLEXD_METRICS_CONFIG", "/x.yaml"),
+                ("PLEXD_METRICS_LOG_LEVEL", "debug"),
+                ("PLEXD_METRICS_BIN", "/bin/agent"),
+                ("HOME", "/root"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(cfg.node_id, "123", "text keys stay text");
+        assert_eq!(cfg.control_plane.url, "https://cp.example");
+        assert_eq!(cfg.metrics.batch_size, 200);
+        assert_eq!(cfg.metrics.collect_interval, Duration::from_secs(5));
+        assert_eq!(cfg.metrics.report_interval, Duration::from_secs(60), "from the file");
+        assert_eq!(cfg.metrics.ebpf.interfaces, ["eth0", "wg0"]);
+        let cfg = with_env(None, &[("PLEXD_METRICS_METRICS_EBPF_INTERFACES", "[a, b]")]).unwrap();
+        assert_eq!(cfg.metrics.ebpf.interfaces, ["a", "b"]);
+    }
+
+    #[test]
+    fn unknown_or_mistyped_variables_are_named() {
+        let e = with_env(
+            None,
+            &[
+                ("PLEXD_METRICS_CONTROL_PLANE_TOKEN", "x"),
+                ("PLEXD_METRICS_METRICS_BATCHSIZE", "1"),
+            ],
+        )
+        .unwrap_err();
+        let lines = e.lines();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines.iter().any(|l| l.starts_with("environment: PLEXD_METRICS_CONTROL_PLANE_TOKEN names no config key")), "{lines:?}");
+        assert!(lines.iter().any(|l| l.starts_with("environment: PLEXD_METRICS_METRICS_BATCHSIZE names no config key")), "{lines:?}");
+
+        let e = with_env(Some("metrics: {}\n"), &[("PLEXD_METRICS_METRICS_BATCH_SIZE", "many")]).unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("metrics.batch_size"), "{text}");
+        assert!(text.ends_with("(set by PLEXD_METRICS_METRICS_BATCH_SIZE)"), "{text}");
+        let e = with_env(None, &[("PLEXD_METRICS_METRICS_REPORT_INTERVAL", "soon")]).unwrap_err();
+        assert!(e.to_string().contains("invalid duration \"soon\""), "{e}");
+    }
+
+    #[test]
+    fn a_dump_holds_no_secret() {
+        let cfg = Config::parse("metrics: { local_endpoint: { url: 'https://x', secret_key: hunter2 } }").unwrap();
+        let dump = serde_json::to_string(&cfg).unwrap();
+        assert!(!dump.contains("hunter2"), "{dump}");
     }
 
     #[test]
