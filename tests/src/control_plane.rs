@@ -167,7 +167,6 @@ struct State {
     token: Mutex<Option<String>>,
     secrets: Mutex<HashMap<String, serde_json::Value>>,
     accepted_keys: Mutex<HashSet<String>>,
-    tls_failures: Mutex<Vec<String>>,
 }
 
 /// The server. Dropping it stops it.
@@ -235,9 +234,7 @@ impl TestControlPlane {
                 .expect("server certificate");
             TlsAcceptor::from(Arc::new(config))
         });
-        let listener = runtime
-            .block_on(TcpListener::bind("127.0.0.1:0"))
-            .expect("bind 127.0.0.1:0");
+        let listener = bind(&runtime, "127.0.0.1:0".parse().expect("address"));
         let addr = listener.local_addr().expect("local address");
         let (sender, receiver) = mpsc::unbounded_channel();
         let server = Self {
@@ -279,21 +276,20 @@ impl TestControlPlane {
                     (state.clone(), acceptor.clone(), sender.clone(), stop.clone());
                 tokio::spawn(async move {
                     let conn_stop = stop.clone();
-                    let failures = state.clone();
                     let service = hyper::service::service_fn(move |req| {
                         handle(state.clone(), sender.clone(), stop.clone(), req)
                     });
                     let http = hyper::server::conn::http1::Builder::new();
                     match acceptor {
-                        Some(acceptor) => match acceptor.accept(tcp).await {
-                            Ok(tls) => {
+                        Some(acceptor) => {
+                            // A refused handshake is the client's error to report.
+                            if let Ok(tls) = acceptor.accept(tcp).await {
                                 tokio::select! {
                                     () = conn_stop.cancelled() => {}
                                     _ = http.serve_connection(TokioIo::new(tls), service) => {}
                                 }
                             }
-                            Err(e) => failures.tls_failures.lock().unwrap().push(e.to_string()),
-                        },
+                        }
                         None => {
                             tokio::select! {
                                 () = conn_stop.cancelled() => {}
@@ -357,11 +353,6 @@ impl TestControlPlane {
         *self.state.secret_behaviour.lock().unwrap() = behaviour;
     }
 
-    /// TLS handshakes that failed on the server's side, with rustls's reason.
-    pub fn tls_failures(&self) -> Vec<String> {
-        self.state.tls_failures.lock().unwrap().clone()
-    }
-
     /// Closes the port and every open connection: clients see "connection refused".
     pub fn go_away(&self) {
         self.stop.lock().unwrap().cancel();
@@ -370,10 +361,7 @@ impl TestControlPlane {
     /// Listens again on the same port after [`TestControlPlane::go_away`].
     pub fn come_back(&self) {
         *self.stop.lock().unwrap() = CancellationToken::new();
-        let listener = self
-            .runtime()
-            .block_on(TcpListener::bind(self.addr))
-            .expect("bind the same port again");
+        let listener = bind(self.runtime(), self.addr);
         self.serve(listener);
     }
 
@@ -405,6 +393,14 @@ impl Drop for TestControlPlane {
             rt.shutdown_background();
         }
     }
+}
+
+/// Binds with std, so that it works from inside another runtime too.
+fn bind(runtime: &tokio::runtime::Runtime, addr: SocketAddr) -> TcpListener {
+    let std = std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    std.set_nonblocking(true).expect("non-blocking listener");
+    let _entered = runtime.enter();
+    TcpListener::from_std(std).expect("register the listener")
 }
 
 fn rand_byte() -> u8 {
