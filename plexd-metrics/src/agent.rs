@@ -16,8 +16,7 @@ use crate::collector::{
 use crate::config::Config;
 use crate::manager::{DeliveryStats, Manager, RunOutcome};
 use crate::reporter::{
-    ControlPlaneReporter, LocalReporter, MetricReporter, MultiReporter, ReportError,
-    StdoutReporter,
+    ControlPlaneReporter, LocalReporter, MetricReporter, MultiReporter, ReportError, StdoutReporter,
 };
 use crate::secret::{NodeSecretKey, SecretError};
 use crate::source::ebpf::{default_route_interfaces, UnderlayProbe};
@@ -134,11 +133,16 @@ fn build_reporter(cfg: &Config) -> Result<Arc<dyn MetricReporter>, AgentError> {
     if !cfg.metrics.enabled || !local.is_configured() {
         return Ok(control_plane);
     }
-    let path = cfg.control_plane.node_secret_key_file.as_deref().ok_or_else(|| {
-        ReportError::Setup(
-            "metrics: config: local_endpoint: control_plane.node_secret_key_file is required".into(),
-        )
-    })?;
+    let path = cfg
+        .control_plane
+        .node_secret_key_file
+        .as_deref()
+        .ok_or_else(|| {
+            ReportError::Setup(
+                "metrics: config: local_endpoint: control_plane.node_secret_key_file is required"
+                    .into(),
+            )
+        })?;
     let key = NodeSecretKey::load(path)?;
     let local_reporter = LocalReporter::new(local, control_plane.clone(), key, &cfg.node_id)?;
     info!(component = "metrics", pipeline = "metrics", url = %local.url, "local endpoint enabled");

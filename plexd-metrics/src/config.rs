@@ -389,8 +389,9 @@ impl Config {
         for (key, text) in overrides {
             let value = match key.kind {
                 LeafKind::Text => Value::String(text.clone()),
-                LeafKind::Scalar => serde_yaml_ng::from_str(text)
-                    .unwrap_or_else(|_| Value::String(text.clone())),
+                LeafKind::Scalar => {
+                    serde_yaml_ng::from_str(text).unwrap_or_else(|_| Value::String(text.clone()))
+                }
                 LeafKind::List if text.trim_start().starts_with('[') => {
                     serde_yaml_ng::from_str(text).unwrap_or_else(|_| Value::String(text.clone()))
                 }
@@ -766,7 +767,8 @@ mod tests {
     struct Files(PathBuf);
     impl Files {
         fn new(name: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!("plexd-config-{}-{name}", std::process::id()));
+            let dir =
+                std::env::temp_dir().join(format!("plexd-config-{}-{name}", std::process::id()));
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::write(dir.join("token"), "t0k3n\n").unwrap();
             std::fs::write(dir.join("nsk"), format!("{}\n", "ab".repeat(32))).unwrap();
@@ -882,7 +884,9 @@ metrics:
             [r#"metrics: config: local_endpoint: URL must be HTTPS, got "http""#]
         );
         assert_eq!(
-            spec_problems("metrics: { local_endpoint: { url: 'https://metrics.local:9090/ingest' } }"),
+            spec_problems(
+                "metrics: { local_endpoint: { url: 'https://metrics.local:9090/ingest' } }"
+            ),
             ["metrics: config: local_endpoint: SecretKey is required when URL is set"]
         );
         assert!(spec_problems(
@@ -890,7 +894,9 @@ metrics:
         )
         .is_empty());
         // The zero value means "not configured" and is valid.
-        assert!(spec_problems("metrics: { local_endpoint: { url: '', secret_key: '' } }").is_empty());
+        assert!(
+            spec_problems("metrics: { local_endpoint: { url: '', secret_key: '' } }").is_empty()
+        );
     }
 
     #[test]
@@ -908,10 +914,14 @@ metrics:
         let files = Files::new("cp-basics");
         let token = files.path("token");
         assert_eq!(
-            problems(&format!("control_plane: {{ url: 'https://cp.example', token_file: {token} }}")),
+            problems(&format!(
+                "control_plane: {{ url: 'https://cp.example', token_file: {token} }}"
+            )),
             ["config: node_id is required when control_plane.url is set"]
         );
-        let p = problems(&format!("node_id: n1\ncontrol_plane: {{ url: 'cp.example', token_file: {token} }}"));
+        let p = problems(&format!(
+            "node_id: n1\ncontrol_plane: {{ url: 'cp.example', token_file: {token} }}"
+        ));
         assert_eq!(p.len(), 1);
         assert!(
             p[0].starts_with(r#"config: control_plane: invalid URL "cp.example""#),
@@ -923,11 +933,20 @@ metrics:
         );
         let p = problems("node_id: n1\ncontrol_plane: { url: 'https://cp.example', token_file: /nonexistent/token }");
         assert_eq!(p.len(), 1);
-        assert!(p[0].starts_with("config: control_plane.token_file: cannot read /nonexistent/token: "), "{p:?}");
+        assert!(
+            p[0].starts_with("config: control_plane.token_file: cannot read /nonexistent/token: "),
+            "{p:?}"
+        );
         std::fs::write(files.0.join("empty"), " \n").unwrap();
         assert_eq!(
-            problems(&format!("node_id: n1\ncontrol_plane: {{ url: 'https://cp.example', token_file: {} }}", files.path("empty"))),
-            [format!("config: control_plane.token_file: {} is empty", files.path("empty"))]
+            problems(&format!(
+                "node_id: n1\ncontrol_plane: {{ url: 'https://cp.example', token_file: {} }}",
+                files.path("empty")
+            )),
+            [format!(
+                "config: control_plane.token_file: {} is empty",
+                files.path("empty")
+            )]
         );
     }
 
@@ -951,7 +970,9 @@ metrics:
         }
         assert_eq!(
             cp("http://cp.example"),
-            [r#"config: control_plane: URL must be HTTPS (plain http only to a loopback address), got "cp.example""#]
+            [
+                r#"config: control_plane: URL must be HTTPS (plain http only to a loopback address), got "cp.example""#
+            ]
         );
         assert_eq!(
             cp("ftp://cp.example"),
@@ -964,7 +985,9 @@ metrics:
         );
         assert_eq!(
             cp("https://cp.example/?a=b"),
-            [r#"config: control_plane: URL must be a base URL without query or fragment, got "https://cp.example/?a=b""#]
+            [
+                r#"config: control_plane: URL must be a base URL without query or fragment, got "https://cp.example/?a=b""#
+            ]
         );
     }
 
@@ -981,9 +1004,15 @@ metrics:
         );
         let p = problems(&format!("{base}, ca_file: /nonexistent/ca.pem }}"));
         assert_eq!(p.len(), 1);
-        assert!(p[0].starts_with("config: control_plane.ca_file: cannot read /nonexistent/ca.pem: "), "{p:?}");
+        assert!(
+            p[0].starts_with("config: control_plane.ca_file: cannot read /nonexistent/ca.pem: "),
+            "{p:?}"
+        );
         std::fs::write(files.0.join("bad-nsk"), "secret-but-not-a-key").unwrap();
-        let p = problems(&format!("{base}, node_secret_key_file: {} }}", files.path("bad-nsk")));
+        let p = problems(&format!(
+            "{base}, node_secret_key_file: {} }}",
+            files.path("bad-nsk")
+        ));
         assert_eq!(
             p,
             [format!(
@@ -991,7 +1020,11 @@ metrics:
                 files.path("bad-nsk")
             )]
         );
-        assert!(problems(&format!("{base}, node_secret_key_file: {} }}", files.path("nsk"))).is_empty());
+        assert!(problems(&format!(
+            "{base}, node_secret_key_file: {} }}",
+            files.path("nsk")
+        ))
+        .is_empty());
         assert_eq!(
             problems(&format!("{base}, timeout: 0s }}")),
             ["config: control_plane.timeout must be > 0"]
@@ -1003,12 +1036,16 @@ metrics:
     #[test]
     fn a_local_endpoint_needs_the_control_plane_and_the_node_key() {
         let files = Files::new("local-needs");
-        let local = "metrics: { local_endpoint: { url: 'https://metrics.local/ingest', secret_key: k } }";
+        let local =
+            "metrics: { local_endpoint: { url: 'https://metrics.local/ingest', secret_key: k } }";
         assert_eq!(
             problems(local),
             ["metrics: config: local_endpoint: control_plane.url is required (the endpoint's credential is fetched from the control plane)"]
         );
-        let cp = format!("node_id: n1\ncontrol_plane: {{ url: 'https://cp', token_file: {} }}\n", files.path("token"));
+        let cp = format!(
+            "node_id: n1\ncontrol_plane: {{ url: 'https://cp', token_file: {} }}\n",
+            files.path("token")
+        );
         assert_eq!(
             problems(&format!("{cp}{local}")),
             ["metrics: config: local_endpoint: control_plane.node_secret_key_file is required (it decrypts the endpoint's credential)"]
@@ -1063,7 +1100,10 @@ metrics:
             "PLEXD_METRICS_METRICS_LOCAL_ENDPOINT_SECRET_KEY",
             "PLEXD_METRICS_METRICS_EBPF_INTERFACES",
         ] {
-            assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+            assert!(
+                names.iter().any(|n| n == want),
+                "{want} missing from {names:?}"
+            );
         }
         // One variable per leaf: sections themselves have none.
         assert!(!names.iter().any(|n| n == "PLEXD_METRICS_METRICS"));
@@ -1093,7 +1133,11 @@ metrics:
         assert_eq!(cfg.control_plane.url, "https://cp.example");
         assert_eq!(cfg.metrics.batch_size, 200);
         assert_eq!(cfg.metrics.collect_interval, Duration::from_secs(5));
-        assert_eq!(cfg.metrics.report_interval, Duration::from_secs(60), "from the file");
+        assert_eq!(
+            cfg.metrics.report_interval,
+            Duration::from_secs(60),
+            "from the file"
+        );
         assert_eq!(cfg.metrics.ebpf.interfaces, ["eth0", "wg0"]);
         let cfg = with_env(None, &[("PLEXD_METRICS_METRICS_EBPF_INTERFACES", "[a, b]")]).unwrap();
         assert_eq!(cfg.metrics.ebpf.interfaces, ["a", "b"]);
@@ -1111,20 +1155,37 @@ metrics:
         .unwrap_err();
         let lines = e.lines();
         assert_eq!(lines.len(), 2, "{lines:?}");
-        assert!(lines.iter().any(|l| l.starts_with("environment: PLEXD_METRICS_CONTROL_PLANE_TOKEN names no config key")), "{lines:?}");
-        assert!(lines.iter().any(|l| l.starts_with("environment: PLEXD_METRICS_METRICS_BATCHSIZE names no config key")), "{lines:?}");
+        assert!(
+            lines.iter().any(|l| l
+                .starts_with("environment: PLEXD_METRICS_CONTROL_PLANE_TOKEN names no config key")),
+            "{lines:?}"
+        );
+        assert!(
+            lines.iter().any(|l| l
+                .starts_with("environment: PLEXD_METRICS_METRICS_BATCHSIZE names no config key")),
+            "{lines:?}"
+        );
 
-        let e = with_env(Some("metrics: {}\n"), &[("PLEXD_METRICS_METRICS_BATCH_SIZE", "many")]).unwrap_err();
+        let e = with_env(
+            Some("metrics: {}\n"),
+            &[("PLEXD_METRICS_METRICS_BATCH_SIZE", "many")],
+        )
+        .unwrap_err();
         let text = e.to_string();
         assert!(text.contains("metrics.batch_size"), "{text}");
-        assert!(text.ends_with("(set by PLEXD_METRICS_METRICS_BATCH_SIZE)"), "{text}");
+        assert!(
+            text.ends_with("(set by PLEXD_METRICS_METRICS_BATCH_SIZE)"),
+            "{text}"
+        );
         let e = with_env(None, &[("PLEXD_METRICS_METRICS_REPORT_INTERVAL", "soon")]).unwrap_err();
         assert!(e.to_string().contains("invalid duration \"soon\""), "{e}");
     }
 
     #[test]
     fn a_dump_holds_no_secret() {
-        let cfg = Config::parse("metrics: { local_endpoint: { url: 'https://x', secret_key: hunter2 } }").unwrap();
+        let cfg =
+            Config::parse("metrics: { local_endpoint: { url: 'https://x', secret_key: hunter2 } }")
+                .unwrap();
         let dump = serde_json::to_string(&cfg).unwrap();
         assert!(!dump.contains("hunter2"), "{dump}");
     }

@@ -305,7 +305,10 @@ impl Manager {
             .await
             .is_err()
         {
-            warn!(component = "metrics", "reporter did not finish its background deliveries before shutdown");
+            warn!(
+                component = "metrics",
+                "reporter did not finish its background deliveries before shutdown"
+            );
         }
     }
 
@@ -339,7 +342,12 @@ impl Manager {
                         "metrics delivery recovered"
                     );
                 }
-                debug!(component = "metrics", points = sent, queued_points = queue.points, "batch accepted");
+                debug!(
+                    component = "metrics",
+                    points = sent,
+                    queued_points = queue.points,
+                    "batch accepted"
+                );
                 *failures = 0;
                 None
             }
@@ -369,7 +377,9 @@ impl Manager {
                 }
             },
         };
-        self.stats.queued.store(queue.points as u64, Ordering::Relaxed);
+        self.stats
+            .queued
+            .store(queue.points as u64, Ordering::Relaxed);
         outcome
     }
 
@@ -377,7 +387,11 @@ impl Manager {
         queue.push(points, self.cfg.batch_limit());
         let dropped = queue.trim(head_in_flight);
         if dropped > 0 {
-            let total = self.stats.dropped.fetch_add(dropped as u64, Ordering::Relaxed) + dropped as u64;
+            let total = self
+                .stats
+                .dropped
+                .fetch_add(dropped as u64, Ordering::Relaxed)
+                + dropped as u64;
             warn!(
                 component = "metrics",
                 dropped,
@@ -386,7 +400,9 @@ impl Manager {
                 "retry queue full; dropped the oldest points (raise metrics.queue.max_points to keep more)"
             );
         }
-        self.stats.queued.store(queue.points as u64, Ordering::Relaxed);
+        self.stats
+            .queued
+            .store(queue.points as u64, Ordering::Relaxed);
     }
 
     /// Runs every collector once, side by side, and returns their points. A failing
@@ -682,7 +698,10 @@ mod tests {
     }
 
     fn ns(batch: &[MetricPoint]) -> Vec<u64> {
-        batch.iter().map(|p| p.data["n"].as_u64().unwrap()).collect()
+        batch
+            .iter()
+            .map(|p| p.data["n"].as_u64().unwrap())
+            .collect()
     }
 
     fn secs(s: f64) -> Duration {
@@ -700,7 +719,10 @@ mod tests {
         for (lo, hi) in [(0.5, 1.0), (1.0, 2.0), (2.0, 4.0)] {
             let retry = h.attempts.recv().await.unwrap();
             let waited = retry.at - previous;
-            assert!(waited >= secs(lo) && waited <= secs(hi), "{waited:?} not in [{lo}, {hi}]");
+            assert!(
+                waited >= secs(lo) && waited <= secs(hi),
+                "{waited:?} not in [{lo}, {hi}]"
+            );
             assert_eq!(retry.key, first.key, "the key is kept across retries");
             assert_eq!(ns(&retry.batch), [1, 2], "the same points, not newer ones");
             previous = retry.at;
@@ -731,7 +753,10 @@ mod tests {
             );
         }
         assert!(
-            waits.iter().enumerate().any(|(i, w)| *w != secs(2f64.powi(i as i32).min(10.0))),
+            waits
+                .iter()
+                .enumerate()
+                .any(|(i, w)| *w != secs(2f64.powi(i as i32).min(10.0))),
             "jitter varies the waits: {waits:?}"
         );
     }
@@ -839,7 +864,10 @@ mod tests {
         assert_eq!(flushed.key, failed.key, "the failed batch first");
         assert_eq!(ns(&flushed.batch), [1, 2]);
         assert!(flushed.accepted);
-        assert!(h.attempts.recv().await.is_none(), "nothing else was buffered");
+        assert!(
+            h.attempts.recv().await.is_none(),
+            "nothing else was buffered"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -272,8 +272,12 @@ impl TestControlPlane {
                         Err(_) => continue,
                     },
                 };
-                let (state, acceptor, sender, stop) =
-                    (state.clone(), acceptor.clone(), sender.clone(), stop.clone());
+                let (state, acceptor, sender, stop) = (
+                    state.clone(),
+                    acceptor.clone(),
+                    sender.clone(),
+                    stop.clone(),
+                );
                 tokio::spawn(async move {
                     let conn_stop = stop.clone();
                     let service = hyper::service::service_fn(move |req| {
@@ -451,7 +455,12 @@ async fn handle(
     let token = state.token.lock().unwrap().clone();
     if let Some(token) = token {
         let wanted = format!("Bearer {token}");
-        if parts.headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(&wanted) {
+        if parts
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            != Some(&wanted)
+        {
             recorded.status = 401;
             let _ = sender.send(recorded);
             return Ok(answer(401, "invalid bearer token\nsecond line"));

@@ -47,6 +47,26 @@ pub fn require_privileges() -> bool {
     false
 }
 
+/// The agent binary of this build: `PLEXD_METRICS_BIN` when set (`cargo xtask test` sets
+/// it), else the one cargo built next to the test executable.
+pub fn agent_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("PLEXD_METRICS_BIN") {
+        return bin.into();
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps")
+        .join("plexd-metrics");
+    assert!(
+        bin.is_file(),
+        "{} not built; run `cargo xtask test` or `cargo build -p plexd-metrics` first",
+        bin.display()
+    );
+    bin
+}
+
 /// A short name that is unique across this machine's concurrent test runs.
 ///
 /// Interface names are limited to 15 bytes, so this stays well below that: `prefix` should be

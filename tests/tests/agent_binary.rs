@@ -3,14 +3,13 @@
 //! buffer on SIGTERM and leaving nothing attached behind it.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use plexd_metrics::api::MetricPoint;
 use plexd_metrics_tests::{
-    ours, quiet_namespaces, require_privileges, tc_state, NetNs, UdpFlow, VethPair,
+    agent_binary, ours, quiet_namespaces, require_privileges, tc_state, NetNs, UdpFlow, VethPair,
 };
 
 const PACKETS: u64 = 25;
@@ -20,26 +19,6 @@ const FRAME: u64 = 14 + 20 + 8 + PAYLOAD as u64;
 const PORT: u16 = 40_001;
 /// Bound on waiting for the agent's log lines; the first collect comes after 5 s.
 const LOG_DEADLINE: Duration = Duration::from_secs(30);
-
-/// The agent binary built next to this test (`cargo xtask test` builds it first and names it
-/// in PLEXD_METRICS_BIN).
-fn agent_binary() -> PathBuf {
-    if let Some(bin) = std::env::var_os("PLEXD_METRICS_BIN") {
-        return bin.into();
-    }
-    let exe = std::env::current_exe().expect("test executable path");
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>/deps")
-        .join("plexd-metrics");
-    assert!(
-        bin.is_file(),
-        "{} not built; run `cargo xtask test` or `cargo build -p plexd-metrics` first",
-        bin.display()
-    );
-    bin
-}
 
 /// The agent running in a namespace, its stderr forwarded line by line.
 struct RunningAgent {

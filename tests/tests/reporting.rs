@@ -49,7 +49,10 @@ fn point(group: &str, peer: &str, n: u64) -> MetricPoint {
 }
 
 fn ns(points: &[MetricPoint]) -> Vec<u64> {
-    points.iter().map(|p| p.data["n"].as_u64().unwrap()).collect()
+    points
+        .iter()
+        .map(|p| p.data["n"].as_u64().unwrap())
+        .collect()
 }
 
 #[tokio::test]
@@ -70,14 +73,21 @@ async fn the_wire_format_is_the_api_contract() {
     assert_eq!(r.header("authorization"), Some("Bearer s3cret-token"));
     assert_eq!(r.header("idempotency-key"), Some(key.to_string().as_str()));
     let agent = r.header("user-agent").unwrap();
-    assert_eq!(agent, format!("plexd-metrics/{}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        agent,
+        format!("plexd-metrics/{}", env!("CARGO_PKG_VERSION"))
+    );
 
     let json = r.json();
     let array = json.as_array().expect("a JSON array");
     assert_eq!(array.len(), 2);
     let system = array[0].as_object().unwrap();
     let keys: Vec<&str> = system.keys().map(String::as_str).collect();
-    assert_eq!(keys, ["timestamp", "group", "data"], "no peer_id on host points");
+    assert_eq!(
+        keys,
+        ["timestamp", "group", "data"],
+        "no peer_id on host points"
+    );
     let ts = system["timestamp"].as_str().unwrap();
     assert!(ts.ends_with('Z'));
     chrono::DateTime::parse_from_rfc3339(ts).unwrap();
@@ -101,7 +111,10 @@ async fn plain_http_to_loopback_and_a_base_path_work() {
         .unwrap();
     let r = server.next(SOON).await;
     assert_eq!(r.path, "/api/v1/nodes/node%2F1/metrics");
-    assert!(Uuid::parse_str(r.key().unwrap()).is_ok(), "a fresh UUID per batch");
+    assert!(
+        Uuid::parse_str(r.key().unwrap()).is_ok(),
+        "a fresh UUID per batch"
+    );
 }
 
 #[tokio::test]
@@ -186,7 +199,13 @@ async fn tls_failures_say_what_to_set() {
         .await
         .unwrap_err()
         .to_string();
-    assert!(e.starts_with(&format!("control plane {}/v1/nodes/n/metrics: ", server.url())), "{e}");
+    assert!(
+        e.starts_with(&format!(
+            "control plane {}/v1/nodes/n/metrics: ",
+            server.url()
+        )),
+        "{e}"
+    );
     assert!(e.contains("UnknownIssuer"), "{e}");
     assert!(e.contains("set control_plane.ca_file"), "{e}");
     assert!(server.try_next().is_none(), "no request got through");
@@ -202,7 +221,10 @@ async fn tls_failures_say_what_to_set() {
     // A CA file that is no certificate is named when the client is built.
     cfg.ca_file = Some(dir.write("bad.pem", "not a certificate"));
     let e = ControlPlaneReporter::new(&cfg).unwrap_err().to_string();
-    assert!(e.contains("control_plane.ca_file") && e.contains("bad.pem"), "{e}");
+    assert!(
+        e.contains("control_plane.ca_file") && e.contains("bad.pem"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -242,7 +264,10 @@ async fn a_hanging_control_plane_ends_at_the_timeout() {
         .await
         .unwrap_err();
     assert_eq!(classify(&e), Failure::Retry { after: None });
-    assert!(e.to_string().ends_with("no answer within 300ms (timeout)"), "{e}");
+    assert!(
+        e.to_string().ends_with("no answer within 300ms (timeout)"),
+        "{e}"
+    );
 }
 
 /// Emits `per_cycle` points per collect, numbered from 1 across cycles.
@@ -436,7 +461,11 @@ async fn failures_and_an_outage_lose_nothing_and_keep_order() {
     while let Some(r) = server.try_next() {
         ledger.record(r);
     }
-    let delivered: Vec<u64> = ledger.accepted.iter().flat_map(|(_, n)| n.clone()).collect();
+    let delivered: Vec<u64> = ledger
+        .accepted
+        .iter()
+        .flat_map(|(_, n)| n.clone())
+        .collect();
     assert_eq!(
         delivered,
         (1..=delivered.len() as u64).collect::<Vec<_>>(),
@@ -509,7 +538,11 @@ async fn the_local_endpoint_gets_plain_json_with_the_decrypted_credential_cached
         assert_eq!(r.header("authorization"), Some("Bearer l0cal-bearer"));
         assert_eq!(r.points(), batch);
     }
-    assert_eq!(s.secret_fetches().await, 1, "the second report used the cache");
+    assert_eq!(
+        s.secret_fetches().await,
+        1,
+        "the second report used the cache"
+    );
 }
 
 #[tokio::test]
@@ -519,10 +552,13 @@ async fn an_expired_credential_is_fetched_again_and_a_stale_one_beats_none() {
     let batch = [point("system", "", 1)];
     local.report_metrics("node-1", &batch).await.unwrap();
     local.report_metrics("node-1", &batch).await.unwrap();
-    assert_eq!(s.secret_fetches().await, 2, "TTL zero: every report fetches");
+    assert_eq!(
+        s.secret_fetches().await,
+        2,
+        "TTL zero: every report fetches"
+    );
 
-    s.cp
-        .set_secret_behaviour(Some(Behaviour::Status(500, "vault sealed".into())));
+    s.cp.set_secret_behaviour(Some(Behaviour::Status(500, "vault sealed".into())));
     local.report_metrics("node-1", &batch).await.unwrap();
     let last = {
         let mut last = None;
@@ -531,7 +567,11 @@ async fn an_expired_credential_is_fetched_again_and_a_stale_one_beats_none() {
         }
         last.unwrap()
     };
-    assert_eq!(last.header("authorization"), Some("Bearer l0cal-bearer"), "stale token");
+    assert_eq!(
+        last.header("authorization"),
+        Some("Bearer l0cal-bearer"),
+        "stale token"
+    );
 
     // A fresh reporter has nothing cached: no POST at all.
     let fresh = s.reporter();
@@ -540,9 +580,15 @@ async fn an_expired_credential_is_fetched_again_and_a_stale_one_beats_none() {
         .await
         .unwrap_err()
         .to_string();
-    assert!(e.starts_with("local endpoint: no credential for secret \"local-metrics-token\""), "{e}");
+    assert!(
+        e.starts_with("local endpoint: no credential for secret \"local-metrics-token\""),
+        "{e}"
+    );
     assert!(e.contains("500"), "{e}");
-    assert!(s.local.try_next().is_none(), "nothing was posted without a token");
+    assert!(
+        s.local.try_next().is_none(),
+        "nothing was posted without a token"
+    );
 }
 
 #[tokio::test]
@@ -551,8 +597,10 @@ async fn multi_reporter_returns_the_control_planes_result_only() {
     let multi = MultiReporter::new(s.control_plane.clone(), Arc::new(s.reporter()));
     let batch = [point("agent", "", 1)];
     s.cp.script([Behaviour::Status(503, "maintenance".into())]);
-    s.local
-        .script([Behaviour::Accept, Behaviour::Status(500, "disk full".into())]);
+    s.local.script([
+        Behaviour::Accept,
+        Behaviour::Status(500, "disk full".into()),
+    ]);
 
     // Control plane fails, local succeeds: the error is the control plane's.
     let e = multi.report_metrics("node-1", &batch).await.unwrap_err();

@@ -251,7 +251,8 @@ mod tests {
 
     #[tokio::test]
     async fn delivery_figures_are_extra_keys() {
-        let c = AgentStatsCollector::new(Instant::now(), None, None).with_delivery(Arc::new(Delivery));
+        let c =
+            AgentStatsCollector::new(Instant::now(), None, None).with_delivery(Arc::new(Delivery));
         let d = &c.collect(&CancellationToken::new()).await.unwrap()[0].data;
         assert_eq!(d["queued_points"], 40);
         assert_eq!(d["dropped_points"], 12);

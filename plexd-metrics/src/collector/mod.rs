@@ -9,8 +9,8 @@ mod system;
 mod tunnel;
 
 pub use agent::{
-    AgentStats, AgentStatsCollector, DeliveryCounters, DeliveryTotals, KernelCounters, KernelTotals,
-    ReconnectCounter,
+    AgentStats, AgentStatsCollector, DeliveryCounters, DeliveryTotals, KernelCounters,
+    KernelTotals, ReconnectCounter,
 };
 pub use system::{SystemCollector, SystemReader, SystemStats};
 pub use tunnel::{TunnelCollector, TunnelStats, TunnelStatsReader};

@@ -41,7 +41,9 @@ impl ControlPlaneReporter {
             ReportError::Setup(format!("control_plane.url {:?} is invalid: {e}", cfg.url))
         })?;
         let token = cfg.token_file.clone().ok_or_else(|| {
-            ReportError::Setup("control_plane.token_file is required when control_plane.url is set".into())
+            ReportError::Setup(
+                "control_plane.token_file is required when control_plane.url is set".into(),
+            )
         })?;
         let tls = TlsSettings {
             ca_file: cfg.ca_file.clone(),
@@ -78,18 +80,24 @@ impl ControlPlaneReporter {
     }
 
     fn bearer(&self, token: &SecretString) -> Result<HeaderValue, ReportError> {
-        let mut value = HeaderValue::from_str(&format!("Bearer {}", token.expose())).map_err(|_| {
-            ReportError::Setup(format!(
+        let mut value =
+            HeaderValue::from_str(&format!("Bearer {}", token.expose())).map_err(|_| {
+                ReportError::Setup(format!(
                 "control_plane.token_file: {} holds characters that cannot go into an HTTP header",
                 self.token.path().display()
             ))
-        })?;
+            })?;
         // Keeps the value out of reqwest's and hyper's Debug output.
         value.set_sensitive(true);
         Ok(value)
     }
 
-    async fn post(&self, node_id: &str, key: Uuid, batch: &[MetricPoint]) -> Result<(), ReportError> {
+    async fn post(
+        &self,
+        node_id: &str,
+        key: Uuid,
+        batch: &[MetricPoint],
+    ) -> Result<(), ReportError> {
         let url = self.metrics_url(node_id);
         let body = gzip_json(batch)
             .map_err(|e| ReportError::Setup(format!("cannot encode the batch: {e}")))?;

@@ -154,13 +154,14 @@ impl LocalReporter {
 impl MetricReporter for LocalReporter {
     async fn report_metrics(&self, _node_id: &str, batch: &[MetricPoint]) -> Result<(), BoxError> {
         let token = self.credential().await?;
-        let mut auth = HeaderValue::from_str(&format!("Bearer {}", token.expose())).map_err(|_| {
-            ReportError::Credential {
+        let mut auth = HeaderValue::from_str(&format!("Bearer {}", token.expose())).map_err(
+            |_| ReportError::Credential {
                 key: self.secret_key.clone(),
-                cause: "the decrypted credential holds characters that cannot go into an HTTP header"
-                    .into(),
-            }
-        })?;
+                cause:
+                    "the decrypted credential holds characters that cannot go into an HTTP header"
+                        .into(),
+            },
+        )?;
         auth.set_sensitive(true);
         let body = serde_json::to_vec(batch)?;
         let response = self
@@ -245,7 +246,11 @@ mod tests {
         assert_eq!(r.credential().await.unwrap().expose(), "one");
         tokio::time::advance(CREDENTIAL_TTL - Duration::from_secs(1)).await;
         assert_eq!(r.credential().await.unwrap().expose(), "one");
-        assert_eq!(script.calls.load(Ordering::SeqCst), 1, "served from the cache");
+        assert_eq!(
+            script.calls.load(Ordering::SeqCst),
+            1,
+            "served from the cache"
+        );
         tokio::time::advance(Duration::from_secs(1)).await;
         assert_eq!(r.credential().await.unwrap().expose(), "two");
         assert_eq!(script.calls.load(Ordering::SeqCst), 2);
@@ -294,7 +299,11 @@ mod tests {
         for c in callers {
             assert_eq!(c.await.unwrap(), "one");
         }
-        assert_eq!(script.calls.load(Ordering::SeqCst), 1, "double-checked cache");
+        assert_eq!(
+            script.calls.load(Ordering::SeqCst),
+            1,
+            "double-checked cache"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -305,8 +314,8 @@ mod tests {
             secret_key: "local-metrics-token".into(),
             ..LocalEndpointConfig::default()
         };
-        let r = LocalReporter::new(&cfg, script, NodeSecretKey::from_bytes([1; 32]), "node-1")
-            .unwrap();
+        let r =
+            LocalReporter::new(&cfg, script, NodeSecretKey::from_bytes([1; 32]), "node-1").unwrap();
         let err = r.credential().await.unwrap_err().to_string();
         assert!(err.contains("cannot decrypt the secret"), "{err}");
     }

@@ -198,7 +198,11 @@ mod tests {
             }
         );
         for code in [500, 502, 503, 301] {
-            assert_eq!(classify(&status(code)), Failure::Retry { after: None }, "{code}");
+            assert_eq!(
+                classify(&status(code)),
+                Failure::Retry { after: None },
+                "{code}"
+            );
         }
         assert_eq!(
             classify(&"anything else".into()),

@@ -135,23 +135,38 @@ mod tests {
     fn points(n: usize) -> Vec<MetricPoint> {
         (0..n)
             .map(|i| {
-                MetricPoint::new(chrono::Utc::now(), "agent", "", &serde_json::json!({"i": i}))
-                    .unwrap()
+                MetricPoint::new(
+                    chrono::Utc::now(),
+                    "agent",
+                    "",
+                    &serde_json::json!({"i": i}),
+                )
+                .unwrap()
             })
             .collect()
     }
 
     #[tokio::test]
     async fn only_the_platform_error_is_returned() {
-        for (platform_fails, local_fails) in [(false, false), (true, false), (false, true), (true, true)] {
+        for (platform_fails, local_fails) in
+            [(false, false), (true, false), (false, true), (true, true)]
+        {
             let (platform, mut p_rx) = fake(platform_fails, true);
             let (local, mut l_rx) = fake(local_fails, true);
             let multi = MultiReporter::new(platform, local);
             let result = multi.report_metrics("n", &points(3)).await;
-            assert_eq!(result.is_err(), platform_fails, "{platform_fails} {local_fails}");
+            assert_eq!(
+                result.is_err(),
+                platform_fails,
+                "{platform_fails} {local_fails}"
+            );
             multi.close().await;
             assert_eq!(p_rx.recv().await, Some(3));
-            assert_eq!(l_rx.recv().await, Some(3), "the local endpoint got the batch too");
+            assert_eq!(
+                l_rx.recv().await,
+                Some(3),
+                "the local endpoint got the batch too"
+            );
         }
     }
 
@@ -164,7 +179,10 @@ mod tests {
             multi.report_metrics("n", &points(n)).await.unwrap();
             assert_eq!(p_rx.recv().await, Some(n));
         }
-        assert!(l_rx.try_recv().is_err(), "the local endpoint has answered nothing yet");
+        assert!(
+            l_rx.try_recv().is_err(),
+            "the local endpoint has answered nothing yet"
+        );
         local.gate.add_permits(1000);
         multi.close().await;
         let local_order: Vec<usize> = std::iter::from_fn(|| l_rx.try_recv().ok()).collect();
@@ -183,6 +201,9 @@ mod tests {
         assert_eq!(platform_got, LOCAL_BACKLOG + 3);
         local.gate.add_permits(1000);
         multi.close().await;
-        assert_eq!(std::iter::from_fn(|| l_rx.try_recv().ok()).count(), LOCAL_BACKLOG);
+        assert_eq!(
+            std::iter::from_fn(|| l_rx.try_recv().ok()).count(),
+            LOCAL_BACKLOG
+        );
     }
 }
