@@ -26,7 +26,12 @@ struct Agent {
 impl Agent {
     fn start(config: &std::path::Path, env: &[(&str, String)]) -> Self {
         let mut child = Command::new(agent_binary())
-            .args(["--log-level", "plexd_metrics=debug,info", "--log-format", "json"])
+            .args([
+                "--log-level",
+                "plexd_metrics=debug,info",
+                "--log-format",
+                "json",
+            ])
             .arg("--config")
             .arg(config)
             .env_remove("RUST_LOG")
@@ -54,7 +59,10 @@ impl Agent {
     }
 
     fn note(&mut self, event: &serde_json::Value) {
-        assert_ne!(event["level"], "ERROR", "the agent logged an error: {event}");
+        assert_ne!(
+            event["level"], "ERROR",
+            "the agent logged an error: {event}"
+        );
         if event["target"]
             .as_str()
             .is_some_and(|t| t.starts_with("plexd_metrics"))
@@ -167,7 +175,10 @@ fn every_collected_point_arrives_once_in_order_across_an_outage() {
     server.come_back();
     server.set_default(Behaviour::Accept);
     let recovered = agent.wait_for("metrics delivery recovered", 1);
-    assert!(recovered["reconnect_count"].as_u64().unwrap() >= 1, "{recovered}");
+    assert!(
+        recovered["reconnect_count"].as_u64().unwrap() >= 1,
+        "{recovered}"
+    );
     assert!(
         agent.collected.len() >= outage_cycle,
         "cycles went on during the outage"
@@ -262,7 +273,10 @@ fn check_config_reports_env_errors_and_prints_no_secret() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(all.contains("node_secret_key_file"), "{all}");
-    assert!(all.contains(&nsk.display().to_string()), "names the file: {all}");
+    assert!(
+        all.contains(&nsk.display().to_string()),
+        "names the file: {all}"
+    );
     for secret in ["very-secret-token", "not a key but still secret"] {
         assert!(!all.contains(secret), "{all}");
     }

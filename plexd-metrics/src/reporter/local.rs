@@ -154,14 +154,15 @@ impl LocalReporter {
 impl MetricReporter for LocalReporter {
     async fn report_metrics(&self, _node_id: &str, batch: &[MetricPoint]) -> Result<(), BoxError> {
         let token = self.credential().await?;
-        let mut auth = HeaderValue::from_str(&format!("Bearer {}", token.expose())).map_err(
-            |_| ReportError::Credential {
+        let mut auth =
+            HeaderValue::from_str(&format!("Bearer {}", token.expose())).map_err(|_| {
+                ReportError::Credential {
                 key: self.secret_key.clone(),
                 cause:
                     "the decrypted credential holds characters that cannot go into an HTTP header"
                         .into(),
-            },
-        )?;
+            }
+            })?;
         auth.set_sensitive(true);
         let body = serde_json::to_vec(batch)?;
         let response = self

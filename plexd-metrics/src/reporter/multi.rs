@@ -1,5 +1,6 @@
 //! The spec's `MultiReporter`: every batch to the control plane and to the local endpoint.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -16,6 +17,9 @@ use crate::collector::BoxError;
 /// further behind (it hangs until its timeout on every batch) misses batches, with a
 /// warning, instead of holding an ever-growing pile of them in memory.
 pub const LOCAL_BACKLOG: usize = 16;
+/// Keys of batches already handed to the local endpoint that are remembered, so that the
+/// control plane's retries of a batch do not send it to the local endpoint again.
+const REMEMBERED_KEYS: usize = 1024;
 
 /// Sends each batch to a primary reporter (the control plane) and a local one.
 ///
@@ -29,6 +33,7 @@ pub struct MultiReporter {
     local: Arc<dyn MetricReporter>,
     last_local: Mutex<Option<JoinHandle<()>>>,
     local_backlog: Arc<AtomicUsize>,
+    local_keys: Mutex<VecDeque<Uuid>>,
 }
 
 impl MultiReporter {
@@ -40,7 +45,21 @@ impl MultiReporter {
             local,
             last_local: Mutex::new(None),
             local_backlog: Arc::new(AtomicUsize::new(0)),
+            local_keys: Mutex::new(VecDeque::new()),
         }
+    }
+
+    /// Whether the batch with `key` goes to the local endpoint: only on its first attempt.
+    fn first_attempt(&self, key: Uuid) -> bool {
+        let mut keys = self.local_keys.lock().unwrap_or_else(|p| p.into_inner());
+        if keys.contains(&key) {
+            return false;
+        }
+        if keys.len() == REMEMBERED_KEYS {
+            keys.pop_front();
+        }
+        keys.push_back(key);
+        true
     }
 
     fn start_local(&self, node_id: &str, batch: &[MetricPoint]) {
@@ -83,7 +102,9 @@ impl MetricReporter for MultiReporter {
         key: Uuid,
         batch: &[MetricPoint],
     ) -> Result<(), BoxError> {
-        self.start_local(node_id, batch);
+        if self.first_attempt(key) {
+            self.start_local(node_id, batch);
+        }
         self.platform.report_batch(node_id, key, batch).await
     }
 
@@ -187,6 +208,25 @@ mod tests {
         multi.close().await;
         let local_order: Vec<usize> = std::iter::from_fn(|| l_rx.try_recv().ok()).collect();
         assert_eq!(local_order, [1, 2, 3], "in order, and all awaited by close");
+    }
+
+    #[tokio::test]
+    async fn retries_of_a_batch_go_to_the_local_endpoint_once() {
+        let (platform, mut p_rx) = fake(true, true);
+        let (local, mut l_rx) = fake(false, true);
+        let multi = MultiReporter::new(platform, local);
+        let key = Uuid::new_v4();
+        for _ in 0..3 {
+            assert!(multi.report_batch("n", key, &points(2)).await.is_err());
+        }
+        multi
+            .report_batch("n", Uuid::new_v4(), &points(5))
+            .await
+            .ok();
+        multi.close().await;
+        assert_eq!(std::iter::from_fn(|| p_rx.try_recv().ok()).count(), 4);
+        let local_got: Vec<usize> = std::iter::from_fn(|| l_rx.try_recv().ok()).collect();
+        assert_eq!(local_got, [2, 5]);
     }
 
     #[tokio::test]
