@@ -813,6 +813,55 @@ mod tests {
         );
     }
 
+    fn numbered(range: std::ops::RangeInclusive<u64>) -> Vec<MetricPoint> {
+        range
+            .map(|n| {
+                MetricPoint::new(
+                    chrono::Utc::now(),
+                    "system",
+                    "",
+                    &serde_json::json!({"n": n}),
+                )
+                .unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_queue_trims_from_the_oldest_but_never_the_batch_in_flight() {
+        let mut q = RetryQueue::new(5);
+        q.push(numbered(1..=3), 3);
+        q.push(numbered(4..=6), 3);
+        let (head, second) = (q.batches[0].key, q.batches[1].key);
+        assert_eq!(q.trim(true), 1, "one point over the bound");
+        assert_eq!(ns(&q.batches[0].points), [1, 2, 3], "the head is in flight");
+        assert_eq!(ns(&q.batches[1].points), [5, 6]);
+        assert_eq!(q.batches[1].key, second, "a trimmed batch keeps its key");
+        q.push(numbered(7..=9), 3);
+        assert_eq!(q.trim(false), 3);
+        assert_ne!(q.batches[0].key, head);
+        assert_eq!(
+            q.batches
+                .iter()
+                .flat_map(|b| ns(&b.points))
+                .collect::<Vec<_>>(),
+            [5, 6, 7, 8, 9]
+        );
+        assert_eq!(q.points, 5);
+    }
+
+    #[test]
+    fn a_long_retry_after_wins_over_the_cap_up_to_its_limit() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let cap = Duration::from_secs(10);
+        let asked = backoff(1, Some(Duration::from_secs(120)), cap, &mut rng);
+        assert_eq!(asked, Duration::from_secs(120));
+        let limited = backoff(1, Some(Duration::from_secs(3600)), cap, &mut rng);
+        assert_eq!(limited, RETRY_AFTER_LIMIT);
+        let huge = backoff(u32::MAX, None, cap, &mut rng);
+        assert!(huge <= cap && huge >= cap / 2, "{huge:?}");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_refused_batch_is_dropped_counted_and_not_retried() {
         let c = Counting::new("system");
