@@ -5,10 +5,12 @@
 //! [`crate::manager::Manager`] are tested with fakes and without privileges.
 
 mod agent;
+mod latency;
 mod system;
 mod tunnel;
 
 pub use agent::{AgentStats, AgentStatsCollector, KernelCounters, KernelTotals, ReconnectCounter};
+pub use latency::{LatencyCollector, LatencyResult, LatencySettings, PeerLister, Pinger};
 pub use system::{SystemCollector, SystemReader, SystemStats};
 pub use tunnel::{TunnelCollector, TunnelStats, TunnelStatsReader};
 
