@@ -8,6 +8,8 @@
 //! plain `cargo test` without root skips them loudly; `cargo xtask test` sets
 //! `PLEXD_METRICS_REQUIRE_PRIVILEGED=1`, which turns a skip into a failure.
 
+pub mod targets;
+
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Write as _};

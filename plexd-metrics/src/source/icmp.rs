@@ -315,6 +315,15 @@ impl IcmpPinger {
         }
     }
 
+    /// Probes waiting for an answer right now, over both families.
+    pub fn in_flight(&self) -> usize {
+        [Family::V4, Family::V6]
+            .iter()
+            .filter_map(|f| self.endpoint(*f).ok())
+            .map(|ep| ep.lock().waiters.len())
+            .sum()
+    }
+
     /// Reopens a family whose socket failed or went bad (its interface was recreated, say),
     /// in the calling thread's namespace. Errors only when no family works afterwards.
     pub fn reopen_broken(&self) -> Result<(), IcmpError> {
