@@ -7,14 +7,19 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::api::MetricBatch;
-use crate::collector::{AgentStatsCollector, Collector, KernelCounters, SystemCollector};
+use crate::collector::{
+    AgentStatsCollector, Collector, KernelCounters, LatencyCollector, LatencySettings,
+    SystemCollector,
+};
 use crate::config::Config;
 use crate::manager::{Manager, RunOutcome};
 use crate::reporter::{MetricReporter, StdoutReporter};
 use crate::source::ebpf::{default_route_interfaces, UnderlayProbe};
+use crate::source::icmp::{IcmpOptions, IcmpPinger};
+use crate::source::peers::{MeshPeers, MeshPinger};
 use crate::source::proc::LinuxSystemReader;
 
 /// Why the agent could not start. Every variant is a configuration or environment
@@ -60,10 +65,13 @@ impl Agent {
             None
         };
         let kernel = probe.clone().map(|p| p as Arc<dyn KernelCounters>);
-        let collectors: Vec<Arc<dyn Collector>> = vec![
+        let mut collectors: Vec<Arc<dyn Collector>> = vec![
             Arc::new(SystemCollector::new(reader)),
             Arc::new(AgentStatsCollector::new(started, None, kernel)),
         ];
+        if cfg.metrics.enabled && cfg.metrics.latency.enabled {
+            collectors.extend(latency_collector(cfg));
+        }
         let reporter: Arc<dyn MetricReporter> = Arc::new(StdoutReporter::new());
 
         Ok(Self {
@@ -106,6 +114,50 @@ impl Agent {
         let _ = signals.await;
         Ok(outcome)
     }
+}
+
+/// The `latency` collector, if there is anything to probe and a socket to probe it with.
+///
+/// The peers come from `metrics.latency.targets` for now; the WireGuard device's peers join
+/// them once the device reader is wired in. Must run inside the runtime: the pinger starts
+/// its receive tasks, which live as long as the collector.
+fn latency_collector(cfg: &Config) -> Option<Arc<dyn Collector>> {
+    let latency = &cfg.metrics.latency;
+    if latency.targets.is_empty() {
+        debug!(
+            component = "metrics",
+            "no metrics.latency.targets; the latency group is not collected"
+        );
+        return None;
+    }
+    let options = IcmpOptions {
+        interface: Some(latency.interface.clone()).filter(|i| !i.is_empty()),
+        ..IcmpOptions::default()
+    };
+    let icmp = match IcmpPinger::open(&options) {
+        Ok(icmp) => icmp,
+        Err(e) => {
+            error!(
+                component = "metrics",
+                error = %e,
+                "latency not measured (set metrics.latency.enabled: false to silence this)"
+            );
+            return None;
+        }
+    };
+    let peers = Arc::new(MeshPeers::new(None, latency.parsed_targets()));
+    let pinger = Arc::new(MeshPinger::new(peers.clone(), icmp));
+    info!(
+        component = "metrics",
+        targets = latency.targets.len(),
+        probes = latency.probes,
+        "latency collector enabled"
+    );
+    Some(Arc::new(LatencyCollector::new(
+        pinger,
+        peers,
+        LatencySettings::from_config(&cfg.metrics),
+    )))
 }
 
 fn attach_probe(cfg: &Config) -> Option<Arc<UnderlayProbe>> {

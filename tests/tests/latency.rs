@@ -525,3 +525,77 @@ fn medians_agree_with_fping_over_raw_sockets() {
     }
     agrees_with_fping(false);
 }
+
+/// The agent binary built next to this test (`cargo xtask test` names it in PLEXD_METRICS_BIN).
+fn agent_binary() -> std::path::PathBuf {
+    if let Some(bin) = std::env::var_os("PLEXD_METRICS_BIN") {
+        return bin.into();
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps")
+        .join("plexd-metrics");
+    assert!(
+        bin.is_file(),
+        "{} not built; run `cargo xtask test` or `cargo build -p plexd-metrics` first",
+        bin.display()
+    );
+    bin
+}
+
+#[test]
+fn the_agent_reports_latency_for_its_configured_targets() {
+    if !require_privileges() {
+        return;
+    }
+    let net = TargetNet::new(1, 1).expect("target network");
+    let dir = std::env::temp_dir().join(plexd_metrics_tests::unique_name("pml"));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "metrics:\n  collect_interval: 5s\n  report_interval: 10s\n  ebpf: {{ enabled: false }}\n  \
+             latency:\n    interface: {}\n    probes: 2\n    targets:\n      near: {}\n      near6: \"{}\"\n      down: {V4_UNREACHABLE}\n",
+            net.link, net.addresses[0], net.addresses[1]
+        ),
+    )
+    .expect("write config");
+    let out = Command::new("ip")
+        .args(["netns", "exec", net.pinger.name()])
+        .arg(agent_binary())
+        .args(["--once", "--log-format", "json", "--config"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run the agent");
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "agent failed: {stderr}");
+    let batch: Vec<MetricPoint> =
+        serde_json::from_slice(&out.stdout).expect("one JSON batch on stdout");
+    let latency: BTreeMap<&str, &MetricPoint> = batch
+        .iter()
+        .filter(|p| p.group == "latency")
+        .map(|p| (p.peer_id.as_str(), p))
+        .collect();
+    assert_eq!(latency.keys().copied().collect::<Vec<_>>(), ["down", "near", "near6"]);
+    for peer in ["near", "near6"] {
+        let p = latency[peer];
+        assert!(field(p, "rtt_nano") > 0, "{}", p.data);
+        assert_eq!(field(p, "probes_received"), 2, "{}", p.data);
+    }
+    assert_eq!(field(latency["down"], "rtt_nano"), -1);
+    let warning = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|e| e["fields"]["message"] == "latency ping failed" || e["message"] == "latency ping failed")
+        .unwrap_or_else(|| panic!("no warning for the down peer: {stderr}"));
+    assert_eq!(warning["level"], "WARN", "{warning}");
+    let text = warning.to_string();
+    assert!(text.contains("\"peer_id\":\"down\""), "{text}");
+    assert!(text.contains("\"component\":\"metrics\""), "{text}");
+    assert!(text.contains("host unreachable"), "{text}");
+}
