@@ -108,7 +108,19 @@ impl Agent {
                 cancel.cancel();
             }
         });
-        let outcome = self.manager.run(cancel.clone()).await;
+        // On a worker thread rather than the thread blocked in `block_on`: wake-ups between
+        // the collectors and the sockets' receive tasks then stay on the runtime's workers
+        // instead of crossing to another thread for every probe reply.
+        let Agent { manager, _probe } = self;
+        let manager = tokio::spawn({
+            let cancel = cancel.clone();
+            async move { manager.run(cancel).await }
+        });
+        let outcome = match manager.await {
+            Ok(outcome) => outcome,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => return Err(std::io::Error::other(e)),
+        };
         cancel.cancel();
         // The signal task ends as soon as the token is cancelled.
         let _ = signals.await;

@@ -376,8 +376,10 @@ impl<P: Pinger, L: PeerLister> Collector for LatencyCollector<P, L> {
             if next == total && in_flight.is_empty() {
                 break;
             }
-            let wake = (next < total)
-                .then(|| started + self.send_offset(next % peers.len(), next / peers.len(), peers.len()));
+            let wake = (next < total).then(|| {
+                let due = self.send_offset(next % peers.len(), next / peers.len(), peers.len());
+                started + round_up(due, SEND_TICK)
+            });
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => {
@@ -408,6 +410,17 @@ impl<P: Pinger, L: PeerLister> Collector for LatencyCollector<P, L> {
         }
         self.results(&peers, &rtts, &sent, |_| true, add_percentiles)
     }
+}
+
+/// Probes due within the same few milliseconds go out together: a large mesh then costs one
+/// wake-up per tick instead of one per probe, and the spread is still even at the scale of
+/// the cycle.
+const SEND_TICK: Duration = Duration::from_millis(4);
+
+fn round_up(d: Duration, tick: Duration) -> Duration {
+    let tick_ns = tick.as_nanos().max(1);
+    let ticks = d.as_nanos().div_ceil(tick_ns);
+    Duration::from_nanos(u64::try_from(ticks * tick_ns).unwrap_or(u64::MAX))
 }
 
 async fn sleep_until(at: Option<Instant>) {

@@ -777,6 +777,11 @@ fn stamp(payload: &[u8]) -> Option<(u64, u64, i64)> {
     Some((u(0..8), u(8..16), u(16..24) as i64))
 }
 
+/// How long the receive loop lets replies queue up before reading them. The round trip comes
+/// from the kernel's receive timestamp, so reading a little later does not change it; it only
+/// turns one wake-up and one empty read per reply into one per batch.
+const COALESCE: Duration = Duration::from_millis(4);
+
 async fn receive_loop(ep: Arc<Endpoint>) {
     let mut buf = vec![0u8; 2048];
     let mut cmsg = nix::cmsg_space!(libc::timespec, libc::sock_extended_err, libc::sockaddr_in6);
@@ -788,9 +793,8 @@ async fn receive_loop(ep: Arc<Endpoint>) {
                 return;
             }
         };
-        if ep.kind == SocketKind::Datagram {
-            while receive_error(&ep, &mut buf, &mut cmsg) {}
-        }
+        // Datagram sockets flag a queued ICMP error as an error condition.
+        let mut errors = guard.ready().is_error();
         loop {
             match receive_one(&ep, &mut buf, &mut cmsg) {
                 Ok(()) => {}
@@ -798,17 +802,19 @@ async fn receive_loop(ep: Arc<Endpoint>) {
                 Err(Errno::EINTR) => {}
                 // A pending socket error (IP_RECVERR) is reported once by a plain receive;
                 // the details wait in the error queue.
-                Err(_) if ep.kind == SocketKind::Datagram => {
-                    while receive_error(&ep, &mut buf, &mut cmsg) {}
-                }
+                Err(_) if ep.kind == SocketKind::Datagram => errors = true,
                 Err(e) => {
                     warn!(component = "metrics", family = ep.family.name(), error = %e, "ICMP receive failed");
                     break;
                 }
             }
         }
+        if errors && ep.kind == SocketKind::Datagram {
+            while receive_error(&ep, &mut buf, &mut cmsg) {}
+        }
         // Only clears if nothing arrived since `ready` returned, so no wake-up is lost.
         guard.clear_ready();
+        tokio::time::sleep(COALESCE).await;
     }
 }
 
