@@ -379,8 +379,7 @@ impl MetricsConfig {
                 ));
             }
         }
-        self.latency
-            .validate_into(self.collect_interval, problems);
+        self.latency.validate_into(self.collect_interval, problems);
     }
 }
 
@@ -717,7 +716,9 @@ metrics:
 
     #[test]
     fn disabled_latency_is_not_validated_and_unknown_latency_keys_are_named() {
-        assert!(problems("metrics: { latency: { enabled: false, probes: 0, timeout: 0s } }").is_empty());
+        assert!(
+            problems("metrics: { latency: { enabled: false, probes: 0, timeout: 0s } }").is_empty()
+        );
         let e = Config::parse("metrics: { latency: { probe: 3 } }").unwrap_err();
         assert!(e.contains("unknown field `probe`"), "{e}");
         let e = Config::parse("metrics: { latency: { timeout: soon } }").unwrap_err();

@@ -43,8 +43,21 @@ impl TargetNet {
         let link = unique_name("vp");
         let peer = unique_name("vt");
         run_ip(&[
-            "link", "add", &link, "address", "02:00:0a:ca:00:01", "netns", pinger.name(), "type",
-            "veth", "peer", "name", &peer, "address", "02:00:0a:ca:00:02", "netns",
+            "link",
+            "add",
+            &link,
+            "address",
+            "02:00:0a:ca:00:01",
+            "netns",
+            pinger.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer,
+            "address",
+            "02:00:0a:ca:00:02",
+            "netns",
             target.name(),
         ])?;
         for (ns, dev, me, other, mac) in [
@@ -54,10 +67,25 @@ impl TargetNet {
             // No duplicate address detection: the addresses are usable at once.
             ns.sysctl_net(&format!("ipv6/conf/{dev}/accept_dad"), "0")?;
             ns.ip(&["addr", "add", &format!("10.202.0.{me}/24"), "dev", dev])?;
-            ns.ip(&["addr", "add", &format!("fd02::{me}/64"), "dev", dev, "nodad"])?;
+            ns.ip(&[
+                "addr",
+                "add",
+                &format!("fd02::{me}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ])?;
             for other_ip in [format!("10.202.0.{other}"), format!("fd02::{other}")] {
                 ns.ip(&[
-                    "neigh", "replace", &other_ip, "lladdr", mac, "dev", dev, "nud", "permanent",
+                    "neigh",
+                    "replace",
+                    &other_ip,
+                    "lladdr",
+                    mac,
+                    "dev",
+                    dev,
+                    "nud",
+                    "permanent",
                 ])?;
             }
             ns.ip(&["link", "set", dev, "up"])?;
@@ -96,7 +124,16 @@ impl TargetNet {
             addresses.push(IpAddr::V4(a));
         }
         for i in 0..v6 {
-            let a = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, u16::try_from(i + 1).expect("fits"));
+            let a = Ipv6Addr::new(
+                0xfd77,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                u16::try_from(i + 1).expect("fits"),
+            );
             batch.push_str(&format!("addr add {a}/128 dev {dummy} nodad\n"));
             addresses.push(IpAddr::V6(a));
         }

@@ -70,7 +70,10 @@ fn collector(
 }
 
 fn named(addresses: &[IpAddr]) -> Vec<(String, IpAddr)> {
-    addresses.iter().map(|a| (format!("peer-{a}"), *a)).collect()
+    addresses
+        .iter()
+        .map(|a| (format!("peer-{a}"), *a))
+        .collect()
 }
 
 fn field(p: &MetricPoint, key: &str) -> i64 {
@@ -104,7 +107,10 @@ fn every_target_answers(allow_datagram: bool, want: SocketKind) {
         assert!(rtt > 0 && rtt < 50_000_000, "{name}: {}", p.data);
         assert!(field(p, "rtt_min_nano") <= rtt && rtt <= field(p, "rtt_max_nano"));
         assert!(field(p, "rtt_jitter_nano") >= 0);
-        assert_eq!((field(p, "probes_sent"), field(p, "probes_received")), (3, 3));
+        assert_eq!(
+            (field(p, "probes_sent"), field(p, "probes_received")),
+            (3, 3)
+        );
     }
     let stats = mesh.icmp().stats();
     assert_eq!(stats.replies, 3 * targets.len() as u64, "{stats:?}");
@@ -182,9 +188,7 @@ fn errors_end_probes_at_once(allow_datagram: bool, want: SocketKind) {
                 .expect("an ICMP error arrives well before the timeout");
             let took = start.elapsed();
             match outcome {
-                Err(IcmpError::Unreachable {
-                    addr: to, from, ..
-                }) => {
+                Err(IcmpError::Unreachable { addr: to, from, .. }) => {
                     assert_eq!(to, addr);
                     let router: IpAddr = if addr.is_ipv4() {
                         "10.202.0.2".parse().unwrap()
@@ -251,9 +255,15 @@ fn an_unreachable_peer_gets_minus_one_quickly_and_the_others_are_measured() {
         "the unreachable peer did not wait for the 1 s timeout: {:?}",
         start.elapsed()
     );
-    let down = points.iter().find(|p| p.peer_id == "down").expect("a point for the down peer");
+    let down = points
+        .iter()
+        .find(|p| p.peer_id == "down")
+        .expect("a point for the down peer");
     assert_eq!(field(down, "rtt_nano"), -1);
-    assert_eq!((field(down, "probes_sent"), field(down, "probes_received")), (1, 0));
+    assert_eq!(
+        (field(down, "probes_sent"), field(down, "probes_received")),
+        (1, 0)
+    );
     assert!(points
         .iter()
         .filter(|p| p.peer_id != "down")
@@ -368,20 +378,38 @@ fn duplicates_and_strays_are_ignored(allow_datagram: bool, want: SocketKind) {
     // Wait until the echoer's copies of the last probes have arrived too: both its replies
     // to every request are counted by the time it reports how many requests it saw.
     let echoed = echoer.finish();
-    assert_eq!(echoed, 3 * targets.len() as u64, "the echoer saw every request");
+    assert_eq!(
+        echoed,
+        3 * targets.len() as u64,
+        "the echoer saw every request"
+    );
     rt.block_on(async {
         while mesh.icmp().stats().late_or_duplicate + mesh.icmp().stats().stray < 2 * echoed {
             tokio::task::yield_now().await;
         }
     });
     for p in &points {
-        assert_eq!((field(p, "probes_sent"), field(p, "probes_received")), (3, 3), "{}", p.data);
+        assert_eq!(
+            (field(p, "probes_sent"), field(p, "probes_received")),
+            (3, 3),
+            "{}",
+            p.data
+        );
         assert!(field(p, "rtt_nano") > 0);
     }
     let stats = mesh.icmp().stats();
-    assert_eq!(stats.replies, echoed, "one reply per probe was taken: {stats:?}");
-    assert_eq!(stats.late_or_duplicate, echoed, "every duplicate was ignored: {stats:?}");
-    assert_eq!(stats.stray, echoed, "every forged reply was ignored: {stats:?}");
+    assert_eq!(
+        stats.replies, echoed,
+        "one reply per probe was taken: {stats:?}"
+    );
+    assert_eq!(
+        stats.late_or_duplicate, echoed,
+        "every duplicate was ignored: {stats:?}"
+    );
+    assert_eq!(
+        stats.stray, echoed,
+        "every forged reply was ignored: {stats:?}"
+    );
 }
 
 #[test]
@@ -404,11 +432,26 @@ fn duplicate_and_stray_replies_are_ignored_over_raw_sockets() {
 /// milliseconds (None for a lost probe) and a reader that tells when fping has started.
 fn fping(net: &TargetNet, targets: &[IpAddr], count: u32, period_ms: u32) -> std::process::Child {
     let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", net.pinger.name(), "fping", "-q", "-I", &net.link])
-        .args(["-C", &count.to_string(), "-p", &period_ms.to_string(), "-i", "1"])
-        .args(targets.iter().map(ToString::to_string))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "netns",
+        "exec",
+        net.pinger.name(),
+        "fping",
+        "-q",
+        "-I",
+        &net.link,
+    ])
+    .args([
+        "-C",
+        &count.to_string(),
+        "-p",
+        &period_ms.to_string(),
+        "-i",
+        "1",
+    ])
+    .args(targets.iter().map(ToString::to_string))
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
     cmd.spawn().expect("start fping")
 }
 
@@ -417,7 +460,10 @@ fn fping_results(child: std::process::Child) -> BTreeMap<IpAddr, Vec<Option<f64>
     let out = child.wait_with_output().expect("fping");
     let text = String::from_utf8_lossy(&out.stderr);
     let mut results = BTreeMap::new();
-    for line in BufReader::new(text.as_bytes()).lines().map_while(Result::ok) {
+    for line in BufReader::new(text.as_bytes())
+        .lines()
+        .map_while(Result::ok)
+    {
         let Some((addr, values)) = line.split_once(" : ") else {
             continue;
         };
@@ -465,7 +511,12 @@ fn another_pinger_at_the_same_time_does_not_disturb_either() {
         .expect("collect");
     let theirs = fping_results(other);
     for p in &points {
-        assert_eq!((field(p, "probes_sent"), field(p, "probes_received")), (5, 5), "{}", p.data);
+        assert_eq!(
+            (field(p, "probes_sent"), field(p, "probes_received")),
+            (5, 5),
+            "{}",
+            p.data
+        );
     }
     let stats = mesh.icmp().stats();
     assert!(
@@ -476,7 +527,10 @@ fn another_pinger_at_the_same_time_does_not_disturb_either() {
     for addr in &net.addresses {
         let got = &theirs[addr];
         assert_eq!(got.len(), 30);
-        assert!(got.iter().all(Option::is_some), "fping lost probes to {addr}: {got:?}");
+        assert!(
+            got.iter().all(Option::is_some),
+            "fping lost probes to {addr}: {got:?}"
+        );
     }
 }
 
@@ -581,7 +635,10 @@ fn the_agent_reports_latency_for_its_configured_targets() {
         .filter(|p| p.group == "latency")
         .map(|p| (p.peer_id.as_str(), p))
         .collect();
-    assert_eq!(latency.keys().copied().collect::<Vec<_>>(), ["down", "near", "near6"]);
+    assert_eq!(
+        latency.keys().copied().collect::<Vec<_>>(),
+        ["down", "near", "near6"]
+    );
     for peer in ["near", "near6"] {
         let p = latency[peer];
         assert!(field(p, "rtt_nano") > 0, "{}", p.data);
@@ -591,7 +648,9 @@ fn the_agent_reports_latency_for_its_configured_targets() {
     let warning = stderr
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|e| e["fields"]["message"] == "latency ping failed" || e["message"] == "latency ping failed")
+        .find(|e| {
+            e["fields"]["message"] == "latency ping failed" || e["message"] == "latency ping failed"
+        })
         .unwrap_or_else(|| panic!("no warning for the down peer: {stderr}"));
     assert_eq!(warning["level"], "WARN", "{warning}");
     let text = warning.to_string();

@@ -458,7 +458,12 @@ mod tests {
 
         let none = LatencyResult::from_samples("p", 3, &[]);
         assert_eq!(
-            (none.rtt_nano, none.rtt_min_nano, none.rtt_max_nano, none.rtt_jitter_nano),
+            (
+                none.rtt_nano,
+                none.rtt_min_nano,
+                none.rtt_max_nano,
+                none.rtt_jitter_nano
+            ),
             (-1, -1, -1, -1)
         );
     }
@@ -636,7 +641,11 @@ mod tests {
     async fn no_peers_is_an_empty_list_and_lister_or_prepare_errors_fail_the_cycle() {
         let pinger = Fake::new(&[]);
         let c = LatencyCollector::new(pinger.clone(), Peers(Ok(vec![])), settings(3));
-        assert!(c.collect(&CancellationToken::new()).await.unwrap().is_empty());
+        assert!(c
+            .collect(&CancellationToken::new())
+            .await
+            .unwrap()
+            .is_empty());
         assert_eq!(pinger.calls.load(Ordering::SeqCst), 0);
 
         let c = LatencyCollector::new(pinger, Peers(Err("wg0: no such device")), settings(3));
@@ -649,7 +658,10 @@ mod tests {
         });
         let c = LatencyCollector::new(pinger.clone(), Peers(Ok(vec!["a"])), settings(3));
         let e = c.collect(&CancellationToken::new()).await.unwrap_err();
-        assert_eq!(e.to_string(), "metrics: latency: cannot open an ICMP socket");
+        assert_eq!(
+            e.to_string(),
+            "metrics: latency: cannot open an ICMP socket"
+        );
         assert_eq!(pinger.calls.load(Ordering::SeqCst), 0);
     }
 

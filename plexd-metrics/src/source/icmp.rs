@@ -17,7 +17,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::io::IoSliceMut;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -242,6 +242,9 @@ struct Endpoint {
     pending: Mutex<Pending>,
     next_serial: AtomicU64,
     counters: Arc<Counters>,
+    /// Set when the bound interface went away: the socket stays bound to the old interface
+    /// index, so it has to be replaced (see [`IcmpPinger::reopen_broken`]).
+    broken: AtomicBool,
 }
 
 /// Aborts the receive task when the pinger goes, which closes the socket.
@@ -287,12 +290,17 @@ impl IcmpPinger {
                     interface = options.interface.as_deref().unwrap_or(""),
                     "latency probes ready"
                 ),
-                Err(e) => warn!(component = "metrics", family = family.name(), error = %e, "latency probes unavailable for this family"),
+                Err(e) => {
+                    warn!(component = "metrics", family = family.name(), error = %e, "latency probes unavailable for this family")
+                }
             }
         }
         Ok(Self {
             options: options.clone(),
-            slots: [Mutex::new(Slot { endpoint: v4 }), Mutex::new(Slot { endpoint: v6 })],
+            slots: [
+                Mutex::new(Slot { endpoint: v4 }),
+                Mutex::new(Slot { endpoint: v6 }),
+            ],
             cookie,
             counters,
         })
@@ -333,14 +341,19 @@ impl IcmpPinger {
             let mut slot = self.slots[family.index()]
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            let healthy = matches!(&slot.endpoint, Ok((_, task)) if !task.0.is_finished());
+            let healthy = matches!(&slot.endpoint,
+                Ok((ep, task)) if !task.0.is_finished() && !ep.broken.load(Ordering::Relaxed));
             if healthy {
                 working += 1;
                 continue;
             }
             match open_endpoint(family, &self.options, self.cookie, &self.counters) {
                 Ok(ep) => {
-                    info!(component = "metrics", family = family.name(), "latency socket reopened");
+                    info!(
+                        component = "metrics",
+                        family = family.name(),
+                        "latency socket reopened"
+                    );
                     slot.endpoint = Ok(ep);
                     working += 1;
                 }
@@ -466,13 +479,16 @@ fn open_endpoint(
 
     let mut ifindex = 0;
     if let Some(interface) = &options.interface {
-        setsockopt(&fd, sockopt::BindToDevice, &std::ffi::OsString::from(interface)).map_err(
-            |source| IcmpError::Bind {
-                family: family.name(),
-                interface: interface.clone(),
-                source,
-            },
-        )?;
+        setsockopt(
+            &fd,
+            sockopt::BindToDevice,
+            &std::ffi::OsString::from(interface),
+        )
+        .map_err(|source| IcmpError::Bind {
+            family: family.name(),
+            interface: interface.clone(),
+            source,
+        })?;
         ifindex = nix::net::if_::if_nametoindex(interface.as_str()).unwrap_or(0);
     }
     configure(&fd, family, kind).map_err(|e| IcmpError::Open {
@@ -485,8 +501,8 @@ fn open_endpoint(
     // its `as_raw_fd` always returns that same descriptor.
     let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::ERROR) }
         .map_err(|e| {
-            IcmpError::Closed(format!("cannot register the socket with the runtime: {e}"))
-        })?;
+        IcmpError::Closed(format!("cannot register the socket with the runtime: {e}"))
+    })?;
     let ep = Arc::new(Endpoint {
         fd,
         family,
@@ -500,6 +516,7 @@ fn open_endpoint(
         }),
         next_serial: AtomicU64::new(1),
         counters: counters.clone(),
+        broken: AtomicBool::new(false),
     });
     let task = tokio::spawn(receive_loop(ep.clone()));
     Ok((ep, ReceiveTask(task)))
@@ -514,7 +531,12 @@ fn new_socket(family: Family, kind: SocketKind) -> Result<OwnedFd, Errno> {
         SocketKind::Datagram => SockType::Datagram,
         SocketKind::Raw => SockType::Raw,
     };
-    socket(af, ty, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, proto)
+    socket(
+        af,
+        ty,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        proto,
+    )
 }
 
 fn describe_open_error(e: Errno, kind: SocketKind) -> String {
@@ -597,7 +619,11 @@ impl Endpoint {
     }
 
     /// Reserves a sequence number for a probe to `addr`.
-    fn register(&self, addr: IpAddr, tx: oneshot::Sender<Outcome>) -> Result<(u16, u64), IcmpError> {
+    fn register(
+        &self,
+        addr: IpAddr,
+        tx: oneshot::Sender<Outcome>,
+    ) -> Result<(u16, u64), IcmpError> {
         let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
         let mut pending = self.lock();
         let in_flight = pending.waiters.len();
@@ -676,7 +702,12 @@ impl Endpoint {
                     guard.clear_ready();
                 }
                 Err(Errno::EINTR) => {}
-                Err(source) => return Err(IcmpError::Send { addr, source }),
+                Err(source) => {
+                    if matches!(source, Errno::ENODEV | Errno::ENXIO) {
+                        self.broken.store(true, Ordering::Relaxed);
+                    }
+                    return Err(IcmpError::Send { addr, source });
+                }
             }
         }
     }
@@ -729,9 +760,8 @@ impl Endpoint {
         let waiter = {
             let mut pending = self.lock();
             let serial_matches = |w: &Waiter| {
-                stamp(&error.payload).is_none_or(|(cookie, serial, _)| {
-                    cookie == self.cookie && serial == w.serial
-                })
+                stamp(&error.payload)
+                    .is_none_or(|(cookie, serial, _)| cookie == self.cookie && serial == w.serial)
             };
             match pending.waiters.get(&error.seq) {
                 Some(w) if w.addr == error.to && serial_matches(w) => {
@@ -825,7 +855,7 @@ fn realtime_nanos() -> i64 {
 }
 
 /// Reads one packet from the normal queue and dispatches it.
-fn receive_one(ep: &Endpoint, buf: &mut [u8], cmsg: &mut Vec<u8>) -> Result<(), Errno> {
+fn receive_one(ep: &Endpoint, buf: &mut [u8], cmsg: &mut [u8]) -> Result<(), Errno> {
     let fd = ep.fd.get_ref().as_fd().as_raw_fd();
     let (len, from, received_ns) = {
         let mut iov = [IoSliceMut::new(buf)];
@@ -924,41 +954,51 @@ fn quoted_request(family: Family, quoted: &[u8]) -> Option<(IpAddr, u16, u16, &[
 }
 
 /// Reads one message from a datagram socket's error queue; `false` when it is empty.
-fn receive_error(ep: &Endpoint, buf: &mut [u8], cmsg: &mut Vec<u8>) -> bool {
+fn receive_error(ep: &Endpoint, buf: &mut [u8], cmsg: &mut [u8]) -> bool {
     let fd = ep.fd.get_ref().as_raw_fd();
-    let mut iov = [IoSliceMut::new(buf)];
-    let Ok(msg) = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(cmsg), MsgFlags::MSG_ERRQUEUE)
-    else {
-        return false;
-    };
-    let len = msg.bytes;
-    let to = msg.address.as_ref().and_then(storage_ip);
-    let mut details = None;
-    if let Ok(cmsgs) = msg.cmsgs() {
-        for c in cmsgs {
-            match c {
-                ControlMessageOwned::Ipv4RecvErr(e, offender) => {
-                    let from = offender.map(|o| IpAddr::V4(Ipv4Addr::from(u32::from_be(o.sin_addr.s_addr))));
-                    details = Some((e, from));
+    let (len, to, details) = {
+        let mut iov = [IoSliceMut::new(&mut *buf)];
+        let Ok(msg) = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(cmsg), MsgFlags::MSG_ERRQUEUE)
+        else {
+            return false;
+        };
+        let len = msg.bytes;
+        let to = msg.address.as_ref().and_then(storage_ip);
+        let mut details = None;
+        if let Ok(cmsgs) = msg.cmsgs() {
+            for c in cmsgs {
+                match c {
+                    ControlMessageOwned::Ipv4RecvErr(e, offender) => {
+                        let from = offender
+                            .map(|o| IpAddr::V4(Ipv4Addr::from(u32::from_be(o.sin_addr.s_addr))));
+                        details = Some((e, from));
+                    }
+                    ControlMessageOwned::Ipv6RecvErr(e, offender) => {
+                        let from =
+                            offender.map(|o| IpAddr::V6(Ipv6Addr::from(o.sin6_addr.s6_addr)));
+                        details = Some((e, from));
+                    }
+                    _ => {}
                 }
-                ControlMessageOwned::Ipv6RecvErr(e, offender) => {
-                    let from = offender.map(|o| IpAddr::V6(Ipv6Addr::from(o.sin6_addr.s6_addr)));
-                    details = Some((e, from));
-                }
-                _ => {}
             }
         }
-    }
-    drop(iov);
+        (len, to, details)
+    };
     let (Some(to), Some((e, from))) = (to, details) else {
         ep.counters.stray.fetch_add(1, Ordering::Relaxed);
         return true;
     };
-    let origin_icmp = e.ee_origin == libc::SO_EE_ORIGIN_ICMP || e.ee_origin == libc::SO_EE_ORIGIN_ICMP6;
+    let origin_icmp =
+        e.ee_origin == libc::SO_EE_ORIGIN_ICMP || e.ee_origin == libc::SO_EE_ORIGIN_ICMP6;
     // The queued data is our own echo request header and payload, as quoted.
     let data = &buf[..len.min(buf.len())];
     if !origin_icmp || data.len() < 8 {
-        debug!(component = "metrics", errno = e.ee_errno, origin = e.ee_origin, "local error on the ICMP socket");
+        debug!(
+            component = "metrics",
+            errno = e.ee_errno,
+            origin = e.ee_origin,
+            "local error on the ICMP socket"
+        );
         return true;
     }
     ep.on_error(QuotedError {
@@ -1078,8 +1118,14 @@ mod tests {
     #[test]
     fn error_texts_say_what_happened() {
         assert_eq!(describe_icmp_error(Family::V4, 3, 1), "host unreachable");
-        assert_eq!(describe_icmp_error(Family::V4, 11, 0), "time to live exceeded");
-        assert_eq!(describe_icmp_error(Family::V6, 1, 0), "no route to destination");
+        assert_eq!(
+            describe_icmp_error(Family::V4, 11, 0),
+            "time to live exceeded"
+        );
+        assert_eq!(
+            describe_icmp_error(Family::V6, 1, 0),
+            "no route to destination"
+        );
         assert_eq!(describe_icmp_error(Family::V6, 3, 0), "hop limit exceeded");
         let e = IcmpError::Unreachable {
             addr: "10.77.0.5".parse().unwrap(),

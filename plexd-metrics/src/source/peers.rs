@@ -175,11 +175,7 @@ impl Pinger for MeshPinger {
             .peers
             .address_of(peer_id)
             .ok_or_else(|| PeerPingError::NoAddress(peer_id.to_owned()))?;
-        Ok(self
-            .icmp
-            .probe(addr)
-            .await
-            .map_err(PeerPingError::from)?)
+        Ok(self.icmp.probe(addr).await.map_err(PeerPingError::from)?)
     }
 
     async fn prepare(&self) -> Result<(), BoxError> {
@@ -276,12 +272,19 @@ mod tests {
         assert_eq!(m.address_of("a"), Some(ip("10.100.0.2")));
         assert_eq!(m.address_of("skip"), None);
 
-        let m = MeshPeers::new(Some(Arc::new(Device(Err("wg0: no such device")))), BTreeMap::new());
+        let m = MeshPeers::new(
+            Some(Arc::new(Device(Err("wg0: no such device")))),
+            BTreeMap::new(),
+        );
         let e = m.peer_ids(&CancellationToken::new()).await.unwrap_err();
         assert_eq!(e.to_string(), "wg0: no such device");
 
         let m = MeshPeers::new(None, BTreeMap::new());
-        assert!(m.peer_ids(&CancellationToken::new()).await.unwrap().is_empty());
+        assert!(m
+            .peer_ids(&CancellationToken::new())
+            .await
+            .unwrap()
+            .is_empty());
     }
 
     #[test]

@@ -121,7 +121,11 @@ fn main() {
     let kind = icmp.socket_kind(false);
     let peers = Arc::new(MeshPeers::new(None, named));
     let pinger = Arc::new(MeshPinger::new(peers.clone(), icmp));
-    let collector = Arc::new(LatencyCollector::new(pinger.clone(), peers.clone(), settings));
+    let collector = Arc::new(LatencyCollector::new(
+        pinger.clone(),
+        peers.clone(),
+        settings,
+    ));
 
     let cpu_before = cpu(libc::RUSAGE_SELF);
     let wall = Instant::now();
@@ -181,7 +185,10 @@ fn main() {
 
     let ratio = agent_cpu.as_secs_f64() / fping_cpu.as_secs_f64().max(1e-9);
     println!("latency benchmark: {targets} targets, 3 probes each, collect interval {collect_secs} s, socket {kind:?}");
-    println!("  {:<34} {:>10} {:>10} {:>12}", "", "wall", "CPU", "all 3 answered");
+    println!(
+        "  {:<34} {:>10} {:>10} {:>12}",
+        "", "wall", "CPU", "all 3 answered"
+    );
     println!(
         "  {:<34} {:>9.2}s {:>9.3}s {:>12}",
         "plexd-metrics latency collector",
@@ -199,7 +206,11 @@ fn main() {
     println!("  CPU ratio agent/fping: {ratio:.2} (target <= 1.00)");
     println!(
         "  cycle within the collect interval: {} ({:.2} s of {collect_secs} s)",
-        if agent_wall < cfg.collect_interval { "yes" } else { "NO" },
+        if agent_wall < cfg.collect_interval {
+            "yes"
+        } else {
+            "NO"
+        },
         agent_wall.as_secs_f64()
     );
     println!(
