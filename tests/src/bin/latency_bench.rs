@@ -69,7 +69,7 @@ fn mib(bytes: usize) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
-fn main() {
+fn main() -> std::process::ExitCode {
     let mut targets = 10_000usize;
     let mut collect_secs = 15u64;
     let mut args = std::env::args().skip(1);
@@ -231,7 +231,10 @@ fn main() {
         && ratio <= 1.0
         && pinger_held < 4 << 20;
     println!("  result: {}", if ok { "PASS" } else { "FAIL" });
-    if !ok {
-        std::process::exit(1);
+    // Returned rather than exited, so the namespaces are deleted on the way out.
+    if ok {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
     }
 }
