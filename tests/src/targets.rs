@@ -31,7 +31,9 @@ pub struct TargetNet {
     pub target: NetNs,
     /// The pinger's end of the veth pair: the stand-in for the mesh interface.
     pub link: String,
-    /// Addresses on the target's dummy interface, IPv4 first then IPv6.
+    /// The target's end of the veth pair.
+    pub target_link: String,
+    /// Addresses on the target's loopback interface, IPv4 first then IPv6.
     pub addresses: Vec<IpAddr>,
 }
 
@@ -41,61 +43,8 @@ impl TargetNet {
         let pinger = NetNs::new("plp")?;
         let target = NetNs::new("plt")?;
         let link = unique_name("vp");
-        let peer = unique_name("vt");
-        run_ip(&[
-            "link",
-            "add",
-            &link,
-            "address",
-            "02:00:0a:ca:00:01",
-            "netns",
-            pinger.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &peer,
-            "address",
-            "02:00:0a:ca:00:02",
-            "netns",
-            target.name(),
-        ])?;
-        for (ns, dev, me, other, mac) in [
-            (&pinger, &link, "1", "2", "02:00:0a:ca:00:02"),
-            (&target, &peer, "2", "1", "02:00:0a:ca:00:01"),
-        ] {
-            // No duplicate address detection: the addresses are usable at once.
-            ns.sysctl_net(&format!("ipv6/conf/{dev}/accept_dad"), "0")?;
-            ns.ip(&["addr", "add", &format!("10.202.0.{me}/24"), "dev", dev])?;
-            ns.ip(&[
-                "addr",
-                "add",
-                &format!("fd02::{me}/64"),
-                "dev",
-                dev,
-                "nodad",
-            ])?;
-            for other_ip in [format!("10.202.0.{other}"), format!("fd02::{other}")] {
-                ns.ip(&[
-                    "neigh",
-                    "replace",
-                    &other_ip,
-                    "lladdr",
-                    mac,
-                    "dev",
-                    dev,
-                    "nud",
-                    "permanent",
-                ])?;
-            }
-            ns.ip(&["link", "set", dev, "up"])?;
-        }
-        for prefix in ["10.77.0.0/16", "10.78.0.0/16", "10.79.0.0/16"] {
-            pinger.ip(&["route", "add", prefix, "via", "10.202.0.2", "dev", &link])?;
-        }
-        for prefix in ["fd77::/64", "fd78::/64", "fd79::/64"] {
-            pinger.ip(&["-6", "route", "add", prefix, "via", "fd02::2", "dev", &link])?;
-        }
+        let target_link = unique_name("vt");
+        connect(&pinger, &target, &link, &target_link)?;
 
         // The target forwards, so that its unreachable routes answer with ICMP errors, and
         // does not rate-limit those errors.
@@ -149,8 +98,19 @@ impl TargetNet {
             pinger,
             target,
             link,
+            target_link,
             addresses,
         })
+    }
+
+    /// Deletes the veth pair, as when a mesh interface goes away.
+    pub fn disconnect(&self) -> io::Result<()> {
+        self.pinger.ip(&["link", "del", &self.link]).map(drop)
+    }
+
+    /// Creates the veth pair again under the same names, with its addresses and routes.
+    pub fn reconnect(&self) -> io::Result<()> {
+        connect(&self.pinger, &self.target, &self.link, &self.target_link)
     }
 
     /// Allows (`true`) or forbids unprivileged ICMP datagram sockets in the pinger's
@@ -159,6 +119,66 @@ impl TargetNet {
         let range = if allow { "0 2147483647" } else { "1 0" };
         self.pinger.sysctl_net("ipv4/ping_group_range", range)
     }
+}
+
+/// The veth pair between the namespaces, addressed, with neighbours and the pinger's routes.
+fn connect(pinger: &NetNs, target: &NetNs, link: &str, peer: &str) -> io::Result<()> {
+    run_ip(&[
+        "link",
+        "add",
+        link,
+        "address",
+        "02:00:0a:ca:00:01",
+        "netns",
+        pinger.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        peer,
+        "address",
+        "02:00:0a:ca:00:02",
+        "netns",
+        target.name(),
+    ])?;
+    for (ns, dev, me, other, mac) in [
+        (pinger, link, "1", "2", "02:00:0a:ca:00:02"),
+        (target, peer, "2", "1", "02:00:0a:ca:00:01"),
+    ] {
+        // No duplicate address detection: the addresses are usable at once.
+        ns.sysctl_net(&format!("ipv6/conf/{dev}/accept_dad"), "0")?;
+        ns.ip(&["addr", "add", &format!("10.202.0.{me}/24"), "dev", dev])?;
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("fd02::{me}/64"),
+            "dev",
+            dev,
+            "nodad",
+        ])?;
+        for other_ip in [format!("10.202.0.{other}"), format!("fd02::{other}")] {
+            ns.ip(&[
+                "neigh",
+                "replace",
+                &other_ip,
+                "lladdr",
+                mac,
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ])?;
+        }
+        ns.ip(&["link", "set", dev, "up"])?;
+    }
+    for prefix in ["10.77.0.0/16", "10.78.0.0/16", "10.79.0.0/16"] {
+        pinger.ip(&["route", "add", prefix, "via", "10.202.0.2", "dev", link])?;
+    }
+    for prefix in ["fd77::/64", "fd78::/64", "fd79::/64"] {
+        pinger.ip(&["-6", "route", "add", prefix, "via", "fd02::2", "dev", link])?;
+    }
+
+    Ok(())
 }
 
 fn run_ip(args: &[&str]) -> io::Result<String> {

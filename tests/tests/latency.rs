@@ -658,3 +658,36 @@ fn the_agent_reports_latency_for_its_configured_targets() {
     assert!(text.contains("\"component\":\"metrics\""), "{text}");
     assert!(text.contains("host unreachable"), "{text}");
 }
+
+#[test]
+fn a_recreated_mesh_interface_gets_a_fresh_socket() {
+    if !require_privileges() {
+        return;
+    }
+    let net = TargetNet::new(1, 0).expect("target network");
+    let rt = runtime();
+    let pinger = open(&net, &rt, SocketChoice::Auto).expect("open pinger");
+    let target = net.addresses[0];
+    let probe = |p: &IcmpPinger| {
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(1), p.probe(target)).await })
+    };
+    probe(&pinger).expect("answered").expect("answered");
+
+    // The socket stays bound to the old interface index, so probes fail even once an
+    // interface of the same name is back, until the pinger reopens it.
+    net.disconnect().expect("delete the link");
+    net.reconnect().expect("recreate the link");
+    match probe(&pinger) {
+        Ok(Err(IcmpError::Send { .. })) => {}
+        other => panic!("expected a send error on the stale socket, got {other:?}"),
+    }
+    net.pinger
+        .run(|| {
+            let _entered = rt.enter();
+            pinger.reopen_broken()
+        })
+        .expect("enter namespace")
+        .expect("reopen");
+    let rtt = probe(&pinger).expect("answered").expect("answered");
+    assert!(rtt > Duration::ZERO);
+}
