@@ -428,9 +428,15 @@ fn duplicate_and_stray_replies_are_ignored_over_raw_sockets() {
     duplicates_and_strays_are_ignored(false, SocketKind::Raw);
 }
 
-/// Runs `fping -C count` on `targets` in the pinger namespace; returns each target's RTTs in
-/// milliseconds (None for a lost probe) and a reader that tells when fping has started.
-fn fping(net: &TargetNet, targets: &[IpAddr], count: u32, period_ms: u32) -> std::process::Child {
+/// Starts `fping -C count` on `targets` in the pinger namespace, `period_ms` between a
+/// target's probes and `interval_ms` between any two.
+fn fping(
+    net: &TargetNet,
+    targets: &[IpAddr],
+    count: u32,
+    period_ms: u32,
+    interval_ms: f64,
+) -> std::process::Child {
     let mut cmd = Command::new("ip");
     cmd.args([
         "netns",
@@ -441,14 +447,8 @@ fn fping(net: &TargetNet, targets: &[IpAddr], count: u32, period_ms: u32) -> std
         "-I",
         &net.link,
     ])
-    .args([
-        "-C",
-        &count.to_string(),
-        "-p",
-        &period_ms.to_string(),
-        "-i",
-        "1",
-    ])
+    .args(["-C", &count.to_string(), "-p", &period_ms.to_string()])
+    .args(["-i", &format!("{interval_ms:.2}")])
     .args(targets.iter().map(ToString::to_string))
     .stdout(Stdio::null())
     .stderr(Stdio::piped());
@@ -505,7 +505,7 @@ fn another_pinger_at_the_same_time_does_not_disturb_either() {
     let targets = named(&net.addresses);
     let (c, mesh) = collector(pinger, &targets, 5, Duration::from_millis(1_000));
     // fping runs for about 30 × 50 ms = 1.5 s, overlapping the whole collection.
-    let other = fping(&net, &net.addresses, 30, 50);
+    let other = fping(&net, &net.addresses, 30, 50, 1.0);
     let points = rt
         .block_on(c.collect(&CancellationToken::new()))
         .expect("collect");
@@ -541,11 +541,17 @@ fn agrees_with_fping(allow_datagram: bool) {
     let pinger = open(&net, &rt, SocketChoice::Auto).expect("open pinger");
     let targets = named(&net.addresses);
     const PROBES: u32 = 10;
-    let (c, _) = collector(pinger, &targets, PROBES, Duration::from_millis(1_000));
+    const SPREAD: Duration = Duration::from_millis(1_000);
+    let (c, _) = collector(pinger, &targets, PROBES, SPREAD);
     let ours = rt
         .block_on(c.collect(&CancellationToken::new()))
         .expect("collect");
-    let theirs = fping_results(fping(&net, &net.addresses, PROBES, 100));
+    // fping paced like the collector (the same gap between a target's probes and between any
+    // two probes): on a veth, a probe sent right after another one finds the network stack's
+    // caches warm and returns in a third of the time, so the pacing must match.
+    let period_ms = SPREAD.as_millis() as u32 / PROBES;
+    let interval_ms = SPREAD.as_secs_f64() * 1e3 / f64::from(PROBES * targets.len() as u32);
+    let theirs = fping_results(fping(&net, &net.addresses, PROBES, period_ms, interval_ms));
     let address_of: BTreeMap<&str, IpAddr> =
         targets.iter().map(|(n, a)| (n.as_str(), *a)).collect();
     assert_eq!(ours.len(), targets.len());
