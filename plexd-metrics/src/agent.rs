@@ -7,11 +7,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::api::MetricBatch;
 use crate::collector::{
-    AgentStatsCollector, Collector, KernelCounters, ReconnectCounter, SystemCollector,
+    AgentStatsCollector, Collector, KernelCounters, LatencyCollector, LatencySettings,
+    ReconnectCounter, SystemCollector,
 };
 use crate::config::Config;
 use crate::manager::{DeliveryStats, Manager, RunOutcome};
@@ -20,6 +21,8 @@ use crate::reporter::{
 };
 use crate::secret::{NodeSecretKey, SecretError};
 use crate::source::ebpf::{default_route_interfaces, UnderlayProbe};
+use crate::source::icmp::{IcmpOptions, IcmpPinger};
+use crate::source::peers::{MeshPeers, MeshPinger};
 use crate::source::proc::LinuxSystemReader;
 
 /// Why the agent could not start. Every variant is a configuration or environment
@@ -64,13 +67,16 @@ impl Agent {
         let kernel = probe.clone().map(|p| p as Arc<dyn KernelCounters>);
         let delivery = Arc::new(DeliveryStats::default());
         let reconnects = delivery.clone() as Arc<dyn ReconnectCounter>;
-        let collectors: Vec<Arc<dyn Collector>> = vec![
+        let mut collectors: Vec<Arc<dyn Collector>> = vec![
             Arc::new(SystemCollector::new(reader)),
             Arc::new(
                 AgentStatsCollector::new(started, Some(reconnects), kernel)
                     .with_delivery(delivery.clone()),
             ),
         ];
+        if cfg.metrics.enabled && cfg.metrics.latency.enabled {
+            collectors.extend(latency_collector(cfg));
+        }
         let reporter = build_reporter(cfg)?;
 
         Ok(Self {
@@ -108,7 +114,19 @@ impl Agent {
                 cancel.cancel();
             }
         });
-        let outcome = self.manager.run(cancel.clone()).await;
+        // On a worker thread rather than the thread blocked in `block_on`: wake-ups between
+        // the collectors and the sockets' receive tasks then stay on the runtime's workers
+        // instead of crossing to another thread for every probe reply.
+        let Agent { manager, _probe } = self;
+        let manager = tokio::spawn({
+            let cancel = cancel.clone();
+            async move { manager.run(cancel).await }
+        });
+        let outcome = match manager.await {
+            Ok(outcome) => outcome,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => return Err(std::io::Error::other(e)),
+        };
         cancel.cancel();
         // The signal task ends as soon as the token is cancelled.
         let _ = signals.await;
@@ -149,6 +167,50 @@ fn build_reporter(cfg: &Config) -> Result<Arc<dyn MetricReporter>, AgentError> {
     Ok(Arc::new(MultiReporter::new(
         control_plane,
         Arc::new(local_reporter),
+    )))
+}
+
+/// The `latency` collector, if there is anything to probe and a socket to probe it with.
+///
+/// The peers come from `metrics.latency.targets` for now; the WireGuard device's peers join
+/// them once the device reader is wired in. Must run inside the runtime: the pinger starts
+/// its receive tasks, which live as long as the collector.
+fn latency_collector(cfg: &Config) -> Option<Arc<dyn Collector>> {
+    let latency = &cfg.metrics.latency;
+    if latency.targets.is_empty() {
+        debug!(
+            component = "metrics",
+            "no metrics.latency.targets; the latency group is not collected"
+        );
+        return None;
+    }
+    let options = IcmpOptions {
+        interface: Some(latency.interface.clone()).filter(|i| !i.is_empty()),
+        ..IcmpOptions::default()
+    };
+    let icmp = match IcmpPinger::open(&options) {
+        Ok(icmp) => icmp,
+        Err(e) => {
+            error!(
+                component = "metrics",
+                error = %e,
+                "latency not measured (set metrics.latency.enabled: false to silence this)"
+            );
+            return None;
+        }
+    };
+    let peers = Arc::new(MeshPeers::new(None, latency.parsed_targets()));
+    let pinger = Arc::new(MeshPinger::new(peers.clone(), icmp));
+    info!(
+        component = "metrics",
+        targets = latency.targets.len(),
+        probes = latency.probes,
+        "latency collector enabled"
+    );
+    Some(Arc::new(LatencyCollector::new(
+        pinger,
+        peers,
+        LatencySettings::from_config(&cfg.metrics),
     )))
 }
 

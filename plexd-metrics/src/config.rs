@@ -3,8 +3,10 @@
 //! Loading and validation report every problem at once, each on its own line, so that a user
 //! fixes a file in one pass. The metrics rules carry the Go agent's exact texts.
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fmt;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -28,6 +30,8 @@ pub const CLI_ENV_VARIABLES: [&str; 3] = [
     "PLEXD_METRICS_LOG_LEVEL",
     "PLEXD_METRICS_LOG_FORMAT",
 ];
+/// Most ICMP probes per peer and cycle `metrics.latency.probes` accepts.
+pub const MAX_LATENCY_PROBES: u32 = 100;
 
 /// Everything the agent reads from its config file.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
@@ -111,6 +115,8 @@ pub struct MetricsConfig {
     pub system: SystemConfig,
     /// The kernel programs.
     pub ebpf: EbpfConfig,
+    /// ICMP round-trip times to the mesh peers.
+    pub latency: LatencyConfig,
 }
 
 impl Default for MetricsConfig {
@@ -124,6 +130,7 @@ impl Default for MetricsConfig {
             queue: QueueConfig::default(),
             system: SystemConfig::default(),
             ebpf: EbpfConfig::default(),
+            latency: LatencyConfig::default(),
         }
     }
 }
@@ -235,6 +242,102 @@ impl Default for EbpfConfig {
     }
 }
 
+/// The `latency` group: ICMP echo to every peer's mesh address.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LatencyConfig {
+    /// Measure round-trip times at all.
+    pub enabled: bool,
+    /// The mesh interface the probes are bound to (e.g. `wg0`); empty leaves the choice to the
+    /// routing table.
+    pub interface: String,
+    /// Probes per peer and collect cycle, spread over the cycle; the median is reported.
+    pub probes: u32,
+    /// How long one probe waits for its reply.
+    #[serde(deserialize_with = "duration", serialize_with = "duration_text")]
+    pub timeout: Duration,
+    /// Explicit mesh addresses: a peer's public key (base64) or name → its IPv4 or IPv6
+    /// address. Kept as text so that validation can name every bad entry at once.
+    pub targets: BTreeMap<String, String>,
+}
+
+impl Default for LatencyConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interface: String::new(),
+            probes: 3,
+            timeout: Duration::from_secs(1),
+            targets: BTreeMap::new(),
+        }
+    }
+}
+
+impl LatencyConfig {
+    /// The targets with their addresses parsed; entries that do not parse are left out (they
+    /// cannot be there after [`Config::validate`] passed).
+    pub fn parsed_targets(&self) -> BTreeMap<String, IpAddr> {
+        self.targets
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), v.trim().parse().ok()?)))
+            .collect()
+    }
+
+    fn validate_into(&self, collect_interval: Duration, problems: &mut Vec<String>) {
+        if !self.enabled {
+            return;
+        }
+        if !self.interface.is_empty() && !valid_interface_name(&self.interface) {
+            problems.push(format!(
+                "metrics: config: latency: invalid interface name {:?}",
+                self.interface
+            ));
+        }
+        if self.probes == 0 || self.probes > MAX_LATENCY_PROBES {
+            problems.push(format!(
+                "metrics: config: latency: probes must be between 1 and {MAX_LATENCY_PROBES}, got {}",
+                self.probes
+            ));
+        }
+        if self.timeout.is_zero() {
+            problems.push("metrics: config: latency: timeout must be greater than 0".to_owned());
+        } else if collect_interval >= MIN_COLLECT_INTERVAL && self.timeout > collect_interval / 2 {
+            // The probes of one cycle are spread over the first part of the cycle and the last
+            // one still needs its timeout before the next cycle starts. (A collect interval
+            // that is itself wrong has its own message; this one would only add noise.)
+            problems.push(format!(
+                "metrics: config: latency: timeout ({}) must be at most half of CollectInterval ({})",
+                humantime::format_duration(self.timeout),
+                humantime::format_duration(collect_interval)
+            ));
+        }
+        for (peer, address) in &self.targets {
+            if peer.trim().is_empty() {
+                problems.push(
+                    "metrics: config: latency: targets: an entry has an empty peer key or name"
+                        .to_owned(),
+                );
+                continue;
+            }
+            match address.trim().parse::<IpAddr>() {
+                Ok(ip) if ip.is_unspecified() || ip.is_multicast() => problems.push(format!(
+                    "metrics: config: latency: targets: {peer:?}: {address:?} is not a unicast address"
+                )),
+                Ok(_) => {}
+                Err(_) => problems.push(format!(
+                    "metrics: config: latency: targets: {peer:?}: invalid address {address:?}; \
+                     write an IPv4 or IPv6 address such as 10.100.0.2 or fd00::2"
+                )),
+            }
+        }
+    }
+}
+
+/// IFNAMSIZ is 16 including the terminating NUL; the kernel also refuses `/` and whitespace.
+fn valid_interface_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 15 && !name.contains(['/', ' ', '\t', '\n', ':'])
+}
+
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -282,6 +385,8 @@ enum LeafKind {
     Scalar,
     /// Lists: YAML flow syntax (`[a, b]`) or comma-separated.
     List,
+    /// Maps keyed by the user (peer names, latency targets): YAML flow syntax (`{a: b}`).
+    Map,
 }
 
 /// One config key that an environment variable can set.
@@ -300,6 +405,8 @@ impl Config {
     pub fn env_keys() -> Vec<EnvKey> {
         fn walk(value: &serde_json::Value, path: &mut Vec<String>, out: &mut Vec<EnvKey>) {
             let kind = match value {
+                // A map that is empty by default is keyed by the user, not by the schema.
+                serde_json::Value::Object(map) if map.is_empty() => LeafKind::Map,
                 serde_json::Value::Object(map) => {
                     for (key, child) in map {
                         path.push(key.clone());
@@ -390,6 +497,11 @@ impl Config {
             let value = match key.kind {
                 LeafKind::Text => Value::String(text.clone()),
                 LeafKind::Scalar => {
+                    serde_yaml_ng::from_str(text).unwrap_or_else(|_| Value::String(text.clone()))
+                }
+                // A map can only be written in YAML flow syntax (`{peer: 10.0.0.1}`); anything
+                // else reaches the deserializer as text, which names the key it expected a map for.
+                LeafKind::Map => {
                     serde_yaml_ng::from_str(text).unwrap_or_else(|_| Value::String(text.clone()))
                 }
                 LeafKind::List if text.trim_start().starts_with('[') => {
@@ -651,13 +763,13 @@ impl MetricsConfig {
         self.local_endpoint.validate_into(problems);
         self.system.validate_into(problems);
         for name in &self.ebpf.interfaces {
-            // IFNAMSIZ is 16 including the terminating NUL.
-            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+            if !valid_interface_name(name) {
                 problems.push(format!(
                     "metrics: config: ebpf: invalid interface name {name:?}"
                 ));
             }
         }
+        self.latency.validate_into(self.collect_interval, problems);
     }
 }
 
@@ -1087,6 +1199,24 @@ metrics:
     }
 
     #[test]
+    fn map_keys_take_yaml_flow_maps_from_the_environment() {
+        let cfg = with_env(
+            None,
+            &[(
+                "PLEXD_METRICS_METRICS_LATENCY_TARGETS",
+                "{peer-1: 10.100.0.2, peer-2: 'fd00::2'}",
+            )],
+        )
+        .unwrap();
+        let targets = &cfg.metrics.latency.targets;
+        assert_eq!(targets.len(), 2);
+        assert_eq!(targets["peer-1"], "10.100.0.2");
+        assert_eq!(targets["peer-2"], "fd00::2");
+        let e = with_env(None, &[("PLEXD_METRICS_METRICS_LATENCY_TARGETS", "peer-1")]).unwrap_err();
+        assert!(e.to_string().contains("metrics.latency.targets"), "{e}");
+    }
+
+    #[test]
     fn every_key_has_a_variable() {
         let names: Vec<String> = Config::env_keys().into_iter().map(|k| k.variable).collect();
         for want in [
@@ -1239,6 +1369,90 @@ metrics:
             problems("metrics: { ebpf: { interfaces: [eth0, 'a-name-that-is-too-long'] } }"),
             [r#"metrics: config: ebpf: invalid interface name "a-name-that-is-too-long""#]
         );
+    }
+
+    #[test]
+    fn latency_defaults_and_a_full_example() {
+        let d = Config::default().metrics.latency;
+        assert!(d.enabled);
+        assert_eq!(d.probes, 3);
+        assert_eq!(d.timeout, Duration::from_secs(1));
+        assert!(d.interface.is_empty());
+        assert!(d.targets.is_empty());
+
+        let cfg = Config::parse(
+            r#"
+metrics:
+  latency:
+    enabled: true
+    interface: wg0
+    probes: 5
+    timeout: 500ms
+    targets:
+      "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=": 10.100.0.2
+      peer-b: " fd00::2 "
+"#,
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        let l = &cfg.metrics.latency;
+        assert_eq!((l.interface.as_str(), l.probes), ("wg0", 5));
+        assert_eq!(l.timeout, Duration::from_millis(500));
+        let t = l.parsed_targets();
+        assert_eq!(
+            t["xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg="],
+            "10.100.0.2".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(t["peer-b"], "fd00::2".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn latency_rules_name_the_key_and_what_to_write() {
+        assert_eq!(
+            problems("metrics: { latency: { probes: 0 } }"),
+            ["metrics: config: latency: probes must be between 1 and 100, got 0"]
+        );
+        assert_eq!(
+            problems("metrics: { latency: { probes: 101 } }"),
+            ["metrics: config: latency: probes must be between 1 and 100, got 101"]
+        );
+        assert!(problems("metrics: { latency: { probes: 100 } }").is_empty());
+        assert_eq!(
+            problems("metrics: { latency: { timeout: 0s } }"),
+            ["metrics: config: latency: timeout must be greater than 0"]
+        );
+        assert_eq!(
+            problems("metrics: { latency: { timeout: 8s } }"),
+            ["metrics: config: latency: timeout (8s) must be at most half of CollectInterval (15s)"]
+        );
+        assert!(problems("metrics: { latency: { timeout: 7500ms } }").is_empty());
+        assert_eq!(
+            problems("metrics: { latency: { interface: 'wg0/x' } }"),
+            [r#"metrics: config: latency: invalid interface name "wg0/x""#]
+        );
+        assert_eq!(
+            problems("metrics: { latency: { targets: { peer-a: 10.0.0.300, peer-b: '0.0.0.0', peer-c: 'ff02::1', peer-d: 10.0.0.1 } } }"),
+            [
+                r#"metrics: config: latency: targets: "peer-a": invalid address "10.0.0.300"; write an IPv4 or IPv6 address such as 10.100.0.2 or fd00::2"#,
+                r#"metrics: config: latency: targets: "peer-b": "0.0.0.0" is not a unicast address"#,
+                r#"metrics: config: latency: targets: "peer-c": "ff02::1" is not a unicast address"#,
+            ]
+        );
+        assert_eq!(
+            problems("metrics: { latency: { targets: { '': 10.0.0.1 } } }"),
+            ["metrics: config: latency: targets: an entry has an empty peer key or name"]
+        );
+    }
+
+    #[test]
+    fn disabled_latency_is_not_validated_and_unknown_latency_keys_are_named() {
+        assert!(
+            problems("metrics: { latency: { enabled: false, probes: 0, timeout: 0s } }").is_empty()
+        );
+        let e = Config::parse("metrics: { latency: { probe: 3 } }").unwrap_err();
+        assert!(e.contains("unknown field `probe`"), "{e}");
+        let e = Config::parse("metrics: { latency: { timeout: soon } }").unwrap_err();
+        assert!(e.contains("metrics.latency.timeout"), "{e}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! [`crate::manager::Manager`] are tested with fakes and without privileges.
 
 mod agent;
+mod latency;
 mod system;
 mod tunnel;
 
@@ -12,6 +13,7 @@ pub use agent::{
     AgentStats, AgentStatsCollector, DeliveryCounters, DeliveryTotals, KernelCounters,
     KernelTotals, ReconnectCounter,
 };
+pub use latency::{LatencyCollector, LatencyResult, LatencySettings, PeerLister, Pinger};
 pub use system::{SystemCollector, SystemReader, SystemStats};
 pub use tunnel::{TunnelCollector, TunnelStats, TunnelStatsReader};
 

@@ -3,4 +3,6 @@
 
 pub mod counters;
 pub mod ebpf;
+pub mod icmp;
+pub mod peers;
 pub mod proc;
