@@ -3,4 +3,6 @@
 
 pub mod counters;
 pub mod ebpf;
+pub mod netlink;
 pub mod proc;
+pub mod wireguard;
