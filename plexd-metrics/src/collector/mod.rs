@@ -10,7 +10,7 @@ mod tunnel;
 
 pub use agent::{AgentStats, AgentStatsCollector, KernelCounters, KernelTotals, ReconnectCounter};
 pub use system::{SystemCollector, SystemReader, SystemStats};
-pub use tunnel::{TunnelCollector, TunnelStats, TunnelStatsReader};
+pub use tunnel::{no_handshake_time, TunnelCollector, TunnelStats, TunnelStatsReader};
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;

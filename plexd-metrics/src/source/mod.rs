@@ -5,4 +5,5 @@ pub mod counters;
 pub mod ebpf;
 pub mod netlink;
 pub mod proc;
+pub mod tunnel;
 pub mod wireguard;
