@@ -6,4 +6,5 @@ pub mod ebpf;
 pub mod netlink;
 pub mod proc;
 pub mod tunnel;
+pub mod underlay;
 pub mod wireguard;
