@@ -23,7 +23,7 @@ use tracing::{info, warn};
 use crate::collector::{no_handshake_time, BoxError, TunnelStats, TunnelStatsReader};
 use crate::config::{read_peer_names_file, PeerNames};
 use crate::source::counters::{CounterSnapshot, EndpointCounterSource, EndpointCounters};
-use crate::source::wireguard::{endpoint_key, Device, DeviceSource, WireGuardError};
+use crate::source::wireguard::{endpoint_key, listen_ports, Device, DeviceSource, WireGuardError};
 
 /// Why the tunnel stats could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +50,8 @@ struct Inner {
     stale_after: Duration,
     state: Mutex<JoinState>,
     counters_failing: Mutex<bool>,
+    /// The listen ports last handed to the kernel programs.
+    ports: Mutex<Option<Vec<u16>>>,
 }
 
 impl WireGuardTunnelReader {
@@ -69,6 +71,7 @@ impl WireGuardTunnelReader {
                 stale_after,
                 state: Mutex::new(JoinState::default()),
                 counters_failing: Mutex::new(false),
+                ports: Mutex::new(None),
             }),
         }
     }
@@ -83,10 +86,31 @@ impl WireGuardTunnelReader {
 impl Inner {
     fn read(&self, now: SystemTime) -> Result<Vec<TunnelStats>, TunnelError> {
         let devices = self.devices.read_devices()?;
+        if let Some(counters) = &self.counters {
+            self.update_listen_ports(counters.as_ref(), &devices);
+        }
         let snapshot = self.counters.as_ref().and_then(|c| self.read_counters(c.as_ref()));
         let names = self.names.current();
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         Ok(state.join(&devices, snapshot.as_ref(), now, &names, self.stale_after))
+    }
+
+    /// Devices come and go and change ports while the agent runs; the kernel programs learn
+    /// the new set before the counters are read.
+    fn update_listen_ports(&self, source: &dyn EndpointCounterSource, devices: &[Device]) {
+        let ports = listen_ports(devices);
+        let mut last = self.ports.lock().unwrap_or_else(|p| p.into_inner());
+        if last.as_ref() == Some(&ports) {
+            return;
+        }
+        match source.set_listen_ports(&ports) {
+            Ok(()) => {
+                info!(component = "metrics", ports = ?ports, "WireGuard listen ports handed to the kernel programs");
+                *last = Some(ports);
+            }
+            // Tried again next cycle.
+            Err(e) => warn!(component = "metrics", error = %e, ports = ?ports, "cannot hand the WireGuard listen ports to the kernel programs"),
+        }
     }
 
     /// The counters, or `None` for this cycle when they cannot be read: the device state is
@@ -610,12 +634,16 @@ mod tests {
         }
     }
 
-    struct FakeCounters(Mutex<Vec<Result<CounterSnapshot, String>>>);
+    struct FakeCounters(
+        Mutex<Vec<Result<CounterSnapshot, String>>>,
+        Mutex<Vec<Vec<u16>>>,
+    );
     impl EndpointCounterSource for FakeCounters {
         fn read_endpoints(&self) -> Result<CounterSnapshot, BoxError> {
             self.0.lock().unwrap().remove(0).map_err(Into::into)
         }
-        fn set_listen_ports(&self, _: &[u16]) -> Result<(), BoxError> {
+        fn set_listen_ports(&self, ports: &[u16]) -> Result<(), BoxError> {
+            self.1.lock().unwrap().push(ports.to_vec());
             Ok(())
         }
     }
@@ -624,14 +652,18 @@ mod tests {
     async fn the_reader_joins_its_sources_and_survives_a_counter_failure() {
         let e = "192.0.2.1:51820";
         let devices = Arc::new(FakeDevices(Mutex::new(Ok(device(vec![peer("A", Some(e))])))));
-        let counters = Arc::new(FakeCounters(Mutex::new(vec![
-            Ok(snapshot(&[(e, counts(10, 0))])),
-            Err("map gone".into()),
-            Ok(snapshot(&[(e, counts(30, 10))])),
-        ])));
+        let counters = Arc::new(FakeCounters(
+            Mutex::new(vec![
+                Ok(snapshot(&[(e, counts(10, 0))])),
+                Err("map gone".into()),
+                Ok(snapshot(&[(e, counts(30, 10))])),
+                Ok(snapshot(&[(e, counts(30, 10))])),
+            ]),
+            Mutex::new(vec![]),
+        ));
         let reader = WireGuardTunnelReader::new(
             devices.clone(),
-            Some(counters),
+            Some(counters.clone()),
             PeerNames::default(),
             Duration::from_secs(180),
         );
@@ -645,6 +677,11 @@ mod tests {
         let s = reader.read_tunnel_stats(&cancel).await.unwrap();
         assert_eq!(s[0].rx_packets, Some(20));
         assert_eq!(s[0].lost_packets, Some(10));
+        // The listen ports were handed over once, and again only when they changed.
+        assert_eq!(*counters.1.lock().unwrap(), [vec![51820]]);
+        devices.0.lock().unwrap().as_mut().unwrap()[0].listen_port = 51999;
+        reader.read_tunnel_stats(&cancel).await.unwrap();
+        assert_eq!(*counters.1.lock().unwrap(), [vec![51820], vec![51999]]);
 
         *devices.0.lock().unwrap() = Err("socket gone".into());
         let err = reader.read_tunnel_stats(&cancel).await.unwrap_err();
