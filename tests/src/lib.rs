@@ -8,6 +8,9 @@
 //! plain `cargo test` without root skips them loudly; `cargo xtask test` sets
 //! `PLEXD_METRICS_REQUIRE_PRIVILEGED=1`, which turns a skip into a failure.
 
+pub mod mesh;
+pub mod wireguard;
+
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Write as _};
@@ -70,6 +73,26 @@ pub fn run(program: &str, args: &[&str]) -> io::Result<String> {
         )));
     }
     String::from_utf8(out.stdout).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// The agent binary built next to the tests (`cargo xtask test` builds it first and names
+/// it in `PLEXD_METRICS_BIN`).
+pub fn agent_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("PLEXD_METRICS_BIN") {
+        return bin.into();
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps")
+        .join("plexd-metrics");
+    assert!(
+        bin.is_file(),
+        "{} not built; run `cargo xtask test` or `cargo build -p plexd-metrics` first",
+        bin.display()
+    );
+    bin
 }
 
 /// A named network namespace (`ip netns add`), deleted with everything in it on drop.
