@@ -170,7 +170,7 @@ impl Mesh {
         let nft = |args: &[&str]| self.router.exec("nft", args);
         nft(&["add", "table", "inet", &table])?;
         nft(&[
-            "add", "chain", "inet", &table, "fwd",
+            "add", "chain", "inet", &table, "lossy",
             "{ type filter hook forward priority 0; policy accept; }",
         ])?;
         // The first byte of a WireGuard message is its type; transport data is 4.
@@ -179,7 +179,7 @@ impl Mesh {
             "ip saddr {} ip daddr {} udp dport {} {data} numgen random mod 100 < {percent} counter drop",
             src.underlay, dst.underlay, dst.listen_port
         );
-        let mut args = vec!["add", "rule", "inet", table.as_str(), "fwd"];
+        let mut args = vec!["add", "rule", "inet", table.as_str(), "lossy"];
         args.extend(rule.split_whitespace());
         nft(&args)?;
         Ok(LossRule {
