@@ -147,7 +147,9 @@ impl Agent {
 ///
 /// `None` while [`UnderlayProbe`] does not implement [`EndpointCounterSource`]: the tunnel
 /// group then reports the device state with `packet_loss_percent` -1.
-fn endpoint_counters(_probe: Option<&Arc<UnderlayProbe>>) -> Option<Arc<dyn EndpointCounterSource>> {
+fn endpoint_counters(
+    _probe: Option<&Arc<UnderlayProbe>>,
+) -> Option<Arc<dyn EndpointCounterSource>> {
     None
 }
 
@@ -165,7 +167,9 @@ fn read_devices_at_start(devices: &SystemDevices, tunnel_on: bool) -> Vec<Device
                 } else {
                     let names: Vec<String> = found
                         .iter()
-                        .map(|d| format!("{} ({}, {} peers)", d.name, d.implementation, d.peers.len()))
+                        .map(|d| {
+                            format!("{} ({}, {} peers)", d.name, d.implementation, d.peers.len())
+                        })
                         .collect();
                     info!(component = "metrics", devices = ?names, "WireGuard devices found");
                 }

@@ -216,7 +216,10 @@ impl<'de> Deserialize<'de> for PeerNames {
             fn visit_unit<E: serde::de::Error>(self) -> Result<PeerNames, E> {
                 Ok(PeerNames::default())
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<PeerNames, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<PeerNames, A::Error> {
                 BTreeMap::deserialize(serde::de::value::MapAccessDeserializer::new(map))
                     .map(PeerNames::Map)
             }
@@ -768,9 +771,15 @@ metrics:
             file.display()
         ))
         .unwrap();
-        assert_eq!(cfg.metrics.wireguard.peer_names, PeerNames::File(file.clone()));
+        assert_eq!(
+            cfg.metrics.wireguard.peer_names,
+            PeerNames::File(file.clone())
+        );
         cfg.validate().unwrap();
-        assert_eq!(cfg.metrics.wireguard.peer_names.load().unwrap()[KEY], "gateway-1");
+        assert_eq!(
+            cfg.metrics.wireguard.peer_names.load().unwrap()[KEY],
+            "gateway-1"
+        );
 
         std::fs::write(&file, "[just, a, list]").unwrap();
         let p = problems(&format!(

@@ -83,8 +83,18 @@ impl Mesh {
         run(
             "ip",
             &[
-                "link", "add", &dev, "netns", ns.name(), "type", "veth", "peer", "name",
-                &router_dev, "netns", router.name(),
+                "link",
+                "add",
+                &dev,
+                "netns",
+                ns.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &router_dev,
+                "netns",
+                router.name(),
             ],
         )?;
         let subnet = i as u8;
@@ -142,7 +152,14 @@ impl Mesh {
         let target = self.nodes[to].tunnel.to_string();
         let count = count.to_string();
         let out = std::process::Command::new("ip")
-            .args(["netns", "exec", self.nodes[from].ns.name(), "ping", "-q", "-n"])
+            .args([
+                "netns",
+                "exec",
+                self.nodes[from].ns.name(),
+                "ping",
+                "-q",
+                "-n",
+            ])
             .args(["-c", &count, "-i", "0.01", "-W", "2", &target])
             .output()?;
         let text = String::from_utf8_lossy(&out.stdout);
@@ -170,7 +187,11 @@ impl Mesh {
         let nft = |args: &[&str]| self.router.exec("nft", args);
         nft(&["add", "table", "inet", &table])?;
         nft(&[
-            "add", "chain", "inet", &table, "lossy",
+            "add",
+            "chain",
+            "inet",
+            &table,
+            "lossy",
             "{ type filter hook forward priority 0; policy accept; }",
         ])?;
         // The first byte of a WireGuard message is its type; transport data is 4.

@@ -43,9 +43,20 @@ fn the_reader_agrees_with_wg_show_dump() {
     let node = &mesh.nodes[0];
     let lonely = random_public_key();
     node.wg
-        .wg(&["set", &node.wg.name, "peer", &lonely, "allowed-ips", "10.220.9.9/32"])
+        .wg(&[
+            "set",
+            &node.wg.name,
+            "peer",
+            &lonely,
+            "allowed-ips",
+            "10.220.9.9/32",
+        ])
         .expect("add a peer that never answers");
-    assert_eq!(mesh.ping(0, 1, 5).expect("ping"), 5, "the tunnel carries traffic");
+    assert_eq!(
+        mesh.ping(0, 1, 5).expect("ping"),
+        5,
+        "the tunnel carries traffic"
+    );
 
     let devices = read_devices(&node.ns);
     let dump = parse_dump(&node.wg.dump().expect("wg show dump"));
@@ -71,7 +82,10 @@ fn the_reader_agrees_with_wg_show_dump() {
             t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs()
         });
         assert_eq!(handshake, expected.latest_handshake);
-        assert_eq!((peer.rx_bytes, peer.tx_bytes), (expected.rx_bytes, expected.tx_bytes));
+        assert_eq!(
+            (peer.rx_bytes, peer.tx_bytes),
+            (expected.rx_bytes, expected.tx_bytes)
+        );
     }
     let to_1 = device
         .peers
@@ -117,7 +131,10 @@ fn traffic_moves_the_counters_and_handshakes_set_the_flags() {
     assert_eq!(mesh.ping(0, 1, 20).expect("ping"), 20);
     let after = read_stats(&node.ns, &reader);
     let dump = parse_dump(&node.wg.dump().expect("wg show dump"));
-    let named = after.iter().find(|s| s.peer_id == "node-1").expect("named peer");
+    let named = after
+        .iter()
+        .find(|s| s.peer_id == "node-1")
+        .expect("named peer");
     assert!(named.handshake_succeeded);
     assert!(!named.handshake_stale);
     assert_eq!(named.endpoint, mesh.nodes[1].endpoint());
@@ -125,7 +142,10 @@ fn traffic_moves_the_counters_and_handshakes_set_the_flags() {
         .iter()
         .find(|d| d.public_key == mesh.nodes[1].keys.public)
         .unwrap();
-    assert_eq!((named.rx_bytes, named.tx_bytes), (from_dump.rx_bytes, from_dump.tx_bytes));
+    assert_eq!(
+        (named.rx_bytes, named.tx_bytes),
+        (from_dump.rx_bytes, from_dump.tx_bytes)
+    );
     assert!(named.tx_bytes >= 20 * WG_BYTES_PER_PING, "{named:?}");
     assert!(named.rx_bytes >= 20 * WG_BYTES_PER_PING, "{named:?}");
     let handshake = named.last_handshake_time.timestamp() as u64;
@@ -137,7 +157,10 @@ fn traffic_moves_the_counters_and_handshakes_set_the_flags() {
         .expect("node 2 by key");
     assert!(!silent.handshake_succeeded);
     assert!(silent.handshake_stale);
-    assert_eq!(silent.last_handshake_time.to_rfc3339(), "0001-01-01T00:00:00+00:00");
+    assert_eq!(
+        silent.last_handshake_time.to_rfc3339(),
+        "0001-01-01T00:00:00+00:00"
+    );
 
     // Later traffic adds to the device's counters.
     assert_eq!(mesh.ping(0, 1, 10).expect("ping"), 10);
@@ -196,7 +219,14 @@ fn the_agent_binary_reports_one_tunnel_point_per_peer() {
         assert_eq!(p.data["peer_id"], p.peer_id.as_str());
         assert_eq!(p.data["packet_loss_percent"], -1.0);
         assert!(p.data.get("rx_packets").is_none(), "{}", p.data);
-        for key in ["last_handshake_time", "rx_bytes", "tx_bytes", "handshake_succeeded", "handshake_stale", "endpoint"] {
+        for key in [
+            "last_handshake_time",
+            "rx_bytes",
+            "tx_bytes",
+            "handshake_succeeded",
+            "handshake_stale",
+            "endpoint",
+        ] {
             assert!(p.data.get(key).is_some(), "{key} missing: {}", p.data);
         }
     }
@@ -217,7 +247,8 @@ fn five_thousand_peers_are_read_completely() {
     }
     const PEERS: usize = 5_000;
     let ns = NetNs::new("pwk").expect("namespace");
-    let wg = WireGuardGo::start(&ns, &plexd_metrics_tests::unique_name("wgk")).expect("wireguard-go");
+    let wg =
+        WireGuardGo::start(&ns, &plexd_metrics_tests::unique_name("wgk")).expect("wireguard-go");
     let keys: Vec<String> = (0..PEERS).map(|_| random_public_key()).collect();
     let mut conf = String::from("[Interface]\nListenPort = 51999\n");
     for (i, key) in keys.iter().enumerate() {
@@ -237,6 +268,8 @@ fn five_thousand_peers_are_read_completely() {
     let read: BTreeSet<&str> = peers.iter().map(|p| p.public_key.as_str()).collect();
     let configured: BTreeSet<&str> = keys.iter().map(String::as_str).collect();
     assert_eq!(read, configured);
-    assert!(peers.iter().all(|p| p.endpoint.is_some() && p.allowed_ips.len() == 1));
+    assert!(peers
+        .iter()
+        .all(|p| p.endpoint.is_some() && p.allowed_ips.len() == 1));
     assert_eq!(parse_dump(&wg.dump().expect("wg show dump")).len(), PEERS);
 }

@@ -84,13 +84,9 @@ fn demo(release: bool, agent: &std::path::Path) -> Result<()> {
     crate::setup::ensure(&[crate::setup::Need::Testbed])?;
     let root = workspace_root();
     let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    build.current_dir(&root).args([
-        "build",
-        "--package",
-        "plexd-metrics-tests",
-        "--bin",
-        "demo",
-    ]);
+    build
+        .current_dir(&root)
+        .args(["build", "--package", "plexd-metrics-tests", "--bin", "demo"]);
     if release {
         build.arg("--release");
     }

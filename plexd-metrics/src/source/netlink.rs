@@ -280,8 +280,8 @@ pub(crate) mod tests {
 
     #[test]
     fn an_error_carries_the_errno_and_the_request() {
-        let err = split_datagram(&error(9, -libc::EPERM), 9, "the WireGuard device dump")
-            .unwrap_err();
+        let err =
+            split_datagram(&error(9, -libc::EPERM), 9, "the WireGuard device dump").unwrap_err();
         assert_eq!(err.errno(), Some(libc::EPERM));
         assert!(
             err.to_string()

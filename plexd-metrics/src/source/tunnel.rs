@@ -9,7 +9,7 @@
 //! last counts of its old endpoint and the first of its new one in the interval of the move,
 //! so nothing it sent falls between two endpoints.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use rustc_hash::FxHashMap;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -89,7 +90,10 @@ impl Inner {
         if let Some(counters) = &self.counters {
             self.update_listen_ports(counters.as_ref(), &devices);
         }
-        let snapshot = self.counters.as_ref().and_then(|c| self.read_counters(c.as_ref()));
+        let snapshot = self
+            .counters
+            .as_ref()
+            .and_then(|c| self.read_counters(c.as_ref()));
         let names = self.names.current();
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         Ok(state.join(&devices, snapshot.as_ref(), now, &names, self.stale_after))
@@ -109,7 +113,9 @@ impl Inner {
                 *last = Some(ports);
             }
             // Tried again next cycle.
-            Err(e) => warn!(component = "metrics", error = %e, ports = ?ports, "cannot hand the WireGuard listen ports to the kernel programs"),
+            Err(e) => {
+                warn!(component = "metrics", error = %e, ports = ?ports, "cannot hand the WireGuard listen ports to the kernel programs")
+            }
         }
     }
 
@@ -118,11 +124,17 @@ impl Inner {
     /// once when it recovers, not every cycle.
     fn read_counters(&self, source: &dyn EndpointCounterSource) -> Option<CounterSnapshot> {
         let result = source.read_endpoints();
-        let mut failing = self.counters_failing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut failing = self
+            .counters_failing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         match result {
             Ok(snapshot) => {
                 if std::mem::replace(&mut *failing, false) {
-                    info!(component = "metrics", "eBPF endpoint counters readable again; packet loss is measured");
+                    info!(
+                        component = "metrics",
+                        "eBPF endpoint counters readable again; packet loss is measured"
+                    );
                 }
                 Some(snapshot)
             }
@@ -152,13 +164,26 @@ impl TunnelStatsReader for WireGuardTunnelReader {
     }
 }
 
+/// A peer's endpoint at the last read.
+#[derive(Debug)]
+struct Remembered {
+    endpoint: SocketAddr,
+    text: String,
+    generation: u64,
+}
+
 /// What the join remembers between reads.
 #[derive(Debug, Default)]
 pub struct JoinState {
     /// Each endpoint's cumulative counters at the last read that attributed it to a peer.
-    baseline: HashMap<SocketAddr, EndpointCounters>,
-    /// The endpoint each peer (device, public key) had at the last read.
-    endpoints: HashMap<(String, String), SocketAddr>,
+    baseline: FxHashMap<SocketAddr, EndpointCounters>,
+    /// Per device, per public key: the peer's endpoint at the last read, as reported, and
+    /// that read's number. Looked up by `&str`, so that a read allocates only for new
+    /// peers; the text is kept because formatting ten thousand addresses costs more than
+    /// copying them.
+    peers: FxHashMap<String, FxHashMap<String, Remembered>>,
+    /// Number of the current read.
+    generation: u64,
 }
 
 impl JoinState {
@@ -172,62 +197,109 @@ impl JoinState {
         names: &BTreeMap<String, String>,
         stale_after: Duration,
     ) -> Vec<TunnelStats> {
-        let peers: Vec<(&Device, &crate::source::wireguard::Peer)> = devices
-            .iter()
-            .flat_map(|d| d.peers.iter().map(move |p| (d, p)))
-            .collect();
+        let count: usize = devices.iter().map(|d| d.peers.len()).sum();
+        let mut stats = Vec::with_capacity(count);
+        let Some(snapshot) = snapshot else {
+            stats.extend(devices.iter().flat_map(|d| {
+                d.peers.iter().map(|p| {
+                    let text = p
+                        .endpoint
+                        .map(|e| endpoint_key(e).to_string())
+                        .unwrap_or_default();
+                    base_stats(p, text, now, names, stale_after)
+                })
+            }));
+            return stats;
+        };
         // Which peer each current endpoint belongs to; should two peers claim one endpoint,
         // the kernel's counts cannot be split between them and go to the first.
-        let mut claims: HashMap<SocketAddr, usize> = HashMap::with_capacity(peers.len());
-        for (i, (_, peer)) in peers.iter().enumerate() {
-            if let Some(e) = peer.endpoint {
-                claims.entry(endpoint_key(e)).or_insert(i);
+        let mut claims: FxHashMap<SocketAddr, usize> =
+            FxHashMap::with_capacity_and_hasher(count, Default::default());
+        let current: Vec<Option<SocketAddr>> = devices
+            .iter()
+            .flat_map(|d| d.peers.iter().map(|p| p.endpoint.map(endpoint_key)))
+            .collect();
+        for (i, e) in current.iter().enumerate() {
+            if let Some(e) = e {
+                claims.entry(*e).or_insert(i);
             }
         }
 
-        let mut stats = Vec::with_capacity(peers.len());
-        let mut next_endpoints = HashMap::with_capacity(peers.len());
-        let mut attributed: Vec<SocketAddr> = Vec::new();
-        for (i, (device, peer)) in peers.iter().enumerate() {
-            let id = (device.name.clone(), peer.public_key.clone());
-            let current = peer.endpoint.map(endpoint_key);
-            let mut mine: Vec<SocketAddr> = Vec::with_capacity(2);
-            if let Some(e) = current {
-                if claims.get(&e) == Some(&i) {
-                    mine.push(e);
+        self.generation += 1;
+        let generation = self.generation;
+        let mut attributed: Vec<SocketAddr> = Vec::with_capacity(count);
+        let mut i = 0;
+        for device in devices {
+            let memory = match self.peers.get_mut(device.name.as_str()) {
+                Some(m) => m,
+                None => self.peers.entry(device.name.clone()).or_default(),
+            };
+            for peer in &device.peers {
+                let now_at = current[i];
+                let mut mine = [None, None];
+                if let Some(e) = now_at {
+                    if claims.get(&e) == Some(&i) {
+                        mine[0] = Some(e);
+                    }
                 }
-                next_endpoints.insert(id.clone(), e);
-            }
-            if let Some(&previous) = self.endpoints.get(&id) {
-                if Some(previous) != current && !claims.contains_key(&previous) {
-                    mine.push(previous);
+                let (previous, text) = match memory.get_mut(peer.public_key.as_str()) {
+                    Some(slot) => {
+                        let previous = slot.endpoint;
+                        if let Some(e) = now_at.filter(|e| *e != previous) {
+                            slot.endpoint = e;
+                            slot.text = e.to_string();
+                        }
+                        slot.generation = generation;
+                        (Some(previous), slot.text.clone())
+                    }
+                    None => match now_at {
+                        Some(e) => {
+                            let text = e.to_string();
+                            memory.insert(
+                                peer.public_key.clone(),
+                                Remembered {
+                                    endpoint: e,
+                                    text: text.clone(),
+                                    generation,
+                                },
+                            );
+                            (None, text)
+                        }
+                        None => (None, String::new()),
+                    },
+                };
+                if let Some(previous) = previous {
+                    if Some(previous) != now_at && !claims.contains_key(&previous) {
+                        mine[1] = Some(previous);
+                    }
                 }
-            }
 
-            let mut s = base_stats(peer, now, names, stale_after);
-            if let Some(snapshot) = snapshot {
                 let mut sum = EndpointCounters::default();
-                for e in &mine {
-                    let now_counts = snapshot.endpoints.get(e).copied().unwrap_or_default();
-                    let before = self.baseline.get(e).copied().unwrap_or_default();
+                for e in mine.into_iter().flatten() {
+                    let now_counts = snapshot.endpoints.get(&e).copied().unwrap_or_default();
+                    let before = self.baseline.get(&e).copied().unwrap_or_default();
                     add(&mut sum, &since(&now_counts, &before));
+                    attributed.push(e);
                 }
-                attributed.extend(mine);
+                let mut s = base_stats(peer, text, now, names, stale_after);
                 fill_measured(&mut s, &sum);
+                stats.push(s);
+                i += 1;
             }
-            stats.push(s);
+            memory.retain(|_, r| r.generation == generation);
         }
+        self.peers
+            .retain(|name, _| devices.iter().any(|d| d.name == *name));
 
-        if let Some(snapshot) = snapshot {
-            for e in attributed {
-                if let Some(c) = snapshot.endpoints.get(&e) {
-                    self.baseline.insert(e, *c);
-                }
+        for e in attributed {
+            if let Some(c) = snapshot.endpoints.get(&e) {
+                self.baseline.insert(e, *c);
             }
-            // An endpoint the kernel no longer holds starts from zero if it comes back.
+        }
+        // An endpoint the kernel no longer holds starts from zero if it comes back.
+        if self.baseline.len() > snapshot.endpoints.len() / 2 {
             self.baseline
                 .retain(|e, _| snapshot.endpoints.contains_key(e));
-            self.endpoints = next_endpoints;
         }
         stats
     }
@@ -236,6 +308,7 @@ impl JoinState {
 /// The figures that come from the device alone.
 fn base_stats(
     peer: &crate::source::wireguard::Peer,
+    endpoint: String,
     now: SystemTime,
     names: &BTreeMap<String, String>,
     stale_after: Duration,
@@ -258,7 +331,7 @@ fn base_stats(
         handshake_succeeded: peer.last_handshake.is_some(),
         handshake_stale: stale,
         packet_loss_percent: -1.0,
-        endpoint: peer.endpoint.map(|e| endpoint_key(e).to_string()).unwrap_or_default(),
+        endpoint,
         ..TunnelStats::default()
     }
 }
@@ -283,21 +356,16 @@ fn fill_measured(s: &mut TunnelStats, d: &EndpointCounters) {
 /// Counts since `before`; when any counter went backwards the kernel's entry was created
 /// anew (the programs were attached again, or the entry was evicted), so all of `now` is new.
 fn since(now: &EndpointCounters, before: &EndpointCounters) -> EndpointCounters {
-    let pairs = fields(now).into_iter().zip(fields(before));
-    if pairs.clone().any(|(n, b)| n < b) {
+    let (n, b) = (fields(now), fields(before));
+    if n.iter().zip(&b).any(|(n, b)| n < b) {
         return *now;
     }
-    let d: Vec<u64> = pairs.map(|(n, b)| n - b).collect();
-    from_fields(&d)
+    from_fields(&std::array::from_fn(|i| n[i] - b[i]))
 }
 
 fn add(sum: &mut EndpointCounters, d: &EndpointCounters) {
-    let s: Vec<u64> = fields(sum)
-        .into_iter()
-        .zip(fields(d))
-        .map(|(a, b)| a.saturating_add(b))
-        .collect();
-    *sum = from_fields(&s);
+    let (s, d) = (fields(sum), fields(d));
+    *sum = from_fields(&std::array::from_fn(|i| s[i].saturating_add(d[i])));
 }
 
 fn fields(c: &EndpointCounters) -> [u64; 15] {
@@ -320,7 +388,7 @@ fn fields(c: &EndpointCounters) -> [u64; 15] {
     ]
 }
 
-fn from_fields(f: &[u64]) -> EndpointCounters {
+fn from_fields(f: &[u64; 15]) -> EndpointCounters {
     EndpointCounters {
         rx_packets: f[0],
         rx_bytes: f[1],
@@ -449,7 +517,13 @@ mod tests {
         devices: &[Device],
         snap: Option<&CounterSnapshot>,
     ) -> Vec<TunnelStats> {
-        state.join(devices, snap, at(T0), &BTreeMap::new(), Duration::from_secs(180))
+        state.join(
+            devices,
+            snap,
+            at(T0),
+            &BTreeMap::new(),
+            Duration::from_secs(180),
+        )
     }
 
     #[test]
@@ -475,7 +549,11 @@ mod tests {
     fn intervals_are_deltas_and_the_first_read_counts_since_attach() {
         let mut state = JoinState::default();
         let devices = device(vec![peer("A", Some("192.0.2.1:51820"))]);
-        let first = join(&mut state, &devices, Some(&snapshot(&[("192.0.2.1:51820", counts(98, 2))])));
+        let first = join(
+            &mut state,
+            &devices,
+            Some(&snapshot(&[("192.0.2.1:51820", counts(98, 2))])),
+        );
         assert_eq!(first[0].rx_packets, Some(98));
         assert_eq!(first[0].lost_packets, Some(2));
         assert_eq!(first[0].packet_loss_percent, 2.0);
@@ -485,15 +563,26 @@ mod tests {
         assert_eq!(first[0].handshakes_sent, Some(1));
         assert_eq!(first[0].handshakes_received, Some(3));
 
-        let second = join(&mut state, &devices, Some(&snapshot(&[("192.0.2.1:51820", counts(98 + 180, 2 + 20))])));
+        let second = join(
+            &mut state,
+            &devices,
+            Some(&snapshot(&[("192.0.2.1:51820", counts(98 + 180, 2 + 20))])),
+        );
         assert_eq!(second[0].rx_packets, Some(180));
         assert_eq!(second[0].lost_packets, Some(20));
         assert_eq!(second[0].packet_loss_percent, 10.0);
         assert_eq!(second[0].handshakes_sent, Some(0));
 
-        let idle = join(&mut state, &devices, Some(&snapshot(&[("192.0.2.1:51820", counts(278, 22))])));
+        let idle = join(
+            &mut state,
+            &devices,
+            Some(&snapshot(&[("192.0.2.1:51820", counts(278, 22))])),
+        );
         assert_eq!(idle[0].rx_packets, Some(0));
-        assert_eq!(idle[0].packet_loss_percent, 0.0, "nothing received or lost: 0, not NaN");
+        assert_eq!(
+            idle[0].packet_loss_percent, 0.0,
+            "nothing received or lost: 0, not NaN"
+        );
     }
 
     #[test]
@@ -501,7 +590,11 @@ mod tests {
         let mut state = JoinState::default();
         let old = "192.0.2.1:51820";
         let new = "198.51.100.9:40000";
-        join(&mut state, &device(vec![peer("A", Some(old))]), Some(&snapshot(&[(old, counts(100, 0))])));
+        join(
+            &mut state,
+            &device(vec![peer("A", Some(old))]),
+            Some(&snapshot(&[(old, counts(100, 0))])),
+        );
         // Between the reads the peer sent 10 more from the old address, then moved and sent
         // 50 from the new one, losing 5 there.
         let moved = device(vec![peer("A", Some(new))]);
@@ -537,7 +630,11 @@ mod tests {
         let s = join(
             &mut state,
             &device(vec![peer("A", Some(e3)), peer("B", Some(e1))]),
-            Some(&snapshot(&[(e1, counts(15, 0)), (e2, counts(12, 0)), (e3, counts(4, 0))])),
+            Some(&snapshot(&[
+                (e1, counts(15, 0)),
+                (e2, counts(12, 0)),
+                (e3, counts(4, 0)),
+            ])),
         );
         // e1's 5 new packets go to its owner now, B; A has its new endpoint's 4.
         assert_eq!(s[0].rx_packets, Some(4));
@@ -549,9 +646,17 @@ mod tests {
     fn counters_that_went_backwards_start_again() {
         let mut state = JoinState::default();
         let devices = device(vec![peer("A", Some("192.0.2.1:51820"))]);
-        join(&mut state, &devices, Some(&snapshot(&[("192.0.2.1:51820", counts(500, 5))])));
+        join(
+            &mut state,
+            &devices,
+            Some(&snapshot(&[("192.0.2.1:51820", counts(500, 5))])),
+        );
         // The programs were attached again: the counts restart from zero.
-        let s = join(&mut state, &devices, Some(&snapshot(&[("192.0.2.1:51820", counts(30, 1))])));
+        let s = join(
+            &mut state,
+            &devices,
+            Some(&snapshot(&[("192.0.2.1:51820", counts(30, 1))])),
+        );
         assert_eq!(s[0].rx_packets, Some(30));
         assert_eq!(s[0].lost_packets, Some(1));
     }
@@ -598,7 +703,10 @@ mod tests {
             .iter()
             .map(|s| (s.handshake_succeeded, s.handshake_stale))
             .collect();
-        assert_eq!(flags, [(true, false), (true, true), (false, true), (true, false)]);
+        assert_eq!(
+            flags,
+            [(true, false), (true, true), (false, true), (true, false)]
+        );
         assert_eq!(
             serde_json::to_value(&s[2]).unwrap()["last_handshake_time"],
             "0001-01-01T00:00:00Z",
@@ -627,10 +735,14 @@ mod tests {
     struct FakeDevices(Mutex<Result<Vec<Device>, String>>);
     impl DeviceSource for FakeDevices {
         fn read_devices(&self) -> Result<Vec<Device>, WireGuardError> {
-            self.0.lock().unwrap().clone().map_err(|message| WireGuardError::Decode {
-                device: "wg0".into(),
-                message,
-            })
+            self.0
+                .lock()
+                .unwrap()
+                .clone()
+                .map_err(|message| WireGuardError::Decode {
+                    device: "wg0".into(),
+                    message,
+                })
         }
     }
 
@@ -651,7 +763,10 @@ mod tests {
     #[tokio::test]
     async fn the_reader_joins_its_sources_and_survives_a_counter_failure() {
         let e = "192.0.2.1:51820";
-        let devices = Arc::new(FakeDevices(Mutex::new(Ok(device(vec![peer("A", Some(e))])))));
+        let devices = Arc::new(FakeDevices(Mutex::new(Ok(device(vec![peer(
+            "A",
+            Some(e),
+        )])))));
         let counters = Arc::new(FakeCounters(
             Mutex::new(vec![
                 Ok(snapshot(&[(e, counts(10, 0))])),
@@ -671,7 +786,10 @@ mod tests {
         let s = reader.read_tunnel_stats(&cancel).await.unwrap();
         assert_eq!(s[0].rx_packets, Some(10));
         let s = reader.read_tunnel_stats(&cancel).await.unwrap();
-        assert_eq!(s[0].packet_loss_percent, -1.0, "unreadable counters: loss unknown");
+        assert_eq!(
+            s[0].packet_loss_percent, -1.0,
+            "unreadable counters: loss unknown"
+        );
         assert_eq!(s[0].rx_packets, None);
         // Nothing is lost: the next good read covers both intervals.
         let s = reader.read_tunnel_stats(&cancel).await.unwrap();
@@ -705,7 +823,8 @@ mod tests {
             std::fs::write(&file, text).unwrap();
             // Make the change visible even on file systems with coarse timestamps.
             let f = std::fs::File::options().write(true).open(&file).unwrap();
-            f.set_modified(SystemTime::now() + Duration::from_secs(later)).unwrap();
+            f.set_modified(SystemTime::now() + Duration::from_secs(later))
+                .unwrap();
         };
         write_later(format!("{key}: second\n"), 60);
         assert_eq!(namer.current()[&key], "second");

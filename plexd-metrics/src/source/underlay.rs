@@ -49,10 +49,17 @@ pub fn route_interface(addr: IpAddr, mark: u32) -> Result<Option<String>, Netlin
     );
     let replies = match replies {
         Ok(r) => r,
-        Err(e) if matches!(
-            e.errno(),
-            Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EINVAL | libc::EACCES | libc::EPERM)
-        ) =>
+        Err(e)
+            if matches!(
+                e.errno(),
+                Some(
+                    libc::ENETUNREACH
+                        | libc::EHOSTUNREACH
+                        | libc::EINVAL
+                        | libc::EACCES
+                        | libc::EPERM
+                )
+            ) =>
         {
             // Unreachable, prohibited or blackholed: no packet leaves for it.
             return Ok(None);
@@ -60,12 +67,13 @@ pub fn route_interface(addr: IpAddr, mark: u32) -> Result<Option<String>, Netlin
         Err(e) => return Err(e),
     };
     for raw in replies {
-        let parsed = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&raw.bytes).map_err(|e| {
-            NetlinkError::Decode {
-                request: "the route lookup",
-                message: e.to_string(),
-            }
-        })?;
+        let parsed =
+            NetlinkMessage::<RouteNetlinkMessage>::deserialize(&raw.bytes).map_err(|e| {
+                NetlinkError::Decode {
+                    request: "the route lookup",
+                    message: e.to_string(),
+                }
+            })?;
         if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(route)) = parsed.payload {
             if let Some(index) = output_interface(&route) {
                 return Ok(nix::net::if_::if_indextoname(index)
@@ -85,7 +93,9 @@ fn route_query(addr: IpAddr, mark: u32) -> RouteMessage {
     };
     query.header.address_family = family;
     query.header.destination_prefix_length = len;
-    query.attributes.push(RouteAttribute::Destination(RouteAddress::from(addr)));
+    query
+        .attributes
+        .push(RouteAttribute::Destination(RouteAddress::from(addr)));
     if mark != 0 {
         query.attributes.push(RouteAttribute::Mark(mark));
     }
@@ -102,7 +112,10 @@ fn output_interface(route: &RouteMessage) -> Option<u32> {
 /// The interfaces that carry the devices' encrypted traffic: those of the routes to every
 /// peer's endpoint, or, while no peer has one yet (a server waiting for its clients), those
 /// of the default routes in `proc_root`.
-pub fn underlay_interfaces(devices: &[Device], proc_root: &Path) -> Result<Vec<String>, UnderlayError> {
+pub fn underlay_interfaces(
+    devices: &[Device],
+    proc_root: &Path,
+) -> Result<Vec<String>, UnderlayError> {
     let mut found = Vec::new();
     for device in devices {
         for peer in &device.peers {
@@ -173,7 +186,9 @@ mod tests {
     fn the_loopback_route_is_found_in_any_namespace() {
         // Every network namespace routes 127.0.0.1 through lo; no privilege is needed to ask.
         assert_eq!(
-            route_interface("127.0.0.1".parse().unwrap(), 0).unwrap().as_deref(),
+            route_interface("127.0.0.1".parse().unwrap(), 0)
+                .unwrap()
+                .as_deref(),
             Some("lo")
         );
     }

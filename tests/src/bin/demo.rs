@@ -48,7 +48,8 @@ fn main() {
     // process must live on to tear the mesh down.
     for signal in [Signal::SIGINT, Signal::SIGTERM] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        if let Err(e) = unsafe { nix::sys::signal::signal(signal, SigHandler::Handler(on_signal)) } {
+        if let Err(e) = unsafe { nix::sys::signal::signal(signal, SigHandler::Handler(on_signal)) }
+        {
             eprintln!("demo: cannot handle {signal}: {e}");
             std::process::exit(1);
         }
@@ -134,7 +135,11 @@ fn run(agent: &std::path::Path) -> std::io::Result<()> {
 
 /// One screen: the latest tunnel point per peer, as a table.
 fn show(batch: &[MetricPoint], log: &std::path::Path) {
-    let Some(latest) = batch.iter().filter(|p| p.group == "tunnel").map(|p| p.timestamp).max()
+    let Some(latest) = batch
+        .iter()
+        .filter(|p| p.group == "tunnel")
+        .map(|p| p.timestamp)
+        .max()
     else {
         return;
     };
@@ -149,9 +154,20 @@ fn show(batch: &[MetricPoint], log: &std::path::Path) {
     ));
     out.push_str(&format!(
         "{:<14} {:<20} {:>10} {:>12} {:>12} {:>8} {:>8} {:>6} {:>6}\n",
-        "peer", "endpoint", "handshake", "rx bytes", "tx bytes", "rx pkts", "lost", "late", "loss %"
+        "peer",
+        "endpoint",
+        "handshake",
+        "rx bytes",
+        "tx bytes",
+        "rx pkts",
+        "lost",
+        "late",
+        "loss %"
     ));
-    for p in batch.iter().filter(|p| p.group == "tunnel" && p.timestamp == latest) {
+    for p in batch
+        .iter()
+        .filter(|p| p.group == "tunnel" && p.timestamp == latest)
+    {
         let d = &p.data;
         let count = |key: &str| d[key].as_u64().map_or("-".to_owned(), |n| n.to_string());
         let handshake = if d["handshake_succeeded"] == true {

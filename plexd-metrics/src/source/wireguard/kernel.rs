@@ -6,9 +6,7 @@
 //! several messages, and a peer with many allowed IPs over two or more, repeating its
 //! public key at the start of the next one; the merge joins those parts back together.
 
-use netlink_packet_core::{
-    NetlinkMessage, NetlinkPayload, NlasIterator, NLM_F_DUMP,
-};
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NlasIterator, NLM_F_DUMP};
 use netlink_packet_generic::ctrl::nlas::GenlCtrlAttrs;
 use netlink_packet_generic::ctrl::{GenlCtrl, GenlCtrlCmd};
 use netlink_packet_generic::GenlMessage;
@@ -105,12 +103,13 @@ pub fn device_names() -> Result<Vec<String>, WireGuardError> {
     let replies = socket.dump(message, "the interface list")?;
     let mut names = Vec::new();
     for raw in &replies {
-        let parsed = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&raw.bytes).map_err(
-            |e| NetlinkError::Decode {
-                request: "the interface list",
-                message: e.to_string(),
-            },
-        )?;
+        let parsed =
+            NetlinkMessage::<RouteNetlinkMessage>::deserialize(&raw.bytes).map_err(|e| {
+                NetlinkError::Decode {
+                    request: "the interface list",
+                    message: e.to_string(),
+                }
+            })?;
         if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) = parsed.payload {
             if let Some(name) = wireguard_link_name(&link) {
                 names.push(name);
@@ -175,7 +174,10 @@ pub(crate) fn decode_device(name: &str, replies: &[RawMessage]) -> Result<Device
 
 /// Adds one peer entry of a dump message, or continues the previous peer when the entry
 /// repeats its key (its allowed IPs went on in this message).
-fn merge_peer(peers: &mut Vec<Peer>, attributes: Vec<WireguardPeerAttribute>) -> Result<(), String> {
+fn merge_peer(
+    peers: &mut Vec<Peer>,
+    attributes: Vec<WireguardPeerAttribute>,
+) -> Result<(), String> {
     let key = attributes
         .iter()
         .find_map(|a| match a {
@@ -204,13 +206,14 @@ fn merge_peer(peers: &mut Vec<Peer>, attributes: Vec<WireguardPeerAttribute>) ->
                 peer.persistent_keepalive = (secs != 0).then_some(secs);
             }
             WireguardPeerAttribute::LastHandshake(ts) => {
-                peer.last_handshake = match (u64::try_from(ts.seconds), u32::try_from(ts.nano_seconds)) {
-                    (Ok(0), Ok(0)) => None,
-                    (Ok(secs), Ok(nanos)) if nanos < 1_000_000_000 => {
-                        Some(SystemTime::UNIX_EPOCH + Duration::new(secs, nanos))
-                    }
-                    _ => return Err(format!("invalid handshake time {ts:?}")),
-                };
+                peer.last_handshake =
+                    match (u64::try_from(ts.seconds), u32::try_from(ts.nano_seconds)) {
+                        (Ok(0), Ok(0)) => None,
+                        (Ok(secs), Ok(nanos)) if nanos < 1_000_000_000 => {
+                            Some(SystemTime::UNIX_EPOCH + Duration::new(secs, nanos))
+                        }
+                        _ => return Err(format!("invalid handshake time {ts:?}")),
+                    };
             }
             WireguardPeerAttribute::AllowedIps(ips) => {
                 for ip in ips {
@@ -337,8 +340,14 @@ mod tests {
         let first_peer = {
             let mut p = nla(WGPEER_A_PUBLIC_KEY, &[1; 32]);
             p.extend(nla(WGPEER_A_ENDPOINT, &sockaddr_in([192, 0, 2, 7], 51821)));
-            p.extend(nla(WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL, &25u16.to_ne_bytes()));
-            p.extend(nla(WGPEER_A_LAST_HANDSHAKE_TIME, &timespec(1_770_892_195, 5)));
+            p.extend(nla(
+                WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL,
+                &25u16.to_ne_bytes(),
+            ));
+            p.extend(nla(
+                WGPEER_A_LAST_HANDSHAKE_TIME,
+                &timespec(1_770_892_195, 5),
+            ));
             p.extend(nla(WGPEER_A_RX_BYTES, &104_857_600u64.to_ne_bytes()));
             p.extend(nla(WGPEER_A_TX_BYTES, &52_428_800u64.to_ne_bytes()));
             let mut ips = allowed_ip([10, 100, 0, 2], 32);
@@ -348,7 +357,10 @@ mod tests {
         };
         let continued = {
             let mut p = nla(WGPEER_A_PUBLIC_KEY, &[1; 32]);
-            p.extend(nla(WGPEER_A_ALLOWEDIPS | NESTED, &allowed_ip([10, 102, 0, 0], 16)));
+            p.extend(nla(
+                WGPEER_A_ALLOWEDIPS | NESTED,
+                &allowed_ip([10, 102, 0, 0], 16),
+            ));
             nla(NESTED, &p)
         };
         let second_peer = {
@@ -403,7 +415,11 @@ mod tests {
         let first = crate::source::netlink::split_datagram(&datagram, 5, "dump").unwrap();
         assert!(!first.done);
         let done = message(NLMSG_DONE, NLM_F_MULTIPART, 5, &0i32.to_ne_bytes());
-        assert!(crate::source::netlink::split_datagram(&done, 5, "dump").unwrap().done);
+        assert!(
+            crate::source::netlink::split_datagram(&done, 5, "dump")
+                .unwrap()
+                .done
+        );
         let d = decode_device("wg0", &first.messages).unwrap();
         assert_eq!(d.peers.len(), 2);
     }
@@ -431,7 +447,10 @@ mod tests {
         payload.extend(nla(2, b"wireguard\0"));
         payload.extend(nla(CTRL_ATTR_FAMILY_ID, &0x1cu16.to_ne_bytes()));
         payload.extend(nla(99, &[0; 8])); // an attribute from a newer kernel
-        assert_eq!(family_id(&message(GENL_ID_CTRL, 0, 1, &payload)), Some(0x1c));
+        assert_eq!(
+            family_id(&message(GENL_ID_CTRL, 0, 1, &payload)),
+            Some(0x1c)
+        );
         assert_eq!(family_id(&message(GENL_ID_CTRL, 0, 1, &[1, 2, 0, 0])), None);
     }
 
@@ -441,12 +460,18 @@ mod tests {
         link.attributes.push(LinkAttribute::IfName("wg0".into()));
         assert_eq!(wireguard_link_name(&link), None);
         link.attributes
-            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Wireguard)]));
+            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
+                InfoKind::Wireguard,
+            )]));
         assert_eq!(wireguard_link_name(&link).as_deref(), Some("wg0"));
         let mut tun = LinkMessage::default();
         tun.attributes.push(LinkAttribute::IfName("wgo".into()));
         tun.attributes
             .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Tun)]));
-        assert_eq!(wireguard_link_name(&tun), None, "wireguard-go's TUN is not kernel WireGuard");
+        assert_eq!(
+            wireguard_link_name(&tun),
+            None,
+            "wireguard-go's TUN is not kernel WireGuard"
+        );
     }
 }

@@ -228,20 +228,19 @@ impl DeviceSource for SystemDevices {
         let mut problems = Vec::new();
         // Without kernel WireGuard (or without a usable netlink socket) the userspace
         // devices are still read.
-        let (mut kernel, kernel_names) =
-            match kernel::KernelClient::connect().and_then(|client| {
-                let names = match client {
-                    Some(_) => kernel::device_names()?,
-                    None => Vec::new(),
-                };
-                Ok((client, names))
-            }) {
-                Ok(found) => found,
-                Err(e) => {
-                    problems.push(e);
-                    (None, Vec::new())
-                }
+        let (mut kernel, kernel_names) = match kernel::KernelClient::connect().and_then(|client| {
+            let names = match client {
+                Some(_) => kernel::device_names()?,
+                None => Vec::new(),
             };
+            Ok((client, names))
+        }) {
+            Ok(found) => found,
+            Err(e) => {
+                problems.push(e);
+                (None, Vec::new())
+            }
+        };
         let wanted: Vec<String> = if self.interfaces.is_empty() {
             let mut all = kernel_names.clone();
             for name in uapi::socket_names(&self.socket_dir)? {
@@ -364,7 +363,9 @@ mod tests {
         assert!(!is_base64_key("not a key"));
         assert!(!is_base64_key(&key[..43]));
         // 33 bytes encode to 44 characters too, without padding.
-        assert!(!is_base64_key(&base64::engine::general_purpose::STANDARD.encode([1u8; 33])[..44]));
+        assert!(!is_base64_key(
+            &base64::engine::general_purpose::STANDARD.encode([1u8; 33])[..44]
+        ));
     }
 
     #[test]
