@@ -102,7 +102,7 @@ fn the_reader_agrees_with_wg_show_dump() {
         .run(|| underlay_interfaces(&devices, std::path::Path::new("/proc")))
         .expect("enter namespace")
         .expect("find the underlay");
-    assert_eq!(underlay, [node.underlay_dev.clone()]);
+    assert_eq!(underlay, std::slice::from_ref(&node.underlay_dev));
 }
 
 #[test]

@@ -408,10 +408,14 @@ fn from_fields(f: &[u64; 15]) -> EndpointCounters {
     }
 }
 
+/// Public key to name, shared between reads.
+type Names = Arc<BTreeMap<String, String>>;
+
 /// The peer names in force: the config's map, or the file's, read again when it changed.
 struct PeerNamer {
     file: Option<PathBuf>,
-    cached: Mutex<(Option<SystemTime>, Arc<BTreeMap<String, String>>)>,
+    /// The file's modification time when it was last read, and the names then in force.
+    cached: Mutex<(Option<SystemTime>, Names)>,
 }
 
 impl PeerNamer {
