@@ -97,6 +97,7 @@ impl Agent {
                 wireguard.peer_names.clone(),
                 wireguard.stale_after,
             );
+            tunnel.hand_listen_ports(&found);
             collectors.push(Arc::new(TunnelCollector::new(tunnel)));
         }
         let reporter: Arc<dyn MetricReporter> = Arc::new(StdoutReporter::new());

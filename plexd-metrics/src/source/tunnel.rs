@@ -77,6 +77,15 @@ impl WireGuardTunnelReader {
         }
     }
 
+    /// Hands the listen ports of `devices` to the kernel programs now, so that they count
+    /// from the start rather than from the first collect. Later changes are handed over by
+    /// the reads themselves.
+    pub fn hand_listen_ports(&self, devices: &[Device]) {
+        if let Some(counters) = &self.inner.counters {
+            self.inner.update_listen_ports(counters.as_ref(), devices);
+        }
+    }
+
     /// One read, on the calling thread (which may block): what
     /// [`TunnelStatsReader::read_tunnel_stats`] runs on a blocking thread.
     pub fn read_blocking(&self, now: SystemTime) -> Result<Vec<TunnelStats>, TunnelError> {
@@ -786,6 +795,9 @@ mod tests {
             PeerNames::default(),
             Duration::from_secs(180),
         );
+        // At start, before any read, the kernel programs learn the ports.
+        reader.hand_listen_ports(&device(vec![]));
+        assert_eq!(*counters.1.lock().unwrap(), [vec![51820]]);
         let cancel = CancellationToken::new();
         let s = reader.read_tunnel_stats(&cancel).await.unwrap();
         assert_eq!(s[0].rx_packets, Some(10));

@@ -181,28 +181,6 @@ impl SystemDevices {
         }
     }
 
-    /// The names of the devices that would be read now, with their implementation, without
-    /// reading their peers. Userspace devices count only when their interface exists in
-    /// this network namespace: the socket directory is shared by all namespaces.
-    pub fn discover(&self) -> Result<Vec<(String, Implementation)>, WireGuardError> {
-        let mut found: Vec<(String, Implementation)> = match kernel::KernelClient::connect()? {
-            Some(_) => kernel::device_names()?
-                .into_iter()
-                .map(|name| (name, Implementation::Kernel))
-                .collect(),
-            None => Vec::new(),
-        };
-        for name in uapi::socket_names(&self.socket_dir)? {
-            if !found.iter().any(|(n, _)| *n == name) && interface_exists(&name) {
-                found.push((name, Implementation::Userspace));
-            }
-        }
-        if !self.interfaces.is_empty() {
-            found.retain(|(name, _)| self.interfaces.contains(name));
-        }
-        Ok(found)
-    }
-
     fn read_userspace(&self, name: &str) -> Result<Device, WireGuardError> {
         let socket = uapi::socket_path(&self.socket_dir, name);
         uapi::read_device(name, &socket).map_err(|source| {
