@@ -347,6 +347,31 @@ mod tests {
     }
 
     #[test]
+    fn a_configured_device_that_is_nowhere_is_named_with_the_setting() {
+        let dir = std::env::temp_dir().join(format!("plexd-wg-none-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let err = SystemDevices::new(vec!["wgnope0".into()], &dir)
+            .read_devices()
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "WireGuard interface wgnope0 not found: no kernel WireGuard device of that name in \
+                 this network namespace and no UAPI socket {}/wgnope0.sock; check \
+                 metrics.wireguard.interfaces",
+                dir.display()
+            )
+        );
+        // Without configured names, no device is no error; an empty socket directory adds
+        // no userspace device (a machine with kernel WireGuard may still list its own).
+        let found = SystemDevices::new(vec![], &dir).read_devices().unwrap();
+        assert!(found
+            .iter()
+            .all(|d| d.implementation == Implementation::Kernel));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn allowed_ips_print_like_wg() {
         let ip = AllowedIp {
             addr: "10.0.0.0".parse().unwrap(),
