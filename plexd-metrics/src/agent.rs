@@ -12,7 +12,7 @@ use tracing::{debug, error, info, warn};
 use crate::api::MetricBatch;
 use crate::collector::{
     AgentStatsCollector, Collector, KernelCounters, LatencyCollector, LatencySettings,
-    ReconnectCounter, SystemCollector,
+    ReconnectCounter, SystemCollector, TunnelCollector,
 };
 use crate::config::Config;
 use crate::manager::{DeliveryStats, Manager, RunOutcome};
@@ -20,10 +20,14 @@ use crate::reporter::{
     ControlPlaneReporter, LocalReporter, MetricReporter, MultiReporter, ReportError, StdoutReporter,
 };
 use crate::secret::{NodeSecretKey, SecretError};
-use crate::source::ebpf::{default_route_interfaces, UnderlayProbe};
+use crate::source::counters::EndpointCounterSource;
+use crate::source::ebpf::UnderlayProbe;
 use crate::source::icmp::{IcmpOptions, IcmpPinger};
 use crate::source::peers::{MeshPeers, MeshPinger};
 use crate::source::proc::LinuxSystemReader;
+use crate::source::tunnel::WireGuardTunnelReader;
+use crate::source::underlay::underlay_interfaces;
+use crate::source::wireguard::{Device, DeviceSource, SystemDevices};
 
 /// Why the agent could not start. Every variant is a configuration or environment
 /// problem the user has to fix; the binary exits with code 2 for them.
@@ -59,8 +63,19 @@ impl Agent {
         let reader = LinuxSystemReader::new(&system.proc_root, &system.mount_point, net_interface);
         reader.check()?;
 
+        let wireguard = &cfg.metrics.wireguard;
+        let tunnel_on = cfg.metrics.enabled && wireguard.enabled;
+        let devices = SystemDevices::new(wireguard.interfaces.clone(), &wireguard.socket_dir);
+        // What is there at start: which devices the tunnel group will report, and where
+        // their encrypted traffic goes (for the kernel programs).
+        let found = if tunnel_on || cfg.metrics.ebpf.interfaces.is_empty() {
+            read_devices_at_start(&devices, tunnel_on)
+        } else {
+            Vec::new()
+        };
+
         let probe = if cfg.metrics.enabled && cfg.metrics.ebpf.enabled {
-            attach_probe(cfg)
+            attach_probe(cfg, &found)
         } else {
             None
         };
@@ -76,6 +91,25 @@ impl Agent {
         ];
         if cfg.metrics.enabled && cfg.metrics.latency.enabled {
             collectors.extend(latency_collector(cfg));
+        }
+        if tunnel_on {
+            let counters = endpoint_counters(probe.as_ref());
+            if counters.is_none() {
+                warn!(
+                    component = "metrics",
+                    "packet loss is not measured: the kernel programs do not count WireGuard \
+                     endpoints here, so the tunnel group reports packet_loss_percent -1 and no \
+                     packet counts (the device state is still reported)"
+                );
+            }
+            let tunnel = WireGuardTunnelReader::new(
+                Arc::new(devices),
+                counters,
+                wireguard.peer_names.clone(),
+                wireguard.stale_after,
+            );
+            tunnel.hand_listen_ports(&found);
+            collectors.push(Arc::new(TunnelCollector::new(tunnel)));
         }
         let reporter = build_reporter(cfg)?;
 
@@ -214,17 +248,52 @@ fn latency_collector(cfg: &Config) -> Option<Arc<dyn Collector>> {
     )))
 }
 
-fn attach_probe(cfg: &Config) -> Option<Arc<UnderlayProbe>> {
-    let interfaces = if cfg.metrics.ebpf.interfaces.is_empty() {
-        match default_route_interfaces(&cfg.metrics.system.proc_root) {
-            Ok(found) if !found.is_empty() => found,
-            Ok(_) => {
-                warn!(
-                    component = "metrics",
-                    "no default route found to attach the kernel programs to; set metrics.ebpf.interfaces"
-                );
-                return None;
+/// The kernel programs' per-endpoint counts for the tunnel join.
+///
+/// `None` while [`UnderlayProbe`] does not implement [`EndpointCounterSource`]: the tunnel
+/// group then reports the device state with `packet_loss_percent` -1.
+fn endpoint_counters(
+    _probe: Option<&Arc<UnderlayProbe>>,
+) -> Option<Arc<dyn EndpointCounterSource>> {
+    None
+}
+
+/// Reads the WireGuard devices once at start and says what was found. Devices may also
+/// appear later: the tunnel group reads them again every cycle.
+fn read_devices_at_start(devices: &SystemDevices, tunnel_on: bool) -> Vec<Device> {
+    match devices.read_devices() {
+        Ok(found) => {
+            if tunnel_on {
+                if found.is_empty() {
+                    info!(
+                        component = "metrics",
+                        "no WireGuard device yet; the tunnel group reports peers once one appears"
+                    );
+                } else {
+                    let names: Vec<String> = found
+                        .iter()
+                        .map(|d| {
+                            format!("{} ({}, {} peers)", d.name, d.implementation, d.peers.len())
+                        })
+                        .collect();
+                    info!(component = "metrics", devices = ?names, "WireGuard devices found");
+                }
             }
+            found
+        }
+        Err(e) => {
+            if tunnel_on {
+                warn!(component = "metrics", error = %e, "cannot read the WireGuard devices at start; the tunnel group tries again every cycle");
+            }
+            Vec::new()
+        }
+    }
+}
+
+fn attach_probe(cfg: &Config, devices: &[Device]) -> Option<Arc<UnderlayProbe>> {
+    let interfaces = if cfg.metrics.ebpf.interfaces.is_empty() {
+        match underlay_interfaces(devices, &cfg.metrics.system.proc_root) {
+            Ok(found) => found,
             Err(e) => {
                 warn!(component = "metrics", error = %e, "cannot find the underlay interfaces; set metrics.ebpf.interfaces");
                 return None;

@@ -117,6 +117,8 @@ pub struct MetricsConfig {
     pub ebpf: EbpfConfig,
     /// ICMP round-trip times to the mesh peers.
     pub latency: LatencyConfig,
+    /// Where the `tunnel` group reads the WireGuard devices.
+    pub wireguard: WireGuardConfig,
 }
 
 impl Default for MetricsConfig {
@@ -131,6 +133,7 @@ impl Default for MetricsConfig {
             system: SystemConfig::default(),
             ebpf: EbpfConfig::default(),
             latency: LatencyConfig::default(),
+            wireguard: WireGuardConfig::default(),
         }
     }
 }
@@ -273,6 +276,37 @@ impl Default for LatencyConfig {
     }
 }
 
+/// The WireGuard devices whose peers the `tunnel` group reports.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WireGuardConfig {
+    /// Report the `tunnel` group at all.
+    pub enabled: bool,
+    /// Interfaces to read; empty means every WireGuard device of the network namespace,
+    /// kernel and userspace.
+    pub interfaces: Vec<String>,
+    /// A handshake older than this is stale (WireGuard rekeys every 2 minutes while traffic
+    /// flows, so a healthy tunnel never gets there).
+    #[serde(deserialize_with = "duration", serialize_with = "duration_text")]
+    pub stale_after: Duration,
+    /// Names to report instead of public keys.
+    pub peer_names: PeerNames,
+    /// Where userspace implementations (wireguard-go, boringtun) keep their UAPI sockets.
+    pub socket_dir: PathBuf,
+}
+
+impl Default for WireGuardConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interfaces: Vec::new(),
+            stale_after: Duration::from_secs(180),
+            peer_names: PeerNames::default(),
+            socket_dir: PathBuf::from(crate::source::wireguard::DEFAULT_SOCKET_DIR),
+        }
+    }
+}
+
 impl LatencyConfig {
     /// The targets with their addresses parsed; entries that do not parse are left out (they
     /// cannot be there after [`Config::validate`] passed).
@@ -336,6 +370,118 @@ impl LatencyConfig {
 /// IFNAMSIZ is 16 including the terminating NUL; the kernel also refuses `/` and whitespace.
 fn valid_interface_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 15 && !name.contains(['/', ' ', '\t', '\n', ':'])
+}
+
+/// Peer names, written in the config or kept in a file of their own (which another tool may
+/// rewrite while the agent runs: it is read again when it changes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerNames {
+    /// Public key (base64) to name.
+    Map(BTreeMap<String, String>),
+    /// A YAML (or JSON) file holding such a map.
+    File(PathBuf),
+}
+
+impl Default for PeerNames {
+    fn default() -> Self {
+        Self::Map(BTreeMap::new())
+    }
+}
+
+impl<'de> Deserialize<'de> for PeerNames {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = PeerNames;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a map of public key to name, or the path of a file holding one")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PeerNames, E> {
+                Ok(PeerNames::File(PathBuf::from(v)))
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<PeerNames, E> {
+                Ok(PeerNames::default())
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<PeerNames, A::Error> {
+                BTreeMap::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(PeerNames::Map)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+// Written back as it was given: a map, or the file's path (for the environment's key list).
+impl Serialize for PeerNames {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Map(map) => map.serialize(s),
+            Self::File(path) => path.serialize(s),
+        }
+    }
+}
+
+impl PeerNames {
+    /// The names: the map itself, or the file's map, read and checked now.
+    pub fn load(&self) -> Result<BTreeMap<String, String>, Vec<String>> {
+        match self {
+            Self::Map(map) => check_peer_names(map).map(|()| map.clone()),
+            Self::File(path) => read_peer_names_file(path),
+        }
+    }
+}
+
+/// Reads a peer names file: a YAML (or JSON) map of public key to name. An empty file
+/// names no one.
+pub fn read_peer_names_file(path: &Path) -> Result<BTreeMap<String, String>, Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        vec![format!(
+            "metrics: config: wireguard.peer_names: cannot read {}: {e}",
+            path.display()
+        )]
+    })?;
+    if text.trim().is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let map: BTreeMap<String, String> = serde_yaml_ng::from_str(&text).map_err(|e| {
+        vec![format!(
+            "metrics: config: wireguard.peer_names: {} is not a map of public key to name: {e}",
+            path.display()
+        )]
+    })?;
+    check_peer_names(&map).map(|()| map)
+}
+
+/// Every key must be a WireGuard public key and every name non-empty and used once, so that
+/// a `peer_id` always means one peer.
+fn check_peer_names(map: &BTreeMap<String, String>) -> Result<(), Vec<String>> {
+    let mut problems = Vec::new();
+    let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+    for (key, name) in map {
+        if !crate::source::wireguard::is_base64_key(key) {
+            problems.push(format!(
+                "metrics: config: wireguard.peer_names: {key:?} is not a WireGuard public key \
+                 (44 characters of base64, as `wg show` prints it)"
+            ));
+        }
+        if name.trim().is_empty() {
+            problems.push(format!(
+                "metrics: config: wireguard.peer_names: the name of {key} is empty"
+            ));
+        } else if let Some(other) = seen.insert(name, key) {
+            problems.push(format!(
+                "metrics: config: wireguard.peer_names: {name:?} names both {other} and {key}"
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
 }
 
 /// Why a configuration could not be used.
@@ -770,6 +916,27 @@ impl MetricsConfig {
             }
         }
         self.latency.validate_into(self.collect_interval, problems);
+        if self.wireguard.enabled {
+            self.wireguard.validate_into(problems);
+        }
+    }
+}
+
+impl WireGuardConfig {
+    fn validate_into(&self, problems: &mut Vec<String>) {
+        for name in &self.interfaces {
+            if !valid_interface_name(name) {
+                problems.push(format!(
+                    "metrics: config: wireguard: invalid interface name {name:?}"
+                ));
+            }
+        }
+        if self.stale_after.is_zero() {
+            problems.push("metrics: config: wireguard.stale_after must be > 0".to_owned());
+        }
+        if let Err(found) = self.peer_names.load() {
+            problems.extend(found);
+        }
     }
 }
 
@@ -1368,6 +1535,124 @@ metrics:
         assert_eq!(
             problems("metrics: { ebpf: { interfaces: [eth0, 'a-name-that-is-too-long'] } }"),
             [r#"metrics: config: ebpf: invalid interface name "a-name-that-is-too-long""#]
+        );
+    }
+
+    const KEY: &str = "WEAuaVuhdyscyTCXVfBDJR6nf9zxD75jmJzq6OeitcA=";
+    const OTHER_KEY: &str = "Zi4U/VlFVvUiYEcDNANRJYkDtk81VTdj8ZQmqypRXFg=";
+
+    #[test]
+    fn wireguard_defaults() {
+        let wg = Config::parse("").unwrap().metrics.wireguard;
+        assert!(wg.enabled);
+        assert!(wg.interfaces.is_empty());
+        assert_eq!(wg.stale_after, Duration::from_secs(180));
+        assert_eq!(wg.peer_names, PeerNames::Map(BTreeMap::new()));
+        assert_eq!(wg.socket_dir, Path::new("/var/run/wireguard"));
+    }
+
+    #[test]
+    fn wireguard_keys_parse() {
+        let cfg = Config::parse(&format!(
+            "metrics:\n  wireguard:\n    interfaces: [wg0, wg1]\n    stale_after: 5m\n    socket_dir: /host/run/wireguard\n    peer_names:\n      {KEY}: gateway-1\n"
+        ))
+        .unwrap();
+        let wg = &cfg.metrics.wireguard;
+        assert_eq!(wg.interfaces, ["wg0", "wg1"]);
+        assert_eq!(wg.stale_after, Duration::from_secs(300));
+        assert_eq!(wg.socket_dir, Path::new("/host/run/wireguard"));
+        assert_eq!(
+            wg.peer_names.load().unwrap(),
+            BTreeMap::from([(KEY.to_owned(), "gateway-1".to_owned())])
+        );
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn wireguard_rules_have_clear_texts() {
+        assert_eq!(
+            problems("metrics: { wireguard: { stale_after: 0s, interfaces: ['wg 0'] } }"),
+            [
+                r#"metrics: config: wireguard: invalid interface name "wg 0""#,
+                "metrics: config: wireguard.stale_after must be > 0",
+            ]
+        );
+        assert_eq!(
+            problems(&format!(
+                "metrics: {{ wireguard: {{ peer_names: {{ not-a-key: a, {KEY}: '', {OTHER_KEY}: b }} }} }}"
+            )),
+            [
+                format!("metrics: config: wireguard.peer_names: the name of {KEY} is empty"),
+                r#"metrics: config: wireguard.peer_names: "not-a-key" is not a WireGuard public key (44 characters of base64, as `wg show` prints it)"#.to_owned(),
+            ]
+        );
+        assert_eq!(
+            problems(&format!(
+                "metrics: {{ wireguard: {{ peer_names: {{ {KEY}: gw, {OTHER_KEY}: gw }} }} }}"
+            )),
+            [format!(
+                r#"metrics: config: wireguard.peer_names: "gw" names both {KEY} and {OTHER_KEY}"#
+            )]
+        );
+        // A disabled tunnel group is not validated.
+        assert!(problems("metrics: { wireguard: { enabled: false, stale_after: 0s } }").is_empty());
+    }
+
+    #[test]
+    fn peer_names_may_come_from_a_file() {
+        let dir = std::env::temp_dir().join(format!("plexd-names-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("names.json");
+        std::fs::write(&file, format!(r#"{{"{KEY}": "gateway-1"}}"#)).unwrap();
+        let cfg = Config::parse(&format!(
+            "metrics: {{ wireguard: {{ peer_names: {} }} }}",
+            file.display()
+        ))
+        .unwrap();
+        assert_eq!(
+            cfg.metrics.wireguard.peer_names,
+            PeerNames::File(file.clone())
+        );
+        cfg.validate().unwrap();
+        assert_eq!(
+            cfg.metrics.wireguard.peer_names.load().unwrap()[KEY],
+            "gateway-1"
+        );
+
+        std::fs::write(&file, "[just, a, list]").unwrap();
+        let p = problems(&format!(
+            "metrics: {{ wireguard: {{ peer_names: {} }} }}",
+            file.display()
+        ));
+        assert_eq!(p.len(), 1);
+        assert!(
+            p[0].starts_with(&format!(
+                "metrics: config: wireguard.peer_names: {} is not a map of public key to name: ",
+                file.display()
+            )),
+            "{p:?}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        let p = problems(&format!(
+            "metrics: {{ wireguard: {{ peer_names: {} }} }}",
+            file.display()
+        ));
+        assert!(
+            p[0].starts_with(&format!(
+                "metrics: config: wireguard.peer_names: cannot read {}: ",
+                file.display()
+            )),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn peer_names_of_another_shape_are_explained() {
+        let e = Config::parse("metrics: { wireguard: { peer_names: [a, b] } }").unwrap_err();
+        assert!(e.contains("metrics.wireguard.peer_names"), "{e}");
+        assert!(
+            e.contains("a map of public key to name, or the path of a file holding one"),
+            "{e}"
         );
     }
 

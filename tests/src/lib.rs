@@ -9,7 +9,9 @@
 //! `PLEXD_METRICS_REQUIRE_PRIVILEGED=1`, which turns a skip into a failure.
 
 pub mod control_plane;
+pub mod mesh;
 pub mod targets;
+pub mod wireguard;
 
 use std::fmt;
 use std::fs::File;

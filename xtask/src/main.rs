@@ -27,7 +27,7 @@ enum Command {
     Run(run::Options),
     /// Run every test this machine can run, privileged ones included.
     Test(test::Options),
-    /// Measure the performance targets against baselines in the same run (needs root).
+    /// Measure the performance goals, each beside a baseline from the same run.
     Bench(bench::Options),
 }
 

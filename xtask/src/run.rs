@@ -14,6 +14,11 @@ pub struct Options {
     /// Build in release mode.
     #[arg(long)]
     release: bool,
+    /// Build a throw-away mesh of three wireguard-go nodes in network namespaces (one link
+    /// lossy), run the agent in one of them and show its tunnel group live; Ctrl-C removes
+    /// everything.
+    #[arg(long, conflicts_with = "args")]
+    demo: bool,
     /// Arguments for the agent (after `--`). Without any, the agent runs with
     /// examples/dev.yaml: short intervals, stdout sink, eBPF on the default route's interface.
     #[arg(last = true)]
@@ -41,6 +46,9 @@ pub fn run(o: &Options) -> Result<()> {
         .join("target")
         .join(if o.release { "release" } else { "debug" })
         .join("plexd-metrics");
+    if o.demo {
+        return demo(o.release, &binary);
+    }
     let mut args = o.args.clone();
     if args.is_empty() {
         let dev = root.join("examples/dev.yaml");
@@ -69,6 +77,35 @@ pub fn run(o: &Options) -> Result<()> {
     // exec, so that Ctrl-C and SIGTERM reach the agent directly and its exit code is ours.
     let err = agent.exec();
     Err(err).with_context(|| format!("cannot start {}", binary.display()))
+}
+
+/// Builds the demo next to the agent and replaces this process with it.
+fn demo(release: bool, agent: &std::path::Path) -> Result<()> {
+    crate::setup::ensure(&[crate::setup::Need::Testbed])?;
+    let root = workspace_root();
+    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    build
+        .current_dir(&root)
+        .args(["build", "--package", "plexd-metrics-tests", "--bin", "demo"]);
+    if release {
+        build.arg("--release");
+    }
+    run_cmd(&mut build)?;
+    let demo = agent.with_file_name("demo");
+    let mut cmd = if is_root() {
+        Command::new(&demo)
+    } else if which("sudo") {
+        eprintln!("xtask: not root; running the demo through sudo");
+        let mut c = Command::new("sudo");
+        c.arg(&demo);
+        c
+    } else {
+        bail!("the demo needs root (network namespaces, wireguard-go, eBPF) and sudo is not installed; run as root");
+    };
+    cmd.arg("--agent").arg(agent);
+    eprintln!("xtask: running {cmd:?}");
+    let err = cmd.exec();
+    Err(err).with_context(|| format!("cannot start {}", demo.display()))
 }
 
 /// Whether `program` is on PATH.

@@ -15,7 +15,7 @@ pub use agent::{
 };
 pub use latency::{LatencyCollector, LatencyResult, LatencySettings, PeerLister, Pinger};
 pub use system::{SystemCollector, SystemReader, SystemStats};
-pub use tunnel::{TunnelCollector, TunnelStats, TunnelStatsReader};
+pub use tunnel::{no_handshake_time, TunnelCollector, TunnelStats, TunnelStatsReader};
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;

@@ -8,17 +8,19 @@ use tokio_util::sync::CancellationToken;
 use super::{BoxError, CollectError, Collector};
 use crate::api::{MetricPoint, GROUP_TUNNEL};
 
-/// One peer's tunnel health over the last collect interval: the spec's `TunnelStats` and
-/// the extra keys this agent measures. Counts are for the interval, not since start.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// One peer's tunnel health: the spec's `TunnelStats` and the extra keys this agent
+/// measures. `rx_bytes` and `tx_bytes` are the device's own counters, cumulative as the Go
+/// agent reports them; the extra packet counts are for the last collect interval.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TunnelStats {
     /// The peer's public key (base64), or its configured name.
     pub peer_id: String,
-    /// When the last handshake completed; the Unix epoch when there was none.
+    /// When the last handshake completed; Go's zero time (`0001-01-01T00:00:00Z`) when none
+    /// ever did, as the Go agent reports it.
     pub last_handshake_time: DateTime<Utc>,
-    /// Bytes received from the peer, as the WireGuard device counts them.
+    /// Bytes received from the peer since the device started, as WireGuard counts them.
     pub rx_bytes: u64,
-    /// Bytes sent to the peer, as the WireGuard device counts them.
+    /// Bytes sent to the peer since the device started, as WireGuard counts them.
     pub tx_bytes: u64,
     /// Whether a handshake has ever completed.
     pub handshake_succeeded: bool,
@@ -50,6 +52,40 @@ pub struct TunnelStats {
     /// Handshake initiations and responses received from the peer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handshakes_received: Option<u64>,
+}
+
+impl Default for TunnelStats {
+    /// A peer that never shook hands, with loss not measured.
+    fn default() -> Self {
+        Self {
+            peer_id: String::new(),
+            last_handshake_time: no_handshake_time(),
+            rx_bytes: 0,
+            tx_bytes: 0,
+            handshake_succeeded: false,
+            handshake_stale: true,
+            packet_loss_percent: -1.0,
+            endpoint: String::new(),
+            rx_packets: None,
+            tx_packets: None,
+            lost_packets: None,
+            late_packets: None,
+            duplicate_packets: None,
+            handshakes_sent: None,
+            handshakes_received: None,
+        }
+    }
+}
+
+/// Go's zero `time.Time`, which the Go agent (through wgctrl) reports for a peer that never
+/// shook hands.
+pub fn no_handshake_time() -> DateTime<Utc> {
+    DateTime::<Utc>::from_naive_utc_and_offset(
+        chrono::NaiveDate::from_ymd_opt(1, 1, 1)
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+            .expect("0001-01-01 is a valid date"),
+        Utc,
+    )
 }
 
 /// Reads every peer's tunnel health: the spec's `TunnelStatsReader`.

@@ -4,5 +4,9 @@
 pub mod counters;
 pub mod ebpf;
 pub mod icmp;
+pub mod netlink;
 pub mod peers;
 pub mod proc;
+pub mod tunnel;
+pub mod underlay;
+pub mod wireguard;

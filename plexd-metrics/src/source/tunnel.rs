@@ -1,0 +1,852 @@
+//! The `tunnel` group's reader: WireGuard device state joined with the kernel programs'
+//! per-endpoint counters, one [`TunnelStats`] per peer.
+//!
+//! The device says who the peers are, where they are (their endpoint), when they last
+//! shook hands and how many bytes crossed the tunnel. The kernel programs count per remote
+//! endpoint, cumulatively since they were attached. The join turns those counts into
+//! per-interval figures per peer: it remembers each endpoint's counts at the last read that
+//! attributed it to a peer, and the endpoint each peer had then. A peer that roamed gets the
+//! last counts of its old endpoint and the first of its new one in the interval of the move,
+//! so nothing it sent falls between two endpoints.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use rustc_hash::FxHashMap;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::collector::{no_handshake_time, BoxError, TunnelStats, TunnelStatsReader};
+use crate::config::{read_peer_names_file, PeerNames};
+use crate::source::counters::{CounterSnapshot, EndpointCounterSource, EndpointCounters};
+use crate::source::wireguard::{endpoint_key, listen_ports, Device, DeviceSource, WireGuardError};
+
+/// Why the tunnel stats could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// The WireGuard devices could not be read.
+    #[error(transparent)]
+    Devices(#[from] WireGuardError),
+    /// The blocking read did not finish (it panicked or the runtime is shutting down).
+    #[error("the WireGuard read did not finish: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Joins [`DeviceSource`] and, when the kernel programs run, [`EndpointCounterSource`]: the
+/// agent's [`TunnelStatsReader`].
+#[derive(Clone)]
+pub struct WireGuardTunnelReader {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    devices: Arc<dyn DeviceSource>,
+    counters: Option<Arc<dyn EndpointCounterSource>>,
+    names: PeerNamer,
+    stale_after: Duration,
+    state: Mutex<JoinState>,
+    counters_failing: Mutex<bool>,
+    /// The listen ports last handed to the kernel programs.
+    ports: Mutex<Option<Vec<u16>>>,
+}
+
+impl WireGuardTunnelReader {
+    /// A reader over `devices`; `counters` is `None` when the kernel programs do not run,
+    /// and `packet_loss_percent` is then -1.
+    pub fn new(
+        devices: Arc<dyn DeviceSource>,
+        counters: Option<Arc<dyn EndpointCounterSource>>,
+        names: PeerNames,
+        stale_after: Duration,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                devices,
+                counters,
+                names: PeerNamer::new(names),
+                stale_after,
+                state: Mutex::new(JoinState::default()),
+                counters_failing: Mutex::new(false),
+                ports: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// Hands the listen ports of `devices` to the kernel programs now, so that they count
+    /// from the start rather than from the first collect. Later changes are handed over by
+    /// the reads themselves.
+    pub fn hand_listen_ports(&self, devices: &[Device]) {
+        if let Some(counters) = &self.inner.counters {
+            self.inner.update_listen_ports(counters.as_ref(), devices);
+        }
+    }
+
+    /// One read, on the calling thread (which may block): what
+    /// [`TunnelStatsReader::read_tunnel_stats`] runs on a blocking thread.
+    pub fn read_blocking(&self, now: SystemTime) -> Result<Vec<TunnelStats>, TunnelError> {
+        self.inner.read(now)
+    }
+}
+
+impl Inner {
+    fn read(&self, now: SystemTime) -> Result<Vec<TunnelStats>, TunnelError> {
+        let devices = self.devices.read_devices()?;
+        if let Some(counters) = &self.counters {
+            self.update_listen_ports(counters.as_ref(), &devices);
+        }
+        let snapshot = self
+            .counters
+            .as_ref()
+            .and_then(|c| self.read_counters(c.as_ref()));
+        let names = self.names.current();
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(state.join(&devices, snapshot.as_ref(), now, &names, self.stale_after))
+    }
+
+    /// Devices come and go and change ports while the agent runs; the kernel programs learn
+    /// the new set before the counters are read.
+    fn update_listen_ports(&self, source: &dyn EndpointCounterSource, devices: &[Device]) {
+        let ports = listen_ports(devices);
+        let mut last = self.ports.lock().unwrap_or_else(|p| p.into_inner());
+        if last.as_ref() == Some(&ports) {
+            return;
+        }
+        match source.set_listen_ports(&ports) {
+            Ok(()) => {
+                info!(component = "metrics", ports = ?ports, "WireGuard listen ports handed to the kernel programs");
+                *last = Some(ports);
+            }
+            // Tried again next cycle.
+            Err(e) => {
+                warn!(component = "metrics", error = %e, ports = ?ports, "cannot hand the WireGuard listen ports to the kernel programs")
+            }
+        }
+    }
+
+    /// The counters, or `None` for this cycle when they cannot be read: the device state is
+    /// still worth reporting, with loss unknown (-1). Said once when it starts failing and
+    /// once when it recovers, not every cycle.
+    fn read_counters(&self, source: &dyn EndpointCounterSource) -> Option<CounterSnapshot> {
+        let result = source.read_endpoints();
+        let mut failing = self
+            .counters_failing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(snapshot) => {
+                if std::mem::replace(&mut *failing, false) {
+                    info!(
+                        component = "metrics",
+                        "eBPF endpoint counters readable again; packet loss is measured"
+                    );
+                }
+                Some(snapshot)
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut *failing, true) {
+                    warn!(component = "metrics", error = %e, "cannot read the eBPF endpoint counters; packet_loss_percent is -1 until they can be read again");
+                }
+                None
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl TunnelStatsReader for WireGuardTunnelReader {
+    async fn read_tunnel_stats(
+        &self,
+        _cancel: &CancellationToken,
+    ) -> Result<Vec<TunnelStats>, BoxError> {
+        // Sockets and maps are read with blocking calls, each bounded by a timeout; with
+        // thousands of peers that takes milliseconds the async workers should not spend.
+        let inner = Arc::clone(&self.inner);
+        let stats = tokio::task::spawn_blocking(move || inner.read(SystemTime::now()))
+            .await
+            .map_err(TunnelError::from)??;
+        Ok(stats)
+    }
+}
+
+/// A peer's endpoint at the last read.
+#[derive(Debug)]
+struct Remembered {
+    endpoint: SocketAddr,
+    text: String,
+    generation: u64,
+}
+
+/// What the join remembers between reads.
+#[derive(Debug, Default)]
+pub struct JoinState {
+    /// Each endpoint's cumulative counters at the last read that attributed it to a peer.
+    baseline: FxHashMap<SocketAddr, EndpointCounters>,
+    /// Per device, per public key: the peer's endpoint at the last read, as reported, and
+    /// that read's number. Looked up by `&str`, so that a read allocates only for new
+    /// peers; the text is kept because formatting ten thousand addresses costs more than
+    /// copying them.
+    peers: FxHashMap<String, FxHashMap<String, Remembered>>,
+    /// Number of the current read.
+    generation: u64,
+}
+
+impl JoinState {
+    /// One [`TunnelStats`] per peer of `devices`, with the interval's counts from
+    /// `snapshot` (none when the kernel programs do not run).
+    pub fn join(
+        &mut self,
+        devices: &[Device],
+        snapshot: Option<&CounterSnapshot>,
+        now: SystemTime,
+        names: &BTreeMap<String, String>,
+        stale_after: Duration,
+    ) -> Vec<TunnelStats> {
+        let count: usize = devices.iter().map(|d| d.peers.len()).sum();
+        let mut stats = Vec::with_capacity(count);
+        let Some(snapshot) = snapshot else {
+            stats.extend(devices.iter().flat_map(|d| {
+                d.peers.iter().map(|p| {
+                    let text = p
+                        .endpoint
+                        .map(|e| endpoint_key(e).to_string())
+                        .unwrap_or_default();
+                    base_stats(p, text, now, names, stale_after)
+                })
+            }));
+            return stats;
+        };
+        // Which peer each current endpoint belongs to; should two peers claim one endpoint,
+        // the kernel's counts cannot be split between them and go to the first.
+        let mut claims: FxHashMap<SocketAddr, usize> =
+            FxHashMap::with_capacity_and_hasher(count, Default::default());
+        let current: Vec<Option<SocketAddr>> = devices
+            .iter()
+            .flat_map(|d| d.peers.iter().map(|p| p.endpoint.map(endpoint_key)))
+            .collect();
+        for (i, e) in current.iter().enumerate() {
+            if let Some(e) = e {
+                claims.entry(*e).or_insert(i);
+            }
+        }
+
+        self.generation += 1;
+        let generation = self.generation;
+        let mut attributed: Vec<SocketAddr> = Vec::with_capacity(count);
+        let mut i = 0;
+        for device in devices {
+            let memory = match self.peers.get_mut(device.name.as_str()) {
+                Some(m) => m,
+                None => self.peers.entry(device.name.clone()).or_default(),
+            };
+            for peer in &device.peers {
+                let now_at = current[i];
+                let mut mine = [None, None];
+                if let Some(e) = now_at {
+                    if claims.get(&e) == Some(&i) {
+                        mine[0] = Some(e);
+                    }
+                }
+                let (previous, text) = match memory.get_mut(peer.public_key.as_str()) {
+                    Some(slot) => {
+                        let previous = slot.endpoint;
+                        if let Some(e) = now_at.filter(|e| *e != previous) {
+                            slot.endpoint = e;
+                            slot.text = e.to_string();
+                        }
+                        slot.generation = generation;
+                        (Some(previous), slot.text.clone())
+                    }
+                    None => match now_at {
+                        Some(e) => {
+                            let text = e.to_string();
+                            memory.insert(
+                                peer.public_key.clone(),
+                                Remembered {
+                                    endpoint: e,
+                                    text: text.clone(),
+                                    generation,
+                                },
+                            );
+                            (None, text)
+                        }
+                        None => (None, String::new()),
+                    },
+                };
+                if let Some(previous) = previous {
+                    if Some(previous) != now_at && !claims.contains_key(&previous) {
+                        mine[1] = Some(previous);
+                    }
+                }
+
+                let mut sum = EndpointCounters::default();
+                for e in mine.into_iter().flatten() {
+                    let now_counts = snapshot.endpoints.get(&e).copied().unwrap_or_default();
+                    let before = self.baseline.get(&e).copied().unwrap_or_default();
+                    add(&mut sum, &since(&now_counts, &before));
+                    attributed.push(e);
+                }
+                let mut s = base_stats(peer, text, now, names, stale_after);
+                fill_measured(&mut s, &sum);
+                stats.push(s);
+                i += 1;
+            }
+            memory.retain(|_, r| r.generation == generation);
+        }
+        self.peers
+            .retain(|name, _| devices.iter().any(|d| d.name == *name));
+
+        for e in attributed {
+            if let Some(c) = snapshot.endpoints.get(&e) {
+                self.baseline.insert(e, *c);
+            }
+        }
+        // An endpoint the kernel no longer holds starts from zero if it comes back.
+        if self.baseline.len() > snapshot.endpoints.len() / 2 {
+            self.baseline
+                .retain(|e, _| snapshot.endpoints.contains_key(e));
+        }
+        stats
+    }
+}
+
+/// The figures that come from the device alone.
+fn base_stats(
+    peer: &crate::source::wireguard::Peer,
+    endpoint: String,
+    now: SystemTime,
+    names: &BTreeMap<String, String>,
+    stale_after: Duration,
+) -> TunnelStats {
+    let stale = match peer.last_handshake {
+        None => true,
+        // A handshake "in the future" (the clock was set back) is recent, not stale.
+        Some(t) => now.duration_since(t).is_ok_and(|age| age > stale_after),
+    };
+    TunnelStats {
+        peer_id: names
+            .get(&peer.public_key)
+            .cloned()
+            .unwrap_or_else(|| peer.public_key.clone()),
+        last_handshake_time: peer
+            .last_handshake
+            .map_or_else(no_handshake_time, DateTime::<Utc>::from),
+        rx_bytes: peer.rx_bytes,
+        tx_bytes: peer.tx_bytes,
+        handshake_succeeded: peer.last_handshake.is_some(),
+        handshake_stale: stale,
+        packet_loss_percent: -1.0,
+        endpoint,
+        ..TunnelStats::default()
+    }
+}
+
+/// The interval's figures measured by the kernel programs.
+fn fill_measured(s: &mut TunnelStats, d: &EndpointCounters) {
+    let seen = d.rx_packets + d.lost;
+    s.packet_loss_percent = if seen == 0 {
+        0.0
+    } else {
+        d.lost as f64 / seen as f64 * 100.0
+    };
+    s.rx_packets = Some(d.rx_packets);
+    s.tx_packets = Some(d.tx_packets);
+    s.lost_packets = Some(d.lost);
+    s.late_packets = Some(d.late);
+    s.duplicate_packets = Some(d.duplicate);
+    s.handshakes_sent = Some(d.initiations_sent + d.responses_sent);
+    s.handshakes_received = Some(d.initiations_received + d.responses_received);
+}
+
+/// Counts since `before`; when any counter went backwards the kernel's entry was created
+/// anew (the programs were attached again, or the entry was evicted), so all of `now` is new.
+fn since(now: &EndpointCounters, before: &EndpointCounters) -> EndpointCounters {
+    let (n, b) = (fields(now), fields(before));
+    if n.iter().zip(&b).any(|(n, b)| n < b) {
+        return *now;
+    }
+    from_fields(&std::array::from_fn(|i| n[i] - b[i]))
+}
+
+fn add(sum: &mut EndpointCounters, d: &EndpointCounters) {
+    let (s, d) = (fields(sum), fields(d));
+    *sum = from_fields(&std::array::from_fn(|i| s[i].saturating_add(d[i])));
+}
+
+fn fields(c: &EndpointCounters) -> [u64; 15] {
+    [
+        c.rx_packets,
+        c.rx_bytes,
+        c.tx_packets,
+        c.tx_bytes,
+        c.rx_keepalives,
+        c.tx_keepalives,
+        c.initiations_sent,
+        c.initiations_received,
+        c.responses_sent,
+        c.responses_received,
+        c.cookie_replies,
+        c.malformed,
+        c.lost,
+        c.late,
+        c.duplicate,
+    ]
+}
+
+fn from_fields(f: &[u64; 15]) -> EndpointCounters {
+    EndpointCounters {
+        rx_packets: f[0],
+        rx_bytes: f[1],
+        tx_packets: f[2],
+        tx_bytes: f[3],
+        rx_keepalives: f[4],
+        tx_keepalives: f[5],
+        initiations_sent: f[6],
+        initiations_received: f[7],
+        responses_sent: f[8],
+        responses_received: f[9],
+        cookie_replies: f[10],
+        malformed: f[11],
+        lost: f[12],
+        late: f[13],
+        duplicate: f[14],
+    }
+}
+
+/// Public key to name, shared between reads.
+type Names = Arc<BTreeMap<String, String>>;
+
+/// The peer names in force: the config's map, or the file's, read again when it changed.
+struct PeerNamer {
+    file: Option<PathBuf>,
+    /// The file's modification time when it was last read, and the names then in force.
+    cached: Mutex<(Option<SystemTime>, Names)>,
+}
+
+impl PeerNamer {
+    fn new(names: PeerNames) -> Self {
+        match names {
+            PeerNames::Map(map) => Self {
+                file: None,
+                cached: Mutex::new((None, Arc::new(map))),
+            },
+            PeerNames::File(path) => {
+                let namer = Self {
+                    file: Some(path),
+                    cached: Mutex::new((None, Arc::new(BTreeMap::new()))),
+                };
+                namer.current();
+                namer
+            }
+        }
+    }
+
+    fn current(&self) -> Arc<BTreeMap<String, String>> {
+        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(path) = &self.file else {
+            return Arc::clone(&cached.1);
+        };
+        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        if modified.is_some() && modified != cached.0 {
+            match read_peer_names_file(path) {
+                Ok(map) => {
+                    info!(component = "metrics", file = %path.display(), peers = map.len(), "peer names loaded");
+                    *cached = (modified, Arc::new(map));
+                }
+                Err(problems) => {
+                    // Remember the bad version so that it is reported once, not every cycle.
+                    cached.0 = modified;
+                    warn!(component = "metrics", error = %problems.join("; "), "peer names file not used; keeping the names loaded before");
+                }
+            }
+        }
+        Arc::clone(&cached.1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::wireguard::{Implementation, Peer};
+
+    const T0: u64 = 1_770_892_200;
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    fn peer(key: &str, endpoint: Option<&str>) -> Peer {
+        Peer {
+            public_key: key.to_owned(),
+            endpoint: endpoint.map(|e| e.parse().unwrap()),
+            allowed_ips: vec![],
+            last_handshake: Some(at(T0 - 5)),
+            rx_bytes: 104_857_600,
+            tx_bytes: 52_428_800,
+            persistent_keepalive: None,
+        }
+    }
+
+    fn device(peers: Vec<Peer>) -> Vec<Device> {
+        vec![Device {
+            name: "wg0".into(),
+            implementation: Implementation::Userspace,
+            listen_port: 51820,
+            fwmark: 0,
+            peers,
+        }]
+    }
+
+    fn counts(rx: u64, lost: u64) -> EndpointCounters {
+        EndpointCounters {
+            rx_packets: rx,
+            tx_packets: rx * 2,
+            lost,
+            late: lost / 2,
+            duplicate: 1,
+            initiations_sent: 1,
+            responses_received: 1,
+            initiations_received: 2,
+            ..EndpointCounters::default()
+        }
+    }
+
+    fn snapshot(entries: &[(&str, EndpointCounters)]) -> CounterSnapshot {
+        CounterSnapshot {
+            endpoints: entries
+                .iter()
+                .map(|(e, c)| (e.parse().unwrap(), *c))
+                .collect(),
+            map_overflows: 0,
+        }
+    }
+
+    fn join(
+        state: &mut JoinState,
+        devices: &[Device],
+        snap: Option<&CounterSnapshot>,
+    ) -> Vec<TunnelStats> {
+        state.join(
+            devices,
+            snap,
+            at(T0),
+            &BTreeMap::new(),
+            Duration::from_secs(180),
+        )
+    }
+
+    #[test]
+    fn without_ebpf_loss_is_minus_one_and_the_measured_keys_are_absent() {
+        let stats = join(
+            &mut JoinState::default(),
+            &device(vec![peer("A", Some("192.0.2.1:51820"))]),
+            None,
+        );
+        assert_eq!(stats.len(), 1);
+        let s = &stats[0];
+        assert_eq!(s.packet_loss_percent, -1.0);
+        assert_eq!(s.rx_packets, None);
+        assert_eq!(s.lost_packets, None);
+        assert_eq!(s.endpoint, "192.0.2.1:51820");
+        assert_eq!((s.rx_bytes, s.tx_bytes), (104_857_600, 52_428_800));
+        let json = serde_json::to_value(s).unwrap();
+        assert!(json.get("rx_packets").is_none(), "{json}");
+        assert_eq!(json["packet_loss_percent"], -1.0);
+    }
+
+    #[test]
+    fn intervals_are_deltas_and_the_first_read_counts_since_attach() {
+        let mut state = JoinState::default();
+        let devices = device(vec![peer("A", Some("192.0.2.1:51820"))]);
+        let first = join(
+            &mut state,
+            &devices,
+            Some(&snapshot(&[("192.0.2.1:51820", counts(98, 2))])),
+        );
+        assert_eq!(first[0].rx_packets, Some(98));
+        assert_eq!(first[0].lost_packets, Some(2));
+        assert_eq!(first[0].packet_loss_percent, 2.0);
+        assert_eq!(first[0].tx_packets, Some(196));
+        assert_eq!(first[0].late_packets, Some(1));
+        assert_eq!(first[0].duplicate_packets, Some(1));
+        assert_eq!(first[0].handshakes_sent, Some(1));
+        assert_eq!(first[0].handshakes_received, Some(3));
+
+        let second = join(
+            &mut state,
+            &devices,
+            Some(&snapshot(&[("192.0.2.1:51820", counts(98 + 180, 2 + 20))])),
+        );
+        assert_eq!(second[0].rx_packets, Some(180));
+        assert_eq!(second[0].lost_packets, Some(20));
+        assert_eq!(second[0].packet_loss_percent, 10.0);
+        assert_eq!(second[0].handshakes_sent, Some(0));
+
+        let idle = join(
+            &mut state,
+            &devices,
+            Some(&snapshot(&[("192.0.2.1:51820", counts(278, 22))])),
+        );
+        assert_eq!(idle[0].rx_packets, Some(0));
+        assert_eq!(
+            idle[0].packet_loss_percent, 0.0,
+            "nothing received or lost: 0, not NaN"
+        );
+    }
+
+    #[test]
+    fn a_roaming_peer_keeps_its_history_and_gets_both_endpoints_in_the_move() {
+        let mut state = JoinState::default();
+        let old = "192.0.2.1:51820";
+        let new = "198.51.100.9:40000";
+        join(
+            &mut state,
+            &device(vec![peer("A", Some(old))]),
+            Some(&snapshot(&[(old, counts(100, 0))])),
+        );
+        // Between the reads the peer sent 10 more from the old address, then moved and sent
+        // 50 from the new one, losing 5 there.
+        let moved = device(vec![peer("A", Some(new))]);
+        let s = join(
+            &mut state,
+            &moved,
+            Some(&snapshot(&[(old, counts(110, 0)), (new, counts(50, 5))])),
+        );
+        assert_eq!(s[0].rx_packets, Some(60));
+        assert_eq!(s[0].lost_packets, Some(5));
+        assert_eq!(s[0].endpoint, new);
+        // Afterwards only the new endpoint is the peer's: strays on the old one are not.
+        let s = join(
+            &mut state,
+            &moved,
+            Some(&snapshot(&[(old, counts(111, 0)), (new, counts(70, 5))])),
+        );
+        assert_eq!(s[0].rx_packets, Some(20));
+    }
+
+    #[test]
+    fn an_old_endpoint_taken_over_by_another_peer_is_not_counted_twice() {
+        let mut state = JoinState::default();
+        let e1 = "192.0.2.1:51820";
+        let e2 = "192.0.2.2:51820";
+        join(
+            &mut state,
+            &device(vec![peer("A", Some(e1)), peer("B", Some(e2))]),
+            Some(&snapshot(&[(e1, counts(10, 0)), (e2, counts(10, 0))])),
+        );
+        // A moves to a new address and B (behind the same NAT) gets A's old one.
+        let e3 = "192.0.2.3:51820";
+        let s = join(
+            &mut state,
+            &device(vec![peer("A", Some(e3)), peer("B", Some(e1))]),
+            Some(&snapshot(&[
+                (e1, counts(15, 0)),
+                (e2, counts(12, 0)),
+                (e3, counts(4, 0)),
+            ])),
+        );
+        // e1's 5 new packets go to its owner now, B; A has its new endpoint's 4.
+        assert_eq!(s[0].rx_packets, Some(4));
+        // B also gets the last 2 of its own old endpoint e2, which nobody holds now.
+        assert_eq!(s[1].rx_packets, Some(5 + 2));
+    }
+
+    #[test]
+    fn counters_that_went_backwards_start_again() {
+        let mut state = JoinState::default();
+        let devices = device(vec![peer("A", Some("192.0.2.1:51820"))]);
+        join(
+            &mut state,
+            &devices,
+            Some(&snapshot(&[("192.0.2.1:51820", counts(500, 5))])),
+        );
+        // The programs were attached again: the counts restart from zero.
+        let s = join(
+            &mut state,
+            &devices,
+            Some(&snapshot(&[("192.0.2.1:51820", counts(30, 1))])),
+        );
+        assert_eq!(s[0].rx_packets, Some(30));
+        assert_eq!(s[0].lost_packets, Some(1));
+    }
+
+    #[test]
+    fn a_peer_without_endpoint_reports_zero_measured_traffic() {
+        let s = join(
+            &mut JoinState::default(),
+            &device(vec![peer("A", None)]),
+            Some(&snapshot(&[("192.0.2.1:51820", counts(10, 1))])),
+        );
+        assert_eq!(s[0].rx_packets, Some(0));
+        assert_eq!(s[0].packet_loss_percent, 0.0);
+        assert_eq!(s[0].endpoint, "");
+    }
+
+    #[test]
+    fn ipv4_mapped_endpoints_match_the_kernel_counts() {
+        let s = join(
+            &mut JoinState::default(),
+            &device(vec![peer("A", Some("[::ffff:192.0.2.1]:51820"))]),
+            Some(&snapshot(&[("192.0.2.1:51820", counts(10, 0))])),
+        );
+        assert_eq!(s[0].rx_packets, Some(10));
+        assert_eq!(s[0].endpoint, "192.0.2.1:51820");
+    }
+
+    #[test]
+    fn handshake_age_decides_succeeded_and_stale() {
+        let mut p_recent = peer("recent", None);
+        p_recent.last_handshake = Some(at(T0 - 180));
+        let mut p_old = peer("old", None);
+        p_old.last_handshake = Some(at(T0 - 181));
+        let mut p_never = peer("never", None);
+        p_never.last_handshake = None;
+        let mut p_future = peer("future", None);
+        p_future.last_handshake = Some(at(T0 + 30));
+        let s = join(
+            &mut JoinState::default(),
+            &device(vec![p_recent, p_old, p_never, p_future]),
+            None,
+        );
+        let flags: Vec<(bool, bool)> = s
+            .iter()
+            .map(|s| (s.handshake_succeeded, s.handshake_stale))
+            .collect();
+        assert_eq!(
+            flags,
+            [(true, false), (true, true), (false, true), (true, false)]
+        );
+        assert_eq!(
+            serde_json::to_value(&s[2]).unwrap()["last_handshake_time"],
+            "0001-01-01T00:00:00Z",
+            "Go's zero time, as the Go agent reports it"
+        );
+        assert_eq!(
+            serde_json::to_value(&s[0]).unwrap()["last_handshake_time"],
+            "2026-02-12T10:27:00Z"
+        );
+    }
+
+    #[test]
+    fn names_replace_keys_in_peer_id() {
+        let names = BTreeMap::from([("A".to_owned(), "gateway-1".to_owned())]);
+        let s = JoinState::default().join(
+            &device(vec![peer("A", None), peer("B", None)]),
+            None,
+            at(T0),
+            &names,
+            Duration::from_secs(180),
+        );
+        assert_eq!(s[0].peer_id, "gateway-1");
+        assert_eq!(s[1].peer_id, "B");
+    }
+
+    struct FakeDevices(Mutex<Result<Vec<Device>, String>>);
+    impl DeviceSource for FakeDevices {
+        fn read_devices(&self) -> Result<Vec<Device>, WireGuardError> {
+            self.0
+                .lock()
+                .unwrap()
+                .clone()
+                .map_err(|message| WireGuardError::Decode {
+                    device: "wg0".into(),
+                    message,
+                })
+        }
+    }
+
+    struct FakeCounters(
+        Mutex<Vec<Result<CounterSnapshot, String>>>,
+        Mutex<Vec<Vec<u16>>>,
+    );
+    impl EndpointCounterSource for FakeCounters {
+        fn read_endpoints(&self) -> Result<CounterSnapshot, BoxError> {
+            self.0.lock().unwrap().remove(0).map_err(Into::into)
+        }
+        fn set_listen_ports(&self, ports: &[u16]) -> Result<(), BoxError> {
+            self.1.lock().unwrap().push(ports.to_vec());
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn the_reader_joins_its_sources_and_survives_a_counter_failure() {
+        let e = "192.0.2.1:51820";
+        let devices = Arc::new(FakeDevices(Mutex::new(Ok(device(vec![peer(
+            "A",
+            Some(e),
+        )])))));
+        let counters = Arc::new(FakeCounters(
+            Mutex::new(vec![
+                Ok(snapshot(&[(e, counts(10, 0))])),
+                Err("map gone".into()),
+                Ok(snapshot(&[(e, counts(30, 10))])),
+                Ok(snapshot(&[(e, counts(30, 10))])),
+            ]),
+            Mutex::new(vec![]),
+        ));
+        let reader = WireGuardTunnelReader::new(
+            devices.clone(),
+            Some(counters.clone()),
+            PeerNames::default(),
+            Duration::from_secs(180),
+        );
+        // At start, before any read, the kernel programs learn the ports.
+        reader.hand_listen_ports(&device(vec![]));
+        assert_eq!(*counters.1.lock().unwrap(), [vec![51820]]);
+        let cancel = CancellationToken::new();
+        let s = reader.read_tunnel_stats(&cancel).await.unwrap();
+        assert_eq!(s[0].rx_packets, Some(10));
+        let s = reader.read_tunnel_stats(&cancel).await.unwrap();
+        assert_eq!(
+            s[0].packet_loss_percent, -1.0,
+            "unreadable counters: loss unknown"
+        );
+        assert_eq!(s[0].rx_packets, None);
+        // Nothing is lost: the next good read covers both intervals.
+        let s = reader.read_tunnel_stats(&cancel).await.unwrap();
+        assert_eq!(s[0].rx_packets, Some(20));
+        assert_eq!(s[0].lost_packets, Some(10));
+        // The listen ports were handed over once, and again only when they changed.
+        assert_eq!(*counters.1.lock().unwrap(), [vec![51820]]);
+        devices.0.lock().unwrap().as_mut().unwrap()[0].listen_port = 51999;
+        reader.read_tunnel_stats(&cancel).await.unwrap();
+        assert_eq!(*counters.1.lock().unwrap(), [vec![51820], vec![51999]]);
+
+        *devices.0.lock().unwrap() = Err("socket gone".into());
+        let err = reader.read_tunnel_stats(&cancel).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cannot decode the kernel's dump of WireGuard device wg0: socket gone"
+        );
+    }
+
+    #[test]
+    fn a_names_file_is_read_again_when_it_changes() {
+        let dir = std::env::temp_dir().join(format!("plexd-namer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("names.yaml");
+        let key = crate::source::wireguard::key_to_base64(&[3; 32]);
+        std::fs::write(&file, format!("{key}: first\n")).unwrap();
+        let namer = PeerNamer::new(PeerNames::File(file.clone()));
+        assert_eq!(namer.current()[&key], "first");
+
+        let write_later = |text: String, later: u64| {
+            std::fs::write(&file, text).unwrap();
+            // Make the change visible even on file systems with coarse timestamps.
+            let f = std::fs::File::options().write(true).open(&file).unwrap();
+            f.set_modified(SystemTime::now() + Duration::from_secs(later))
+                .unwrap();
+        };
+        write_later(format!("{key}: second\n"), 60);
+        assert_eq!(namer.current()[&key], "second");
+        // A broken version keeps the names loaded before.
+        write_later("{{{ not yaml".into(), 120);
+        assert_eq!(namer.current()[&key], "second");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
