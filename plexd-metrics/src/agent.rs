@@ -23,7 +23,7 @@ use crate::secret::{NodeSecretKey, SecretError};
 use crate::source::counters::EndpointCounterSource;
 use crate::source::ebpf::UnderlayProbe;
 use crate::source::icmp::{IcmpOptions, IcmpPinger};
-use crate::source::peers::{MeshPeers, MeshPinger};
+use crate::source::peers::{DevicePeers, MeshPeers, MeshPinger, WireGuardPeers};
 use crate::source::proc::LinuxSystemReader;
 use crate::source::tunnel::WireGuardTunnelReader;
 use crate::source::underlay::underlay_interfaces;
@@ -65,7 +65,10 @@ impl Agent {
 
         let wireguard = &cfg.metrics.wireguard;
         let tunnel_on = cfg.metrics.enabled && wireguard.enabled;
-        let devices = SystemDevices::new(wireguard.interfaces.clone(), &wireguard.socket_dir);
+        let devices = Arc::new(SystemDevices::new(
+            wireguard.interfaces.clone(),
+            &wireguard.socket_dir,
+        ));
         // What is there at start: which devices the tunnel group will report, and where
         // their encrypted traffic goes (for the kernel programs).
         let found = if tunnel_on || cfg.metrics.ebpf.interfaces.is_empty() {
@@ -90,7 +93,14 @@ impl Agent {
             ),
         ];
         if cfg.metrics.enabled && cfg.metrics.latency.enabled {
-            collectors.extend(latency_collector(cfg));
+            // The WireGuard devices' peers are probed when the tunnel group reads them too.
+            let device_peers = wireguard.enabled.then(|| {
+                Arc::new(WireGuardPeers::new(
+                    devices.clone(),
+                    wireguard.peer_names.clone(),
+                )) as Arc<dyn DevicePeers>
+            });
+            collectors.extend(latency_collector(cfg, device_peers));
         }
         if tunnel_on {
             let counters = endpoint_counters(probe.as_ref());
@@ -103,7 +113,7 @@ impl Agent {
                 );
             }
             let tunnel = WireGuardTunnelReader::new(
-                Arc::new(devices),
+                devices,
                 counters,
                 wireguard.peer_names.clone(),
                 wireguard.stale_after,
@@ -204,17 +214,20 @@ fn build_reporter(cfg: &Config) -> Result<Arc<dyn MetricReporter>, AgentError> {
     )))
 }
 
-/// The `latency` collector, if there is anything to probe and a socket to probe it with.
+/// The `latency` collector: the WireGuard devices' peers (when `device_peers` is given) and
+/// `metrics.latency.targets`, if there is a socket to probe them with.
 ///
-/// The peers come from `metrics.latency.targets` for now; the WireGuard device's peers join
-/// them once the device reader is wired in. Must run inside the runtime: the pinger starts
-/// its receive tasks, which live as long as the collector.
-fn latency_collector(cfg: &Config) -> Option<Arc<dyn Collector>> {
+/// Must run inside the runtime: the pinger starts its receive tasks, which live as long as
+/// the collector.
+fn latency_collector(
+    cfg: &Config,
+    device_peers: Option<Arc<dyn DevicePeers>>,
+) -> Option<Arc<dyn Collector>> {
     let latency = &cfg.metrics.latency;
-    if latency.targets.is_empty() {
+    if latency.targets.is_empty() && device_peers.is_none() {
         debug!(
             component = "metrics",
-            "no metrics.latency.targets; the latency group is not collected"
+            "no metrics.latency.targets and metrics.wireguard is off; the latency group is not collected"
         );
         return None;
     }
@@ -233,7 +246,7 @@ fn latency_collector(cfg: &Config) -> Option<Arc<dyn Collector>> {
             return None;
         }
     };
-    let peers = Arc::new(MeshPeers::new(None, latency.parsed_targets()));
+    let peers = Arc::new(MeshPeers::new(device_peers, latency.parsed_targets()));
     let pinger = Arc::new(MeshPinger::new(peers.clone(), icmp));
     info!(
         component = "metrics",

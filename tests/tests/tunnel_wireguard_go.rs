@@ -183,7 +183,8 @@ fn the_agent_binary_reports_one_tunnel_point_per_peer() {
     std::fs::write(
         &config,
         format!(
-            "metrics:\n  ebpf:\n    enabled: false\n  wireguard:\n    peer_names:\n      {}: node-2\n",
+            // 5 s: the latency probes are spread over part of one collect interval.
+            "metrics:\n  collect_interval: 5s\n  ebpf:\n    enabled: false\n  wireguard:\n    peer_names:\n      {}: node-2\n",
             mesh.nodes[2].keys.public
         ),
     )
@@ -238,6 +239,22 @@ fn the_agent_binary_reports_one_tunnel_point_per_peer() {
     let node1 = tunnel.iter().find(|p| p.peer_id != "node-2").unwrap();
     assert_eq!(node1.data["handshake_succeeded"], false);
     assert_eq!(node1.data["handshake_stale"], true);
+
+    // The latency group probes the same peers, found through the same device reader and
+    // named the same way, at their /32 allowed IPs, with no configured targets.
+    let latency: Vec<&MetricPoint> = batch.iter().filter(|p| p.group == "latency").collect();
+    let latency_ids: BTreeSet<&str> = latency.iter().map(|p| p.peer_id.as_str()).collect();
+    assert_eq!(
+        latency_ids, ids,
+        "one latency point per device peer: {latency:#?}"
+    );
+    let node2 = latency.iter().find(|p| p.peer_id == "node-2").unwrap();
+    assert!(
+        node2.data["rtt_nano"].as_i64().unwrap() > 0,
+        "node-2 answers through the tunnel: {}",
+        node2.data
+    );
+    assert_eq!(node2.data["probes_sent"], node2.data["probes_received"]);
 }
 
 #[test]

@@ -5,6 +5,7 @@ pub mod counters;
 pub mod ebpf;
 pub mod icmp;
 pub mod netlink;
+pub mod peer_names;
 pub mod peers;
 pub mod proc;
 pub mod tunnel;

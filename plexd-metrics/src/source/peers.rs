@@ -16,26 +16,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::collector::{BoxError, PeerLister, Pinger};
+use crate::config::PeerNames;
 use crate::source::icmp::IcmpPinger;
+use crate::source::peer_names::PeerNamer;
+use crate::source::wireguard::DeviceSource;
 
-/// One entry of a peer's allowed IPs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AllowedIp {
-    /// The network address.
-    pub addr: IpAddr,
-    /// The prefix length.
-    pub prefix_len: u8,
-}
-
-impl AllowedIp {
-    /// Whether this entry names exactly one host.
-    pub fn is_single_host(&self) -> bool {
-        match self.addr {
-            IpAddr::V4(_) => self.prefix_len == 32,
-            IpAddr::V6(_) => self.prefix_len == 128,
-        }
-    }
-}
+pub use crate::source::wireguard::AllowedIp;
 
 /// One peer of the WireGuard device.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -180,6 +166,49 @@ impl Pinger for MeshPinger {
 
     async fn prepare(&self) -> Result<(), BoxError> {
         Ok(self.icmp.reopen_broken()?)
+    }
+}
+
+/// The peers of the WireGuard devices, named as the tunnel group names them: the device
+/// reader seen as [`DevicePeers`].
+pub struct WireGuardPeers {
+    devices: Arc<dyn DeviceSource>,
+    names: PeerNamer,
+}
+
+impl WireGuardPeers {
+    /// Peers of every device `devices` reads, with `peer_id` taken from `names`.
+    pub fn new(devices: Arc<dyn DeviceSource>, names: PeerNames) -> Self {
+        Self {
+            devices,
+            names: PeerNamer::new(names),
+        }
+    }
+}
+
+#[async_trait]
+impl DevicePeers for WireGuardPeers {
+    async fn device_peers(&self, cancel: &CancellationToken) -> Result<Vec<DevicePeer>, BoxError> {
+        let devices = Arc::clone(&self.devices);
+        // Netlink and the UAPI socket block; a cancelled cycle does not wait for them.
+        let read = tokio::task::spawn_blocking(move || devices.read_devices());
+        let found = tokio::select! {
+            r = read => r.map_err(|e| format!("device read task failed: {e}"))??,
+            () = cancel.cancelled() => return Err("cancelled while reading the WireGuard devices".into()),
+        };
+        let names = self.names.current();
+        Ok(found
+            .into_iter()
+            .flat_map(|d| d.peers)
+            .map(|p| DevicePeer {
+                peer_id: names
+                    .get(&p.public_key)
+                    .cloned()
+                    .unwrap_or_else(|| p.public_key.clone()),
+                public_key: p.public_key,
+                allowed_ips: p.allowed_ips,
+            })
+            .collect())
     }
 }
 

@@ -11,7 +11,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -22,8 +21,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::collector::{no_handshake_time, BoxError, TunnelStats, TunnelStatsReader};
-use crate::config::{read_peer_names_file, PeerNames};
+use crate::config::PeerNames;
 use crate::source::counters::{CounterSnapshot, EndpointCounterSource, EndpointCounters};
+use crate::source::peer_names::PeerNamer;
 use crate::source::wireguard::{endpoint_key, listen_ports, Device, DeviceSource, WireGuardError};
 
 /// Why the tunnel stats could not be read.
@@ -414,57 +414,6 @@ fn from_fields(f: &[u64; 15]) -> EndpointCounters {
         lost: f[12],
         late: f[13],
         duplicate: f[14],
-    }
-}
-
-/// Public key to name, shared between reads.
-type Names = Arc<BTreeMap<String, String>>;
-
-/// The peer names in force: the config's map, or the file's, read again when it changed.
-struct PeerNamer {
-    file: Option<PathBuf>,
-    /// The file's modification time when it was last read, and the names then in force.
-    cached: Mutex<(Option<SystemTime>, Names)>,
-}
-
-impl PeerNamer {
-    fn new(names: PeerNames) -> Self {
-        match names {
-            PeerNames::Map(map) => Self {
-                file: None,
-                cached: Mutex::new((None, Arc::new(map))),
-            },
-            PeerNames::File(path) => {
-                let namer = Self {
-                    file: Some(path),
-                    cached: Mutex::new((None, Arc::new(BTreeMap::new()))),
-                };
-                namer.current();
-                namer
-            }
-        }
-    }
-
-    fn current(&self) -> Arc<BTreeMap<String, String>> {
-        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(path) = &self.file else {
-            return Arc::clone(&cached.1);
-        };
-        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-        if modified.is_some() && modified != cached.0 {
-            match read_peer_names_file(path) {
-                Ok(map) => {
-                    info!(component = "metrics", file = %path.display(), peers = map.len(), "peer names loaded");
-                    *cached = (modified, Arc::new(map));
-                }
-                Err(problems) => {
-                    // Remember the bad version so that it is reported once, not every cycle.
-                    cached.0 = modified;
-                    warn!(component = "metrics", error = %problems.join("; "), "peer names file not used; keeping the names loaded before");
-                }
-            }
-        }
-        Arc::clone(&cached.1)
     }
 }
 

@@ -84,6 +84,16 @@ pub struct AllowedIp {
     pub prefix_len: u8,
 }
 
+impl AllowedIp {
+    /// Whether this entry names exactly one host (/32 or /128): a mesh address.
+    pub fn is_single_host(&self) -> bool {
+        match self.addr {
+            IpAddr::V4(_) => self.prefix_len == 32,
+            IpAddr::V6(_) => self.prefix_len == 128,
+        }
+    }
+}
+
 impl fmt::Display for AllowedIp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix_len)
