@@ -6,6 +6,7 @@ mod run;
 mod setup;
 mod test;
 mod util;
+mod vm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -29,6 +30,17 @@ enum Command {
     Test(test::Options),
     /// Measure the performance goals, each beside a baseline from the same run.
     Bench(bench::Options),
+    /// Integration tests that need more than this machine's kernel.
+    IntegrationTest {
+        #[command(subcommand)]
+        suite: IntegrationSuite,
+    },
+}
+
+#[derive(Subcommand)]
+enum IntegrationSuite {
+    /// Kernel WireGuard and netem in QEMU, on Debian's 6.1 and 6.12 cloud kernels.
+    Vm(vm::Options),
 }
 
 fn main() -> Result<()> {
@@ -38,5 +50,13 @@ fn main() -> Result<()> {
         Command::Run(o) => run::run(&o),
         Command::Test(o) => test::run(&o),
         Command::Bench(o) => bench::run(&o),
+        Command::IntegrationTest {
+            suite: IntegrationSuite::Vm(o),
+        } => {
+            let mut tally = util::Tally::default();
+            vm::run(&o, &mut tally)?;
+            println!("xtask: {}", tally.summary());
+            Ok(())
+        }
     }
 }
