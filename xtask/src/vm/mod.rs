@@ -120,6 +120,8 @@ pub fn run(o: &Options, tally: &mut Tally) -> Result<()> {
         // All scenarios at once: they spend most of their time waiting for collect
         // intervals, and each has namespaces and interfaces of its own.
         "--test-threads=16".to_owned(),
+        // The scenarios print their measured figures (`vm-figure: ...`) for the report.
+        "--show-output".to_owned(),
     ];
     init_args.extend(o.args.iter().cloned());
 
