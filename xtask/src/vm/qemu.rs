@@ -1,5 +1,13 @@
 //! Boots a kernel with QEMU (TCG: KVM fails on these machines), streams its serial console,
 //! and turns what it printed into a [`VmResult`] or an error with the console's tail.
+//!
+//! The guest's clock runs on instruction counts (`-icount shift=0,sleep=off`: one nanosecond
+//! per instruction, idle time skipped). Under plain TCG the guest's time is the host's, and
+//! a timer that fires in an idle guest waits for the host to schedule QEMU's thread: on a
+//! shared, loaded 2-core machine that added milliseconds to every delayed round trip, and
+//! took as much wall time as the scenarios' collect intervals. With icount the guest sees the
+//! delays netem makes as netem makes them, and the waits between collect cycles cost no wall
+//! time; the boot is slower (instruction counting disables some of TCG's shortcuts).
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write as _};
@@ -60,7 +68,8 @@ pub fn boot(b: &Boot<'_>) -> Result<Outcome> {
         append.push_str(&b.init_args.join(" "));
     }
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-accel", "tcg", "-cpu", "max", "-machine", "q35"])
+    cmd.args(["-accel", "tcg", "-icount", "shift=0,sleep=off"])
+        .args(["-cpu", "max", "-machine", "q35"])
         .args(["-smp", &b.cpus.to_string(), "-m", &b.memory_mib.to_string()])
         .args(["-display", "none", "-serial", "stdio", "-monitor", "none"])
         .args(["-nic", "none", "-no-reboot"])
