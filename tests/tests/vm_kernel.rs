@@ -322,3 +322,112 @@ fn programs_attach_and_rtt_follows_the_netem_delay() {
         assert!(tunnel.iter().all(|t| t.handshake_succeeded), "{tunnel:#?}");
     }
 }
+
+/// Passive loss against netem's own count: three nodes, node 0 running the agent with its
+/// kernel programs, and netem on the other two nodes' links to it dropping 1 % and 5 % of the
+/// WireGuard transport messages they send (handshakes pass). After a steady ping flood, the
+/// loss stops and a few more echoes reveal the holes at the end; then, per peer, the agent's
+/// `lost_packets` add up to netem's drop count, its `rx_packets` to what netem let through,
+/// and its `packet_loss_percent` is netem's drop rate within 0.2 percentage points.
+#[test]
+fn lost_packets_equal_netems_drops_on_each_link() {
+    if !require_privileges() {
+        return;
+    }
+    const PINGS: u32 = 2000;
+    const LINKS: [(usize, &str, f64); 2] = [(1, "lossy-1", 1.0), (2, "lossy-5", 5.0)];
+    let mesh = KernelMesh::new(3).expect("build the kernel WireGuard mesh");
+    for (node, _, _) in LINKS {
+        assert_eq!(mesh.ping(0, node, 3, "0.05").expect("handshake"), 3);
+    }
+    // No latency probes: after the flood nothing but the tests' echoes may cross the links,
+    // so that the agent's last collect and netem's counters cover the same packets.
+    let config = format!(
+        "metrics:\n  collect_interval: 5s\n  report_interval: 10s\n  latency:\n    enabled: false\n  wireguard:\n    peer_names:\n      {}: {}\n      {}: {}\n",
+        mesh.nodes[1].keys.public, LINKS[0].1, mesh.nodes[2].keys.public, LINKS[1].1
+    );
+    let mut agent = AgentProcess::start(&mesh.nodes[0].ns, &config).expect("start the agent");
+    agent.wait_for("kernel programs attached", AGENT_DEADLINE);
+    let netems: Vec<Netem<'_>> = LINKS
+        .iter()
+        .map(|&(node, _, percent)| {
+            Netem::transport_loss(
+                &mesh.nodes[node].ns,
+                mesh.dev_of(node, 0),
+                mesh.nodes[0].listen_port,
+                percent,
+            )
+            .expect("add netem loss")
+        })
+        .collect();
+
+    std::thread::scope(|scope| {
+        let floods: Vec<_> = LINKS
+            .iter()
+            .map(|&(node, _, _)| {
+                let mesh = &mesh;
+                scope.spawn(move || mesh.ping(0, node, PINGS, "0.01").expect("ping flood"))
+            })
+            .collect();
+        for flood in floods {
+            assert!(flood.join().expect("ping thread") > 0);
+        }
+    });
+    for (netem, &(node, _, _)) in netems.iter().zip(&LINKS) {
+        netem.set_loss(0.0).expect("stop the loss");
+        // Holes are seen only once a later message arrives.
+        assert_eq!(mesh.ping(0, node, 10, "0.01").expect("ping"), 10);
+    }
+    let truth: Vec<_> = netems
+        .iter()
+        .map(|n| n.stats().expect("netem counters"))
+        .collect();
+    // A hole is settled as lost by the collect at least reorder_timeout (1 s) after it
+    // opened: two more cycles cover the last ones.
+    for _ in 0..2 {
+        agent.wait_for("collect cycle done", AGENT_DEADLINE);
+    }
+    let batches = agent.stop();
+
+    for (&(_, peer, percent), netem) in LINKS.iter().zip(&truth) {
+        let points = tunnel_of(&batches, peer);
+        assert!(!points.is_empty(), "tunnel points for {peer}");
+        let (mut lost, mut received, mut weighted) = (0u64, 0u64, 0.0);
+        for point in &points {
+            let (Some(l), Some(r)) = (point.lost_packets, point.rx_packets) else {
+                panic!("{peer}: the kernel programs count this peer: {point:?}");
+            };
+            assert!(
+                point.packet_loss_percent >= 0.0,
+                "{peer}: loss measured: {point:?}"
+            );
+            lost += l;
+            received += r;
+            weighted += point.packet_loss_percent * (l + r) as f64;
+        }
+        let agent_percent = weighted / (lost + received) as f64;
+        let netem_percent = netem.dropped as f64 * 100.0 / (netem.dropped + netem.sent) as f64;
+        println!(
+            "vm-figure: {peer} (netem loss {percent} %): lost_packets {lost} vs netem drops {}, \
+             rx_packets {received} vs netem sent {}, packet_loss_percent {agent_percent:.3} vs \
+             netem {netem_percent:.3}",
+            netem.dropped, netem.sent
+        );
+        assert!(
+            netem.dropped > 0,
+            "{peer}: netem dropped nothing: {netem:?}"
+        );
+        assert_eq!(
+            lost, netem.dropped,
+            "{peer}: lost_packets vs netem's drops; {points:#?}"
+        );
+        assert_eq!(
+            received, netem.sent,
+            "{peer}: rx_packets vs the transport messages netem let through; {points:#?}"
+        );
+        assert!(
+            (agent_percent - netem_percent).abs() <= 0.2,
+            "{peer}: packet_loss_percent {agent_percent:.3} vs netem's {netem_percent:.3}"
+        );
+    }
+}
