@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use plexd_metrics::api::MetricPoint;
 use plexd_metrics::collector::{LatencyResult, TunnelStats};
+use plexd_metrics::source::counters::EndpointCounterSource;
+use plexd_metrics::source::ebpf::UnderlayProbe;
 use plexd_metrics_common::{PROG_EGRESS, PROG_INGRESS};
 use plexd_metrics_tests::agent_process::AgentProcess;
 use plexd_metrics_tests::kernel_mesh::{KernelMesh, Netem};
@@ -35,6 +37,59 @@ fn kernel_has_tcx() -> bool {
         .filter_map(|n| n.parse::<u32>().ok());
     let (major, minor) = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
     (major, minor) >= (6, 6)
+}
+
+/// Whether type `$t` is an [`EndpointCounterSource`], decided at compile time by which of two
+/// traits method resolution picks: the one that needs the bound is tried first and applies
+/// only when the bound holds.
+macro_rules! counts_endpoints {
+    ($t:ty) => {{
+        use std::marker::PhantomData;
+        struct Probe<T>(PhantomData<T>);
+        // Unused in a build where `$t` does not count endpoints.
+        #[allow(dead_code)]
+        trait Counts {
+            fn counts(&self) -> bool {
+                true
+            }
+        }
+        impl<T: EndpointCounterSource> Counts for &Probe<T> {}
+        #[allow(dead_code)]
+        trait DoesNotCount {
+            fn counts(&self) -> bool {
+                false
+            }
+        }
+        impl<T> DoesNotCount for Probe<T> {}
+        #[allow(clippy::needless_borrow)]
+        (&Probe::<$t>(PhantomData)).counts()
+    }};
+}
+
+/// Whether this build's kernel programs measure passive loss (its [`UnderlayProbe`] counts
+/// WireGuard endpoints). The loss scenario checks the loss against netem's drops when it
+/// does, and the documented `packet_loss_percent: -1` when it does not: the agent is held to
+/// what its build promises, and the check tightens by itself when the counting lands.
+fn build_measures_loss() -> bool {
+    counts_endpoints!(UnderlayProbe)
+}
+
+/// The compile-time check above tells a counting type from one that is not.
+#[test]
+fn counts_endpoints_tells_counting_types_apart() {
+    use plexd_metrics::collector::BoxError;
+    use plexd_metrics::source::counters::CounterSnapshot;
+    struct Counting;
+    impl EndpointCounterSource for Counting {
+        fn read_endpoints(&self) -> Result<CounterSnapshot, BoxError> {
+            Err("not read in this test".into())
+        }
+        fn set_listen_ports(&self, _ports: &[u16]) -> Result<(), BoxError> {
+            Ok(())
+        }
+    }
+    assert!(counts_endpoints!(Counting));
+    assert!(!counts_endpoints!(String));
 }
 
 fn points<'a>(
@@ -389,9 +444,32 @@ fn lost_packets_equal_netems_drops_on_each_link() {
     }
     let batches = agent.stop();
 
+    let measured = build_measures_loss();
     for (&(_, peer, percent), netem) in LINKS.iter().zip(&truth) {
         let points = tunnel_of(&batches, peer);
         assert!(!points.is_empty(), "tunnel points for {peer}");
+        assert!(
+            netem.dropped > 0,
+            "{peer}: netem dropped nothing: {netem:?}"
+        );
+        if !measured {
+            println!(
+                "vm-figure: {peer} (netem loss {percent} %): netem dropped {} of {}; this build's \
+                 kernel programs do not count WireGuard endpoints, so the agent reports \
+                 packet_loss_percent -1",
+                netem.dropped,
+                netem.dropped + netem.sent
+            );
+            for point in &points {
+                assert_eq!(point.packet_loss_percent, -1.0, "{peer}: {point:?}");
+                assert_eq!(
+                    (point.lost_packets, point.rx_packets),
+                    (None, None),
+                    "{point:?}"
+                );
+            }
+            continue;
+        }
         let (mut lost, mut received, mut weighted) = (0u64, 0u64, 0.0);
         for point in &points {
             let (Some(l), Some(r)) = (point.lost_packets, point.rx_packets) else {

@@ -385,14 +385,9 @@ fn depends(image: &[u8]) -> Result<Vec<String>> {
     Ok(data
         .split(|&b| b == 0)
         .filter_map(|entry| entry.strip_prefix(b"depends="))
-        .flat_map(|list| {
-            String::from_utf8_lossy(list)
-                .into_owned()
-                .split(',')
-                .map(str::to_owned)
-                .collect::<Vec<_>>()
-        })
+        .flat_map(|list| list.split(|&b| b == b','))
         .filter(|d| !d.is_empty())
+        .map(|d| String::from_utf8_lossy(d).into_owned())
         .collect())
 }
 
