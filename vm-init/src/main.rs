@@ -46,7 +46,7 @@ fn main() {
         Ok(()) => result.ok = result.failed == 0 && result.passed > 0,
         Err(reason) => result.reason = reason,
     }
-    if result.passed == 0 && result.reason.is_empty() {
+    if result.passed == 0 && result.failed == 0 && result.reason.is_empty() {
         result.reason = "no test ran".into();
     }
     say(&result.to_string());
