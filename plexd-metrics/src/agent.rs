@@ -14,7 +14,10 @@ use crate::collector::{AgentStatsCollector, Collector, KernelCounters, SystemCol
 use crate::config::Config;
 use crate::manager::{Manager, RunOutcome};
 use crate::reporter::{MetricReporter, StdoutReporter};
-use crate::source::ebpf::{default_route_interfaces, UnderlayProbe};
+use crate::config::AttachModeConfig;
+use crate::source::ebpf::{
+    default_route_interfaces, embedded_object, AttachMode, ProbeOptions, UnderlayProbe,
+};
 use crate::source::proc::LinuxSystemReader;
 
 /// Why the agent could not start. Every variant is a configuration or environment
@@ -127,9 +130,31 @@ fn attach_probe(cfg: &Config) -> Option<Arc<UnderlayProbe>> {
     } else {
         cfg.metrics.ebpf.interfaces.clone()
     };
-    match UnderlayProbe::attach(&interfaces) {
+    let ebpf = &cfg.metrics.ebpf;
+    let options = ProbeOptions {
+        mode: match ebpf.attach_mode {
+            AttachModeConfig::Auto => AttachMode::Auto,
+            AttachModeConfig::Netlink => AttachMode::Netlink,
+        },
+        max_endpoints: ebpf.max_peers,
+        max_sessions: ebpf.max_sessions,
+        reorder_timeout: ebpf.reorder_timeout,
+    };
+    let attached = UnderlayProbe::attach_with_options(embedded_object(), &interfaces, &options)
+        .and_then(|probe| {
+            // The configured ports stand in until the WireGuard device reader supplies the
+            // devices' own.
+            probe.write_listen_ports(&ebpf.listen_ports)?;
+            Ok(probe)
+        });
+    match attached {
         Ok(probe) => {
-            info!(component = "metrics", interfaces = ?interfaces, "kernel programs attached");
+            info!(
+                component = "metrics",
+                interfaces = ?interfaces,
+                listen_ports = ?ebpf.listen_ports,
+                "kernel programs attached"
+            );
             Some(Arc::new(probe))
         }
         Err(e) => {
