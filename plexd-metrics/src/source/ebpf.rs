@@ -502,6 +502,12 @@ impl UnderlayProbe {
         self.lock_reader().probe_stats()
     }
 
+    /// Messages received from `endpoint` on each CPU (index = CPU): shows how the kernel
+    /// spreads a peer's traffic. Empty when the endpoint has no entry.
+    pub fn rx_packets_per_cpu(&self, endpoint: std::net::SocketAddr) -> Result<Vec<u64>, EbpfError> {
+        self.lock_reader().rx_packets_per_cpu(endpoint)
+    }
+
     /// Reads the endpoints as [`EndpointCounterSource::read_endpoints`] does, with its
     /// typed error.
     pub fn snapshot(&self) -> Result<CounterSnapshot, EbpfError> {

@@ -194,6 +194,19 @@ impl Reader {
         })
     }
 
+    /// Received messages of one endpoint per CPU.
+    pub(super) fn rx_packets_per_cpu(&self, endpoint: SocketAddr) -> Result<Vec<u64>, EbpfError> {
+        let key = match endpoint {
+            SocketAddr::V4(a) => EndpointKey::v4(a.ip().octets(), a.port()),
+            SocketAddr::V6(a) => EndpointKey::v6(a.ip().octets(), a.port()),
+        };
+        match self.endpoints.get(&key, 0) {
+            Ok(per_cpu) => Ok(per_cpu.iter().map(|s| s.rx_packets).collect()),
+            Err(e) if is_not_found(&e) => Ok(Vec::new()),
+            Err(e) => Err(read_error(MAP_ENDPOINTS)(e)),
+        }
+    }
+
     /// Settles every session at `now_ns` and returns every endpoint's counters.
     pub(super) fn read(&mut self, now_ns: u64) -> Result<CounterSnapshot, EbpfError> {
         self.read_sessions(now_ns)?;
