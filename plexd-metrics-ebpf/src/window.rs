@@ -61,17 +61,17 @@ pub fn record_counter(
         return Arrival::InOrder;
     }
     s.last_seen_ns = now_ns;
-    // Fold aged checkpoints into the settle mark before the ring may overwrite one; counters
-    // below the mark that arrive now no longer count as received.
-    let mark = s.settle_mark(now_ns, timeout_ns);
-    s.settled_below = mark;
     if counter > s.highest {
         advance(s, counter);
         set_bit(s, counter);
         s.received += 1;
-        checkpoint(s, now_ns, checkpoint_ns);
+        checkpoint(s, now_ns, timeout_ns, checkpoint_ns);
         return Arrival::InOrder;
     }
+    // Counters below the settle mark that arrive now no longer count as received. Only
+    // needed here: a counter above the highest is received whatever the mark.
+    let mark = s.settle_mark(now_ns, timeout_ns);
+    s.settled_below = mark;
     if s.highest - counter >= WINDOW_BITS {
         return Arrival::Late;
     }
@@ -166,7 +166,7 @@ fn block_mask(k: u64, first_block: u64, last_block: u64, from: u64, to: u64) -> 
 /// Records the new highest counter in the checkpoint ring: into the newest checkpoint while
 /// it is younger than `checkpoint_ns`, else into a new one that replaces the oldest.
 #[inline(always)]
-fn checkpoint(s: &mut SessionState, now_ns: u64, checkpoint_ns: u64) {
+fn checkpoint(s: &mut SessionState, now_ns: u64, timeout_ns: u64, checkpoint_ns: u64) {
     let newest = (s.newest as usize) & (CHECKPOINTS - 1);
     if now_ns.saturating_sub(s.checkpoints[newest].first_ns) < checkpoint_ns {
         let cp = &mut s.checkpoints[newest];
@@ -174,6 +174,9 @@ fn checkpoint(s: &mut SessionState, now_ns: u64, checkpoint_ns: u64) {
         cp.last_ns = now_ns;
         return;
     }
+    // The oldest checkpoint is past the timeout by now (see Checkpoint): fold it into the
+    // settle mark before it is overwritten.
+    s.settled_below = s.settle_mark(now_ns, timeout_ns);
     let next = (newest + 1) & (CHECKPOINTS - 1);
     s.checkpoints[next] = Checkpoint {
         highest: s.highest,

@@ -15,6 +15,9 @@ use std::time::Duration;
 use plexd_metrics::collector::KernelCounters as _;
 use plexd_metrics::source::counters::{EndpointCounterSource as _, EndpointCounters};
 use plexd_metrics::source::ebpf::{embedded_object, ProbeOptions, UnderlayProbe};
+use plexd_metrics_tests::wg::{
+    coarse_now, cookie_reply, initiation, ipv4_udp_frame, keepalive, mac, response, transport, RawLink,
+};
 use plexd_metrics_tests::{quiet_namespaces, require_privileges, NetNs, VethPair};
 
 const WG_PORT: u16 = 51820;
@@ -22,52 +25,6 @@ const PEER_PORT: u16 = 40100;
 /// Short enough to keep the tests quick, long enough that a test thread descheduled
 /// between two sends does not turn a reordered counter into a lost one.
 const TIMEOUT: Duration = Duration::from_millis(300);
-
-fn transport(receiver: u32, counter: u64, payload: usize) -> Vec<u8> {
-    let mut m = 4u32.to_le_bytes().to_vec();
-    m.extend_from_slice(&receiver.to_le_bytes());
-    m.extend_from_slice(&counter.to_le_bytes());
-    // Padded plaintext plus the 16-byte tag, as WireGuard sizes it.
-    m.resize(16 + payload.next_multiple_of(16) + 16, 0x5a);
-    m
-}
-
-fn keepalive(receiver: u32, counter: u64) -> Vec<u8> {
-    transport(receiver, counter, 0)
-}
-
-fn handshake(kind: u32, len: usize, sender: u32) -> Vec<u8> {
-    let mut m = kind.to_le_bytes().to_vec();
-    m.extend_from_slice(&sender.to_le_bytes());
-    m.resize(len, 0x33);
-    m
-}
-
-fn initiation(sender: u32) -> Vec<u8> {
-    handshake(1, 148, sender)
-}
-
-fn response(sender: u32) -> Vec<u8> {
-    handshake(2, 92, sender)
-}
-
-fn cookie_reply(receiver: u32) -> Vec<u8> {
-    handshake(3, 64, receiver)
-}
-
-/// `CLOCK_MONOTONIC_COARSE`, the clock the programs timestamp with.
-fn coarse_now() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into a valid timespec.
-    assert_eq!(
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) },
-        0
-    );
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
 
 fn setsockopt<T>(fd: &impl AsRawFd, level: i32, name: i32, value: &T) {
     // SAFETY: value points at a valid T of the size passed.
@@ -498,70 +455,30 @@ fn malformed_input_is_counted_has_no_effect_on_loss_and_is_not_dropped() {
     assert_eq!((c.malformed, c.rx_packets), (junk.len() as u64 + 1, 6), "{c:?}");
 }
 
-/// Builds an Ethernet/IPv4/UDP frame from the peer to the node, with the UDP length and
-/// the frame length chosen freely.
+/// An Ethernet/IPv4/UDP frame from the peer to the node with the UDP length set to
+/// `udp_len` and the last `cut` bytes cut off.
 fn raw_frame(rig: &Rig<'_>, payload: &[u8], udp_len: u16, cut: usize) -> Vec<u8> {
-    let mac = |s: &str| -> Vec<u8> {
-        s.split(':')
-            .map(|b| u8::from_str_radix(b, 16).expect("mac"))
-            .collect()
-    };
-    let mut f = mac(&rig.veth.b.mac);
-    f.extend(mac(&rig.veth.a.mac));
-    f.extend_from_slice(&0x0800u16.to_be_bytes());
-    let total = (20 + 8 + payload.len()) as u16;
-    let mut ip = vec![0x45, 0];
-    ip.extend_from_slice(&total.to_be_bytes());
-    ip.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0]);
-    ip.extend_from_slice(&rig.veth.a.addr.octets());
-    ip.extend_from_slice(&rig.veth.b.addr.octets());
-    let sum = ip
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-        .sum::<u32>();
-    let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    f.extend(ip);
-    f.extend_from_slice(&PEER_PORT.to_be_bytes());
-    f.extend_from_slice(&WG_PORT.to_be_bytes());
-    f.extend_from_slice(&udp_len.to_be_bytes());
-    f.extend_from_slice(&[0, 0]);
-    f.extend_from_slice(payload);
+    let mut f = ipv4_udp_frame(
+        mac(&rig.veth.b.mac),
+        mac(&rig.veth.a.mac),
+        (rig.veth.a.addr, PEER_PORT),
+        (rig.veth.b.addr, WG_PORT),
+        payload,
+    );
+    f[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&udp_len.to_be_bytes());
     f.truncate(f.len() - cut);
     f
 }
 
-/// Sends raw frames out of the peer's end of the veth (AF_PACKET).
+/// Sends raw frames out of the peer's end of the veth.
 fn send_raw(rig: &Rig<'_>, frames: &[Vec<u8>]) {
     let ifname = rig.veth.a.name.clone();
-    let frames = frames.to_vec();
     rig.peer_ns
         .run(move || {
-            let index = nix::net::if_::if_nametoindex(ifname.as_str()).expect("ifindex");
-            // SAFETY: plain socket(2); checked below.
-            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-            assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
-            // SAFETY: a zeroed sockaddr_ll is valid; the fields set below describe the link.
-            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            addr.sll_family = libc::AF_PACKET as u16;
-            addr.sll_ifindex = index as i32;
-            addr.sll_halen = 6;
-            for f in &frames {
-                // SAFETY: f and addr are valid for the lengths passed.
-                let n = unsafe {
-                    libc::sendto(
-                        fd,
-                        f.as_ptr().cast(),
-                        f.len(),
-                        0,
-                        (&raw const addr).cast(),
-                        std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                    )
-                };
-                assert_eq!(n, f.len() as isize, "{}", std::io::Error::last_os_error());
+            let link = RawLink::open(&ifname).expect("AF_PACKET socket");
+            for f in frames {
+                link.send(f).expect("send a raw frame");
             }
-            // SAFETY: fd is ours.
-            unsafe { libc::close(fd) };
         })
         .expect("enter namespace");
 }
