@@ -204,10 +204,14 @@ pub enum ProbeStat {
     MalformedUnknown = 2,
     /// Sessions created.
     SessionsCreated = 3,
+    /// Entries that could not be created because the kernel had no memory at hand. Maps are
+    /// not preallocated, and a burst of new entries can drain the per-CPU caches the kernel
+    /// refills in the background; the next message of the endpoint or session tries again.
+    AllocationFailure = 4,
 }
 
 /// Number of entries in [`MAP_PROBE_STATS`].
-pub const PROBE_STAT_COUNT: u32 = 4;
+pub const PROBE_STAT_COUNT: u32 = 5;
 
 /// Counters covered by a session's window: reordering up to this distance behind the
 /// highest counter is told apart from loss.

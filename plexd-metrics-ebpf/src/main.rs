@@ -96,6 +96,7 @@ const REJECT_AFTER_NS: u64 = 180_000_000_000;
 /// merges at most 64 datagrams; UDP GSO sends at most 128 (`UDP_MAX_SEGMENTS`).
 const MAX_SEGMENTS: u32 = 64;
 const EEXIST: i32 = 17;
+const ENOMEM: i32 = 12;
 
 // The macros take the symbol's own name as the map and program name, so the contract's
 // constants are checked against the symbols here.
@@ -288,8 +289,8 @@ fn endpoint(remote: &EndpointKey, message: Message, now: u64) -> Option<*mut End
         Ok(()) => {}
         // Another CPU created it in between.
         Err(e) if e == -EEXIST => {}
-        Err(_) => {
-            stat(ProbeStat::EndpointOverflow);
+        Err(e) => {
+            stat(creation_failure(e));
             return None;
         }
     }
@@ -297,6 +298,17 @@ fn endpoint(remote: &EndpointKey, message: Message, now: u64) -> Option<*mut End
     // SAFETY: this CPU's copy of the value; see `count`.
     unsafe { (*stats).last_seen_ns = now };
     Some(stats)
+}
+
+/// What a failed endpoint insert means: E2BIG when the map is full, ENOMEM when the kernel
+/// had no memory at hand for a new entry.
+#[inline(always)]
+fn creation_failure(errno: i32) -> ProbeStat {
+    if errno == -ENOMEM {
+        ProbeStat::AllocationFailure
+    } else {
+        ProbeStat::EndpointOverflow
+    }
 }
 
 #[inline(always)]
@@ -420,8 +432,12 @@ pub extern "C" fn plexd_session(
             match SESSIONS.insert(receiver, zero, u64::from(BPF_NOEXIST)) {
                 Ok(()) => stat(ProbeStat::SessionsCreated),
                 Err(e) if e == -EEXIST => {}
-                Err(_) => {
-                    stat(ProbeStat::SessionOverflow);
+                Err(e) => {
+                    stat(if e == -ENOMEM {
+                        ProbeStat::AllocationFailure
+                    } else {
+                        ProbeStat::SessionOverflow
+                    });
                     return ARRIVAL_NONE;
                 }
             }

@@ -655,3 +655,25 @@ fn full_maps_count_overflows_instead_of_failing_silently() {
     assert_eq!(snapshot.endpoints.len(), 2);
     assert_eq!(snapshot.endpoints[&rig.peer_addr].rx_packets, 6);
 }
+
+#[test]
+fn tracked_endpoints_have_counters_before_their_traffic() {
+    if !require_privileges() {
+        return;
+    }
+    let (p, w) = quiet_namespaces();
+    let rig = Rig::new(&p, &w, options(TIMEOUT));
+    let other: SocketAddr = "192.0.2.9:51820".parse().unwrap();
+    rig.probe
+        .track_endpoints(&[rig.peer_addr, other, rig.peer_addr])
+        .expect("track");
+    let snapshot = rig.probe.read_endpoints().expect("read");
+    assert_eq!(snapshot.endpoints.len(), 2);
+    assert_eq!(snapshot.endpoints[&other], EndpointCounters::default());
+    rig.deliver(&[keepalive(3, 0), keepalive(3, 1)]);
+    // Tracking again keeps what was counted.
+    rig.probe.track_endpoints(&[rig.peer_addr]).expect("track");
+    assert_eq!(rig.counters().rx_packets, 2);
+    let stats = rig.probe.probe_stats().expect("probe stats");
+    assert_eq!((stats.endpoint_overflows, stats.allocation_failures), (0, 0));
+}

@@ -1,5 +1,6 @@
 //! `cargo xtask`: the project's build, run and test entry points.
 
+mod bench;
 mod build_ebpf;
 mod run;
 mod setup;
@@ -26,6 +27,8 @@ enum Command {
     Run(run::Options),
     /// Run every test this machine can run, privileged ones included.
     Test(test::Options),
+    /// Measure the performance goals, each beside a baseline from the same run.
+    Bench(bench::Options),
 }
 
 fn main() -> Result<()> {
@@ -34,5 +37,6 @@ fn main() -> Result<()> {
         Command::BuildEbpf(o) => build_ebpf::run(&o),
         Command::Run(o) => run::run(&o),
         Command::Test(o) => test::run(&o),
+        Command::Bench(o) => bench::run(&o),
     }
 }

@@ -5,6 +5,7 @@
 //! that away again, so an agent that stops (or a test that fails) leaves the node's interfaces
 //! as it found them.
 
+mod batch;
 mod endpoints;
 
 use std::collections::HashSet;
@@ -179,6 +180,14 @@ pub enum EbpfError {
         interface: String,
         /// aya's error.
         source: TcError,
+    },
+    /// The number of possible CPUs (the size of per-CPU values) is unknown.
+    #[error("cannot read {} to count the CPUs: {source}", path.display())]
+    Cpus {
+        /// The sysfs file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
     },
     /// A setting is out of the range the kernel programs support.
     #[error("metrics.ebpf.{key}: {problem}")]
@@ -373,6 +382,10 @@ impl UnderlayProbe {
             probe_stats: PerCpuArray::try_from(take_map(&mut ebpf, MAP_PROBE_STATS)?)
                 .map_err(|e| wrong_type(MAP_PROBE_STATS, e))?,
             reorder_timeout_ns: timeout_ns,
+            cpus: aya::util::nr_cpus().map_err(|(path, source)| EbpfError::Cpus {
+                path: PathBuf::from(path),
+                source,
+            })?,
             state: endpoints::ReadState::default(),
         };
         for name in [PROG_INGRESS, PROG_EGRESS] {
@@ -536,6 +549,12 @@ impl EndpointCounterSource for UnderlayProbe {
 
     fn set_listen_ports(&self, ports: &[u16]) -> Result<(), BoxError> {
         self.write_listen_ports(ports).map_err(Into::into)
+    }
+
+    fn track_endpoints(&self, endpoints: &[std::net::SocketAddr]) -> Result<(), BoxError> {
+        self.lock_reader()
+            .track_endpoints(endpoints)
+            .map_err(Into::into)
     }
 }
 

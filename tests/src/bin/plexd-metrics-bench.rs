@@ -198,26 +198,51 @@ fn read_round(peers: usize, reads: usize) -> ReadCost {
         .expect("attach the probe");
     probe.set_listen_ports(&[WG_PORT]).expect("listen ports");
     let (a, b) = (veth.a.clone(), veth.b.clone());
-    peer_ns
-        .run(|| {
-            let link = RawLink::open(&a.name).expect("AF_PACKET socket");
-            for i in 0..peers {
-                let port = 10_000 + i as u16;
-                for counter in [0, 1, 3] {
-                    let frame = ipv4_udp_frame(
-                        mac(&b.mac),
-                        mac(&a.mac),
-                        (a.addr, port),
-                        (b.addr, WG_PORT),
-                        &transport(i as u32 + 1, counter, 64),
-                    );
-                    link.send(&frame).expect("send a frame");
-                }
+    // As the tunnel reader does with the peers of the device state: counters exist before
+    // the traffic, so that the burst below does not wait for the kernel's allocator.
+    let known: Vec<SocketAddr> = (0..peers)
+        .map(|i| SocketAddr::from((a.addr, 10_000 + i as u16)))
+        .collect();
+    probe.track_endpoints(&known).expect("track the peers");
+    let wg_addr = SocketAddr::from((b.addr, WG_PORT));
+    // Receiving every datagram paces the sender: a burst of raw frames would overflow the
+    // receive backlog before TC sees them.
+    let sink = wg_ns
+        .run(move || UdpSocket::bind(wg_addr))
+        .expect("enter namespace")
+        .expect("bind");
+    sink.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("set receive timeout");
+    let link = peer_ns
+        .run(|| RawLink::open(&a.name))
+        .expect("enter namespace")
+        .expect("AF_PACKET socket");
+    let mut buf = [0u8; 256];
+    for first in (0..peers).step_by(128) {
+        let chunk = first..(first + 128).min(peers);
+        for counter in [0, 1, 3] {
+            for i in chunk.clone() {
+                let frame = ipv4_udp_frame(
+                    mac(&b.mac),
+                    mac(&a.mac),
+                    (a.addr, 10_000 + i as u16),
+                    (b.addr, WG_PORT),
+                    &transport(i as u32 + 1, counter, 64),
+                );
+                link.send(&frame).expect("send a frame");
             }
-        })
-        .expect("enter namespace");
+            for _ in chunk.clone() {
+                sink.recv_from(&mut buf).expect("a datagram");
+            }
+        }
+    }
     let snapshot = probe.read_endpoints().expect("read");
-    assert_eq!(snapshot.endpoints.len(), peers, "every peer has an entry");
+    assert_eq!(
+        snapshot.endpoints.len(),
+        peers,
+        "every peer has an entry; probe stats {:?}",
+        probe.probe_stats()
+    );
 
     // The same map, opened by id, walked the plainest way aya offers.
     let map_id = wg_ns

@@ -9,13 +9,13 @@
 use std::collections::HashMap as StdHashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
-use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap};
+use aya::maps::{Array, HashMap, IterableMap as _, MapData, MapError, PerCpuArray, PerCpuHashMap};
 use plexd_metrics_common::{
     EndpointKey, EndpointStats, PortSet, ProbeStat, SessionState, MAP_ENDPOINTS,
     MAP_LISTEN_PORTS, MAP_PROBE_STATS, MAP_SESSIONS,
 };
 
-use super::EbpfError;
+use super::{batch, EbpfError};
 use crate::source::counters::{CounterSnapshot, EndpointCounters};
 
 /// `BPF_F_LOCK`: copy a value under its spin lock, so that no half-updated window is read.
@@ -37,6 +37,8 @@ pub(super) struct Reader {
     pub(super) sessions: HashMap<MapData, u32, SessionState>,
     pub(super) probe_stats: PerCpuArray<MapData, u64>,
     pub(super) reorder_timeout_ns: u64,
+    /// Possible CPUs: the number of values of a per-CPU map entry.
+    pub(super) cpus: usize,
     pub(super) state: ReadState,
 }
 
@@ -49,6 +51,8 @@ pub(super) struct ReadState {
     lost: StdHashMap<EndpointKey, u64>,
     /// Map overflows at the last read, to warn when they grow.
     overflows: u64,
+    /// Allocation failures at the last read, likewise.
+    allocation_failures: u64,
 }
 
 /// Probe-wide counters since the programs were loaded.
@@ -62,6 +66,8 @@ pub struct ProbeStats {
     pub malformed_unknown: u64,
     /// Sessions the kernel created.
     pub sessions_created: u64,
+    /// Entries the kernel could not allocate in time (see `ProbeStat::AllocationFailure`).
+    pub allocation_failures: u64,
 }
 
 /// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the clock of `bpf_ktime_get_coarse_ns`.
@@ -89,6 +95,16 @@ fn write_error(map: &'static str) -> impl Fn(MapError) -> EbpfError {
     move |source| EbpfError::WriteMap { map, source }
 }
 
+fn batch_error(map: &'static str, e: std::io::Error) -> EbpfError {
+    EbpfError::ReadMap {
+        map,
+        source: MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_lookup_batch",
+            io_error: e,
+        }),
+    }
+}
+
 fn is_not_found(e: &MapError) -> bool {
     matches!(e, MapError::KeyNotFound)
         || matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOENT))
@@ -99,6 +115,17 @@ pub(super) fn socket_addr(key: &EndpointKey) -> SocketAddr {
     match key.ipv4() {
         Some(v4) => SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(v4), key.port)),
         None => SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::from(key.addr), key.port, 0, 0)),
+    }
+}
+
+/// The map key of a socket address; IPv4-mapped IPv6 addresses are IPv4 endpoints.
+pub(super) fn key_of(endpoint: SocketAddr) -> EndpointKey {
+    match endpoint {
+        SocketAddr::V4(a) => EndpointKey::v4(a.ip().octets(), a.port()),
+        SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+            Some(v4) => EndpointKey::v4(v4.octets(), a.port()),
+            None => EndpointKey::v6(a.ip().octets(), a.port()),
+        },
     }
 }
 
@@ -191,16 +218,13 @@ impl Reader {
             session_overflows: get(ProbeStat::SessionOverflow)?,
             malformed_unknown: get(ProbeStat::MalformedUnknown)?,
             sessions_created: get(ProbeStat::SessionsCreated)?,
+            allocation_failures: get(ProbeStat::AllocationFailure)?,
         })
     }
 
     /// Received messages of one endpoint per CPU.
     pub(super) fn rx_packets_per_cpu(&self, endpoint: SocketAddr) -> Result<Vec<u64>, EbpfError> {
-        let key = match endpoint {
-            SocketAddr::V4(a) => EndpointKey::v4(a.ip().octets(), a.port()),
-            SocketAddr::V6(a) => EndpointKey::v6(a.ip().octets(), a.port()),
-        };
-        match self.endpoints.get(&key, 0) {
+        match self.endpoints.get(&key_of(endpoint), 0) {
             Ok(per_cpu) => Ok(per_cpu.iter().map(|s| s.rx_packets).collect()),
             Err(e) if is_not_found(&e) => Ok(Vec::new()),
             Err(e) => Err(read_error(MAP_ENDPOINTS)(e)),
@@ -213,10 +237,9 @@ impl Reader {
 
         let mut snapshot = CounterSnapshot::default();
         let mut expired = Vec::new();
-        for item in self.endpoints.iter() {
-            let (key, per_cpu) = item.map_err(read_error(MAP_ENDPOINTS))?;
+        for (key, per_cpu) in self.all_endpoints()? {
             let mut total = EndpointStats::default();
-            for cpu in per_cpu.iter() {
+            for cpu in &per_cpu {
                 add(&mut total, cpu);
             }
             let lost = self.state.lost.get(&key).copied().unwrap_or(0);
@@ -259,22 +282,87 @@ impl Reader {
             );
             self.state.overflows = snapshot.map_overflows;
         }
+        if stats.allocation_failures > self.state.allocation_failures {
+            tracing::warn!(
+                component = "metrics",
+                allocation_failures = stats.allocation_failures,
+                "the kernel had no memory at hand for new eBPF map entries; the first messages \
+                 of some new peers or sessions were not counted (they are on the next message)"
+            );
+            self.state.allocation_failures = stats.allocation_failures;
+        }
         Ok(snapshot)
     }
 
-    fn read_sessions(&mut self, now_ns: u64) -> Result<(), EbpfError> {
+    /// Creates zeroed counters for `endpoints` that have none yet.
+    pub(super) fn track_endpoints(&mut self, endpoints: &[SocketAddr]) -> Result<(), EbpfError> {
+        const BPF_NOEXIST: u64 = 1;
+        let zero = vec![EndpointStats::default(); self.cpus];
+        for endpoint in endpoints {
+            let values = aya::maps::PerCpuValues::try_from(zero.clone()).map_err(|e| {
+                write_error(MAP_ENDPOINTS)(MapError::SyscallError(aya::sys::SyscallError {
+                    call: "per-CPU values",
+                    io_error: e,
+                }))
+            })?;
+            match self.endpoints.insert(key_of(*endpoint), values, BPF_NOEXIST) {
+                Ok(()) => {}
+                Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(write_error(MAP_ENDPOINTS)(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Every endpoint with its per-CPU values: in batches, or key by key on kernels
+    /// without batch lookups.
+    fn all_endpoints(&self) -> Result<Vec<(EndpointKey, Vec<EndpointStats>)>, EbpfError> {
+        match batch::lookup_all(self.endpoints.map(), true, self.cpus, 0) {
+            Ok(all) => return Ok(all),
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {}
+            Err(e) => return Err(batch_error(MAP_ENDPOINTS, e)),
+        }
+        self.endpoints
+            .iter()
+            .map(|item| {
+                item.map(|(k, v)| (k, v.iter().copied().collect()))
+                    .map_err(read_error(MAP_ENDPOINTS))
+            })
+            .collect()
+    }
+
+    /// Every session, each copied under its lock.
+    fn all_sessions(&self) -> Result<Vec<(u32, SessionState)>, EbpfError> {
+        match batch::lookup_all::<u32, SessionState>(self.sessions.map(), false, 1, BPF_F_LOCK) {
+            Ok(all) => {
+                return Ok(all
+                    .into_iter()
+                    .filter_map(|(k, mut v)| v.pop().map(|v| (k, v)))
+                    .collect())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {}
+            Err(e) => return Err(batch_error(MAP_SESSIONS, e)),
+        }
         let indexes = self
             .sessions
             .keys()
             .collect::<Result<Vec<u32>, _>>()
             .map_err(read_error(MAP_SESSIONS))?;
-        let mut live = std::collections::HashSet::with_capacity(indexes.len());
+        let mut all = Vec::with_capacity(indexes.len());
         for index in indexes {
-            let session = match self.sessions.get(&index, BPF_F_LOCK) {
-                Ok(session) => session,
-                Err(e) if is_not_found(&e) => continue,
+            match self.sessions.get(&index, BPF_F_LOCK) {
+                Ok(session) => all.push((index, session)),
+                Err(e) if is_not_found(&e) => {}
                 Err(e) => return Err(read_error(MAP_SESSIONS)(e)),
-            };
+            }
+        }
+        Ok(all)
+    }
+
+    fn read_sessions(&mut self, now_ns: u64) -> Result<(), EbpfError> {
+        let sessions = self.all_sessions()?;
+        let mut live = std::collections::HashSet::with_capacity(sessions.len());
+        for (index, session) in sessions {
             live.insert(index);
             if self
                 .state
@@ -366,6 +454,16 @@ mod tests {
             socket_addr(&EndpointKey::v6(v6.octets(), 443)),
             "[2001:db8::7]:443".parse().unwrap()
         );
+    }
+
+    #[test]
+    fn keys_and_socket_addresses_round_trip() {
+        for text in ["192.0.2.7:51820", "[2001:db8::7]:443"] {
+            let addr: SocketAddr = text.parse().unwrap();
+            assert_eq!(socket_addr(&key_of(addr)), addr);
+        }
+        let mapped: SocketAddr = "[::ffff:192.0.2.7]:51820".parse().unwrap();
+        assert_eq!(key_of(mapped), EndpointKey::v4([192, 0, 2, 7], 51820));
     }
 
     #[test]
