@@ -21,8 +21,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use plexd_metrics_common::{
-    checkpoint_ns, Direction, EndpointKey, EndpointStats, FreshSession, PacketCounters,
-    PortSet, ProbeStat, SessionState, DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_SESSIONS,
+    checkpoint_ns, Direction, EndpointKey, EndpointStats, FreshSession, PacketCounters, PortSet,
+    ProbeStat, SessionState, DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_SESSIONS,
     DEFAULT_REORDER_TIMEOUT_NS, DIRECTIONS, GLOBAL_CHECKPOINT_NS, GLOBAL_REORDER_TIMEOUT_NS,
     MAP_ENDPOINTS, MAP_FRESH_SESSIONS, MAP_LISTEN_PORTS, MAP_PACKET_COUNTERS, MAP_PROBE_STATS,
     MAP_SESSIONS, PROBE_STAT_COUNT, PROG_COUNT_ONLY, PROG_EGRESS, PROG_INGRESS, SESSION_STARTED,
@@ -222,7 +222,14 @@ fn observe(ctx: &TcContext, direction: Direction) {
         let Some(stats) = endpoint(&datagram.remote, message, now) else {
             return;
         };
-        account(direction, stats, &datagram.remote, message, u64::from(ctx.len()), now);
+        account(
+            direction,
+            stats,
+            &datagram.remote,
+            message,
+            u64::from(ctx.len()),
+            now,
+        );
         return;
     }
     // One packet, many datagrams: each segment on the wire had its own headers.
@@ -244,7 +251,14 @@ fn observe(ctx: &TcContext, direction: Direction) {
             stats = endpoint(&datagram.remote, message, now);
         }
         if let Some(stats) = stats {
-            account(direction, stats, &datagram.remote, message, headers + u64::from(len), now);
+            account(
+                direction,
+                stats,
+                &datagram.remote,
+                message,
+                headers + u64::from(len),
+                now,
+            );
         }
         i += 1;
     }
@@ -332,11 +346,14 @@ fn account(
     // SAFETY: this CPU's copy of the value; see `count`.
     let stats = unsafe { &mut *stats };
     match (direction, message) {
-        (Direction::Ingress, Message::Transport {
-            receiver,
-            counter,
-            keepalive,
-        }) => {
+        (
+            Direction::Ingress,
+            Message::Transport {
+                receiver,
+                counter,
+                keepalive,
+            },
+        ) => {
             stats.rx_packets += 1;
             stats.rx_bytes += bytes;
             if keepalive {

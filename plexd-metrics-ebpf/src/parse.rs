@@ -248,12 +248,13 @@ pub enum Message {
 /// multiple of 16 bytes (the padded plaintext) plus a 16-byte tag.
 #[inline(always)]
 pub fn classify(header: &[u8; 16], len: u32) -> Message {
-    let le32 = |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    let le32 =
+        |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
     match le32(0) {
         MESSAGE_INITIATION if len == INITIATION_LEN => Message::Initiation { sender: le32(4) },
         MESSAGE_RESPONSE if len == RESPONSE_LEN => Message::Response { sender: le32(4) },
         MESSAGE_COOKIE_REPLY if len == COOKIE_REPLY_LEN => Message::CookieReply,
-        MESSAGE_TRANSPORT if len >= KEEPALIVE_LEN && len % 16 == 0 => Message::Transport {
+        MESSAGE_TRANSPORT if len >= KEEPALIVE_LEN && len.is_multiple_of(16) => Message::Transport {
             receiver: le32(4),
             counter: u64::from_le_bytes([
                 header[8], header[9], header[10], header[11], header[12], header[13], header[14],
@@ -449,7 +450,10 @@ pub(crate) mod tests {
     #[test]
     fn other_ports_and_protocols_are_not_ours() {
         assert_eq!(
-            parse(&ipv4_frame(1234, 5678, &transport(1, 1, 0)), Direction::Ingress),
+            parse(
+                &ipv4_frame(1234, 5678, &transport(1, 1, 0)),
+                Direction::Ingress
+            ),
             Frame::Other
         );
         let mut tcp = ipv4_frame(PEER_PORT, PORT, &transport(1, 1, 0));
@@ -463,12 +467,20 @@ pub(crate) mod tests {
     #[test]
     fn ipv4_options_move_the_udp_header() {
         let mut f = eth(ETH_P_IP);
-        f.extend(ipv4_with(&[1, 1, 1, 0, 1, 1, 1, 0], 0, &udp(PEER_PORT, PORT, &transport(3, 9, 0))));
+        f.extend(ipv4_with(
+            &[1, 1, 1, 0, 1, 1, 1, 0],
+            0,
+            &udp(PEER_PORT, PORT, &transport(3, 9, 0)),
+        ));
         let d = datagram(&f, Direction::Ingress);
         assert_eq!(d.payload_offset, 14 + 28 + 8);
         assert!(matches!(
             read_message(&f[..], d.payload_offset, d.payload_len),
-            Message::Transport { receiver: 3, counter: 9, .. }
+            Message::Transport {
+                receiver: 3,
+                counter: 9,
+                ..
+            }
         ));
     }
 
@@ -544,7 +556,10 @@ pub(crate) mod tests {
         let many: Vec<_> = (0..7)
             .map(|_| (IPPROTO_DSTOPTS, vec![0, 0, 0, 0, 0, 0, 0, 0]))
             .collect();
-        assert_eq!(parse(&ipv6_frame(&many, &l4), Direction::Ingress), Frame::Other);
+        assert_eq!(
+            parse(&ipv6_frame(&many, &l4), Direction::Ingress),
+            Frame::Other
+        );
         // ESP: the rest is encrypted.
         assert_eq!(
             parse(&ipv6_frame(&[(50, vec![0; 8])], &l4), Direction::Ingress),
@@ -557,7 +572,11 @@ pub(crate) mod tests {
         let f = ipv4_frame(PEER_PORT, PORT, &transport(1, 1, 0));
         // Cut inside the IP or UDP header: the ports cannot be known.
         for cut in [10, 13, 20, 33, 40] {
-            assert_eq!(parse(&f[..cut], Direction::Ingress), Frame::Other, "cut {cut}");
+            assert_eq!(
+                parse(&f[..cut], Direction::Ingress),
+                Frame::Other,
+                "cut {cut}"
+            );
         }
         // Cut inside the payload: the UDP length no longer fits.
         assert!(datagram(&f[..f.len() - 1], Direction::Ingress).malformed);
@@ -573,10 +592,29 @@ pub(crate) mod tests {
             let m = handshake(kind, len.max(16), 0x0102_0304);
             classify(m[..16].try_into().unwrap(), len as u32)
         };
-        assert_eq!(h(1, 148), Message::Initiation { sender: 0x0102_0304 });
-        assert_eq!(h(2, 92), Message::Response { sender: 0x0102_0304 });
+        assert_eq!(
+            h(1, 148),
+            Message::Initiation {
+                sender: 0x0102_0304
+            }
+        );
+        assert_eq!(
+            h(2, 92),
+            Message::Response {
+                sender: 0x0102_0304
+            }
+        );
         assert_eq!(h(3, 64), Message::CookieReply);
-        for (kind, len) in [(1, 147), (1, 149), (2, 91), (2, 148), (3, 63), (3, 80), (5, 148), (0, 148)] {
+        for (kind, len) in [
+            (1, 147),
+            (1, 149),
+            (2, 91),
+            (2, 148),
+            (3, 63),
+            (3, 80),
+            (5, 148),
+            (0, 148),
+        ] {
             assert_eq!(h(kind, len), Message::Malformed, "type {kind} len {len}");
         }
         let t = |len: u32| classify(transport(9, 3, 0)[..16].try_into().unwrap(), len);
@@ -588,7 +626,13 @@ pub(crate) mod tests {
                 keepalive: true
             }
         );
-        assert!(matches!(t(48), Message::Transport { keepalive: false, .. }));
+        assert!(matches!(
+            t(48),
+            Message::Transport {
+                keepalive: false,
+                ..
+            }
+        ));
         assert!(matches!(t(1440), Message::Transport { .. }));
         for len in [16, 31, 33, 40, 47] {
             assert_eq!(t(len), Message::Malformed, "len {len}");
@@ -596,14 +640,20 @@ pub(crate) mod tests {
         // Reserved bytes must be zero.
         let mut m = transport(9, 3, 0);
         m[2] = 1;
-        assert_eq!(classify(m[..16].try_into().unwrap(), 32), Message::Malformed);
+        assert_eq!(
+            classify(m[..16].try_into().unwrap(), 32),
+            Message::Malformed
+        );
     }
 
     #[test]
     fn short_messages_are_malformed() {
         let f = ipv4_frame(PEER_PORT, PORT, &[4, 0, 0, 0, 1, 0]);
         let d = datagram(&f, Direction::Ingress);
-        assert_eq!(read_message(&f[..], d.payload_offset, d.payload_len), Message::Malformed);
+        assert_eq!(
+            read_message(&f[..], d.payload_offset, d.payload_len),
+            Message::Malformed
+        );
     }
 
     #[test]

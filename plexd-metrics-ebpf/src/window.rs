@@ -253,7 +253,10 @@ mod tests {
         let mut s = Session::new();
         s.feed(0..10_000);
         s.wait(TIMEOUT);
-        assert_eq!((s.lost(), s.late, s.duplicate, s.in_order), (0, 0, 0, 10_000));
+        assert_eq!(
+            (s.lost(), s.late, s.duplicate, s.in_order),
+            (0, 0, 0, 10_000)
+        );
         assert_eq!(s.s.received, 10_000);
     }
 
@@ -364,7 +367,11 @@ mod tests {
         s.feed([1]);
         assert_eq!(s.duplicate, 1, "1 is still in the window");
         s.feed([2_049, 1]);
-        assert_eq!((s.late, s.duplicate), (2, 1), "1 left: too old to tell, late");
+        assert_eq!(
+            (s.late, s.duplicate),
+            (2, 1),
+            "1 left: too old to tell, late"
+        );
     }
 
     #[test]
@@ -386,7 +393,9 @@ mod tests {
     fn advancing_by_every_distance_clears_exactly_the_new_range() {
         // Compares the bitmap with a plain set of arrived counters for jumps of every size
         // around word and window boundaries.
-        for jump in [1u64, 2, 63, 64, 65, 127, 128, 129, 1_000, 2_046, 2_047, 2_048, 2_049, 5_000] {
+        for jump in [
+            1u64, 2, 63, 64, 65, 127, 128, 129, 1_000, 2_046, 2_047, 2_048, 2_049, 5_000,
+        ] {
             for start in [0u64, 1, 62, 63, 64, 500] {
                 let mut s = Session::new();
                 let mut arrived = std::collections::BTreeSet::new();
@@ -493,7 +502,10 @@ mod tests {
             for &(hole, at) in &opened {
                 let age = s.now - at;
                 let settled = hole < s.s.settle_mark(s.now, TIMEOUT);
-                assert!(!settled || age >= TIMEOUT, "hole {hole} settled at age {age}");
+                assert!(
+                    !settled || age >= TIMEOUT,
+                    "hole {hole} settled at age {age}"
+                );
             }
         }
     }

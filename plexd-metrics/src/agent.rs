@@ -11,10 +11,10 @@ use tracing::{error, info, warn};
 
 use crate::api::MetricBatch;
 use crate::collector::{AgentStatsCollector, Collector, KernelCounters, SystemCollector};
+use crate::config::AttachModeConfig;
 use crate::config::Config;
 use crate::manager::{Manager, RunOutcome};
 use crate::reporter::{MetricReporter, StdoutReporter};
-use crate::config::AttachModeConfig;
 use crate::source::ebpf::{
     default_route_interfaces, embedded_object, AttachMode, ProbeOptions, UnderlayProbe,
 };

@@ -322,9 +322,8 @@ impl EbpfConfig {
             return;
         }
         if self.listen_ports.is_empty() {
-            problems.push(
-                "metrics: config: ebpf.listen_ports must name at least one port".to_owned(),
-            );
+            problems
+                .push("metrics: config: ebpf.listen_ports must name at least one port".to_owned());
         }
         if self.listen_ports.contains(&0) {
             problems.push("metrics: config: ebpf.listen_ports: 0 is not a port".to_owned());
@@ -663,7 +662,9 @@ metrics:
             problems("metrics: { collect_interval: 5s, ebpf: { reorder_timeout: 6s } }"),
             ["metrics: config: ebpf.reorder_timeout must be <= CollectInterval"]
         );
-        assert!(problems("metrics: { collect_interval: 5s, ebpf: { reorder_timeout: 5s } }").is_empty());
+        assert!(
+            problems("metrics: { collect_interval: 5s, ebpf: { reorder_timeout: 5s } }").is_empty()
+        );
         assert_eq!(
             problems("metrics: { ebpf: { max_peers: 0, max_sessions: 5000000 } }"),
             [
@@ -672,7 +673,10 @@ metrics:
             ]
         );
         // Nothing of the programs is checked when they are off.
-        assert!(problems("metrics: { ebpf: { enabled: false, listen_ports: [], max_peers: 0 } }").is_empty());
+        assert!(
+            problems("metrics: { ebpf: { enabled: false, listen_ports: [], max_peers: 0 } }")
+                .is_empty()
+        );
     }
 
     #[test]

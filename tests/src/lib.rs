@@ -494,7 +494,8 @@ pub mod wg {
             use std::os::fd::FromRawFd;
             let index = nix::net::if_::if_nametoindex(interface)?;
             // SAFETY: plain socket(2); checked below.
-            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+            let fd =
+                unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
             if fd < 0 {
                 return Err(std::io::Error::last_os_error());
             }

@@ -7,8 +7,8 @@
 use aya::programs::tc::{NlOptions, TcAttachOptions};
 use aya::programs::{SchedClassifier, TcAttachType};
 use plexd_metrics::collector::KernelCounters as _;
-use plexd_metrics_common::PROG_COUNT_ONLY;
 use plexd_metrics::source::ebpf::{embedded_object, AttachMode, UnderlayProbe};
+use plexd_metrics_common::PROG_COUNT_ONLY;
 use plexd_metrics_tests::{
     ours, quiet_namespaces, require_privileges, tc_state, UdpFlow, VethPair,
 };
@@ -201,7 +201,10 @@ fn a_clsact_qdisc_that_others_still_use_is_kept() {
 
     ns_a.run(move || drop(probe)).expect("enter namespace");
     let after = tc_state(&ns_a, dev);
-    assert!(after.clsact, "qdisc removed under another filter: {after:?}");
+    assert!(
+        after.clsact,
+        "qdisc removed under another filter: {after:?}"
+    );
     assert_eq!(ours(&after), 0, "{after:?}");
     assert_eq!(
         after

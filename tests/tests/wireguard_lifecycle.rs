@@ -65,7 +65,11 @@ fn a_leaked_netlink_attachment_is_replaced_at_the_next_start() {
 
     let probe = attach();
     let during = tc_state(&ns_a, dev);
-    assert_eq!(ours(&during), 2, "stale filters replaced, not doubled: {during:?}");
+    assert_eq!(
+        ours(&during),
+        2,
+        "stale filters replaced, not doubled: {during:?}"
+    );
     ns_a.run(move || drop(probe)).expect("enter namespace");
     let after = tc_state(&ns_a, dev);
     assert_eq!(after, before, "the orphaned qdisc goes too");

@@ -16,7 +16,8 @@ use plexd_metrics::collector::KernelCounters as _;
 use plexd_metrics::source::counters::{EndpointCounterSource as _, EndpointCounters};
 use plexd_metrics::source::ebpf::{embedded_object, ProbeOptions, UnderlayProbe};
 use plexd_metrics_tests::wg::{
-    coarse_now, cookie_reply, initiation, ipv4_udp_frame, keepalive, mac, response, transport, RawLink,
+    coarse_now, cookie_reply, initiation, ipv4_udp_frame, keepalive, mac, response, transport,
+    RawLink,
 };
 use plexd_metrics_tests::{quiet_namespaces, require_privileges, NetNs, VethPair};
 
@@ -37,7 +38,12 @@ fn setsockopt<T>(fd: &impl AsRawFd, level: i32, name: i32, value: &T) {
             std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
-    assert_eq!(rc, 0, "setsockopt({level}, {name}): {}", std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "setsockopt({level}, {name}): {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// A peer and a WireGuard node on one veth, the probe on the node's side.
@@ -113,10 +119,9 @@ impl<'a> Rig<'a> {
     fn expect_at_wg(&self, messages: &[Vec<u8>]) {
         let mut buf = vec![0u8; 65_536];
         for (i, m) in messages.iter().enumerate() {
-            let (n, from) = self
-                .wg
-                .recv_from(&mut buf)
-                .unwrap_or_else(|e| panic!("datagram {i} of {} not delivered: {e}", messages.len()));
+            let (n, from) = self.wg.recv_from(&mut buf).unwrap_or_else(|e| {
+                panic!("datagram {i} of {} not delivered: {e}", messages.len())
+            });
             assert_eq!(from, self.peer_addr);
             assert_eq!(&buf[..n], &m[..], "datagram {i} changed or out of order");
         }
@@ -280,7 +285,11 @@ fn a_new_session_starts_a_new_window_and_is_not_loss() {
     rig.deliver(&[transport(0x1111, 90_100, 32)]);
     rig.let_holes_age(TIMEOUT);
     let c = rig.counters();
-    assert_eq!((c.rx_packets, c.lost, c.late, c.duplicate), (201, 0, 0, 0), "{c:?}");
+    assert_eq!(
+        (c.rx_packets, c.lost, c.late, c.duplicate),
+        (201, 0, 0, 0),
+        "{c:?}"
+    );
     let stats = rig.probe.probe_stats().expect("probe stats");
     assert_eq!(stats.sessions_created, 2);
 }
@@ -316,7 +325,11 @@ fn counters_near_the_top_of_u64() {
     rig.let_holes_age(TIMEOUT);
     let c = rig.counters();
     // top - 4 never came; top - 2 was late; top came twice.
-    assert_eq!((c.lost, c.late, c.duplicate, c.rx_packets), (1, 1, 1, 7), "{c:?}");
+    assert_eq!(
+        (c.lost, c.late, c.duplicate, c.rx_packets),
+        (1, 1, 1, 7),
+        "{c:?}"
+    );
 }
 
 #[test]
@@ -325,7 +338,10 @@ fn two_cpus_feeding_one_session_count_exactly() {
         return;
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    assert!(cpus >= 2, "this test needs two CPUs, the machine has {cpus}");
+    assert!(
+        cpus >= 2,
+        "this test needs two CPUs, the machine has {cpus}"
+    );
     let (p, w) = quiet_namespaces();
     // Long enough that a counter held back by the other CPU is never settled before it
     // arrives, even on a loaded machine.
@@ -335,7 +351,10 @@ fn two_cpus_feeding_one_session_count_exactly() {
     const CHUNK: u64 = 256;
     let highest = CHUNKS * CHUNK;
     let skipped = |c: u64| c % 97 == 96;
-    assert!(!skipped(highest), "the last counter must be sent to close every hole");
+    assert!(
+        !skipped(highest),
+        "the last counter must be sent to close every hole"
+    );
     // Counter 0 first, so that the session starts at 0 whichever thread wins the race.
     rig.deliver(&[keepalive(41, 0)]);
     let barrier = Barrier::new(2);
@@ -373,9 +392,16 @@ fn two_cpus_feeding_one_session_count_exactly() {
     assert_eq!(sent + holes, highest);
     rig.let_holes_age(timeout);
     let c = rig.counters();
-    assert_eq!(c.rx_packets, sent + 1, "every datagram reached TC ingress: {c:?}");
+    assert_eq!(
+        c.rx_packets,
+        sent + 1,
+        "every datagram reached TC ingress: {c:?}"
+    );
     assert_eq!((c.lost, c.duplicate), (holes, 0), "{c:?}");
-    let per_cpu = rig.probe.rx_packets_per_cpu(rig.peer_addr).expect("per-CPU counters");
+    let per_cpu = rig
+        .probe
+        .rx_packets_per_cpu(rig.peer_addr)
+        .expect("per-CPU counters");
     assert!(
         per_cpu.len() >= 2 && per_cpu[0] > 0 && per_cpu[1] > 0,
         "both CPUs must have fed the session: {per_cpu:?}"
@@ -394,7 +420,11 @@ fn handshakes_cookies_and_keepalives_count_in_their_direction() {
     rig.deliver(&[keepalive(5, 0), keepalive(5, 1), transport(5, 2, 100)]);
     rig.reply(&[keepalive(3, 0), transport(3, 1, 1_000), transport(3, 2, 1)]);
     let c = rig.counters();
-    assert_eq!((c.initiations_received, c.responses_received), (2, 1), "{c:?}");
+    assert_eq!(
+        (c.initiations_received, c.responses_received),
+        (2, 1),
+        "{c:?}"
+    );
     assert_eq!((c.initiations_sent, c.responses_sent), (1, 1), "{c:?}");
     assert_eq!(c.cookie_replies, 3, "{c:?}");
     assert_eq!((c.rx_packets, c.rx_keepalives), (3, 2), "{c:?}");
@@ -416,15 +446,15 @@ fn malformed_input_is_counted_has_no_effect_on_loss_and_is_not_dropped() {
     let mut wrong_reserved = transport(51, 2, 16);
     wrong_reserved[1] = 1;
     let junk = [
-        vec![4, 0, 0, 0, 51, 0, 0],                   // truncated transport header
-        transport(51, 2, 16)[..40].to_vec(),          // transport size not a multiple of 16
-        initiation(9)[..147].to_vec(),                // initiation one byte short
-        [response(9), vec![0]].concat(),              // response one byte long
-        cookie_reply(9)[..63].to_vec(),               // cookie reply one byte short
-        wrong_reserved,                               // reserved bytes not zero
+        vec![4, 0, 0, 0, 51, 0, 0],          // truncated transport header
+        transport(51, 2, 16)[..40].to_vec(), // transport size not a multiple of 16
+        initiation(9)[..147].to_vec(),       // initiation one byte short
+        [response(9), vec![0]].concat(),     // response one byte long
+        cookie_reply(9)[..63].to_vec(),      // cookie reply one byte short
+        wrong_reserved,                      // reserved bytes not zero
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), // not WireGuard at all
-        vec![9; 148],                                 // unknown message type
-        Vec::new(),                                   // empty datagram
+        vec![9; 148],                        // unknown message type
+        Vec::new(),                          // empty datagram
     ];
     rig.deliver(&junk);
     rig.deliver(&[2u64, 3].map(|c| transport(51, c, 16)));
@@ -437,7 +467,11 @@ fn malformed_input_is_counted_has_no_effect_on_loss_and_is_not_dropped() {
     let c = rig.counters();
     assert_eq!(c.malformed, junk.len() as u64 + 1, "{c:?}");
     // The fragmented message is not a counter seen: 4 is lost.
-    assert_eq!((c.rx_packets, c.lost, c.late, c.duplicate), (6, 1, 0, 0), "{c:?}");
+    assert_eq!(
+        (c.rx_packets, c.lost, c.late, c.duplicate),
+        (6, 1, 0, 0),
+        "{c:?}"
+    );
     // UDP on another port is not WireGuard's business.
     let other = rig
         .wg_ns
@@ -452,7 +486,11 @@ fn malformed_input_is_counted_has_no_effect_on_loss_and_is_not_dropped() {
         .expect("send");
     other.recv_from(&mut [0u8; 128]).expect("delivered");
     let c = rig.counters();
-    assert_eq!((c.malformed, c.rx_packets), (junk.len() as u64 + 1, 6), "{c:?}");
+    assert_eq!(
+        (c.malformed, c.rx_packets),
+        (junk.len() as u64 + 1, 6),
+        "{c:?}"
+    );
 }
 
 /// An Ethernet/IPv4/UDP frame from the peer to the node with the UDP length set to
@@ -504,7 +542,10 @@ fn inconsistent_and_truncated_headers_are_malformed_or_ignored() {
     );
     // The stack drops both; a datagram behind them shows that TC has seen them.
     rig.deliver(&[transport(61, 1, 16)]);
-    assert_eq!(rig.probe.read().expect("totals").ingress_packets, before + 3);
+    assert_eq!(
+        rig.probe.read().expect("totals").ingress_packets,
+        before + 3
+    );
     let c = rig.counters();
     assert_eq!((c.malformed, c.rx_packets, c.lost), (1, 2, 0), "{c:?}");
 }
@@ -520,8 +561,15 @@ fn enable_ipv6(peer_ns: &NetNs, wg_ns: &NetNs, veth: &VethPair<'_>) -> (Ipv6Addr
     ] {
         ns.sysctl_net(&format!("ipv6/conf/{}/disable_ipv6", me.name), "0")
             .expect("enable IPv6");
-        ns.ip(&["addr", "add", &format!("{my_addr}/64"), "dev", &me.name, "nodad"])
-            .expect("add IPv6 address");
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{my_addr}/64"),
+            "dev",
+            &me.name,
+            "nodad",
+        ])
+        .expect("add IPv6 address");
         ns.ip(&[
             "neigh",
             "replace",
@@ -588,7 +636,9 @@ fn gso_packets_are_counted_per_segment() {
         .iter()
         .flat_map(|&c| transport(81, c, 16))
         .collect();
-    rig.peer.send_to(&batch, rig.wg_addr).expect("send the batch");
+    rig.peer
+        .send_to(&batch, rig.wg_addr)
+        .expect("send the batch");
     let messages: Vec<_> = counters.iter().map(|&c| transport(81, c, 16)).collect();
     rig.expect_at_wg(&messages);
     assert_eq!(
@@ -609,10 +659,14 @@ fn only_listen_ports_are_parsed_and_they_can_change() {
     }
     let (p, w) = quiet_namespaces();
     let rig = Rig::new(&p, &w, options(TIMEOUT));
-    rig.probe.set_listen_ports(&[WG_PORT + 1]).expect("set ports");
+    rig.probe
+        .set_listen_ports(&[WG_PORT + 1])
+        .expect("set ports");
     rig.deliver(&[transport(91, 0, 16)]);
     assert_eq!(rig.counters().rx_packets, 0);
-    rig.probe.set_listen_ports(&[1, WG_PORT]).expect("set ports");
+    rig.probe
+        .set_listen_ports(&[1, WG_PORT])
+        .expect("set ports");
     rig.deliver(&[transport(91, 1, 16)]);
     assert_eq!(rig.counters().rx_packets, 1);
 }
@@ -675,5 +729,8 @@ fn tracked_endpoints_have_counters_before_their_traffic() {
     rig.probe.track_endpoints(&[rig.peer_addr]).expect("track");
     assert_eq!(rig.counters().rx_packets, 2);
     let stats = rig.probe.probe_stats().expect("probe stats");
-    assert_eq!((stats.endpoint_overflows, stats.allocation_failures), (0, 0));
+    assert_eq!(
+        (stats.endpoint_overflows, stats.allocation_failures),
+        (0, 0)
+    );
 }

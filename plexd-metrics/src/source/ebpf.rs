@@ -517,7 +517,10 @@ impl UnderlayProbe {
 
     /// Messages received from `endpoint` on each CPU (index = CPU): shows how the kernel
     /// spreads a peer's traffic. Empty when the endpoint has no entry.
-    pub fn rx_packets_per_cpu(&self, endpoint: std::net::SocketAddr) -> Result<Vec<u64>, EbpfError> {
+    pub fn rx_packets_per_cpu(
+        &self,
+        endpoint: std::net::SocketAddr,
+    ) -> Result<Vec<u64>, EbpfError> {
         self.lock_reader().rx_packets_per_cpu(endpoint)
     }
 

@@ -60,11 +60,7 @@ pub(super) fn lookup_all<K: Pod, V: Pod>(
     let fd = map.fd().as_fd().as_raw_fd();
     loop {
         let mut attr = BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                in_batch.as_ptr() as u64
-            },
+            in_batch: if first { 0 } else { in_batch.as_ptr() as u64 },
             out_batch: out_batch.as_mut_ptr() as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,

@@ -11,8 +11,8 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use aya::maps::{Array, HashMap, IterableMap as _, MapData, MapError, PerCpuArray, PerCpuHashMap};
 use plexd_metrics_common::{
-    EndpointKey, EndpointStats, PortSet, ProbeStat, SessionState, MAP_ENDPOINTS,
-    MAP_LISTEN_PORTS, MAP_PROBE_STATS, MAP_SESSIONS,
+    EndpointKey, EndpointStats, PortSet, ProbeStat, SessionState, MAP_ENDPOINTS, MAP_LISTEN_PORTS,
+    MAP_PROBE_STATS, MAP_SESSIONS,
 };
 
 use super::{batch, EbpfError};
@@ -305,9 +305,13 @@ impl Reader {
                     io_error: e,
                 }))
             })?;
-            match self.endpoints.insert(key_of(*endpoint), values, BPF_NOEXIST) {
+            match self
+                .endpoints
+                .insert(key_of(*endpoint), values, BPF_NOEXIST)
+            {
                 Ok(()) => {}
-                Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
                 Err(e) => return Err(write_error(MAP_ENDPOINTS)(e)),
             }
         }
@@ -376,7 +380,9 @@ impl Reader {
                 self.state.forget_session(index);
             }
         }
-        self.state.session_lost.retain(|index, _| live.contains(index));
+        self.state
+            .session_lost
+            .retain(|index, _| live.contains(index));
         Ok(())
     }
 }
@@ -387,7 +393,12 @@ mod tests {
 
     const TIMEOUT: u64 = 1_000_000_000;
 
-    fn session(endpoint: EndpointKey, highest: u64, arrived: &[u64], last_seen_ns: u64) -> SessionState {
+    fn session(
+        endpoint: EndpointKey,
+        highest: u64,
+        arrived: &[u64],
+        last_seen_ns: u64,
+    ) -> SessionState {
         let mut s = SessionState {
             flags: plexd_metrics_common::SESSION_STARTED,
             base: 0,
@@ -487,7 +498,10 @@ mod tests {
             },
         );
         let c = counters(&total, 9);
-        assert_eq!((c.rx_packets, c.tx_bytes, c.cookie_replies, c.late, c.lost), (6, 200, 6, 8, 9));
+        assert_eq!(
+            (c.rx_packets, c.tx_bytes, c.cookie_replies, c.late, c.lost),
+            (6, 200, 6, 8, 9)
+        );
         assert_eq!(total.last_seen_ns, 77);
     }
 
