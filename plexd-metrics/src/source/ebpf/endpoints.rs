@@ -30,6 +30,10 @@ pub(super) const SESSION_EXPIRY_NS: u64 = 240_000_000_000;
 /// would fill the map over time.
 pub(super) const ENDPOINT_EXPIRY_NS: u64 = 900_000_000_000;
 
+/// How often an insert that found the kernel's allocation caches empty is retried, a
+/// millisecond apart.
+const ENOMEM_RETRIES: u32 = 100;
+
 /// The maps the agent reads and writes, and what it remembers between reads.
 pub(super) struct Reader {
     pub(super) listen_ports: Array<MapData, PortSet>,
@@ -298,21 +302,34 @@ impl Reader {
     pub(super) fn track_endpoints(&mut self, endpoints: &[SocketAddr]) -> Result<(), EbpfError> {
         const BPF_NOEXIST: u64 = 1;
         let zero = vec![EndpointStats::default(); self.cpus];
+        let errno = |e: &MapError| match e {
+            MapError::SyscallError(e) => e.io_error.raw_os_error(),
+            _ => None,
+        };
         for endpoint in endpoints {
-            let values = aya::maps::PerCpuValues::try_from(zero.clone()).map_err(|e| {
-                write_error(MAP_ENDPOINTS)(MapError::SyscallError(aya::sys::SyscallError {
-                    call: "per-CPU values",
-                    io_error: e,
-                }))
-            })?;
-            match self
-                .endpoints
-                .insert(key_of(*endpoint), values, BPF_NOEXIST)
-            {
-                Ok(()) => {}
-                Err(MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(e) => return Err(write_error(MAP_ENDPOINTS)(e)),
+            let mut attempts = 0;
+            loop {
+                let values = aya::maps::PerCpuValues::try_from(zero.clone()).map_err(|e| {
+                    write_error(MAP_ENDPOINTS)(MapError::SyscallError(aya::sys::SyscallError {
+                        call: "per-CPU values",
+                        io_error: e,
+                    }))
+                })?;
+                match self
+                    .endpoints
+                    .insert(key_of(*endpoint), values, BPF_NOEXIST)
+                {
+                    Ok(()) => break,
+                    Err(e) if errno(&e) == Some(libc::EEXIST) => break,
+                    // Entries of maps that are not preallocated come from per-CPU caches the
+                    // kernel refills in the background, for system calls too: a burst drains
+                    // them, and a moment later there is memory again.
+                    Err(e) if errno(&e) == Some(libc::ENOMEM) && attempts < ENOMEM_RETRIES => {
+                        attempts += 1;
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    Err(e) => return Err(write_error(MAP_ENDPOINTS)(e)),
+                }
             }
         }
         Ok(())
