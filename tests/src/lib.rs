@@ -8,6 +8,7 @@
 //! plain `cargo test` without root skips them loudly; `cargo xtask test` sets
 //! `PLEXD_METRICS_REQUIRE_PRIVILEGED=1`, which turns a skip into a failure.
 
+pub mod agent;
 pub mod control_plane;
 pub mod mesh;
 pub mod targets;

@@ -10,7 +10,9 @@ use std::time::Duration;
 use aya::programs::SchedClassifier;
 use plexd_metrics::source::ebpf::{embedded_object, AttachMode, UnderlayProbe};
 use plexd_metrics_common::{PROG_COUNT_ONLY, PROG_EGRESS, PROG_INGRESS};
-use plexd_metrics_tests::{ours, quiet_namespaces, require_privileges, tc_state, NetNs, VethPair};
+use plexd_metrics_tests::{
+    agent_binary, ours, quiet_namespaces, require_privileges, tc_state, NetNs, VethPair,
+};
 
 /// The verifier's budget per program (BPF_COMPLEXITY_LIMIT_INSNS).
 const VERIFIER_LIMIT: u32 = 1_000_000;
@@ -98,26 +100,6 @@ fn a_leaked_netlink_attachment_is_removed_when_the_next_run_uses_tcx() {
     assert!(during.filters.is_empty() && !during.clsact, "{during:?}");
     drop(probe);
     assert_eq!(tc_state(&ns_a, dev), before);
-}
-
-/// The agent binary built next to this test (`cargo xtask test` names it in
-/// PLEXD_METRICS_BIN).
-fn agent_binary() -> PathBuf {
-    if let Some(bin) = std::env::var_os("PLEXD_METRICS_BIN") {
-        return bin.into();
-    }
-    let exe = std::env::current_exe().expect("test executable path");
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>/deps")
-        .join("plexd-metrics");
-    assert!(
-        bin.is_file(),
-        "{} not built; run `cargo xtask test` or `cargo build -p plexd-metrics` first",
-        bin.display()
-    );
-    bin
 }
 
 /// The agent running in a namespace, its JSON log lines forwarded over a channel.
