@@ -2,8 +2,12 @@
 //!
 //! Everything here compiles for `bpfel-unknown-none` and for the host, so that
 //! `cargo xtask test` can unit-test it without loading anything into a kernel. The entry
-//! points in `main.rs` stay thin wrappers around these functions.
+//! points in `main.rs` stay thin wrappers around these functions: they supply packet bytes
+//! through [`Packet`] and map values through plain references.
 #![cfg_attr(not(test), no_std)]
+
+pub mod parse;
+pub mod window;
 
 use plexd_metrics_common::PacketCounters;
 

@@ -1,8 +1,11 @@
 //! Kernel programs of plexd-metrics.
 //!
-//! Two TC classifiers count every packet and byte that crosses an underlay interface, one per
-//! direction. They only observe: each returns `TC_ACT_PIPE`, so the packet goes on to whatever
-//! else is attached (other programs, tc filters) exactly as if they were not there.
+//! Two TC classifiers, one per direction, on the underlay interfaces. Each counts every
+//! packet, and for UDP to or from a WireGuard listen port it parses the WireGuard message:
+//! per-endpoint counters for every message type, and for incoming transport messages the
+//! per-session loss window. They only observe: each returns `TC_ACT_UNSPEC`, so the packet
+//! goes on to whatever else is attached exactly as if they were not there (`TC_ACT_PIPE`
+//! would end a TCX chain early).
 //!
 //! Names and layouts come from `plexd-metrics-common`, the one place that defines the contract
 //! with the agent; the assertions below make a rename there fail this build instead of failing
@@ -11,39 +14,254 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::TC_ACT_PIPE,
-    macros::{classifier, map},
-    maps::PerCpuArray,
+    bindings::{BPF_ANY, BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_UNSPEC},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_spin_lock, bpf_spin_unlock},
+    macros::{btf_map, classifier},
     programs::TcContext,
 };
 use plexd_metrics_common::{
-    Direction, PacketCounters, DIRECTIONS, MAP_PACKET_COUNTERS, PROG_EGRESS, PROG_INGRESS,
+    checkpoint_ns, Direction, EndpointKey, EndpointStats, FreshSession, PacketCounters, PortSet,
+    ProbeStat, SessionState, DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_SESSIONS,
+    DEFAULT_REORDER_TIMEOUT_NS, DIRECTIONS, GLOBAL_CHECKPOINT_NS, GLOBAL_REORDER_TIMEOUT_NS,
+    MAP_ENDPOINTS, MAP_FRESH_SESSIONS, MAP_LISTEN_PORTS, MAP_PACKET_COUNTERS, MAP_PROBE_STATS,
+    MAP_SESSIONS, PROBE_STAT_COUNT, PROG_COUNT_ONLY, PROG_EGRESS, PROG_INGRESS, SESSION_STARTED,
 };
-use plexd_metrics_ebpf::{record, same_name};
+use plexd_metrics_ebpf::{
+    parse::{parse_frame, read_message, Frame, Message, Packet, Segments},
+    record, same_name,
+    window::{record_counter, Arrival},
+};
 
-/// Packets and bytes per [`Direction`]. Per-CPU, so that concurrent packets on different CPUs
-/// never contend and a plain add is enough; the agent sums the CPUs when it reads.
-#[map]
-static PACKET_COUNTERS: PerCpuArray<PacketCounters> = PerCpuArray::with_max_entries(DIRECTIONS, 0);
+/// Packets and bytes per [`Direction`], every packet. Per-CPU, so that concurrent packets
+/// on different CPUs never contend and a plain add is enough; the agent sums the CPUs.
+#[btf_map]
+static PACKET_COUNTERS: PerCpuArray<PacketCounters, { DIRECTIONS as usize }> = PerCpuArray::new();
+
+/// The WireGuard listen ports, written by the agent.
+#[btf_map]
+static LISTEN_PORTS: Array<PortSet, 1> = Array::new();
+
+/// Per remote endpoint counters. Not preallocated: the agent sets the size at load time,
+/// and a preallocated per-CPU hash costs size × CPUs × 128 bytes up front.
+#[btf_map]
+static ENDPOINTS: PerCpuHashMap<
+    EndpointKey,
+    EndpointStats,
+    { DEFAULT_MAX_ENDPOINTS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = PerCpuHashMap::new();
+
+/// Loss windows by receiver index. A plain hash, not LRU: the kernel refuses spin locks in
+/// LRU maps. The agent removes sessions WireGuard no longer accepts; when the map is full a
+/// new session is counted as an overflow.
+#[btf_map]
+static SESSIONS: HashMap<
+    u32,
+    SessionState,
+    { DEFAULT_MAX_SESSIONS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// Receiver indexes this host announced in handshakes: their first counter is 0. Losing an
+/// entry to the LRU only loses that hint.
+#[btf_map]
+static FRESH_SESSIONS: LruHashMap<u32, FreshSession, { DEFAULT_MAX_ENDPOINTS as usize }> =
+    LruHashMap::new();
+
+/// Probe-wide counters by [`ProbeStat`].
+#[btf_map]
+static PROBE_STATS: PerCpuArray<u64, { PROBE_STAT_COUNT as usize }> = PerCpuArray::new();
+
+/// The reorder timeout; the agent sets it at load time (`metrics.ebpf.reorder_timeout`).
+#[unsafe(no_mangle)]
+static REORDER_TIMEOUT_NS: u64 = DEFAULT_REORDER_TIMEOUT_NS;
+
+/// The width of one checkpoint, derived from the timeout by the agent.
+#[unsafe(no_mangle)]
+static CHECKPOINT_NS: u64 = checkpoint_ns(DEFAULT_REORDER_TIMEOUT_NS);
+
+/// A zeroed session value to insert from: 432 bytes do not fit the 512-byte BPF stack next
+/// to everything else. An array of words rather than a `SessionState`, because a global
+/// holding a spin lock would make the kernel treat `.rodata` as a locked map.
+static ZERO_SESSION: [u64; 54] = [0; 54];
+
+/// A zeroed endpoint value to insert from, copied by the kernel instead of built on the
+/// stack (which would take a memset call).
+static ZERO_ENDPOINT: [u64; 16] = [0; 16];
+
+/// WireGuard's REJECT_AFTER_TIME: a session older than this receives nothing more.
+const REJECT_AFTER_NS: u64 = 180_000_000_000;
+/// GSO/GRO packets with more segments than this are counted up to this many. UDP GRO
+/// merges at most 64 datagrams; UDP GSO sends at most 128 (`UDP_MAX_SEGMENTS`).
+const MAX_SEGMENTS: u32 = 64;
+const EEXIST: i32 = 17;
+const ENOMEM: i32 = 12;
 
 // The macros take the symbol's own name as the map and program name, so the contract's
 // constants are checked against the symbols here.
 const _: () = assert!(same_name(MAP_PACKET_COUNTERS, "PACKET_COUNTERS"));
+const _: () = assert!(same_name(MAP_LISTEN_PORTS, "LISTEN_PORTS"));
+const _: () = assert!(same_name(MAP_ENDPOINTS, "ENDPOINTS"));
+const _: () = assert!(same_name(MAP_SESSIONS, "SESSIONS"));
+const _: () = assert!(same_name(MAP_FRESH_SESSIONS, "FRESH_SESSIONS"));
+const _: () = assert!(same_name(MAP_PROBE_STATS, "PROBE_STATS"));
+const _: () = assert!(same_name(GLOBAL_REORDER_TIMEOUT_NS, "REORDER_TIMEOUT_NS"));
+const _: () = assert!(same_name(GLOBAL_CHECKPOINT_NS, "CHECKPOINT_NS"));
 const _: () = assert!(same_name(PROG_INGRESS, "plexd_tc_ingress"));
 const _: () = assert!(same_name(PROG_EGRESS, "plexd_tc_egress"));
+const _: () = assert!(same_name(PROG_COUNT_ONLY, "plexd_tc_count"));
+const _: () = assert!(core::mem::size_of::<SessionState>() == 54 * 8);
+const _: () = assert!(core::mem::size_of::<EndpointStats>() == 16 * 8);
 
-/// Counts a packet arriving on the interface.
+/// Accounts a packet arriving on the interface.
 #[classifier]
 pub fn plexd_tc_ingress(ctx: TcContext) -> i32 {
-    count(&ctx, Direction::Ingress);
-    TC_ACT_PIPE
+    observe(&ctx, Direction::Ingress);
+    TC_ACT_UNSPEC
 }
 
-/// Counts a packet leaving through the interface.
+/// Accounts a packet leaving through the interface.
 #[classifier]
 pub fn plexd_tc_egress(ctx: TcContext) -> i32 {
-    count(&ctx, Direction::Egress);
-    TC_ACT_PIPE
+    observe(&ctx, Direction::Egress);
+    TC_ACT_UNSPEC
+}
+
+/// Counts packets and nothing else: the baseline of `cargo xtask bench`.
+#[classifier]
+pub fn plexd_tc_count(ctx: TcContext) -> i32 {
+    count(&ctx, Direction::Ingress);
+    TC_ACT_UNSPEC
+}
+
+/// Packet bytes: read in place when they lie in the linear part of the buffer, copied with
+/// `bpf_skb_load_bytes` when they lie in paged fragments (GRO packets). In place is several
+/// times cheaper than the helper call.
+struct Skb<'a> {
+    ctx: &'a TcContext,
+    data: usize,
+    end: usize,
+}
+
+impl<'a> Skb<'a> {
+    #[inline(always)]
+    fn new(ctx: &'a TcContext) -> Self {
+        Self {
+            ctx,
+            data: ctx.data(),
+            end: ctx.data_end(),
+        }
+    }
+}
+
+impl Packet for Skb<'_> {
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        self.ctx.len()
+    }
+
+    #[inline(always)]
+    fn read<const N: usize>(&self, offset: u32) -> Option<[u8; N]> {
+        // Bounded for the verifier, which tracks packet pointers only with known ranges;
+        // every header offset the parser computes is far below this.
+        let offset = (offset & 0x3fff) as usize;
+        if self.data + offset + N <= self.end {
+            // SAFETY: the bytes lie between data and data_end, which the kernel keeps
+            // readable for the duration of the program; unaligned, as headers are.
+            Some(unsafe { core::ptr::read_unaligned((self.data + offset) as *const [u8; N]) })
+        } else {
+            self.ctx.load::<[u8; N]>(offset).ok()
+        }
+    }
+}
+
+/// Packet bytes through `bpf_skb_load_bytes` only: for the segments of GSO packets, which
+/// lie in paged fragments anyway, and whose loop the verifier walks 64 times, so one way to
+/// read per segment keeps it within budget.
+struct SkbCopy<'a>(&'a TcContext);
+
+impl Packet for SkbCopy<'_> {
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        self.0.len()
+    }
+
+    #[inline(always)]
+    fn read<const N: usize>(&self, offset: u32) -> Option<[u8; N]> {
+        self.0.load::<[u8; N]>(offset as usize).ok()
+    }
+}
+
+#[inline(always)]
+fn observe(ctx: &TcContext, direction: Direction) {
+    count(ctx, direction);
+    let Some(ports) = LISTEN_PORTS.get(0) else {
+        return;
+    };
+    let pkt = Skb::new(ctx);
+    let datagram = match parse_frame(&pkt, direction, |p| ports.contains(p)) {
+        Frame::Other => return,
+        Frame::WireGuardPort(d) => d,
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // SAFETY: the context of a TC program is its __sk_buff.
+    let (gso_segs, gso_size) = unsafe { ((*ctx.skb.skb).gso_segs, (*ctx.skb.skb).gso_size) };
+    let segments = if datagram.malformed {
+        None
+    } else {
+        Segments::of(datagram.payload_len, gso_segs, gso_size)
+    };
+    let Some(segments) = segments else {
+        malformed(&datagram.remote);
+        return;
+    };
+    if segments.count == 1 {
+        let message = read_message(&pkt, datagram.payload_offset, datagram.payload_len);
+        let Some(stats) = endpoint(&datagram.remote, message, now) else {
+            return;
+        };
+        account(
+            direction,
+            stats,
+            &datagram.remote,
+            message,
+            u64::from(ctx.len()),
+            now,
+        );
+        return;
+    }
+    // One packet, many datagrams: each segment on the wire had its own headers.
+    let headers = u64::from(datagram.payload_offset);
+    let mut stats = None;
+    let mut i = 0;
+    while i < MAX_SEGMENTS && i < segments.count {
+        let len = if i + 1 == segments.count {
+            segments.last
+        } else {
+            segments.size
+        };
+        let message = read_message(
+            &SkbCopy(ctx),
+            datagram.payload_offset + i * segments.size,
+            len,
+        );
+        if stats.is_none() {
+            stats = endpoint(&datagram.remote, message, now);
+        }
+        if let Some(stats) = stats {
+            account(
+                direction,
+                stats,
+                &datagram.remote,
+                message,
+                headers + u64::from(len),
+                now,
+            );
+        }
+        i += 1;
+    }
 }
 
 #[inline(always)]
@@ -55,6 +273,239 @@ fn count(ctx: &TcContext, direction: Direction) {
         // ingress (softirq) and egress (BH disabled) cannot interleave on one CPU, and they
         // use different indices anyway.
         record(unsafe { &mut *slot }, ctx.len());
+    }
+}
+
+#[inline(always)]
+fn stat(which: ProbeStat) {
+    if let Some(slot) = PROBE_STATS.get_ptr_mut(which as u32) {
+        // SAFETY: this CPU's slot, see `count`.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// The endpoint's counters on this CPU, created for a valid message. `None` for a malformed
+/// message from an unknown endpoint (counted probe-wide) or when the map is full.
+#[inline(always)]
+fn endpoint(remote: &EndpointKey, message: Message, now: u64) -> Option<*mut EndpointStats> {
+    if let Some(stats) = ENDPOINTS.get_ptr_mut(remote) {
+        // SAFETY: this CPU's copy of the value; see `count`.
+        unsafe { (*stats).last_seen_ns = now };
+        return Some(stats);
+    }
+    if message == Message::Malformed {
+        stat(ProbeStat::MalformedUnknown);
+        return None;
+    }
+    // SAFETY: ZERO_ENDPOINT has the size of EndpointStats and all-zero bytes.
+    let zero = unsafe { &*(&raw const ZERO_ENDPOINT).cast::<EndpointStats>() };
+    match ENDPOINTS.insert(remote, zero, u64::from(BPF_NOEXIST)) {
+        Ok(()) => {}
+        // Another CPU created it in between.
+        Err(e) if e == -EEXIST => {}
+        Err(e) => {
+            stat(creation_failure(e));
+            return None;
+        }
+    }
+    let stats = ENDPOINTS.get_ptr_mut(remote)?;
+    // SAFETY: this CPU's copy of the value; see `count`.
+    unsafe { (*stats).last_seen_ns = now };
+    Some(stats)
+}
+
+/// What a failed endpoint insert means: E2BIG when the map is full, ENOMEM when the kernel
+/// had no memory at hand for a new entry.
+#[inline(always)]
+fn creation_failure(errno: i32) -> ProbeStat {
+    if errno == -ENOMEM {
+        ProbeStat::AllocationFailure
+    } else {
+        ProbeStat::EndpointOverflow
+    }
+}
+
+#[inline(always)]
+fn malformed(remote: &EndpointKey) {
+    match ENDPOINTS.get_ptr_mut(remote) {
+        // SAFETY: this CPU's copy of the value; see `count`.
+        Some(stats) => unsafe { (*stats).malformed += 1 },
+        None => stat(ProbeStat::MalformedUnknown),
+    }
+}
+
+#[inline(always)]
+fn account(
+    direction: Direction,
+    stats: *mut EndpointStats,
+    remote: &EndpointKey,
+    message: Message,
+    bytes: u64,
+    now: u64,
+) {
+    // SAFETY: this CPU's copy of the value; see `count`.
+    let stats = unsafe { &mut *stats };
+    match (direction, message) {
+        (
+            Direction::Ingress,
+            Message::Transport {
+                receiver,
+                counter,
+                keepalive,
+            },
+        ) => {
+            stats.rx_packets += 1;
+            stats.rx_bytes += bytes;
+            if keepalive {
+                stats.rx_keepalives += 1;
+            }
+            match session(receiver, counter, remote, now) {
+                Some(Arrival::Late) => stats.late += 1,
+                Some(Arrival::Duplicate) => stats.duplicate += 1,
+                Some(Arrival::InOrder) | None => {}
+            }
+        }
+        (Direction::Egress, Message::Transport { keepalive, .. }) => {
+            stats.tx_packets += 1;
+            stats.tx_bytes += bytes;
+            if keepalive {
+                stats.tx_keepalives += 1;
+            }
+        }
+        (Direction::Ingress, Message::Initiation { .. }) => stats.initiations_received += 1,
+        (Direction::Egress, Message::Initiation { sender }) => {
+            stats.initiations_sent += 1;
+            announce(sender, now);
+        }
+        (Direction::Ingress, Message::Response { .. }) => stats.responses_received += 1,
+        (Direction::Egress, Message::Response { sender }) => {
+            stats.responses_sent += 1;
+            announce(sender, now);
+        }
+        (Direction::Ingress, Message::CookieReply) => stats.cookies_received += 1,
+        (Direction::Egress, Message::CookieReply) => stats.cookies_sent += 1,
+        (_, Message::Malformed) => stats.malformed += 1,
+    }
+}
+
+/// Remembers that this host will receive with `index`, in a session that starts now.
+#[inline(always)]
+fn announce(index: u32, now: u64) {
+    let value = FreshSession { announced_ns: now };
+    // An LRU map always finds room; nothing to count if the update fails otherwise.
+    let _ = FRESH_SESSIONS.insert(index, value, u64::from(BPF_ANY));
+}
+
+/// Feeds one counter into its session's window under the session's lock.
+#[inline(always)]
+fn session(receiver: u32, counter: u64, remote: &EndpointKey, now: u64) -> Option<Arrival> {
+    let mut hi = [0u8; 8];
+    let mut lo = [0u8; 8];
+    hi.copy_from_slice(&remote.addr[..8]);
+    lo.copy_from_slice(&remote.addr[8..]);
+    let arrival = plexd_session(
+        (u64::from(receiver) << 16) | u64::from(remote.port),
+        counter,
+        now,
+        u64::from_ne_bytes(hi),
+        u64::from_ne_bytes(lo),
+    );
+    match arrival {
+        ARRIVAL_IN_ORDER => Some(Arrival::InOrder),
+        ARRIVAL_LATE => Some(Arrival::Late),
+        ARRIVAL_DUPLICATE => Some(Arrival::Duplicate),
+        _ => None,
+    }
+}
+
+const ARRIVAL_NONE: u32 = 0;
+const ARRIVAL_IN_ORDER: u32 = 1;
+const ARRIVAL_LATE: u32 = 2;
+const ARRIVAL_DUPLICATE: u32 = 3;
+
+/// The session update as a BPF global function: the kernel verifies a global function once,
+/// on its own, instead of once per call site and path. A GSO packet calls it once per
+/// segment, and inlined 64 times over the program would exceed the verifier's budget.
+///
+/// Global functions take scalars only, so the receiver index and remote port come packed
+/// into `receiver_port` (index in bits 16..48) and the remote address as two words in
+/// memory order. Returns one of the `ARRIVAL_*` codes.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn plexd_session(
+    receiver_port: u64,
+    counter: u64,
+    now: u64,
+    addr_hi: u64,
+    addr_lo: u64,
+) -> u32 {
+    let receiver = (receiver_port >> 16) as u32;
+    let state = match SESSIONS.get_ptr_mut(receiver) {
+        Some(state) => state,
+        None => {
+            // SAFETY: ZERO_SESSION has the size of SessionState and all-zero bytes, a valid
+            // (unstarted) session; the kernel copies it and leaves the lock to itself.
+            let zero = unsafe { &*(&raw const ZERO_SESSION).cast::<SessionState>() };
+            match SESSIONS.insert(receiver, zero, u64::from(BPF_NOEXIST)) {
+                Ok(()) => stat(ProbeStat::SessionsCreated),
+                Err(e) if e == -EEXIST => {}
+                Err(e) => {
+                    stat(if e == -ENOMEM {
+                        ProbeStat::AllocationFailure
+                    } else {
+                        ProbeStat::SessionOverflow
+                    });
+                    return ARRIVAL_NONE;
+                }
+            }
+            match SESSIONS.get_ptr_mut(receiver) {
+                Some(state) => state,
+                None => return ARRIVAL_NONE,
+            }
+        }
+    };
+    let mut addr = [0u8; 16];
+    addr[..8].copy_from_slice(&addr_hi.to_ne_bytes());
+    addr[8..].copy_from_slice(&addr_lo.to_ne_bytes());
+    let remote = EndpointKey::v6(addr, receiver_port as u16);
+    // Read without the lock: the hint only matters for the first counter, and every CPU
+    // racing on it computes the same answer (the fresh entry is not removed).
+    // SAFETY: a live map value; a torn read of one u32 flag is impossible.
+    let started = unsafe { (*state).flags } & SESSION_STARTED != 0;
+    let fresh = !started && is_fresh(receiver, now);
+    // SAFETY: read-only globals the loader may have rewritten; volatile so that the
+    // compiler does not fold the defaults in.
+    let (timeout, checkpoint) = unsafe {
+        (
+            core::ptr::read_volatile(&REORDER_TIMEOUT_NS),
+            core::ptr::read_volatile(&CHECKPOINT_NS),
+        )
+    };
+    // SAFETY: `state` points at a live map value whose BTF has a bpf_spin_lock at `lock`;
+    // nothing between lock and unlock calls a helper or returns early, as the verifier
+    // enforces.
+    let arrival = unsafe {
+        let lock = (&raw mut (*state).lock).cast();
+        bpf_spin_lock(lock);
+        let arrival = record_counter(&mut *state, counter, fresh, now, timeout, checkpoint);
+        (*state).endpoint = remote;
+        bpf_spin_unlock(lock);
+        arrival
+    };
+    match arrival {
+        Arrival::InOrder => ARRIVAL_IN_ORDER,
+        Arrival::Late => ARRIVAL_LATE,
+        Arrival::Duplicate => ARRIVAL_DUPLICATE,
+    }
+}
+
+#[inline(always)]
+fn is_fresh(receiver: u32, now: u64) -> bool {
+    // SAFETY: the value is copied out at once; an LRU eviction in between only loses the
+    // hint.
+    match unsafe { FRESH_SESSIONS.get(receiver) } {
+        Some(f) => now.saturating_sub(f.announced_ns) < REJECT_AFTER_NS,
+        None => false,
     }
 }
 

@@ -14,14 +14,14 @@ use crate::collector::{
     AgentStatsCollector, Collector, KernelCounters, LatencyCollector, LatencySettings,
     ReconnectCounter, SystemCollector, TunnelCollector,
 };
-use crate::config::Config;
+use crate::config::{AttachModeConfig, Config};
 use crate::manager::{DeliveryStats, Manager, RunOutcome};
 use crate::reporter::{
     ControlPlaneReporter, LocalReporter, MetricReporter, MultiReporter, ReportError, StdoutReporter,
 };
 use crate::secret::{NodeSecretKey, SecretError};
 use crate::source::counters::EndpointCounterSource;
-use crate::source::ebpf::UnderlayProbe;
+use crate::source::ebpf::{embedded_object, AttachMode, ProbeOptions, UnderlayProbe};
 use crate::source::icmp::{IcmpOptions, IcmpPinger};
 use crate::source::peers::{DevicePeers, MeshPeers, MeshPinger, WireGuardPeers};
 use crate::source::proc::LinuxSystemReader;
@@ -261,14 +261,10 @@ fn latency_collector(
     )))
 }
 
-/// The kernel programs' per-endpoint counts for the tunnel join.
-///
-/// `None` while [`UnderlayProbe`] does not implement [`EndpointCounterSource`]: the tunnel
-/// group then reports the device state with `packet_loss_percent` -1.
-fn endpoint_counters(
-    _probe: Option<&Arc<UnderlayProbe>>,
-) -> Option<Arc<dyn EndpointCounterSource>> {
-    None
+/// The kernel programs' per-endpoint counts for the tunnel join; `None` without them, and
+/// the tunnel group then reports the device state with `packet_loss_percent` -1.
+fn endpoint_counters(probe: Option<&Arc<UnderlayProbe>>) -> Option<Arc<dyn EndpointCounterSource>> {
+    probe.map(|p| Arc::clone(p) as Arc<dyn EndpointCounterSource>)
 }
 
 /// Reads the WireGuard devices once at start and says what was found. Devices may also
@@ -315,9 +311,31 @@ fn attach_probe(cfg: &Config, devices: &[Device]) -> Option<Arc<UnderlayProbe>> 
     } else {
         cfg.metrics.ebpf.interfaces.clone()
     };
-    match UnderlayProbe::attach(&interfaces) {
+    let ebpf = &cfg.metrics.ebpf;
+    let options = ProbeOptions {
+        mode: match ebpf.attach_mode {
+            AttachModeConfig::Auto => AttachMode::Auto,
+            AttachModeConfig::Netlink => AttachMode::Netlink,
+        },
+        max_endpoints: ebpf.max_peers,
+        max_sessions: ebpf.max_sessions,
+        reorder_timeout: ebpf.reorder_timeout,
+    };
+    let attached = UnderlayProbe::attach_with_options(embedded_object(), &interfaces, &options)
+        .and_then(|probe| {
+            // The configured ports stand in until the WireGuard device reader supplies the
+            // devices' own.
+            probe.write_listen_ports(&ebpf.listen_ports)?;
+            Ok(probe)
+        });
+    match attached {
         Ok(probe) => {
-            info!(component = "metrics", interfaces = ?interfaces, "kernel programs attached");
+            info!(
+                component = "metrics",
+                interfaces = ?interfaces,
+                listen_ports = ?ebpf.listen_ports,
+                "kernel programs attached"
+            );
             Some(Arc::new(probe))
         }
         Err(e) => {

@@ -234,6 +234,17 @@ pub struct EbpfConfig {
     pub enabled: bool,
     /// Interfaces to attach to; empty means those of the default routes.
     pub interfaces: Vec<String>,
+    /// How the programs hook into TC.
+    pub attach_mode: AttachModeConfig,
+    /// UDP ports WireGuard listens on; traffic to or from them is parsed as WireGuard.
+    pub listen_ports: Vec<u16>,
+    /// How long a gap in a session's counters may stay open before it counts as lost.
+    #[serde(deserialize_with = "duration", serialize_with = "duration_text")]
+    pub reorder_timeout: Duration,
+    /// Remote endpoints the kernel keeps counters for; more are counted as overflows.
+    pub max_peers: u32,
+    /// WireGuard sessions the kernel keeps loss windows for; more are counted as overflows.
+    pub max_sessions: u32,
 }
 
 impl Default for EbpfConfig {
@@ -241,6 +252,11 @@ impl Default for EbpfConfig {
         Self {
             enabled: true,
             interfaces: Vec::new(),
+            attach_mode: AttachModeConfig::Auto,
+            listen_ports: vec![DEFAULT_LISTEN_PORT],
+            reorder_timeout: Duration::from_secs(1),
+            max_peers: 16_384,
+            max_sessions: 65_536,
         }
     }
 }
@@ -482,6 +498,25 @@ fn check_peer_names(map: &BTreeMap<String, String>) -> Result<(), Vec<String>> {
     } else {
         Err(problems)
     }
+}
+
+/// WireGuard's customary port, the default of `metrics.ebpf.listen_ports`.
+pub const DEFAULT_LISTEN_PORT: u16 = 51820;
+/// Upper bound of `metrics.ebpf.max_peers`: keeps a mistyped value from asking the kernel
+/// for gigabytes of per-CPU memory.
+pub const MAX_PEERS_LIMIT: u32 = 1 << 20;
+/// Upper bound of `metrics.ebpf.max_sessions`, for the same reason.
+pub const MAX_SESSIONS_LIMIT: u32 = 1 << 22;
+
+/// `metrics.ebpf.attach_mode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachModeConfig {
+    /// TCX links on kernels from 6.6 on, netlink filters on a `clsact` qdisc before.
+    #[default]
+    Auto,
+    /// Always netlink filters on a `clsact` qdisc.
+    Netlink,
 }
 
 /// Why a configuration could not be used.
@@ -908,16 +943,51 @@ impl MetricsConfig {
         }
         self.local_endpoint.validate_into(problems);
         self.system.validate_into(problems);
-        for name in &self.ebpf.interfaces {
+        self.latency.validate_into(self.collect_interval, problems);
+        if self.wireguard.enabled {
+            self.wireguard.validate_into(problems);
+        }
+        self.ebpf.validate_into(self.collect_interval, problems);
+    }
+}
+
+impl EbpfConfig {
+    fn validate_into(&self, collect_interval: Duration, problems: &mut Vec<String>) {
+        for name in &self.interfaces {
             if !valid_interface_name(name) {
                 problems.push(format!(
                     "metrics: config: ebpf: invalid interface name {name:?}"
                 ));
             }
         }
-        self.latency.validate_into(self.collect_interval, problems);
-        if self.wireguard.enabled {
-            self.wireguard.validate_into(problems);
+        if !self.enabled {
+            return;
+        }
+        if self.listen_ports.is_empty() {
+            problems
+                .push("metrics: config: ebpf.listen_ports must name at least one port".to_owned());
+        }
+        if self.listen_ports.contains(&0) {
+            problems.push("metrics: config: ebpf.listen_ports: 0 is not a port".to_owned());
+        }
+        if self.reorder_timeout.is_zero() {
+            problems.push("metrics: config: ebpf.reorder_timeout must be > 0".to_owned());
+        } else if self.reorder_timeout > collect_interval {
+            // A gap is settled by the collect after the one it happened in only if the
+            // timeout has passed by then.
+            problems.push(
+                "metrics: config: ebpf.reorder_timeout must be <= CollectInterval".to_owned(),
+            );
+        }
+        for (key, value, limit) in [
+            ("max_peers", self.max_peers, MAX_PEERS_LIMIT),
+            ("max_sessions", self.max_sessions, MAX_SESSIONS_LIMIT),
+        ] {
+            if value == 0 || value > limit {
+                problems.push(format!(
+                    "metrics: config: ebpf.{key} must be between 1 and {limit}, got {value}"
+                ));
+            }
         }
     }
 }
@@ -1738,6 +1808,77 @@ metrics:
         assert!(e.contains("unknown field `probe`"), "{e}");
         let e = Config::parse("metrics: { latency: { timeout: soon } }").unwrap_err();
         assert!(e.contains("metrics.latency.timeout"), "{e}");
+    }
+
+    #[test]
+    fn ebpf_defaults() {
+        let e = Config::default().metrics.ebpf;
+        assert_eq!(e.attach_mode, AttachModeConfig::Auto);
+        assert_eq!(e.listen_ports, [51820]);
+        assert_eq!(e.reorder_timeout, Duration::from_secs(1));
+        assert_eq!((e.max_peers, e.max_sessions), (16_384, 65_536));
+    }
+
+    #[test]
+    fn ebpf_keys_parse() {
+        let cfg = Config::parse(
+            "metrics: { ebpf: { attach_mode: netlink, listen_ports: [51820, 51821], \
+             reorder_timeout: 250ms, max_peers: 100, max_sessions: 400 } }",
+        )
+        .unwrap();
+        let e = &cfg.metrics.ebpf;
+        assert_eq!(e.attach_mode, AttachModeConfig::Netlink);
+        assert_eq!(e.listen_ports, [51820, 51821]);
+        assert_eq!(e.reorder_timeout, Duration::from_millis(250));
+        assert_eq!((e.max_peers, e.max_sessions), (100, 400));
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn ebpf_bad_values_are_named() {
+        let e = Config::parse("metrics: { ebpf: { attach_mode: xdp } }").unwrap_err();
+        assert!(e.contains("metrics.ebpf.attach_mode"), "{e}");
+        let e = Config::parse("metrics: { ebpf: { listen_ports: [70000] } }").unwrap_err();
+        assert!(e.contains("metrics.ebpf.listen_ports"), "{e}");
+        let e = Config::parse("metrics: { ebpf: { max_peers: -1 } }").unwrap_err();
+        assert!(e.contains("metrics.ebpf.max_peers"), "{e}");
+        let e = Config::parse("metrics: { ebpf: { reorder_timeout: soon } }").unwrap_err();
+        assert!(e.contains("metrics.ebpf.reorder_timeout"), "{e}");
+    }
+
+    #[test]
+    fn ebpf_rules() {
+        assert_eq!(
+            problems("metrics: { ebpf: { listen_ports: [] } }"),
+            ["metrics: config: ebpf.listen_ports must name at least one port"]
+        );
+        assert_eq!(
+            problems("metrics: { ebpf: { listen_ports: [51820, 0] } }"),
+            ["metrics: config: ebpf.listen_ports: 0 is not a port"]
+        );
+        assert_eq!(
+            problems("metrics: { ebpf: { reorder_timeout: 0s } }"),
+            ["metrics: config: ebpf.reorder_timeout must be > 0"]
+        );
+        assert_eq!(
+            problems("metrics: { collect_interval: 5s, ebpf: { reorder_timeout: 6s } }"),
+            ["metrics: config: ebpf.reorder_timeout must be <= CollectInterval"]
+        );
+        assert!(
+            problems("metrics: { collect_interval: 5s, ebpf: { reorder_timeout: 5s } }").is_empty()
+        );
+        assert_eq!(
+            problems("metrics: { ebpf: { max_peers: 0, max_sessions: 5000000 } }"),
+            [
+                "metrics: config: ebpf.max_peers must be between 1 and 1048576, got 0",
+                "metrics: config: ebpf.max_sessions must be between 1 and 4194304, got 5000000",
+            ]
+        );
+        // Nothing of the programs is checked when they are off.
+        assert!(
+            problems("metrics: { ebpf: { enabled: false, listen_ports: [], max_peers: 0 } }")
+                .is_empty()
+        );
     }
 
     #[test]

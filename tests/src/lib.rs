@@ -8,7 +8,7 @@
 //! plain `cargo test` without root skips them loudly; `cargo xtask test` sets
 //! `PLEXD_METRICS_REQUIRE_PRIVILEGED=1`, which turns a skip into a failure.
 
-pub mod agent_process;
+pub mod agent;
 pub mod control_plane;
 pub mod kernel_mesh;
 pub mod mesh;
@@ -417,6 +417,150 @@ impl UdpFlow {
                 .recv_from(&mut buf)
                 .unwrap_or_else(|e| panic!("datagram {i} of {count} did not arrive: {e}"));
             assert_eq!(n, payload);
+        }
+    }
+}
+
+/// Synthetic WireGuard messages: the right types and sizes, with chosen indexes and
+/// counters, and filler where WireGuard has ciphertext.
+pub mod wg {
+    /// A transport message to `receiver` with `counter` and a plaintext of `payload` bytes,
+    /// padded to 16 bytes and followed by a 16-byte tag, as WireGuard sizes it.
+    pub fn transport(receiver: u32, counter: u64, payload: usize) -> Vec<u8> {
+        let mut m = 4u32.to_le_bytes().to_vec();
+        m.extend_from_slice(&receiver.to_le_bytes());
+        m.extend_from_slice(&counter.to_le_bytes());
+        m.resize(16 + payload.next_multiple_of(16) + 16, 0x5a);
+        m
+    }
+
+    /// A keepalive: a transport message without payload.
+    pub fn keepalive(receiver: u32, counter: u64) -> Vec<u8> {
+        transport(receiver, counter, 0)
+    }
+
+    /// A handshake message of type `kind` and `len` bytes whose second word is `index`.
+    pub fn handshake(kind: u32, len: usize, index: u32) -> Vec<u8> {
+        let mut m = kind.to_le_bytes().to_vec();
+        m.extend_from_slice(&index.to_le_bytes());
+        m.resize(len, 0x33);
+        m
+    }
+
+    /// A handshake initiation from `sender`.
+    pub fn initiation(sender: u32) -> Vec<u8> {
+        handshake(1, 148, sender)
+    }
+
+    /// A handshake response from `sender`.
+    pub fn response(sender: u32) -> Vec<u8> {
+        handshake(2, 92, sender)
+    }
+
+    /// A cookie reply to `receiver`.
+    pub fn cookie_reply(receiver: u32) -> Vec<u8> {
+        handshake(3, 64, receiver)
+    }
+
+    /// `CLOCK_MONOTONIC_COARSE`, the clock the kernel programs timestamp with.
+    pub fn coarse_now() -> std::time::Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes into a valid timespec.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+        assert_eq!(rc, 0, "clock_gettime");
+        std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+
+    /// An Ethernet/IPv4/UDP frame with a correct IPv4 checksum and no UDP checksum (zero,
+    /// which IPv4 allows), for sending through an AF_PACKET socket.
+    pub fn ipv4_udp_frame(
+        dst_mac: [u8; 6],
+        src_mac: [u8; 6],
+        src: (std::net::Ipv4Addr, u16),
+        dst: (std::net::Ipv4Addr, u16),
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let mut f = dst_mac.to_vec();
+        f.extend_from_slice(&src_mac);
+        f.extend_from_slice(&0x0800u16.to_be_bytes());
+        let total = (20 + 8 + payload.len()) as u16;
+        let mut ip = vec![0x45, 0];
+        ip.extend_from_slice(&total.to_be_bytes());
+        ip.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0]);
+        ip.extend_from_slice(&src.0.octets());
+        ip.extend_from_slice(&dst.0.octets());
+        let sum = ip
+            .chunks(2)
+            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+            .sum::<u32>();
+        let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
+        ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        f.extend(ip);
+        f.extend_from_slice(&src.1.to_be_bytes());
+        f.extend_from_slice(&dst.1.to_be_bytes());
+        f.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        f.extend_from_slice(&[0, 0]);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// Parses `02:00:...` into bytes.
+    pub fn mac(text: &str) -> [u8; 6] {
+        let mut out = [0u8; 6];
+        for (o, b) in out.iter_mut().zip(text.split(':')) {
+            *o = u8::from_str_radix(b, 16).expect("a MAC address");
+        }
+        out
+    }
+
+    /// An AF_PACKET socket bound to one interface of the calling thread's namespace.
+    pub struct RawLink {
+        fd: std::os::fd::OwnedFd,
+        addr: libc::sockaddr_ll,
+    }
+
+    impl RawLink {
+        /// Opens the socket on `interface`.
+        pub fn open(interface: &str) -> std::io::Result<Self> {
+            use std::os::fd::FromRawFd;
+            let index = nix::net::if_::if_nametoindex(interface)?;
+            // SAFETY: plain socket(2); checked below.
+            let fd =
+                unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: a fresh descriptor nothing else owns.
+            let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+            // SAFETY: all-zero is a valid sockaddr_ll; the fields below describe the link.
+            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = index as i32;
+            addr.sll_halen = 6;
+            Ok(Self { fd, addr })
+        }
+
+        /// Sends one frame as it is.
+        pub fn send(&self, frame: &[u8]) -> std::io::Result<()> {
+            use std::os::fd::AsRawFd;
+            // SAFETY: frame and addr are valid for the lengths passed.
+            let n = unsafe {
+                libc::sendto(
+                    self.fd.as_raw_fd(),
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&raw const self.addr).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            if n < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
         }
     }
 }

@@ -4,8 +4,11 @@
 //! Two namespaces joined by a veth pair, with IPv6 off and permanent neighbour entries, carry
 //! no traffic but the test's own UDP datagrams, so the counts can be compared exactly.
 
+use aya::programs::tc::{NlOptions, TcAttachOptions};
+use aya::programs::{SchedClassifier, TcAttachType};
 use plexd_metrics::collector::KernelCounters as _;
 use plexd_metrics::source::ebpf::{embedded_object, AttachMode, UnderlayProbe};
+use plexd_metrics_common::PROG_COUNT_ONLY;
 use plexd_metrics_tests::{
     ours, quiet_namespaces, require_privileges, tc_state, UdpFlow, VethPair,
 };
@@ -168,31 +171,49 @@ fn a_clsact_qdisc_that_others_still_use_is_kept() {
     let (ns_a, ns_b) = quiet_namespaces();
     let veth = VethPair::new(&ns_a, &ns_b).expect("create veth pair");
     let dev = veth.a.name.as_str();
-    let attach = || {
-        ns_a.run(|| UnderlayProbe::attach_with(embedded_object(), &[dev], AttachMode::Netlink))
-            .expect("enter namespace")
-            .expect("attach probe")
-    };
-    // The first probe creates the qdisc; the second stands for any other user of it.
-    let first = attach();
-    let second = attach();
-    assert_eq!(ours(&tc_state(&ns_a, dev)), 4);
+    // The probe creates the qdisc.
+    let probe = ns_a
+        .run(|| UnderlayProbe::attach_with(embedded_object(), &[dev], AttachMode::Netlink))
+        .expect("enter namespace")
+        .expect("attach probe");
+    assert!(tc_state(&ns_a, dev).clsact);
+    // Someone else's filter joins it: a program under another name, attached as tc would.
+    let mut other = aya::Ebpf::load(embedded_object()).expect("load the object again");
+    let other_link = ns_a
+        .run(|| {
+            let prog: &mut SchedClassifier = other
+                .program_mut(PROG_COUNT_ONLY)
+                .expect("count-only program")
+                .try_into()
+                .expect("a classifier");
+            prog.load().expect("load");
+            let id = prog
+                .attach_with_options(
+                    dev,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::Netlink(NlOptions::default()),
+                )
+                .expect("attach with netlink");
+            prog.take_link(id).expect("take link")
+        })
+        .expect("enter namespace");
+    assert_eq!(ours(&tc_state(&ns_a, dev)), 2);
 
-    ns_a.run(move || drop(first)).expect("enter namespace");
-    let after_first = tc_state(&ns_a, dev);
+    ns_a.run(move || drop(probe)).expect("enter namespace");
+    let after = tc_state(&ns_a, dev);
     assert!(
-        after_first.clsact,
-        "qdisc removed under other filters: {after_first:?}"
+        after.clsact,
+        "qdisc removed under another filter: {after:?}"
     );
+    assert_eq!(ours(&after), 0, "{after:?}");
     assert_eq!(
-        ours(&after_first),
-        2,
-        "the other probe's filters must survive: {after_first:?}"
+        after
+            .filters
+            .iter()
+            .filter(|l| l.contains(PROG_COUNT_ONLY))
+            .count(),
+        1,
+        "the other filter must survive: {after:?}"
     );
-
-    ns_a.run(move || drop(second)).expect("enter namespace");
-    // The second probe found the qdisc there and so leaves it, as it would anyone's.
-    let after_second = tc_state(&ns_a, dev);
-    assert_eq!(ours(&after_second), 0, "{after_second:?}");
-    assert!(after_second.clsact, "{after_second:?}");
+    ns_a.run(move || drop(other_link)).expect("enter namespace");
 }

@@ -15,10 +15,10 @@ use plexd_metrics::api::MetricPoint;
 use plexd_metrics::collector::{Collector, LatencyCollector, LatencySettings};
 use plexd_metrics::source::icmp::{IcmpError, IcmpOptions, IcmpPinger, SocketChoice, SocketKind};
 use plexd_metrics::source::peers::{MeshPeers, MeshPinger};
-use plexd_metrics_tests::require_privileges;
 use plexd_metrics_tests::targets::{
     TargetNet, V4_SILENT, V4_UNREACHABLE, V6_SILENT, V6_UNREACHABLE,
 };
+use plexd_metrics_tests::{agent_binary, require_privileges};
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
@@ -584,25 +584,6 @@ fn medians_agree_with_fping_over_raw_sockets() {
         return;
     }
     agrees_with_fping(false);
-}
-
-/// The agent binary built next to this test (`cargo xtask test` names it in PLEXD_METRICS_BIN).
-fn agent_binary() -> std::path::PathBuf {
-    if let Some(bin) = std::env::var_os("PLEXD_METRICS_BIN") {
-        return bin.into();
-    }
-    let exe = std::env::current_exe().expect("test executable path");
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>/deps")
-        .join("plexd-metrics");
-    assert!(
-        bin.is_file(),
-        "{} not built; run `cargo xtask test` or `cargo build -p plexd-metrics` first",
-        bin.display()
-    );
-    bin
 }
 
 #[test]

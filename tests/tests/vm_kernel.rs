@@ -8,21 +8,19 @@
 //! for round trips, and TC's own view of what is attached.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use plexd_metrics::api::MetricPoint;
 use plexd_metrics::collector::{LatencyResult, TunnelStats};
 use plexd_metrics::source::counters::EndpointCounterSource;
 use plexd_metrics::source::ebpf::UnderlayProbe;
 use plexd_metrics_common::{PROG_EGRESS, PROG_INGRESS};
-use plexd_metrics_tests::agent_process::AgentProcess;
+use plexd_metrics_tests::agent::RunningAgent;
 use plexd_metrics_tests::kernel_mesh::{KernelMesh, Netem};
 use plexd_metrics_tests::wireguard::{parse_dump, DumpPeer};
-use plexd_metrics_tests::{agent_binary, kernel_name, ours, require_privileges, tc_state};
+use plexd_metrics_tests::{
+    agent_binary, kernel_name, ours, require_privileges, tc_state, unique_name, NetNs,
+};
 
-/// Bound on the agent's start and on one collect cycle's log line; generous, because the
-/// whole VM is emulated and the scenarios share its two CPUs.
-const AGENT_DEADLINE: Duration = Duration::from_secs(60);
 /// The delay netem adds to every packet of the delayed link, and its jitter.
 const DELAY_MS: f64 = 20.0;
 const JITTER: &str = "2ms";
@@ -90,6 +88,23 @@ fn counts_endpoints_tells_counting_types_apart() {
     }
     assert!(counts_endpoints!(Counting));
     assert!(!counts_endpoints!(String));
+}
+
+/// Starts the agent in `ns` with `config` (YAML).
+fn start_agent(ns: &NetNs, config: &str) -> RunningAgent {
+    let path = std::env::temp_dir().join(format!("{}.yaml", unique_name("agent")));
+    std::fs::write(&path, config).expect("write the agent's config");
+    RunningAgent::start(ns, &path)
+}
+
+/// Stops the agent with SIGTERM (it flushes its buffer first) and returns its batches.
+fn stop_agent(agent: RunningAgent) -> Vec<Vec<MetricPoint>> {
+    let (code, stdout) = agent.stop();
+    assert_eq!(code, Some(0), "the agent's exit after SIGTERM");
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a batch ({e}): {l}")))
+        .collect()
 }
 
 fn points<'a>(
@@ -251,8 +266,8 @@ fn programs_attach_and_rtt_follows_the_netem_delay() {
         "metrics:\n  collect_interval: 5s\n  report_interval: 10s\n  latency:\n    probes: 20\n  wireguard:\n    peer_names:\n      {}: delayed\n      {}: direct\n",
         mesh.nodes[1].keys.public, mesh.nodes[2].keys.public
     );
-    let mut agent = AgentProcess::start(&mesh.nodes[0].ns, &config).expect("start the agent");
-    let attached = agent.wait_for("kernel programs attached", AGENT_DEADLINE);
+    let agent = start_agent(&mesh.nodes[0].ns, &config);
+    let attached = agent.wait_for("kernel programs attached");
     let underlays = [mesh.dev_of(0, 1).to_owned(), mesh.dev_of(0, 2).to_owned()];
     for dev in &underlays {
         assert!(
@@ -288,9 +303,9 @@ fn programs_attach_and_rtt_follows_the_netem_delay() {
 
     const CYCLES: usize = 3;
     for _ in 0..CYCLES {
-        agent.wait_for("collect cycle done", AGENT_DEADLINE);
+        agent.wait_for("collect cycle done");
     }
-    let batches = agent.stop();
+    let batches = stop_agent(agent);
     for dev in &underlays {
         let after = tc_state(&mesh.nodes[0].ns, dev);
         assert_eq!(
@@ -401,8 +416,8 @@ fn lost_packets_equal_netems_drops_on_each_link() {
         "metrics:\n  collect_interval: 5s\n  report_interval: 10s\n  latency:\n    enabled: false\n  wireguard:\n    peer_names:\n      {}: {}\n      {}: {}\n",
         mesh.nodes[1].keys.public, LINKS[0].1, mesh.nodes[2].keys.public, LINKS[1].1
     );
-    let mut agent = AgentProcess::start(&mesh.nodes[0].ns, &config).expect("start the agent");
-    agent.wait_for("kernel programs attached", AGENT_DEADLINE);
+    let agent = start_agent(&mesh.nodes[0].ns, &config);
+    agent.wait_for("kernel programs attached");
     let netems: Vec<Netem<'_>> = LINKS
         .iter()
         .map(|&(node, _, percent)| {
@@ -440,9 +455,9 @@ fn lost_packets_equal_netems_drops_on_each_link() {
     // A hole is settled as lost by the collect at least reorder_timeout (1 s) after it
     // opened: two more cycles cover the last ones.
     for _ in 0..2 {
-        agent.wait_for("collect cycle done", AGENT_DEADLINE);
+        agent.wait_for("collect cycle done");
     }
-    let batches = agent.stop();
+    let batches = stop_agent(agent);
 
     let measured = build_measures_loss();
     for (&(_, peer, percent), netem) in LINKS.iter().zip(&truth) {

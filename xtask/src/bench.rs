@@ -2,6 +2,7 @@
 //! measured in the same run (these machines are shared, so only ratios and same-run
 //! comparisons mean something).
 
+mod kernel;
 mod latency;
 mod tunnel;
 
@@ -19,6 +20,7 @@ pub struct Options {
 /// Runs every benchmark, all of them even when one fails, and fails if any did.
 pub fn run(o: &Options) -> Result<()> {
     let results = [
+        ("kernel", kernel::run(o.quick)),
         ("tunnel", tunnel::run()),
         ("latency", latency::run(o.quick)),
     ];

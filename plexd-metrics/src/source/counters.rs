@@ -62,4 +62,12 @@ pub trait EndpointCounterSource: Send + Sync {
 
     /// Tells the kernel programs which UDP ports WireGuard listens on (all devices).
     fn set_listen_ports(&self, ports: &[u16]) -> Result<(), BoxError>;
+
+    /// Creates counters for endpoints known from the WireGuard device state before their
+    /// traffic does, so that a burst of new peers never waits for the kernel to find
+    /// memory. Optional: endpoints get counters with their first message anyway.
+    fn track_endpoints(&self, endpoints: &[SocketAddr]) -> Result<(), BoxError> {
+        let _ = endpoints;
+        Ok(())
+    }
 }

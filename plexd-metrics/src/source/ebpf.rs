@@ -5,24 +5,35 @@
 //! that away again, so an agent that stops (or a test that fails) leaves the node's interfaces
 //! as it found them.
 
+mod batch;
+mod endpoints;
+
 use std::collections::HashSet;
 use std::ffi::CStr;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
 
-use aya::maps::{MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap};
 use aya::programs::links::LinkOrder;
 use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError};
 use aya::programs::{Link as _, ProgramError, SchedClassifier, TcAttachType};
 use aya::util::KernelVersion;
-use aya::Ebpf;
+use aya::{Ebpf, EbpfLoader};
 use plexd_metrics_common::{
-    Direction, PacketCounters, MAP_PACKET_COUNTERS, PROG_EGRESS, PROG_INGRESS,
+    checkpoint_ns, Direction, PacketCounters, DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_SESSIONS,
+    GLOBAL_CHECKPOINT_NS, GLOBAL_REORDER_TIMEOUT_NS, MAP_ENDPOINTS, MAP_FRESH_SESSIONS,
+    MAP_LISTEN_PORTS, MAP_PACKET_COUNTERS, MAP_PROBE_STATS, MAP_SESSIONS, PROG_EGRESS,
+    PROG_INGRESS,
 };
 
 use crate::collector::{BoxError, KernelCounters, KernelTotals};
+use crate::source::counters::{CounterSnapshot, EndpointCounterSource};
+pub use endpoints::ProbeStats;
+use endpoints::Reader;
 
 /// The kernel programs this agent was built with, as written by `cargo xtask build-ebpf`.
 ///
@@ -143,11 +154,48 @@ pub enum EbpfError {
         /// What failed.
         source: BoxError,
     },
-    /// The counters map could not be read.
-    #[error("cannot read {MAP_PACKET_COUNTERS}: {source}")]
-    ReadCounters {
+    /// A map could not be read.
+    #[error("cannot read the eBPF map {map}: {source}")]
+    ReadMap {
+        /// The map's name from `plexd-metrics-common`.
+        map: &'static str,
         /// aya's error.
         source: MapError,
+    },
+    /// A map could not be written or an entry removed.
+    #[error("cannot update the eBPF map {map}: {source}")]
+    WriteMap {
+        /// The map's name from `plexd-metrics-common`.
+        map: &'static str,
+        /// aya's error.
+        source: MapError,
+    },
+    /// A stale attachment of an earlier run could not be removed.
+    #[error(
+        "cannot remove the stale eBPF attachment on {interface} left by an earlier run: \
+         {source}; remove it with `tc filter del dev {interface} ingress` / `egress`"
+    )]
+    Stale {
+        /// The interface.
+        interface: String,
+        /// aya's error.
+        source: TcError,
+    },
+    /// The number of possible CPUs (the size of per-CPU values) is unknown.
+    #[error("cannot read {} to count the CPUs: {source}", path.display())]
+    Cpus {
+        /// The sysfs file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// A setting is out of the range the kernel programs support.
+    #[error("metrics.ebpf.{key}: {problem}")]
+    Setting {
+        /// The key below `metrics.ebpf`.
+        key: &'static str,
+        /// What is wrong with it.
+        problem: String,
     },
 }
 
@@ -173,16 +221,58 @@ impl AttachMode {
     }
 }
 
-/// The packet-counting TC programs, attached to the underlay interfaces.
+/// How the kernel programs are loaded and attached: `metrics.ebpf` of the configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeOptions {
+    /// TCX or netlink attachment.
+    pub mode: AttachMode,
+    /// Entries of the per-endpoint map (`metrics.ebpf.max_peers`).
+    pub max_endpoints: u32,
+    /// Entries of the session map (`metrics.ebpf.max_sessions`).
+    pub max_sessions: u32,
+    /// How long a hole in a session's counters may stay open before it counts as lost
+    /// (`metrics.ebpf.reorder_timeout`).
+    pub reorder_timeout: Duration,
+}
+
+impl Default for ProbeOptions {
+    fn default() -> Self {
+        Self {
+            mode: AttachMode::Auto,
+            max_endpoints: DEFAULT_MAX_ENDPOINTS,
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            reorder_timeout: Duration::from_nanos(plexd_metrics_common::DEFAULT_REORDER_TIMEOUT_NS),
+        }
+    }
+}
+
+impl ProbeOptions {
+    fn reorder_timeout_ns(&self) -> Result<u64, EbpfError> {
+        let ns = u64::try_from(self.reorder_timeout.as_nanos()).unwrap_or(u64::MAX);
+        if ns == 0 {
+            return Err(EbpfError::Setting {
+                key: "reorder_timeout",
+                problem: "must be greater than 0".to_owned(),
+            });
+        }
+        Ok(ns)
+    }
+}
+
+/// The WireGuard TC programs, attached to the underlay interfaces.
 ///
 /// Both programs are attached to every interface, ingress and egress. Dropping the probe (or
 /// [`UnderlayProbe::detach`], which reports failures) detaches them. Netlink attachments are
 /// found through the current thread's network namespace, so drop the probe in the namespace
 /// it was attached in; TCX links do not care.
+///
+/// The probe is the agent's [`EndpointCounterSource`]: call
+/// [`EndpointCounterSource::set_listen_ports`] before anything is counted.
 pub struct UnderlayProbe {
     // Detached explicitly in Drop, before the fields below close the programs and maps.
     attachments: Vec<Attachment>,
     counters: PerCpuArray<MapData, PacketCounters>,
+    reader: Mutex<Reader>,
     ebpf: Ebpf,
 }
 
@@ -205,17 +295,35 @@ impl fmt::Debug for UnderlayProbe {
 
 impl UnderlayProbe {
     /// Loads the embedded programs and attaches them to `interfaces` in the way
-    /// [`AttachMode::Auto`] picks.
+    /// [`AttachMode::Auto`] picks, with default map sizes and reorder timeout.
     pub fn attach<S: AsRef<str>>(interfaces: &[S]) -> Result<Self, EbpfError> {
-        Self::attach_with(embedded_object(), interfaces, AttachMode::Auto)
+        Self::attach_with_options(embedded_object(), interfaces, &ProbeOptions::default())
     }
 
     /// Loads the programs from `object` (an ELF file as built by `cargo xtask build-ebpf`) and
-    /// attaches them to `interfaces` in the given mode. On failure nothing stays attached.
+    /// attaches them to `interfaces` in the given mode, with default map sizes and reorder
+    /// timeout. On failure nothing stays attached.
     pub fn attach_with<S: AsRef<str>>(
         object: &[u8],
         interfaces: &[S],
         mode: AttachMode,
+    ) -> Result<Self, EbpfError> {
+        let options = ProbeOptions {
+            mode,
+            ..ProbeOptions::default()
+        };
+        Self::attach_with_options(object, interfaces, &options)
+    }
+
+    /// Loads the programs from `object` with `options` and attaches them to `interfaces`.
+    ///
+    /// Attachments of an earlier run that was killed before it could detach (netlink
+    /// filters with this agent's program names) are removed first, so that packets are
+    /// not counted twice. On failure nothing stays attached.
+    pub fn attach_with_options<S: AsRef<str>>(
+        object: &[u8],
+        interfaces: &[S],
+        options: &ProbeOptions,
     ) -> Result<Self, EbpfError> {
         if object.is_empty() {
             return Err(EbpfError::NoObject);
@@ -238,20 +346,47 @@ impl UnderlayProbe {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let timeout_ns = options.reorder_timeout_ns()?;
+        for (key, value) in [
+            ("max_peers", options.max_endpoints),
+            ("max_sessions", options.max_sessions),
+        ] {
+            if value == 0 {
+                return Err(EbpfError::Setting {
+                    key,
+                    problem: "must be greater than 0".to_owned(),
+                });
+            }
+        }
 
         raise_memlock_limit();
-        let mut ebpf = Ebpf::load(object).map_err(load_error)?;
-        let counters = match ebpf.take_map(MAP_PACKET_COUNTERS) {
-            Some(map) => PerCpuArray::try_from(map).map_err(|e| EbpfError::WrongType {
-                name: MAP_PACKET_COUNTERS,
-                source: e.into(),
+        let checkpoint = checkpoint_ns(timeout_ns);
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(MAP_ENDPOINTS, options.max_endpoints)
+            .map_max_entries(MAP_SESSIONS, options.max_sessions)
+            // One announced session per peer is in flight at a time, give or take.
+            .map_max_entries(MAP_FRESH_SESSIONS, options.max_endpoints)
+            .override_global(GLOBAL_REORDER_TIMEOUT_NS, &timeout_ns, true)
+            .override_global(GLOBAL_CHECKPOINT_NS, &checkpoint, true)
+            .load(object)
+            .map_err(load_error)?;
+        let counters = PerCpuArray::try_from(take_map(&mut ebpf, MAP_PACKET_COUNTERS)?)
+            .map_err(|e| wrong_type(MAP_PACKET_COUNTERS, e))?;
+        let reader = Reader {
+            listen_ports: Array::try_from(take_map(&mut ebpf, MAP_LISTEN_PORTS)?)
+                .map_err(|e| wrong_type(MAP_LISTEN_PORTS, e))?,
+            endpoints: PerCpuHashMap::try_from(take_map(&mut ebpf, MAP_ENDPOINTS)?)
+                .map_err(|e| wrong_type(MAP_ENDPOINTS, e))?,
+            sessions: HashMap::try_from(take_map(&mut ebpf, MAP_SESSIONS)?)
+                .map_err(|e| wrong_type(MAP_SESSIONS, e))?,
+            probe_stats: PerCpuArray::try_from(take_map(&mut ebpf, MAP_PROBE_STATS)?)
+                .map_err(|e| wrong_type(MAP_PROBE_STATS, e))?,
+            reorder_timeout_ns: timeout_ns,
+            cpus: aya::util::nr_cpus().map_err(|(path, source)| EbpfError::Cpus {
+                path: PathBuf::from(path),
+                source,
             })?,
-            None => {
-                return Err(EbpfError::Missing {
-                    kind: "map",
-                    name: MAP_PACKET_COUNTERS,
-                })
-            }
+            state: endpoints::ReadState::default(),
         };
         for name in [PROG_INGRESS, PROG_EGRESS] {
             program(&mut ebpf, name)?
@@ -259,16 +394,30 @@ impl UnderlayProbe {
                 .map_err(|e| verify_error(name, e))?;
         }
 
-        let tcx = mode.uses_tcx();
+        let tcx = options.mode.uses_tcx();
         let mut probe = Self {
             attachments: Vec::with_capacity(interfaces.len()),
             counters,
+            reader: Mutex::new(reader),
             ebpf,
         };
         // Each attachment is recorded before the next step can fail, so that an early return
         // drops `probe` and takes back whatever was already done.
         for (interface, ifindex) in interfaces.into_iter().zip(ifindexes) {
-            let added_clsact = !tcx && add_clsact(interface)?;
+            let orphaned_clsact = remove_stale(interface, ifindex)?;
+            let added_clsact = if tcx {
+                if orphaned_clsact {
+                    // Left by the earlier run and empty now: take it away as that run would
+                    // have.
+                    remove_clsact_if_unused(ifindex).map_err(|e| EbpfError::Detach {
+                        interface: interface.to_owned(),
+                        source: e.into(),
+                    })?;
+                }
+                false
+            } else {
+                add_clsact(interface)? || orphaned_clsact
+            };
             let Self {
                 attachments, ebpf, ..
             } = &mut probe;
@@ -318,7 +467,10 @@ impl UnderlayProbe {
         let per_cpu = self
             .counters
             .get(&(direction as u32), 0)
-            .map_err(|source| EbpfError::ReadCounters { source })?;
+            .map_err(|source| EbpfError::ReadMap {
+                map: MAP_PACKET_COUNTERS,
+                source,
+            })?;
         Ok(per_cpu
             .iter()
             .fold(PacketCounters::default(), |acc, c| PacketCounters {
@@ -357,6 +509,58 @@ impl KernelCounters for UnderlayProbe {
     }
 }
 
+impl UnderlayProbe {
+    /// Probe-wide counters: map overflows and malformed packets of unknown endpoints.
+    pub fn probe_stats(&self) -> Result<ProbeStats, EbpfError> {
+        self.lock_reader().probe_stats()
+    }
+
+    /// Messages received from `endpoint` on each CPU (index = CPU): shows how the kernel
+    /// spreads a peer's traffic. Empty when the endpoint has no entry.
+    pub fn rx_packets_per_cpu(
+        &self,
+        endpoint: std::net::SocketAddr,
+    ) -> Result<Vec<u64>, EbpfError> {
+        self.lock_reader().rx_packets_per_cpu(endpoint)
+    }
+
+    /// Reads the endpoints as [`EndpointCounterSource::read_endpoints`] does, with its
+    /// typed error.
+    pub fn snapshot(&self) -> Result<CounterSnapshot, EbpfError> {
+        self.lock_reader().read(endpoints::coarse_now_ns())
+    }
+
+    /// Writes the listen ports as [`EndpointCounterSource::set_listen_ports`] does, with
+    /// its typed error.
+    pub fn write_listen_ports(&self, ports: &[u16]) -> Result<(), EbpfError> {
+        self.lock_reader().set_listen_ports(ports)
+    }
+
+    fn lock_reader(&self) -> std::sync::MutexGuard<'_, Reader> {
+        // A panic while reading leaves only bookkeeping of past reads behind; carrying on
+        // with it is better than never reading again.
+        self.reader
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl EndpointCounterSource for UnderlayProbe {
+    fn read_endpoints(&self) -> Result<CounterSnapshot, BoxError> {
+        self.snapshot().map_err(Into::into)
+    }
+
+    fn set_listen_ports(&self, ports: &[u16]) -> Result<(), BoxError> {
+        self.write_listen_ports(ports).map_err(Into::into)
+    }
+
+    fn track_endpoints(&self, endpoints: &[std::net::SocketAddr]) -> Result<(), BoxError> {
+        self.lock_reader()
+            .track_endpoints(endpoints)
+            .map_err(Into::into)
+    }
+}
+
 impl Attachment {
     fn teardown(self) -> Result<(), EbpfError> {
         let detach_error = |source: BoxError| EbpfError::Detach {
@@ -392,6 +596,79 @@ fn program<'a>(
             name,
             source: e.into(),
         })
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, EbpfError> {
+    ebpf.take_map(name)
+        .ok_or(EbpfError::Missing { kind: "map", name })
+}
+
+fn wrong_type(name: &'static str, e: MapError) -> EbpfError {
+    EbpfError::WrongType {
+        name,
+        source: e.into(),
+    }
+}
+
+/// Removes netlink filters with this agent's program names from `interface`: a run that was
+/// killed (SIGKILL, OOM) cannot detach them, and they would count every packet twice.
+/// Returns whether any was removed and the `clsact` qdisc is now empty, i.e. orphaned.
+///
+/// TCX links need no such care: they belong to the file descriptors of the process that
+/// made them and go when it dies. TCX programs with these names that are attached anyway
+/// belong to a running agent, which is reported and left alone.
+fn remove_stale(interface: &str, ifindex: u32) -> Result<bool, EbpfError> {
+    let mut removed = false;
+    for attach_type in [TcAttachType::Ingress, TcAttachType::Egress] {
+        for name in [PROG_INGRESS, PROG_EGRESS] {
+            match tc::qdisc_detach_program(interface, attach_type, name) {
+                Ok(()) => {
+                    removed = true;
+                    tracing::warn!(
+                        component = "metrics",
+                        interface,
+                        program = name,
+                        "removed a stale attachment left by an earlier run"
+                    );
+                }
+                Err(TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
+                // No clsact qdisc: no filters either.
+                Err(TcError::NetlinkError(e))
+                    if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => {}
+                Err(source) => {
+                    return Err(EbpfError::Stale {
+                        interface: interface.to_owned(),
+                        source,
+                    })
+                }
+            }
+        }
+        if let Ok((_, programs)) = SchedClassifier::query_tcx(interface, attach_type) {
+            let ours = [PROG_INGRESS, PROG_EGRESS].map(|n| &n[..n.len().min(15)]);
+            for p in programs {
+                if p.name_as_str().is_some_and(|n| ours.contains(&n)) {
+                    tracing::warn!(
+                        component = "metrics",
+                        interface,
+                        program_id = p.id(),
+                        "another plexd-metrics seems to be attached here; packets are counted by both"
+                    );
+                }
+            }
+        }
+    }
+    if !removed {
+        return Ok(false);
+    }
+    let nl = RouteNetlink::open().map_err(|e| EbpfError::Detach {
+        interface: interface.to_owned(),
+        source: e.into(),
+    })?;
+    let others = nl
+        .count_filters(ifindex, CLSACT_INGRESS)
+        .and_then(|i| Ok(i + nl.count_filters(ifindex, CLSACT_EGRESS)?))
+        .unwrap_or(1);
+    Ok(others == 0)
 }
 
 fn attach_one(

@@ -9,7 +9,7 @@
 //! last counts of its old endpoint and the first of its new one in the interval of the move,
 //! so nothing it sent falls between two endpoints.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -53,6 +53,8 @@ struct Inner {
     counters_failing: Mutex<bool>,
     /// The listen ports last handed to the kernel programs.
     ports: Mutex<Option<Vec<u16>>>,
+    /// Endpoints whose counters the kernel programs were asked to create ahead of traffic.
+    tracked: Mutex<HashSet<SocketAddr>>,
 }
 
 impl WireGuardTunnelReader {
@@ -73,6 +75,7 @@ impl WireGuardTunnelReader {
                 state: Mutex::new(JoinState::default()),
                 counters_failing: Mutex::new(false),
                 ports: Mutex::new(None),
+                tracked: Mutex::new(HashSet::new()),
             }),
         }
     }
@@ -83,6 +86,7 @@ impl WireGuardTunnelReader {
     pub fn hand_listen_ports(&self, devices: &[Device]) {
         if let Some(counters) = &self.inner.counters {
             self.inner.update_listen_ports(counters.as_ref(), devices);
+            self.inner.track_new_endpoints(counters.as_ref(), devices);
         }
     }
 
@@ -98,6 +102,7 @@ impl Inner {
         let devices = self.devices.read_devices()?;
         if let Some(counters) = &self.counters {
             self.update_listen_ports(counters.as_ref(), &devices);
+            self.track_new_endpoints(counters.as_ref(), &devices);
         }
         let snapshot = self
             .counters
@@ -112,6 +117,10 @@ impl Inner {
     /// the new set before the counters are read.
     fn update_listen_ports(&self, source: &dyn EndpointCounterSource, devices: &[Device]) {
         let ports = listen_ports(devices);
+        // No device (yet): the ports written at attach (metrics.ebpf.listen_ports) stay.
+        if ports.is_empty() {
+            return;
+        }
         let mut last = self.ports.lock().unwrap_or_else(|p| p.into_inner());
         if last.as_ref() == Some(&ports) {
             return;
@@ -124,6 +133,26 @@ impl Inner {
             // Tried again next cycle.
             Err(e) => {
                 warn!(component = "metrics", error = %e, ports = ?ports, "cannot hand the WireGuard listen ports to the kernel programs")
+            }
+        }
+    }
+
+    /// Peers' endpoints get their counters before their first message, so that a burst of
+    /// new peers does not wait on the kernel's allocator; failures are retried next cycle.
+    fn track_new_endpoints(&self, source: &dyn EndpointCounterSource, devices: &[Device]) {
+        let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+        let new: Vec<SocketAddr> = devices
+            .iter()
+            .flat_map(|d| d.peers.iter().filter_map(|p| p.endpoint))
+            .filter(|e| !tracked.contains(e))
+            .collect();
+        if new.is_empty() {
+            return;
+        }
+        match source.track_endpoints(&new) {
+            Ok(()) => tracked.extend(new),
+            Err(e) => {
+                warn!(component = "metrics", error = %e, endpoints = new.len(), "cannot create counters for new WireGuard endpoints ahead of their traffic")
             }
         }
     }

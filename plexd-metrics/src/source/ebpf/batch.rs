@@ -1,0 +1,116 @@
+//! Reading a whole hash map in a few system calls (`BPF_MAP_LOOKUP_BATCH`).
+//!
+//! Written by hand because aya 0.14 offers only per-key lookups: two system calls per entry
+//! (next key, then value), which for 10,000 peers and their sessions costs more than the
+//! agent's whole collect budget. The batch command (Linux 5.6) copies thousands of entries
+//! per call, under each value's spin lock when asked (`BPF_F_LOCK`). Callers fall back to
+//! aya's iteration when the kernel does not know the command.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+
+use aya::maps::MapData;
+use aya::Pod;
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+/// The kernel's internal "not supported" code, which BPF commands can return as is.
+const ENOTSUPP: i32 = 524;
+/// Entries asked for per call; the kernel may return fewer.
+const CHUNK: u32 = 4096;
+
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Every entry of a hash map: each key with its value, or with one value per possible CPU
+/// when `per_cpu` (which is how the kernel lays out per-CPU values).
+///
+/// `Err` with `ErrorKind::Unsupported` when the kernel lacks the command.
+pub(super) fn lookup_all<K: Pod, V: Pod>(
+    map: &MapData,
+    per_cpu: bool,
+    cpus: usize,
+    elem_flags: u64,
+) -> io::Result<Vec<(K, Vec<V>)>> {
+    let key_size = std::mem::size_of::<K>();
+    // Per-CPU values are padded to 8 bytes each.
+    let (values_per_key, value_stride) = if per_cpu {
+        (cpus, std::mem::size_of::<V>().next_multiple_of(8))
+    } else {
+        (1, std::mem::size_of::<V>())
+    };
+    let value_size = value_stride * values_per_key;
+    let mut keys = vec![0u8; key_size * CHUNK as usize];
+    let mut values = vec![0u8; value_size * CHUNK as usize];
+    // The hash map's batch token is a bucket index (u32); 8 bytes leave room to spare.
+    let mut in_batch = [0u8; 8];
+    let mut out_batch = [0u8; 8];
+    let mut first = true;
+    let mut out = Vec::new();
+    let fd = map.fd().as_fd().as_raw_fd();
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { in_batch.as_ptr() as u64 },
+            out_batch: out_batch.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: CHUNK,
+            map_fd: fd as u32,
+            elem_flags,
+            flags: 0,
+        };
+        // SAFETY: attr points at a valid, initialised struct whose buffers are large enough
+        // for `count` keys and values of the sizes the map was created with.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                (&raw mut attr).cast::<libc::c_void>(),
+                std::mem::size_of::<BatchAttr>() as libc::c_uint,
+            )
+        };
+        let done = if rc < 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                // The last chunk (possibly empty) ends with ENOENT.
+                Some(libc::ENOENT) => true,
+                Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP) if first => {
+                    return Err(io::Error::new(io::ErrorKind::Unsupported, e));
+                }
+                _ => return Err(e),
+            }
+        } else {
+            false
+        };
+        for i in 0..attr.count as usize {
+            let key_bytes = &keys[i * key_size..(i + 1) * key_size];
+            // SAFETY: K is Pod (any bytes are a valid K) and the slice holds size_of::<K>()
+            // bytes; read_unaligned because the buffer is a byte buffer.
+            let key = unsafe { std::ptr::read_unaligned(key_bytes.as_ptr().cast::<K>()) };
+            let base = i * value_size;
+            let vals = (0..values_per_key)
+                .map(|c| {
+                    let at = base + c * value_stride;
+                    // SAFETY: as for the key; each value lies within this entry's slot.
+                    unsafe { std::ptr::read_unaligned(values[at..].as_ptr().cast::<V>()) }
+                })
+                .collect();
+            out.push((key, vals));
+        }
+        if done {
+            return Ok(out);
+        }
+        in_batch = out_batch;
+        first = false;
+    }
+}

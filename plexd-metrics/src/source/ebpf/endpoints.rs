@@ -1,0 +1,531 @@
+//! Reading the per-endpoint counters and settling the per-session loss windows.
+//!
+//! The kernel counts events (messages, late, duplicate) per endpoint in per-CPU maps; the
+//! lost count is a property of each session's window, computed here with the same formula
+//! the kernel uses to classify late counters. A session's lost count only grows, so each
+//! read adds the growth since the previous read to the session's current endpoint: the
+//! per-endpoint figure stays cumulative when sessions come and go or a peer roams.
+
+use std::collections::HashMap as StdHashMap;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+
+use aya::maps::{Array, HashMap, IterableMap as _, MapData, MapError, PerCpuArray, PerCpuHashMap};
+use plexd_metrics_common::{
+    EndpointKey, EndpointStats, PortSet, ProbeStat, SessionState, MAP_ENDPOINTS, MAP_LISTEN_PORTS,
+    MAP_PROBE_STATS, MAP_SESSIONS,
+};
+
+use super::{batch, EbpfError};
+use crate::source::counters::{CounterSnapshot, EndpointCounters};
+
+/// `BPF_F_LOCK`: copy a value under its spin lock, so that no half-updated window is read.
+const BPF_F_LOCK: u64 = 4;
+
+/// A session idle this long is gone from WireGuard (REJECT_AFTER_TIME is 180 s) and from
+/// the map: its lost count is final long before.
+pub(super) const SESSION_EXPIRY_NS: u64 = 240_000_000_000;
+
+/// An endpoint silent this long is removed from the map; its counters start from zero if
+/// it comes back. Peers that roam leave their old endpoints behind, and without this they
+/// would fill the map over time.
+pub(super) const ENDPOINT_EXPIRY_NS: u64 = 900_000_000_000;
+
+/// How often an insert that found the kernel's allocation caches empty is retried, a
+/// millisecond apart.
+const ENOMEM_RETRIES: u32 = 100;
+
+/// The maps the agent reads and writes, and what it remembers between reads.
+pub(super) struct Reader {
+    pub(super) listen_ports: Array<MapData, PortSet>,
+    pub(super) endpoints: PerCpuHashMap<MapData, EndpointKey, EndpointStats>,
+    pub(super) sessions: HashMap<MapData, u32, SessionState>,
+    pub(super) probe_stats: PerCpuArray<MapData, u64>,
+    pub(super) reorder_timeout_ns: u64,
+    /// Possible CPUs: the number of values of a per-CPU map entry.
+    pub(super) cpus: usize,
+    pub(super) state: ReadState,
+}
+
+/// What the agent remembers between reads.
+#[derive(Debug, Default)]
+pub(super) struct ReadState {
+    /// Each live session's lost count as of the last read.
+    session_lost: StdHashMap<u32, u64>,
+    /// Lost messages per endpoint since attach.
+    lost: StdHashMap<EndpointKey, u64>,
+    /// Map overflows at the last read, to warn when they grow.
+    overflows: u64,
+    /// Allocation failures at the last read, likewise.
+    allocation_failures: u64,
+}
+
+/// Probe-wide counters since the programs were loaded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeStats {
+    /// Messages of endpoints the endpoint map had no room for.
+    pub endpoint_overflows: u64,
+    /// Transport messages of sessions the session map had no room for.
+    pub session_overflows: u64,
+    /// Malformed packets from endpoints without an entry.
+    pub malformed_unknown: u64,
+    /// Sessions the kernel created.
+    pub sessions_created: u64,
+    /// Entries the kernel could not allocate in time (see `ProbeStat::AllocationFailure`).
+    pub allocation_failures: u64,
+}
+
+/// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the clock of `bpf_ktime_get_coarse_ns`.
+///
+/// The same clock as the kernel's matters: a counter that this read settles as lost must
+/// look settled to every packet the kernel processes afterwards, so this clock may not run
+/// ahead of the kernel's.
+pub(super) fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the valid timespec; the clock id is a constant
+    // every Linux since 2.6.32 has.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    debug_assert_eq!(rc, 0);
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+fn read_error(map: &'static str) -> impl Fn(MapError) -> EbpfError {
+    move |source| EbpfError::ReadMap { map, source }
+}
+
+fn write_error(map: &'static str) -> impl Fn(MapError) -> EbpfError {
+    move |source| EbpfError::WriteMap { map, source }
+}
+
+fn batch_error(map: &'static str, e: std::io::Error) -> EbpfError {
+    EbpfError::ReadMap {
+        map,
+        source: MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_lookup_batch",
+            io_error: e,
+        }),
+    }
+}
+
+fn is_not_found(e: &MapError) -> bool {
+    matches!(e, MapError::KeyNotFound)
+        || matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOENT))
+}
+
+/// The endpoint as a socket address; IPv4-mapped keys become IPv4 addresses.
+pub(super) fn socket_addr(key: &EndpointKey) -> SocketAddr {
+    match key.ipv4() {
+        Some(v4) => SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(v4), key.port)),
+        None => SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::from(key.addr), key.port, 0, 0)),
+    }
+}
+
+/// The map key of a socket address; IPv4-mapped IPv6 addresses are IPv4 endpoints.
+pub(super) fn key_of(endpoint: SocketAddr) -> EndpointKey {
+    match endpoint {
+        SocketAddr::V4(a) => EndpointKey::v4(a.ip().octets(), a.port()),
+        SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+            Some(v4) => EndpointKey::v4(v4.octets(), a.port()),
+            None => EndpointKey::v6(a.ip().octets(), a.port()),
+        },
+    }
+}
+
+fn add(total: &mut EndpointStats, cpu: &EndpointStats) {
+    total.rx_packets = total.rx_packets.wrapping_add(cpu.rx_packets);
+    total.rx_bytes = total.rx_bytes.wrapping_add(cpu.rx_bytes);
+    total.tx_packets = total.tx_packets.wrapping_add(cpu.tx_packets);
+    total.tx_bytes = total.tx_bytes.wrapping_add(cpu.tx_bytes);
+    total.rx_keepalives = total.rx_keepalives.wrapping_add(cpu.rx_keepalives);
+    total.tx_keepalives = total.tx_keepalives.wrapping_add(cpu.tx_keepalives);
+    total.initiations_sent = total.initiations_sent.wrapping_add(cpu.initiations_sent);
+    total.initiations_received = total
+        .initiations_received
+        .wrapping_add(cpu.initiations_received);
+    total.responses_sent = total.responses_sent.wrapping_add(cpu.responses_sent);
+    total.responses_received = total
+        .responses_received
+        .wrapping_add(cpu.responses_received);
+    total.cookies_sent = total.cookies_sent.wrapping_add(cpu.cookies_sent);
+    total.cookies_received = total.cookies_received.wrapping_add(cpu.cookies_received);
+    total.malformed = total.malformed.wrapping_add(cpu.malformed);
+    total.late = total.late.wrapping_add(cpu.late);
+    total.duplicate = total.duplicate.wrapping_add(cpu.duplicate);
+    total.last_seen_ns = total.last_seen_ns.max(cpu.last_seen_ns);
+}
+
+fn counters(stats: &EndpointStats, lost: u64) -> EndpointCounters {
+    EndpointCounters {
+        rx_packets: stats.rx_packets,
+        rx_bytes: stats.rx_bytes,
+        tx_packets: stats.tx_packets,
+        tx_bytes: stats.tx_bytes,
+        rx_keepalives: stats.rx_keepalives,
+        tx_keepalives: stats.tx_keepalives,
+        initiations_sent: stats.initiations_sent,
+        initiations_received: stats.initiations_received,
+        responses_sent: stats.responses_sent,
+        responses_received: stats.responses_received,
+        cookie_replies: stats.cookies_sent.wrapping_add(stats.cookies_received),
+        malformed: stats.malformed,
+        lost,
+        late: stats.late,
+        duplicate: stats.duplicate,
+    }
+}
+
+impl ReadState {
+    /// Takes in one session's window as read at `now_ns`; returns whether the session has
+    /// expired and should be removed.
+    fn settle(&mut self, index: u32, session: &SessionState, now_ns: u64, timeout_ns: u64) -> bool {
+        let lost = session.lost(now_ns, timeout_ns);
+        let before = self.session_lost.insert(index, lost).unwrap_or(0);
+        // The lost count of a session never shrinks (see SessionState); if it ever did, the
+        // session was replaced under the same index and its count starts over.
+        let grown = lost.checked_sub(before).unwrap_or(lost);
+        if grown > 0 {
+            *self.lost.entry(session.endpoint).or_default() += grown;
+        }
+        session.started() && now_ns.saturating_sub(session.last_seen_ns) > SESSION_EXPIRY_NS
+    }
+
+    fn forget_session(&mut self, index: u32) {
+        self.session_lost.remove(&index);
+    }
+}
+
+impl Reader {
+    /// Writes the set of WireGuard listen ports.
+    pub(super) fn set_listen_ports(&mut self, ports: &[u16]) -> Result<(), EbpfError> {
+        let mut set = PortSet::default();
+        for &port in ports {
+            set.insert(port);
+        }
+        self.listen_ports
+            .set(0, set, 0)
+            .map_err(write_error(MAP_LISTEN_PORTS))
+    }
+
+    /// Probe-wide counters, summed over the CPUs.
+    pub(super) fn probe_stats(&self) -> Result<ProbeStats, EbpfError> {
+        let get = |which: ProbeStat| -> Result<u64, EbpfError> {
+            let values = self
+                .probe_stats
+                .get(&(which as u32), 0)
+                .map_err(read_error(MAP_PROBE_STATS))?;
+            Ok(values.iter().fold(0u64, |a, v| a.wrapping_add(*v)))
+        };
+        Ok(ProbeStats {
+            endpoint_overflows: get(ProbeStat::EndpointOverflow)?,
+            session_overflows: get(ProbeStat::SessionOverflow)?,
+            malformed_unknown: get(ProbeStat::MalformedUnknown)?,
+            sessions_created: get(ProbeStat::SessionsCreated)?,
+            allocation_failures: get(ProbeStat::AllocationFailure)?,
+        })
+    }
+
+    /// Received messages of one endpoint per CPU.
+    pub(super) fn rx_packets_per_cpu(&self, endpoint: SocketAddr) -> Result<Vec<u64>, EbpfError> {
+        match self.endpoints.get(&key_of(endpoint), 0) {
+            Ok(per_cpu) => Ok(per_cpu.iter().map(|s| s.rx_packets).collect()),
+            Err(e) if is_not_found(&e) => Ok(Vec::new()),
+            Err(e) => Err(read_error(MAP_ENDPOINTS)(e)),
+        }
+    }
+
+    /// Settles every session at `now_ns` and returns every endpoint's counters.
+    pub(super) fn read(&mut self, now_ns: u64) -> Result<CounterSnapshot, EbpfError> {
+        self.read_sessions(now_ns)?;
+
+        let mut snapshot = CounterSnapshot::default();
+        let mut expired = Vec::new();
+        for (key, per_cpu) in self.all_endpoints()? {
+            let mut total = EndpointStats::default();
+            for cpu in &per_cpu {
+                add(&mut total, cpu);
+            }
+            let lost = self.state.lost.get(&key).copied().unwrap_or(0);
+            snapshot
+                .endpoints
+                .insert(socket_addr(&key), counters(&total, lost));
+            if now_ns.saturating_sub(total.last_seen_ns) > ENDPOINT_EXPIRY_NS {
+                expired.push(key);
+            }
+        }
+        // Losses of endpoints the map had no room for are still reported.
+        for (key, &lost) in &self.state.lost {
+            snapshot
+                .endpoints
+                .entry(socket_addr(key))
+                .or_insert_with(|| counters(&EndpointStats::default(), lost));
+        }
+        // Reported one last time above; removed after, so that the map never iterates
+        // while it shrinks.
+        for key in expired {
+            match self.endpoints.remove(&key) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(write_error(MAP_ENDPOINTS)(e)),
+            }
+            self.state.lost.remove(&key);
+        }
+
+        let stats = self.probe_stats()?;
+        snapshot.map_overflows = stats
+            .endpoint_overflows
+            .wrapping_add(stats.session_overflows);
+        if snapshot.map_overflows > self.state.overflows {
+            tracing::warn!(
+                component = "metrics",
+                endpoint_overflows = stats.endpoint_overflows,
+                session_overflows = stats.session_overflows,
+                "eBPF maps are full: some peers or sessions are not measured; raise \
+                 metrics.ebpf.max_peers or metrics.ebpf.max_sessions"
+            );
+            self.state.overflows = snapshot.map_overflows;
+        }
+        if stats.allocation_failures > self.state.allocation_failures {
+            tracing::warn!(
+                component = "metrics",
+                allocation_failures = stats.allocation_failures,
+                "the kernel had no memory at hand for new eBPF map entries; the first messages \
+                 of some new peers or sessions were not counted (they are on the next message)"
+            );
+            self.state.allocation_failures = stats.allocation_failures;
+        }
+        Ok(snapshot)
+    }
+
+    /// Creates zeroed counters for `endpoints` that have none yet.
+    pub(super) fn track_endpoints(&mut self, endpoints: &[SocketAddr]) -> Result<(), EbpfError> {
+        const BPF_NOEXIST: u64 = 1;
+        let zero = vec![EndpointStats::default(); self.cpus];
+        let errno = |e: &MapError| match e {
+            MapError::SyscallError(e) => e.io_error.raw_os_error(),
+            _ => None,
+        };
+        for endpoint in endpoints {
+            let mut attempts = 0;
+            loop {
+                let values = aya::maps::PerCpuValues::try_from(zero.clone()).map_err(|e| {
+                    write_error(MAP_ENDPOINTS)(MapError::SyscallError(aya::sys::SyscallError {
+                        call: "per-CPU values",
+                        io_error: e,
+                    }))
+                })?;
+                match self
+                    .endpoints
+                    .insert(key_of(*endpoint), values, BPF_NOEXIST)
+                {
+                    Ok(()) => break,
+                    Err(e) if errno(&e) == Some(libc::EEXIST) => break,
+                    // Entries of maps that are not preallocated come from per-CPU caches the
+                    // kernel refills in the background, for system calls too: a burst drains
+                    // them, and a moment later there is memory again.
+                    Err(e) if errno(&e) == Some(libc::ENOMEM) && attempts < ENOMEM_RETRIES => {
+                        attempts += 1;
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    Err(e) => return Err(write_error(MAP_ENDPOINTS)(e)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every endpoint with its per-CPU values: in batches, or key by key on kernels
+    /// without batch lookups.
+    fn all_endpoints(&self) -> Result<Vec<(EndpointKey, Vec<EndpointStats>)>, EbpfError> {
+        match batch::lookup_all(self.endpoints.map(), true, self.cpus, 0) {
+            Ok(all) => return Ok(all),
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {}
+            Err(e) => return Err(batch_error(MAP_ENDPOINTS, e)),
+        }
+        self.endpoints
+            .iter()
+            .map(|item| {
+                item.map(|(k, v)| (k, v.iter().copied().collect()))
+                    .map_err(read_error(MAP_ENDPOINTS))
+            })
+            .collect()
+    }
+
+    /// Every session, each copied under its lock.
+    fn all_sessions(&self) -> Result<Vec<(u32, SessionState)>, EbpfError> {
+        match batch::lookup_all::<u32, SessionState>(self.sessions.map(), false, 1, BPF_F_LOCK) {
+            Ok(all) => {
+                return Ok(all
+                    .into_iter()
+                    .filter_map(|(k, mut v)| v.pop().map(|v| (k, v)))
+                    .collect())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {}
+            Err(e) => return Err(batch_error(MAP_SESSIONS, e)),
+        }
+        let indexes = self
+            .sessions
+            .keys()
+            .collect::<Result<Vec<u32>, _>>()
+            .map_err(read_error(MAP_SESSIONS))?;
+        let mut all = Vec::with_capacity(indexes.len());
+        for index in indexes {
+            match self.sessions.get(&index, BPF_F_LOCK) {
+                Ok(session) => all.push((index, session)),
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(read_error(MAP_SESSIONS)(e)),
+            }
+        }
+        Ok(all)
+    }
+
+    fn read_sessions(&mut self, now_ns: u64) -> Result<(), EbpfError> {
+        let sessions = self.all_sessions()?;
+        let mut live = std::collections::HashSet::with_capacity(sessions.len());
+        for (index, session) in sessions {
+            live.insert(index);
+            if self
+                .state
+                .settle(index, &session, now_ns, self.reorder_timeout_ns)
+            {
+                match self.sessions.remove(&index) {
+                    Ok(()) => {}
+                    Err(e) if is_not_found(&e) => {}
+                    Err(e) => return Err(write_error(MAP_SESSIONS)(e)),
+                }
+                self.state.forget_session(index);
+            }
+        }
+        self.state
+            .session_lost
+            .retain(|index, _| live.contains(index));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMEOUT: u64 = 1_000_000_000;
+
+    fn session(
+        endpoint: EndpointKey,
+        highest: u64,
+        arrived: &[u64],
+        last_seen_ns: u64,
+    ) -> SessionState {
+        let mut s = SessionState {
+            flags: plexd_metrics_common::SESSION_STARTED,
+            base: 0,
+            highest,
+            received: arrived.len() as u64,
+            last_seen_ns,
+            endpoint,
+            ..SessionState::default()
+        };
+        s.checkpoints[0].highest = highest;
+        s.checkpoints[0].first_ns = last_seen_ns;
+        s.checkpoints[0].last_ns = last_seen_ns;
+        for &c in arrived {
+            s.window[((c >> 6) as usize) % s.window.len()] |= 1 << (c & 63);
+        }
+        s
+    }
+
+    #[test]
+    fn lost_growth_goes_to_the_current_endpoint_and_stays_when_sessions_go() {
+        let a = EndpointKey::v4([10, 0, 0, 1], 51820);
+        let b = EndpointKey::v4([10, 0, 0, 9], 40000);
+        let mut st = ReadState::default();
+        // Two of 0..=5 missing, settled after the timeout.
+        let s1 = session(a, 5, &[0, 1, 3, 5], 1_000);
+        assert!(!st.settle(7, &s1, 1_000 + TIMEOUT, TIMEOUT));
+        assert_eq!(st.lost[&a], 2);
+        // Reading again adds nothing.
+        st.settle(7, &s1, 2_000 + TIMEOUT, TIMEOUT);
+        assert_eq!(st.lost[&a], 2);
+        // The peer roamed to b and lost one more: only the growth moves with it.
+        let s2 = session(b, 8, &[0, 1, 3, 5, 6, 8], 5_000);
+        st.settle(7, &s2, 5_000 + TIMEOUT, TIMEOUT);
+        assert_eq!((st.lost[&a], st.lost[&b]), (2, 1));
+        // The session expires; the endpoints keep their counts.
+        assert!(st.settle(7, &s2, 5_000 + SESSION_EXPIRY_NS + 1, TIMEOUT));
+        st.forget_session(7);
+        assert_eq!((st.lost[&a], st.lost[&b]), (2, 1));
+        // A new session under the same index counts from zero.
+        let s3 = session(a, 2, &[0, 2], 9_000);
+        st.settle(7, &s3, 9_000 + TIMEOUT, TIMEOUT);
+        assert_eq!(st.lost[&a], 3);
+    }
+
+    #[test]
+    fn holes_younger_than_the_timeout_are_not_lost_yet() {
+        let a = EndpointKey::v4([10, 0, 0, 1], 51820);
+        let mut st = ReadState::default();
+        let s = session(a, 5, &[0, 5], 1_000);
+        st.settle(1, &s, 1_000 + TIMEOUT - 1, TIMEOUT);
+        assert_eq!(st.lost.get(&a), None);
+        st.settle(1, &s, 1_000 + TIMEOUT, TIMEOUT);
+        assert_eq!(st.lost[&a], 4);
+    }
+
+    #[test]
+    fn endpoints_become_socket_addresses() {
+        assert_eq!(
+            socket_addr(&EndpointKey::v4([192, 0, 2, 7], 51820)),
+            "192.0.2.7:51820".parse().unwrap()
+        );
+        let v6: Ipv6Addr = "2001:db8::7".parse().unwrap();
+        assert_eq!(
+            socket_addr(&EndpointKey::v6(v6.octets(), 443)),
+            "[2001:db8::7]:443".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn keys_and_socket_addresses_round_trip() {
+        for text in ["192.0.2.7:51820", "[2001:db8::7]:443"] {
+            let addr: SocketAddr = text.parse().unwrap();
+            assert_eq!(socket_addr(&key_of(addr)), addr);
+        }
+        let mapped: SocketAddr = "[::ffff:192.0.2.7]:51820".parse().unwrap();
+        assert_eq!(key_of(mapped), EndpointKey::v4([192, 0, 2, 7], 51820));
+    }
+
+    #[test]
+    fn per_cpu_values_add_up_and_cookies_join() {
+        let mut total = EndpointStats::default();
+        let cpu = EndpointStats {
+            rx_packets: 3,
+            tx_bytes: 100,
+            cookies_sent: 1,
+            cookies_received: 2,
+            late: 4,
+            last_seen_ns: 77,
+            ..EndpointStats::default()
+        };
+        add(&mut total, &cpu);
+        add(
+            &mut total,
+            &EndpointStats {
+                last_seen_ns: 5,
+                ..cpu
+            },
+        );
+        let c = counters(&total, 9);
+        assert_eq!(
+            (c.rx_packets, c.tx_bytes, c.cookie_replies, c.late, c.lost),
+            (6, 200, 6, 8, 9)
+        );
+        assert_eq!(total.last_seen_ns, 77);
+    }
+
+    #[test]
+    fn coarse_clock_moves_forward() {
+        let a = coarse_now_ns();
+        assert!(a > 0);
+        assert!(coarse_now_ns() >= a);
+    }
+}

@@ -1,0 +1,92 @@
+//! The agent binary driven from a test: started in a namespace, synchronised on its JSON log
+//! lines (never on sleeps), stopped with SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use crate::{agent_binary, NetNs};
+
+/// Bound on waiting for the agent's log lines; the first collect comes after 5 s.
+pub const LOG_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The agent running in a namespace, its stderr forwarded line by line.
+pub struct RunningAgent {
+    /// The agent process (`ip netns exec` execs it, so this is the agent itself).
+    pub child: Child,
+    logs: mpsc::Receiver<serde_json::Value>,
+}
+
+impl RunningAgent {
+    /// Starts the agent in `ns` with `config`, logging JSON at debug level to a pipe.
+    pub fn start(ns: &NetNs, config: &std::path::Path) -> Self {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns.name()])
+            .arg(agent_binary())
+            .args(["--log-level", "debug", "--log-format", "json", "--config"])
+            .arg(config)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the agent");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, logs) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let event = serde_json::from_str(&line).unwrap_or_else(|e| {
+                    panic!("stderr line is not a JSON log event ({e}): {line}")
+                });
+                if tx.send(event).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, logs }
+    }
+
+    /// Waits for a log event whose message is `message`; fails on an error event.
+    pub fn wait_for(&self, message: &str) -> serde_json::Value {
+        loop {
+            let event = self
+                .logs
+                .recv_timeout(LOG_DEADLINE)
+                .unwrap_or_else(|e| panic!("no {message:?} log line from the agent: {e}"));
+            assert_ne!(event["level"], "ERROR", "agent logged an error: {event}");
+            if event["message"] == message {
+                return event;
+            }
+        }
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        // Only matters when an assertion failed before the agent was stopped.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl RunningAgent {
+    /// Sends SIGTERM, waits for the exit and returns the exit code and everything the agent
+    /// wrote to stdout (its batches, one JSON array per line).
+    pub fn stop(mut self) -> (Option<i32>, String) {
+        use std::io::Read as _;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("send SIGTERM");
+        let status = self.child.wait().expect("wait for the agent");
+        let mut stdout = String::new();
+        self.child
+            .stdout
+            .take()
+            .expect("piped stdout")
+            .read_to_string(&mut stdout)
+            .expect("read stdout");
+        (status.code(), stdout)
+    }
+}
