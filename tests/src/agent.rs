@@ -62,6 +62,22 @@ impl RunningAgent {
         self
     }
 
+    /// Consumes the log events already read (failing on an error event among them), so that
+    /// the next [`RunningAgent::wait_for`] sees only what the agent logs from about now on.
+    /// A line on its way through the pipe may still count as new: wait for one event more
+    /// than needed when it matters.
+    pub fn skip_pending(&self) {
+        while let Ok(event) = self.logs.try_recv() {
+            self.seen.borrow_mut().push(event.to_string());
+            assert_ne!(
+                event["level"],
+                "ERROR",
+                "agent logged an error: {event}; its log so far:\n{}",
+                self.seen.borrow().join("\n")
+            );
+        }
+    }
+
     /// Waits for a log event whose message is `message`; fails on an error event.
     pub fn wait_for(&self, message: &str) -> serde_json::Value {
         loop {

@@ -342,16 +342,6 @@ fn rtt_medians_follow_the_netem_delay() {
         "p50 over a report interval: {p50_delayed:.2} ms delayed, {p50_direct:.2} ms direct"
     );
 
-    let agent_points: Vec<&MetricPoint> = points(&batches, "agent").collect();
-    let last = &agent_points.last().expect("agent points").data;
-    assert_eq!(
-        last["ebpf_programs_attached"], 4,
-        "two programs on each underlay: {last}"
-    );
-    assert!(
-        last["ebpf_ingress_packets"].as_u64().unwrap_or(0) >= 40,
-        "the probes' replies crossed the ingress programs: {last}"
-    );
     for peer in ["delayed", "direct"] {
         let tunnel = tunnel_of(&batches, peer);
         assert_eq!(tunnel.len(), CYCLES, "tunnel points for {peer}");
@@ -419,8 +409,10 @@ fn lost_packets_equal_netems_drops_on_each_link() {
         .map(|n| n.stats().expect("netem counters"))
         .collect();
     // A hole is settled as lost by the collect at least reorder_timeout (1 s) after it
-    // opened: two more cycles cover the last ones.
-    for _ in 0..2 {
+    // opened: two whole cycles after the traffic cover the last ones. The cycles logged
+    // during the flood are skipped, and the first one after may have begun before its end.
+    agent.skip_pending();
+    for _ in 0..3 {
         agent.wait_for("collect cycle done");
     }
     let batches = stop_agent(agent);
@@ -447,6 +439,21 @@ fn lost_packets_equal_netems_drops_on_each_link() {
             weighted += point.packet_loss_percent * (l + r) as f64;
         }
         let agent_percent = weighted / (lost + received) as f64;
+        // One line per interval: what each collect reported.
+        let intervals: Vec<String> = points
+            .iter()
+            .map(|p| {
+                format!(
+                    "rx {:?} lost {:?} late {:?} dup {:?} loss {:.3} %",
+                    p.rx_packets,
+                    p.lost_packets,
+                    p.late_packets,
+                    p.duplicate_packets,
+                    p.packet_loss_percent
+                )
+            })
+            .collect();
+        let intervals = intervals.join("\n");
         let netem_percent = netem.dropped as f64 * 100.0 / (netem.dropped + netem.sent) as f64;
         println!(
             "vm-figure: {peer} (netem loss {percent} %): lost_packets {lost} vs netem drops {}, \
@@ -460,11 +467,11 @@ fn lost_packets_equal_netems_drops_on_each_link() {
         );
         assert_eq!(
             lost, netem.dropped,
-            "{peer}: lost_packets vs netem's drops; {points:#?}"
+            "{peer}: lost_packets vs netem's drops; per interval:\n{intervals}"
         );
         assert_eq!(
             received, netem.sent,
-            "{peer}: rx_packets vs the transport messages netem let through; {points:#?}"
+            "{peer}: rx_packets vs the transport messages netem let through; per interval:\n{intervals}"
         );
         assert!(
             (agent_percent - netem_percent).abs() <= 0.2,
