@@ -5,6 +5,7 @@
 mod kernel;
 mod latency;
 mod tunnel;
+mod vm;
 
 use anyhow::{bail, Result};
 
@@ -23,6 +24,7 @@ pub fn run(o: &Options) -> Result<()> {
         ("kernel", kernel::run(o.quick)),
         ("tunnel", tunnel::run()),
         ("latency", latency::run(o.quick)),
+        ("vm", vm::run()),
     ];
     let failed: Vec<String> = results
         .into_iter()

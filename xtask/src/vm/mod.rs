@@ -85,15 +85,17 @@ impl Default for Options {
 }
 
 /// Timings of one kernel's run, for the closing table.
-struct Timing {
-    label: &'static str,
+pub struct Timing {
+    /// The kernel series (`6.1`, `6.12`).
+    pub label: &'static str,
     release: String,
     attach: &'static str,
     prepare: Duration,
     to_init: Option<Duration>,
     guest_boot: f64,
     tests: f64,
-    total: Duration,
+    /// Host time from starting QEMU to its exit.
+    pub total: Duration,
     passed: u64,
     load_before: String,
     load_after: String,
@@ -101,6 +103,11 @@ struct Timing {
 
 /// Runs the VM tests on the chosen kernels; their test counts are added to `tally`.
 pub fn run(o: &Options, tally: &mut Tally) -> Result<()> {
+    run_timed(o, tally).map(drop)
+}
+
+/// [`run`], returning each kernel's timings and the whole run's wall time (builds included).
+pub fn run_timed(o: &Options, tally: &mut Tally) -> Result<(Vec<Timing>, Duration)> {
     setup::ensure(&[Need::Testbed, Need::Vm])?;
     let started = Instant::now();
     build_ebpf::build(false)?;
@@ -139,7 +146,8 @@ pub fn run(o: &Options, tally: &mut Tally) -> Result<()> {
             }
         }
     }
-    print_timings(&timings, started.elapsed());
+    let whole = started.elapsed();
+    print_timings(&timings, whole);
     if !failures.is_empty() {
         tally.add_counts(0, failures.len() as u64, 0);
         bail!(
@@ -148,7 +156,7 @@ pub fn run(o: &Options, tally: &mut Tally) -> Result<()> {
             failures.join("\n")
         );
     }
-    Ok(())
+    Ok((timings, whole))
 }
 
 fn run_kernel(
