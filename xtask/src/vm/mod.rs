@@ -63,7 +63,7 @@ pub struct Options {
     #[arg(long, value_enum, default_value = "all")]
     pub kernel: KernelChoice,
     /// Bound on one VM's run, boot to power-off, in seconds.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 420)]
     pub timeout: u64,
     /// Virtual CPUs of the VM (TCG runs one host thread per CPU).
     #[arg(long, default_value_t = 2)]
@@ -77,7 +77,7 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             kernel: KernelChoice::All,
-            timeout: 300,
+            timeout: 420,
             cpus: 2,
             args: Vec::new(),
         }
@@ -124,9 +124,11 @@ pub fn run_timed(o: &Options, tally: &mut Tally) -> Result<(Vec<Timing>, Duratio
     );
 
     let mut init_args = vec![
-        // All scenarios at once: they spend most of their time waiting for collect
-        // intervals, and each has namespaces and interfaces of its own.
-        "--test-threads=16".to_owned(),
+        // One scenario at a time: with an instruction-counted clock the guest runs on one
+        // host thread anyway and its idle waits cost nothing, while scenarios side by side
+        // would take each other's CPU time, which the guest's clock counts (a verifier run
+        // beside the latency scenario adds milliseconds to its round trips).
+        "--test-threads=1".to_owned(),
         // The scenarios print their measured figures (`vm-figure: ...`) for the report.
         "--show-output".to_owned(),
     ];
@@ -135,6 +137,7 @@ pub fn run_timed(o: &Options, tally: &mut Tally) -> Result<(Vec<Timing>, Duratio
     let mut timings = Vec::new();
     let mut failures = Vec::new();
     for series in o.kernel.series() {
+        let kernel_started = Instant::now();
         match run_kernel(series, o, &cache, &common, &init_args) {
             Ok(timing) => {
                 tally.add_counts(timing.passed, 0, 0);
@@ -142,6 +145,12 @@ pub fn run_timed(o: &Options, tally: &mut Tally) -> Result<(Vec<Timing>, Duratio
             }
             Err(e) => {
                 eprintln!("xtask vm [{}]: FAILED: {e:#}", series.label);
+                println!(
+                    "xtask vm [{}]: failed after {:.1} s (load average now {})",
+                    series.label,
+                    kernel_started.elapsed().as_secs_f64(),
+                    loadavg()
+                );
                 failures.push(format!("{}: {e:#}", series.label));
             }
         }
