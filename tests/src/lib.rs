@@ -10,6 +10,7 @@
 
 pub mod control_plane;
 pub mod mesh;
+pub mod pod;
 pub mod targets;
 pub mod wireguard;
 
