@@ -27,6 +27,8 @@ const NODE_NAME: &str = "sim-node-1";
 #[derive(Debug)]
 enum Line {
     Event(Value),
+    // Only ever printed, in a failure's message.
+    #[allow(dead_code)]
     Text(String),
 }
 
@@ -71,6 +73,49 @@ impl RunningPod {
             if found {
                 return event;
             }
+        }
+    }
+
+    /// Checks, from the kernel's view of the running agent, that it has exactly
+    /// `capabilities` and sees a read-only root and a read-only /host/proc.
+    fn assert_confined(&self, capabilities: &[String]) {
+        // unshare, sh, nsenter, chroot and setpriv each exec the next: the agent kept the pid.
+        let proc = std::path::PathBuf::from(format!("/proc/{}", self.child.id()));
+        let status = std::fs::read_to_string(proc.join("status")).expect("status");
+        assert!(status.contains("Name:\tplexd-metrics"), "{status}");
+        let mask = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+                .unwrap_or_else(|| panic!("no {key} in {status}"))
+        };
+        let wanted = capabilities.iter().fold(0u64, |m, c| {
+            m | 1 << match c.as_str() {
+                "NET_ADMIN" => 12,
+                "NET_RAW" => 13,
+                "PERFMON" => 38,
+                "BPF" => 39,
+                other => panic!("unexpected capability {other}"),
+            }
+        });
+        assert_eq!(mask("CapEff:"), wanted, "effective set");
+        assert_eq!(mask("CapBnd:"), wanted, "bounding set");
+        assert_eq!(mask("CapInh:") | mask("CapAmb:"), 0);
+        assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+        // Mount points as the agent sees them, after the chroot.
+        let mountinfo = std::fs::read_to_string(proc.join("mountinfo")).expect("mountinfo");
+        let options = |point: &str| {
+            mountinfo
+                .lines()
+                .map(|l| l.split(' ').collect::<Vec<_>>())
+                .filter(|f| f.len() > 5 && f[4] == point)
+                .last()
+                .map(|f| f[5].to_owned())
+                .unwrap_or_else(|| panic!("{point} not mounted: {mountinfo}"))
+        };
+        for point in ["/", "/host/proc", "/host/root", "/etc/plexd-metrics"] {
+            assert!(options(point).starts_with("ro"), "{point}: {}", options(point));
         }
     }
 
@@ -180,6 +225,7 @@ fn under_the_daemonsets_constraints_the_agent_attaches_collects_reports_and_is_h
     );
     assert_eq!(ours(&tc_state(&node.ns, &node.underlay_dev)), 2);
     agent.wait_for("health endpoint listening (/healthz, /readyz)");
+    agent.assert_confined(&caps);
 
     // The kubelet probes the pod's address (the node's, with hostNetwork) at the named port.
     let health = SocketAddr::new(node.underlay.into(), spec.port("health"));
