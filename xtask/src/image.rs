@@ -141,7 +141,7 @@ fn buildah(args: &[&str]) -> Result<String> {
 
 /// Runs the staged agent inside the staged root filesystem: proof that it needs nothing else.
 fn check_rootfs(staging: &Path) -> Result<()> {
-    let out = Command::new("chroot")
+    let out = Command::new("/usr/sbin/chroot")
         .arg(staging)
         .arg(format!("/{AGENT_PATH}"))
         .arg("--version")
