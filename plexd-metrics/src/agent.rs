@@ -31,8 +31,9 @@ use crate::source::tunnel::WireGuardTunnelReader;
 use crate::source::underlay::underlay_interfaces;
 use crate::source::wireguard::{Device, DeviceSource, SystemDevices};
 
-/// Why the agent could not start. Every variant is a configuration or environment
-/// problem the user has to fix; the binary exits with code 2 for them.
+/// Why the agent could not start. All but [`AgentError::Signals`] are configuration or
+/// environment problems the user has to fix ([`AgentError::is_configuration`]); the binary
+/// exits with code 2 for them.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// The configured proc root or mount point cannot be read.

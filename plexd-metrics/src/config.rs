@@ -1588,11 +1588,20 @@ metrics:
     fn health_defaults_to_this_host_and_takes_any_socket_address() {
         let health = Config::parse("").unwrap().metrics.health;
         assert!(health.enabled);
-        assert_eq!(health.listen_addr(), Some("127.0.0.1:9102".parse().unwrap()));
+        assert_eq!(
+            health.listen_addr(),
+            Some("127.0.0.1:9102".parse().unwrap())
+        );
         let cfg = Config::parse("metrics: { health: { listen: '[::]:0' } }").unwrap();
-        assert_eq!(cfg.metrics.health.listen_addr(), Some("[::]:0".parse().unwrap()));
+        assert_eq!(
+            cfg.metrics.health.listen_addr(),
+            Some("[::]:0".parse().unwrap())
+        );
         cfg.validate().unwrap();
-        let env = with_env(None, &[("PLEXD_METRICS_METRICS_HEALTH_LISTEN", "0.0.0.0:9102")]);
+        let env = with_env(
+            None,
+            &[("PLEXD_METRICS_METRICS_HEALTH_LISTEN", "0.0.0.0:9102")],
+        );
         assert_eq!(env.unwrap().metrics.health.listen, "0.0.0.0:9102");
     }
 

@@ -537,7 +537,10 @@ mod tests {
 
         // Once the collector returns, both tickers fire again.
         gated.open();
-        assert!(run.accepted.recv().await.is_some(), "the buffered points went out");
+        assert!(
+            run.accepted.recv().await.is_some(),
+            "the buffered points went out"
+        );
         let (status, body) = get(run.addr, "/healthz").await;
         assert_eq!(status, 200, "{body}");
         assert!(body.get("reason").is_none());
@@ -607,7 +610,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn only_the_two_paths_and_reading_methods_are_served() {
-        let run = start(cfg(5, 10, 100, 1000), Gated::new(u64::MAX), EbpfState::Disabled);
+        let run = start(
+            cfg(5, 10, 100, 1000),
+            Gated::new(u64::MAX),
+            EbpfState::Disabled,
+        );
         let (status, body) = get(run.addr, "/metrics").await;
         assert_eq!(status, 404, "no metrics exposition: {body}");
         let (status, body) = request(run.addr, "POST", "/healthz").await;
@@ -622,12 +629,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_loop_that_never_started_is_not_alive() {
         let cfg = cfg(5, 10, 100, 1000);
-        let state = HealthState::new(
-            &cfg,
-            Arc::default(),
-            Arc::default(),
-            EbpfState::Disabled,
-        );
+        let state = HealthState::new(&cfg, Arc::default(), Arc::default(), EbpfState::Disabled);
         let verdict = state.liveness();
         assert!(!verdict.ok);
         assert_eq!(
@@ -642,7 +644,9 @@ mod tests {
         let addr = taken.local_addr().unwrap();
         let cfg = cfg(5, 10, 100, 1000);
         let state = HealthState::new(&cfg, Arc::default(), Arc::default(), EbpfState::Disabled);
-        let e = HealthServer::bind(addr, state).err().expect("the port is taken");
+        let e = HealthServer::bind(addr, state)
+            .err()
+            .expect("the port is taken");
         let text = e.to_string();
         assert!(
             text.starts_with(&format!("metrics: health: cannot listen on {addr}: "))

@@ -153,7 +153,9 @@ impl Heartbeat {
     }
 
     fn beat(&self, slot: &AtomicU64) {
-        let ms = Instant::now().saturating_duration_since(self.base).as_millis();
+        let ms = Instant::now()
+            .saturating_duration_since(self.base)
+            .as_millis();
         slot.store(u64::try_from(ms).unwrap_or(NEVER - 1), Ordering::Relaxed);
     }
 }

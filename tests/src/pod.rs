@@ -223,7 +223,10 @@ impl SimulatedPod {
         let dir = TempDir::new("pod");
         let rootfs = dir.path().join("rootfs");
         install(agent, &rootfs.join(AGENT_PATH.trim_start_matches('/')))?;
-        install(Path::new(SETPRIV), &rootfs.join(SETPRIV.trim_start_matches('/')))?;
+        install(
+            Path::new(SETPRIV),
+            &rootfs.join(SETPRIV.trim_start_matches('/')),
+        )?;
         for lib in shared_libraries(&[agent, Path::new(SETPRIV)])? {
             install(&lib, &rootfs.join(lib.strip_prefix("/").unwrap_or(&lib)))?;
         }
@@ -313,7 +316,11 @@ impl SimulatedPod {
         }
         script.push(format!("mount -o remount,bind,ro {root}"));
         let bounding = std::iter::once("-all".to_owned())
-            .chain(capabilities.iter().map(|c| format!("+{}", c.to_lowercase())))
+            .chain(
+                capabilities
+                    .iter()
+                    .map(|c| format!("+{}", c.to_lowercase())),
+            )
             .collect::<Vec<_>>()
             .join(",");
         script.push(format!(
@@ -330,7 +337,10 @@ impl SimulatedPod {
             .args(args)
             // A container starts with the image's environment and the pod's, nothing else.
             .env_clear()
-            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

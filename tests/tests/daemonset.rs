@@ -62,7 +62,10 @@ impl RunningPod {
     fn wait_for(&mut self, message: &str) -> Value {
         loop {
             let line = self.lines.recv_timeout(DEADLINE).unwrap_or_else(|e| {
-                panic!("no {message:?} from the agent ({e}); so far: {:#?}", self.seen)
+                panic!(
+                    "no {message:?} from the agent ({e}); so far: {:#?}",
+                    self.seen
+                )
             });
             let found = matches!(&line, Line::Event(e) if e["message"] == message);
             let event = match &line {
@@ -91,13 +94,14 @@ impl RunningPod {
                 .unwrap_or_else(|| panic!("no {key} in {status}"))
         };
         let wanted = capabilities.iter().fold(0u64, |m, c| {
-            m | 1 << match c.as_str() {
-                "NET_ADMIN" => 12,
-                "NET_RAW" => 13,
-                "PERFMON" => 38,
-                "BPF" => 39,
-                other => panic!("unexpected capability {other}"),
-            }
+            m | 1
+                << match c.as_str() {
+                    "NET_ADMIN" => 12,
+                    "NET_RAW" => 13,
+                    "PERFMON" => 38,
+                    "BPF" => 39,
+                    other => panic!("unexpected capability {other}"),
+                }
         });
         assert_eq!(mask("CapEff:"), wanted, "effective set");
         assert_eq!(mask("CapBnd:"), wanted, "bounding set");
@@ -108,14 +112,18 @@ impl RunningPod {
         let options = |point: &str| {
             mountinfo
                 .lines()
+                .rev()
                 .map(|l| l.split(' ').collect::<Vec<_>>())
-                .filter(|f| f.len() > 5 && f[4] == point)
-                .last()
+                .find(|f| f.len() > 5 && f[4] == point)
                 .map(|f| f[5].to_owned())
                 .unwrap_or_else(|| panic!("{point} not mounted: {mountinfo}"))
         };
         for point in ["/", "/host/proc", "/host/root", "/etc/plexd-metrics"] {
-            assert!(options(point).starts_with("ro"), "{point}: {}", options(point));
+            assert!(
+                options(point).starts_with("ro"),
+                "{point}: {}",
+                options(point)
+            );
         }
     }
 
@@ -185,7 +193,10 @@ fn environment(spec: &PodSpec, cp: Option<&TestControlPlane>) -> Vec<(String, St
     env.push(set("METRICS_REPORT_INTERVAL", "10s"));
     if let Some(cp) = cp {
         env.push(set("CONTROL_PLANE_URL", &cp.url()));
-        env.push(set("CONTROL_PLANE_CA_FILE", "/var/run/secrets/plexd/ca.pem"));
+        env.push(set(
+            "CONTROL_PLANE_CA_FILE",
+            "/var/run/secrets/plexd/ca.pem",
+        ));
     }
     env
 }
@@ -200,23 +211,25 @@ fn under_the_daemonsets_constraints_the_agent_attaches_collects_reports_and_is_h
     let node = &mesh.nodes[0];
     assert_eq!(mesh.ping(0, 1, 3).expect("ping"), 3, "the tunnel is up");
     // In the node's namespace, where the agent reaches it at 127.0.0.1.
-    let cp = node.ns.run(TestControlPlane::https).expect("enter namespace");
+    let cp = node
+        .ns
+        .run(TestControlPlane::https)
+        .expect("enter namespace");
     cp.require_token(TOKEN);
     let pod = SimulatedPod::new(
         spec.clone(),
         &agent_binary(),
-        &[("token", TOKEN.as_bytes()), ("ca.pem", cp.ca_pem().as_bytes())],
+        &[
+            ("token", TOKEN.as_bytes()),
+            ("ca.pem", cp.ca_pem().as_bytes()),
+        ],
     )
     .expect("build the pod's root filesystem");
 
     let caps = spec.capabilities();
     assert_eq!(caps, ["BPF", "NET_ADMIN", "NET_RAW", "PERFMON"]);
-    let mut agent = RunningPod::start(pod.command(
-        &node.ns,
-        &caps,
-        &environment(&spec, Some(&cp)),
-        &[],
-    ));
+    let mut agent =
+        RunningPod::start(pod.command(&node.ns, &caps, &environment(&spec, Some(&cp)), &[]));
     let attached = agent.wait_for("kernel programs attached");
     assert_eq!(
         attached["interfaces"],
@@ -259,7 +272,11 @@ fn under_the_daemonsets_constraints_the_agent_attaches_collects_reports_and_is_h
         .iter()
         .find(|p| p.group == "latency" && &p.peer_id == peer)
         .expect("a latency point (raw ICMP with NET_RAW)");
-    assert!(latency.data["rtt_nano"].as_i64().unwrap() > 0, "{}", latency.data);
+    assert!(
+        latency.data["rtt_nano"].as_i64().unwrap() > 0,
+        "{}",
+        latency.data
+    );
     let agent_point = points.iter().find(|p| p.group == "agent").expect("agent");
     assert_eq!(agent_point.data["ebpf_programs_attached"], 2);
     // mount_point is the host's root, bind-mounted at /host/root.
@@ -294,8 +311,12 @@ fn without_net_admin_the_agent_says_why_once_runs_on_and_is_not_ready() {
     let spec = PodSpec::from_manifests();
     let mesh = Mesh::new(2, None).expect("build the mesh");
     let node = &mesh.nodes[0];
-    let pod = SimulatedPod::new(spec.clone(), &agent_binary(), &[("token", TOKEN.as_bytes())])
-        .expect("build the pod's root filesystem");
+    let pod = SimulatedPod::new(
+        spec.clone(),
+        &agent_binary(),
+        &[("token", TOKEN.as_bytes())],
+    )
+    .expect("build the pod's root filesystem");
     let caps: Vec<String> = spec
         .capabilities()
         .into_iter()
@@ -313,7 +334,11 @@ fn without_net_admin_the_agent_says_why_once_runs_on_and_is_not_ready() {
             && reason.contains("CAP_NET_ADMIN"),
         "{reason}"
     );
-    assert_eq!(probe(&node.ns, health, "/healthz").0, 200, "alive all the same");
+    assert_eq!(
+        probe(&node.ns, health, "/healthz").0,
+        200,
+        "alive all the same"
+    );
 
     let (status, lines) = agent.terminate();
     assert!(status.success(), "{status}");
@@ -334,8 +359,12 @@ fn each_other_missing_capability_gives_one_clear_error_and_the_rest_is_collected
     let mesh = Mesh::new(2, None).expect("build the mesh");
     let node = &mesh.nodes[0];
     assert_eq!(mesh.ping(0, 1, 1).expect("ping"), 1);
-    let pod = SimulatedPod::new(spec.clone(), &agent_binary(), &[("token", TOKEN.as_bytes())])
-        .expect("build the pod's root filesystem");
+    let pod = SimulatedPod::new(
+        spec.clone(),
+        &agent_binary(),
+        &[("token", TOKEN.as_bytes())],
+    )
+    .expect("build the pod's root filesystem");
     for (missing, message, names) in [
         (
             "BPF",

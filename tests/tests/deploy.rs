@@ -56,7 +56,10 @@ fn validate(tool: &Path, version: &str, file: &Path) -> (bool, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     // It exits 0 for a kind it has no schema for, with a warning: that is no validation.
-    (out.status.success() && text.contains(" passed for resource "), text)
+    (
+        out.status.success() && text.contains(" passed for resource "),
+        text,
+    )
 }
 
 #[test]
@@ -81,11 +84,17 @@ fn the_validator_rejects_what_the_schemas_forbid() {
     for (what, broken) in [
         (
             "an unknown field",
-            text.replace("hostNetwork: true", "hostNetwork: true\n      hostNetworking: true"),
+            text.replace(
+                "hostNetwork: true",
+                "hostNetwork: true\n      hostNetworking: true",
+            ),
         ),
         (
             "a wrong type",
-            text.replace("readOnlyRootFilesystem: true", "readOnlyRootFilesystem: yes-please"),
+            text.replace(
+                "readOnlyRootFilesystem: true",
+                "readOnlyRootFilesystem: yes-please",
+            ),
         ),
     ] {
         assert_ne!(broken, text, "{what}: the replacement applied");
@@ -152,7 +161,10 @@ fn the_daemonset_and_its_config_agree() {
         .position(|a| a == "--config")
         .map(|i| args[i + 1].clone())
         .expect("--config");
-    let config_mount = mount_of(&spec, &VolumeSource::ConfigMap("plexd-metrics-config".into()));
+    let config_mount = mount_of(
+        &spec,
+        &VolumeSource::ConfigMap("plexd-metrics-config".into()),
+    );
     assert_eq!(config_arg, format!("{}/config.yaml", config_mount.path));
     assert_eq!(
         spec.configmap["metadata"]["name"], "plexd-metrics-config",
@@ -163,7 +175,10 @@ fn the_daemonset_and_its_config_agree() {
     for (host, configured) in [
         ("/proc", cfg.metrics.system.proc_root.clone()),
         ("/", cfg.metrics.system.mount_point.clone()),
-        ("/var/run/wireguard", cfg.metrics.wireguard.socket_dir.clone()),
+        (
+            "/var/run/wireguard",
+            cfg.metrics.wireguard.socket_dir.clone(),
+        ),
     ] {
         let mount = mount_of(&spec, &VolumeSource::HostPath(host.into()));
         assert_eq!(Path::new(&mount.path), configured, "host {host}");
@@ -190,7 +205,10 @@ fn the_daemonset_and_its_config_agree() {
         .iter()
         .find(|e| e["name"] == "PLEXD_METRICS_NODE_ID")
         .expect("PLEXD_METRICS_NODE_ID");
-    assert_eq!(node_id["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
+    assert_eq!(
+        node_id["valueFrom"]["fieldRef"]["fieldPath"],
+        "spec.nodeName"
+    );
 
     // Probes at the port the agent listens on, on every address (hostNetwork).
     let listen = cfg.metrics.health.listen_addr().expect("health.listen");
@@ -215,16 +233,25 @@ fn the_daemonset_and_its_config_agree() {
     let pod = spec.pod();
     assert_eq!(pod["hostNetwork"], true);
     assert_eq!(pod["automountServiceAccountToken"], false);
-    assert_eq!(pod["tolerations"], serde_json::json!([{"operator": "Exists"}]));
+    assert_eq!(
+        pod["tolerations"],
+        serde_json::json!([{"operator": "Exists"}])
+    );
     assert!(
         pod["terminationGracePeriodSeconds"].as_u64().unwrap()
             > plexd_metrics::manager::SHUTDOWN_FLUSH_TIMEOUT.as_secs(),
         "the flush at shutdown fits in the grace period"
     );
-    assert_eq!(spec.daemonset["spec"]["updateStrategy"]["type"], "RollingUpdate");
+    assert_eq!(
+        spec.daemonset["spec"]["updateStrategy"]["type"],
+        "RollingUpdate"
+    );
     let resources = &spec.container()["resources"];
     for key in ["requests", "limits"] {
-        assert!(resources[key]["memory"].is_string(), "{key}.memory: {resources}");
+        assert!(
+            resources[key]["memory"].is_string(),
+            "{key}.memory: {resources}"
+        );
     }
     assert!(resources["requests"]["cpu"].is_string(), "{resources}");
 }

@@ -43,9 +43,13 @@ pub fn run(o: &Options) -> Result<()> {
     let root = workspace_root();
     let profile = if o.debug { "debug" } else { "release" };
     let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    build
-        .current_dir(&root)
-        .args(["build", "--package", "plexd-metrics", "--bin", "plexd-metrics"]);
+    build.current_dir(&root).args([
+        "build",
+        "--package",
+        "plexd-metrics",
+        "--bin",
+        "plexd-metrics",
+    ]);
     if !o.debug {
         build.arg("--release");
     }
@@ -157,13 +161,19 @@ fn check_rootfs(staging: &Path) -> Result<()> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    eprintln!("xtask image: {} runs in the bare root filesystem", said.trim());
+    eprintln!(
+        "xtask image: {} runs in the bare root filesystem",
+        said.trim()
+    );
     Ok(())
 }
 
 /// The shared libraries `binary` loads, as `ldd` resolves them, the dynamic loader included.
 fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
-    let out = Command::new("ldd").arg(binary).output().context("run ldd")?;
+    let out = Command::new("ldd")
+        .arg(binary)
+        .output()
+        .context("run ldd")?;
     if !out.status.success() {
         bail!(
             "ldd {}: {}",

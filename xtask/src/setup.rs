@@ -146,7 +146,11 @@ fn install_kubernetes_validate() -> Result<()> {
         "xtask setup: installing {KUBERNETES_VALIDATE} from PyPI into {}",
         venv.display()
     );
-    run_cmd(Command::new("/usr/bin/python3").args(["-m", "venv"]).arg(&venv))?;
+    run_cmd(
+        Command::new("/usr/bin/python3")
+            .args(["-m", "venv"])
+            .arg(&venv),
+    )?;
     run_cmd(
         Command::new(venv.join("bin/pip"))
             .args(["install", "--quiet", "--disable-pip-version-check"])

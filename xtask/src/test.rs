@@ -63,7 +63,10 @@ pub fn run(o: &Options) -> Result<()> {
         .env("PLEXD_METRICS_REQUIRE_PRIVILEGED", "1")
         // Built by the unit-test run above (the CLI tests use it).
         .env("PLEXD_METRICS_BIN", root.join("target/debug/plexd-metrics"))
-        .env("PLEXD_METRICS_KUBERNETES_VALIDATE", setup::kubernetes_validate())
+        .env(
+            "PLEXD_METRICS_KUBERNETES_VALIDATE",
+            setup::kubernetes_validate(),
+        )
         .args(["test", "--package", "plexd-metrics-tests"]);
     if !o.args.is_empty() {
         privileged.arg("--").args(&o.args);

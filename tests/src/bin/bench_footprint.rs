@@ -34,7 +34,12 @@ fn measure(ns: &NetNs, config: &str) -> Figures {
     let mut child = Command::new("ip")
         .args(["netns", "exec", ns.name()])
         .arg(agent_binary())
-        .args(["--log-level", "plexd_metrics=debug,warn", "--log-format", "json"])
+        .args([
+            "--log-level",
+            "plexd_metrics=debug,warn",
+            "--log-format",
+            "json",
+        ])
         .arg("--config")
         .arg(&path)
         .env_remove("RUST_LOG")
@@ -43,19 +48,20 @@ fn measure(ns: &NetNs, config: &str) -> Figures {
         .spawn()
         .expect("start the agent");
     let proc = format!("/proc/{}", child.id());
-    let ticks = |stat: &str| -> u64 {
-        // utime and stime, fields 14 and 15, after the command name in parentheses.
-        let rest = &stat[stat.rfind(')').expect("comm") + 2..];
-        let fields: Vec<&str> = rest.split(' ').collect();
-        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    // Nanoseconds on a CPU, summed over the threads: schedstat's first field. (utime and
+    // stime count 10 ms ticks, too coarse for the baseline.)
+    let cpu = || -> Duration {
+        let tasks = std::fs::read_dir(format!("{proc}/task")).expect("task list");
+        Duration::from_nanos(
+            tasks
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+                .filter_map(|s| s.split(' ').next()?.parse::<u64>().ok())
+                .sum(),
+        )
     };
-    let tick = Duration::from_secs(1) / nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as u32;
     let stderr = BufReader::new(child.stderr.take().expect("stderr"));
     let mut cycles = 0;
-    let mut start_ticks = 0;
+    let mut start_cpu = Duration::ZERO;
     let started = Instant::now();
     for line in stderr.lines().map_while(Result::ok) {
         if !line.contains("collect cycle done") {
@@ -63,14 +69,14 @@ fn measure(ns: &NetNs, config: &str) -> Figures {
         }
         cycles += 1;
         if cycles == 1 {
-            start_ticks = ticks(&std::fs::read_to_string(format!("{proc}/stat")).unwrap());
+            start_cpu = cpu();
         }
         if cycles == CYCLES + 1 || started.elapsed() > Duration::from_secs(120) {
             break;
         }
     }
     assert_eq!(cycles, CYCLES + 1, "the agent ran {CYCLES} + 1 cycles");
-    let used = ticks(&std::fs::read_to_string(format!("{proc}/stat")).unwrap()) - start_ticks;
+    let used = cpu() - start_cpu;
     let status = std::fs::read_to_string(format!("{proc}/status")).unwrap();
     let kib = |key: &str| -> u64 {
         status
@@ -82,7 +88,7 @@ fn measure(ns: &NetNs, config: &str) -> Figures {
     let figures = Figures {
         peak_rss: kib("VmHWM:") * 1024,
         rss: kib("VmRSS:") * 1024,
-        cpu_per_cycle: tick * used as u32 / CYCLES as u32,
+        cpu_per_cycle: used / CYCLES as u32,
     };
     let _ = child.kill();
     let _ = child.wait();
@@ -90,7 +96,8 @@ fn measure(ns: &NetNs, config: &str) -> Figures {
     figures
 }
 
-const INTERVALS: &str = "  collect_interval: 5s\n  report_interval: 10s\n  health: { listen: '127.0.0.1:0' }\n";
+const INTERVALS: &str =
+    "  collect_interval: 5s\n  report_interval: 10s\n  health: { listen: '127.0.0.1:0' }\n";
 
 fn main() {
     if !nix::unistd::geteuid().is_root() {
