@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod control_plane;
 pub mod mesh;
+pub mod pod;
 pub mod targets;
 pub mod wireguard;
 
