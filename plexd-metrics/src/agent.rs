@@ -3,6 +3,7 @@
 //! This is the one place that decides which parts run and the one place that spawns
 //! long-lived tasks, so shutdown has a single path: cancel the token, await the tasks.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,7 +16,8 @@ use crate::collector::{
     ReconnectCounter, SystemCollector, TunnelCollector,
 };
 use crate::config::{AttachModeConfig, Config};
-use crate::manager::{DeliveryStats, Manager, RunOutcome};
+use crate::health::{EbpfState, HealthError, HealthServer, HealthState};
+use crate::manager::{DeliveryStats, Heartbeat, Manager, RunOutcome};
 use crate::reporter::{
     ControlPlaneReporter, LocalReporter, MetricReporter, MultiReporter, ReportError, StdoutReporter,
 };
@@ -29,8 +31,9 @@ use crate::source::tunnel::WireGuardTunnelReader;
 use crate::source::underlay::underlay_interfaces;
 use crate::source::wireguard::{Device, DeviceSource, SystemDevices};
 
-/// Why the agent could not start. Every variant is a configuration or environment
-/// problem the user has to fix; the binary exits with code 2 for them.
+/// Why the agent could not start. All but [`AgentError::Signals`] are configuration or
+/// environment problems the user has to fix ([`AgentError::is_configuration`]); the binary
+/// exits with code 2 for them.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// The configured proc root or mount point cannot be read.
@@ -42,6 +45,20 @@ pub enum AgentError {
     /// The node secret key file cannot be used.
     #[error("control_plane.node_secret_key_file: {0}")]
     NodeSecretKey(#[from] SecretError),
+    /// The health endpoint cannot listen where the config says.
+    #[error(transparent)]
+    Health(#[from] HealthError),
+    /// SIGTERM and SIGINT cannot be caught, so the agent could not shut down cleanly.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+impl AgentError {
+    /// Whether the user fixes this in the config or the environment (exit code 2), rather
+    /// than it being a fault of the agent or the machine.
+    pub fn is_configuration(&self) -> bool {
+        !matches!(self, Self::Signals(_))
+    }
 }
 
 /// The assembled pipeline, ready to run.
@@ -49,6 +66,8 @@ pub struct Agent {
     manager: Manager,
     // Keeps the kernel programs attached for as long as the agent lives; dropping it detaches.
     _probe: Option<Arc<UnderlayProbe>>,
+    // Where and what the health endpoint serves, when it is on.
+    health: Option<(SocketAddr, HealthState)>,
 }
 
 impl Agent {
@@ -77,10 +96,13 @@ impl Agent {
             Vec::new()
         };
 
-        let probe = if cfg.metrics.enabled && cfg.metrics.ebpf.enabled {
-            attach_probe(cfg, &found)
+        let (probe, ebpf_state) = if cfg.metrics.enabled && cfg.metrics.ebpf.enabled {
+            match attach_probe(cfg, &found) {
+                Ok(probe) => (Some(probe), EbpfState::Attached),
+                Err(why) => (None, EbpfState::Failed(why)),
+            }
         } else {
-            None
+            (None, EbpfState::Disabled)
         };
         let kernel = probe.clone().map(|p| p as Arc<dyn KernelCounters>);
         let delivery = Arc::new(DeliveryStats::default());
@@ -122,6 +144,23 @@ impl Agent {
             collectors.push(Arc::new(TunnelCollector::new(tunnel)));
         }
         let reporter = build_reporter(cfg)?;
+        let heartbeat = Arc::new(Heartbeat::default());
+        // With metrics off the agent does nothing and exits, so there is nothing to probe.
+        // (The address always parses once the config passed validation.)
+        let health = cfg
+            .metrics
+            .health
+            .listen_addr()
+            .filter(|_| cfg.metrics.enabled && cfg.metrics.health.enabled)
+            .map(|addr| {
+                let state = HealthState::new(
+                    &cfg.metrics,
+                    heartbeat.clone(),
+                    delivery.clone(),
+                    ebpf_state,
+                );
+                (addr, state)
+            });
 
         Ok(Self {
             manager: Manager::new(
@@ -130,8 +169,10 @@ impl Agent {
                 reporter,
                 cfg.node_id.clone(),
             )
-            .with_delivery_stats(delivery),
+            .with_delivery_stats(delivery)
+            .with_heartbeat(heartbeat),
             _probe: probe,
+            health,
         })
     }
 
@@ -140,10 +181,25 @@ impl Agent {
         self.manager.collect_once(&CancellationToken::new()).await
     }
 
-    /// Runs until SIGTERM or SIGINT, then flushes what is buffered and detaches.
-    pub async fn run_until_signalled(self) -> std::io::Result<RunOutcome> {
+    /// Serves the health endpoint and runs until SIGTERM or SIGINT, then flushes what is
+    /// buffered and detaches.
+    pub async fn run_until_signalled(self) -> Result<RunOutcome, AgentError> {
         let cancel = CancellationToken::new();
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(AgentError::Signals)?;
+        let Agent {
+            manager,
+            _probe,
+            health,
+        } = self;
+        // Bound before anything runs, so that a taken port stops the agent at once.
+        let health = match health {
+            Some((addr, state)) => {
+                let server = HealthServer::bind(addr, state)?;
+                Some(tokio::spawn(server.serve(cancel.clone())))
+            }
+            None => None,
+        };
         let signals = tokio::spawn({
             let cancel = cancel.clone();
             async move {
@@ -161,7 +217,6 @@ impl Agent {
         // On a worker thread rather than the thread blocked in `block_on`: wake-ups between
         // the collectors and the sockets' receive tasks then stay on the runtime's workers
         // instead of crossing to another thread for every probe reply.
-        let Agent { manager, _probe } = self;
         let manager = tokio::spawn({
             let cancel = cancel.clone();
             async move { manager.run(cancel).await }
@@ -169,11 +224,14 @@ impl Agent {
         let outcome = match manager.await {
             Ok(outcome) => outcome,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(e) => return Err(std::io::Error::other(e)),
+            Err(e) => return Err(AgentError::Signals(std::io::Error::other(e))),
         };
         cancel.cancel();
-        // The signal task ends as soon as the token is cancelled.
+        // The signal and health tasks end as soon as the token is cancelled.
         let _ = signals.await;
+        if let Some(health) = health {
+            let _ = health.await;
+        }
         Ok(outcome)
     }
 }
@@ -299,13 +357,16 @@ fn read_devices_at_start(devices: &SystemDevices, tunnel_on: bool) -> Vec<Device
     }
 }
 
-fn attach_probe(cfg: &Config, devices: &[Device]) -> Option<Arc<UnderlayProbe>> {
+/// Attaches the kernel programs, or says why not (logged here; the text goes to readiness).
+fn attach_probe(cfg: &Config, devices: &[Device]) -> Result<Arc<UnderlayProbe>, String> {
     let interfaces = if cfg.metrics.ebpf.interfaces.is_empty() {
         match underlay_interfaces(devices, &cfg.metrics.system.proc_root) {
             Ok(found) => found,
             Err(e) => {
                 warn!(component = "metrics", error = %e, "cannot find the underlay interfaces; set metrics.ebpf.interfaces");
-                return None;
+                return Err(format!(
+                    "cannot find the underlay interfaces: {e}; set metrics.ebpf.interfaces"
+                ));
             }
         }
     } else {
@@ -336,7 +397,7 @@ fn attach_probe(cfg: &Config, devices: &[Device]) -> Option<Arc<UnderlayProbe>> 
                 listen_ports = ?ebpf.listen_ports,
                 "kernel programs attached"
             );
-            Some(Arc::new(probe))
+            Ok(Arc::new(probe))
         }
         Err(e) => {
             error!(
@@ -344,7 +405,7 @@ fn attach_probe(cfg: &Config, devices: &[Device]) -> Option<Arc<UnderlayProbe>> 
                 error = %e,
                 "kernel programs not attached; running without eBPF (set metrics.ebpf.enabled: false to silence this)"
             );
-            None
+            Err(e.to_string())
         }
     }
 }

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -32,6 +32,9 @@ pub const CLI_ENV_VARIABLES: [&str; 3] = [
 ];
 /// Most ICMP probes per peer and cycle `metrics.latency.probes` accepts.
 pub const MAX_LATENCY_PROBES: u32 = 100;
+/// Where the health endpoint listens unless `metrics.health.listen` says otherwise: this
+/// host only, so that a systemd service does not open a port to the network by default.
+pub const DEFAULT_HEALTH_LISTEN: &str = "127.0.0.1:9102";
 
 /// Everything the agent reads from its config file.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
@@ -119,6 +122,8 @@ pub struct MetricsConfig {
     pub latency: LatencyConfig,
     /// Where the `tunnel` group reads the WireGuard devices.
     pub wireguard: WireGuardConfig,
+    /// The liveness and readiness endpoint.
+    pub health: HealthConfig,
 }
 
 impl Default for MetricsConfig {
@@ -134,6 +139,7 @@ impl Default for MetricsConfig {
             ebpf: EbpfConfig::default(),
             latency: LatencyConfig::default(),
             wireguard: WireGuardConfig::default(),
+            health: HealthConfig::default(),
         }
     }
 }
@@ -166,6 +172,45 @@ impl QueueConfig {
     /// `max_points` as a count; only meaningful after [`Config::validate`] passed.
     pub fn limit(&self) -> usize {
         usize::try_from(self.max_points).unwrap_or(1).max(1)
+    }
+}
+
+/// The HTTP endpoint that answers liveness (`/healthz`) and readiness (`/readyz`) probes.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Serve the endpoint at all.
+    pub enabled: bool,
+    /// `IP:PORT` to listen on; `0.0.0.0:9102` makes it reachable for a kubelet's probes.
+    /// Port 0 takes any free port (the agent logs which). Text, so that validation can say
+    /// what is wrong with it.
+    pub listen: String,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: DEFAULT_HEALTH_LISTEN.to_owned(),
+        }
+    }
+}
+
+impl HealthConfig {
+    /// The address to listen on; only `None` when [`Config::validate`] would fail.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.listen.trim().parse().ok()
+    }
+
+    fn validate_into(&self, problems: &mut Vec<String>) {
+        if self.enabled && self.listen_addr().is_none() {
+            problems.push(format!(
+                "metrics: config: health.listen: invalid address {:?}; write IP:PORT such as \
+                 127.0.0.1:9102 (0.0.0.0:9102 to answer probes from other hosts), or set \
+                 metrics.health.enabled: false",
+                self.listen
+            ));
+        }
     }
 }
 
@@ -944,6 +989,7 @@ impl MetricsConfig {
         self.local_endpoint.validate_into(problems);
         self.system.validate_into(problems);
         self.latency.validate_into(self.collect_interval, problems);
+        self.health.validate_into(problems);
         if self.wireguard.enabled {
             self.wireguard.validate_into(problems);
         }
@@ -1605,6 +1651,46 @@ metrics:
         assert_eq!(
             problems("metrics: { ebpf: { interfaces: [eth0, 'a-name-that-is-too-long'] } }"),
             [r#"metrics: config: ebpf: invalid interface name "a-name-that-is-too-long""#]
+        );
+    }
+
+    #[test]
+    fn health_defaults_to_this_host_and_takes_any_socket_address() {
+        let health = Config::parse("").unwrap().metrics.health;
+        assert!(health.enabled);
+        assert_eq!(
+            health.listen_addr(),
+            Some("127.0.0.1:9102".parse().unwrap())
+        );
+        let cfg = Config::parse("metrics: { health: { listen: '[::]:0' } }").unwrap();
+        assert_eq!(
+            cfg.metrics.health.listen_addr(),
+            Some("[::]:0".parse().unwrap())
+        );
+        cfg.validate().unwrap();
+        let env = with_env(
+            None,
+            &[("PLEXD_METRICS_METRICS_HEALTH_LISTEN", "0.0.0.0:9102")],
+        );
+        assert_eq!(env.unwrap().metrics.health.listen, "0.0.0.0:9102");
+    }
+
+    #[test]
+    fn a_bad_health_address_says_what_to_write_unless_health_is_off() {
+        for bad in ["localhost:9102", "9102", "0.0.0.0", ""] {
+            assert_eq!(
+                problems(&format!("metrics: {{ health: {{ listen: '{bad}' }} }}")),
+                [format!(
+                    "metrics: config: health.listen: invalid address {bad:?}; write IP:PORT such as \
+                     127.0.0.1:9102 (0.0.0.0:9102 to answer probes from other hosts), or set \
+                     metrics.health.enabled: false"
+                )],
+            );
+        }
+        assert!(problems("metrics: { health: { enabled: false, listen: nope } }").is_empty());
+        assert_eq!(
+            Config::parse("metrics: { health: { port: 9102 } }").unwrap_err(),
+            "metrics.health.port: unknown field `port`, expected `enabled` or `listen` at line 1 column 22"
         );
     }
 

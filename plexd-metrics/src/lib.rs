@@ -10,6 +10,7 @@ pub mod agent;
 pub mod api;
 pub mod collector;
 pub mod config;
+pub mod health;
 pub mod logging;
 pub mod manager;
 pub mod memory;

@@ -110,8 +110,12 @@ fn main() -> ExitCode {
         match agent.run_until_signalled().await {
             Ok(_) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("error: cannot install signal handlers: {e}");
-                ExitCode::FAILURE
+                eprintln!("error: {e}");
+                if e.is_configuration() {
+                    ExitCode::from(EXIT_CONFIG)
+                } else {
+                    ExitCode::FAILURE
+                }
             }
         }
     })

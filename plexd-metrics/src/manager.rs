@@ -12,7 +12,7 @@
 //! queue holds at most `metrics.queue.max_points`; beyond that the oldest points go, counted.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,13 +45,119 @@ pub enum RunOutcome {
     Cancelled,
 }
 
-/// The delivery figures of a running Manager, shared with the `agent` group's collector.
+/// The delivery figures of a running Manager, shared with the `agent` group's collector
+/// and the readiness check.
 #[derive(Debug, Default)]
 pub struct DeliveryStats {
     queued: AtomicU64,
     dropped: AtomicU64,
     rejected: AtomicU64,
     reconnects: AtomicU64,
+    last_report: AtomicU8,
+}
+
+/// How the most recent report attempt ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LastReport {
+    /// No report was attempted yet.
+    None,
+    /// The reporter accepted the batch.
+    Accepted,
+    /// The attempt failed and the batch stays queued for a retry.
+    Failed,
+    /// The control plane refused the batch (4xx); it was dropped.
+    Rejected,
+}
+
+impl LastReport {
+    /// The word used in the health endpoint's answers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Accepted => "accepted",
+            Self::Failed => "failed",
+            Self::Rejected => "rejected",
+        }
+    }
+}
+
+impl DeliveryStats {
+    /// How the most recent report attempt ended.
+    pub fn last_report(&self) -> LastReport {
+        match self.last_report.load(Ordering::Relaxed) {
+            1 => LastReport::Accepted,
+            2 => LastReport::Failed,
+            3 => LastReport::Rejected,
+            _ => LastReport::None,
+        }
+    }
+
+    fn set_last_report(&self, outcome: LastReport) {
+        let code = match outcome {
+            LastReport::None => 0,
+            LastReport::Accepted => 1,
+            LastReport::Failed => 2,
+            LastReport::Rejected => 3,
+        };
+        self.last_report.store(code, Ordering::Relaxed);
+    }
+}
+
+/// When the Manager's two tickers last fired: the liveness check's evidence that the loop
+/// is turning. Written by the Manager's task, read by the health endpoint, without a lock.
+#[derive(Debug)]
+pub struct Heartbeat {
+    // Tick times are kept as milliseconds after this instant, so that they fit in atomics.
+    base: Instant,
+    collect_ms: AtomicU64,
+    report_ms: AtomicU64,
+}
+
+/// Marks a ticker that has not fired since the loop started (or a loop that has not started).
+const NEVER: u64 = u64::MAX;
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Self {
+            base: Instant::now(),
+            collect_ms: AtomicU64::new(NEVER),
+            report_ms: AtomicU64::new(NEVER),
+        }
+    }
+}
+
+impl Heartbeat {
+    /// When the collect ticker last fired, or the loop started; `None` before it started.
+    pub fn last_collect(&self) -> Option<Instant> {
+        self.read(&self.collect_ms)
+    }
+
+    /// When the report ticker last fired, or the loop started; `None` before it started.
+    pub fn last_report(&self) -> Option<Instant> {
+        self.read(&self.report_ms)
+    }
+
+    fn read(&self, slot: &AtomicU64) -> Option<Instant> {
+        match slot.load(Ordering::Relaxed) {
+            NEVER => None,
+            ms => Some(self.base + Duration::from_millis(ms)),
+        }
+    }
+
+    fn collect_fired(&self) {
+        self.beat(&self.collect_ms);
+    }
+
+    fn report_fired(&self) {
+        self.beat(&self.report_ms);
+    }
+
+    fn beat(&self, slot: &AtomicU64) {
+        let ms = Instant::now()
+            .saturating_duration_since(self.base)
+            .as_millis();
+        slot.store(u64::try_from(ms).unwrap_or(NEVER - 1), Ordering::Relaxed);
+    }
 }
 
 impl DeliveryCounters for DeliveryStats {
@@ -176,6 +282,7 @@ pub struct Manager {
     reporter: Arc<dyn MetricReporter>,
     node_id: String,
     stats: Arc<DeliveryStats>,
+    heartbeat: Arc<Heartbeat>,
 }
 
 impl Manager {
@@ -193,7 +300,14 @@ impl Manager {
             reporter,
             node_id: node_id.into(),
             stats: Arc::default(),
+            heartbeat: Arc::default(),
         }
+    }
+
+    /// Records the tickers' firing times in `heartbeat` (which the liveness check reads).
+    pub fn with_heartbeat(mut self, heartbeat: Arc<Heartbeat>) -> Self {
+        self.heartbeat = heartbeat;
+        self
     }
 
     /// Publishes the delivery figures into `stats` (which the `agent` collector reads).
@@ -214,6 +328,9 @@ impl Manager {
         let mut report = interval_at(start + self.cfg.report_interval, self.cfg.report_interval);
         collect.set_missed_tick_behavior(MissedTickBehavior::Skip);
         report.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        // The start counts as a beat of both, so that the loop is alive before its first tick.
+        self.heartbeat.collect_fired();
+        self.heartbeat.report_fired();
 
         let batch_size = self.cfg.batch_limit();
         let mut rng = fastrand::Rng::new();
@@ -247,6 +364,7 @@ impl Manager {
                     retry_at = None;
                 }
                 _ = collect.tick() => {
+                    self.heartbeat.collect_fired();
                     let points = self.collect_once(&cancel).await;
                     debug!(component = "metrics", points = points.len(), buffered = buffer.len() + points.len(), "collect cycle done");
                     buffer.extend(points);
@@ -255,6 +373,7 @@ impl Manager {
                     }
                 }
                 _ = report.tick() => {
+                    self.heartbeat.report_fired();
                     self.enqueue(&mut queue, std::mem::take(&mut buffer), in_flight.is_some());
                 }
             }
@@ -331,6 +450,7 @@ impl Manager {
     ) -> Option<Option<Duration>> {
         let outcome = match result {
             Ok(()) => {
+                self.stats.set_last_report(LastReport::Accepted);
                 let sent = queue.pop();
                 if *failures > 0 {
                     let n = self.stats.reconnects.fetch_add(1, Ordering::Relaxed) + 1;
@@ -353,6 +473,7 @@ impl Manager {
             }
             Err(e) => match classify(&e) {
                 Failure::Rejected => {
+                    self.stats.set_last_report(LastReport::Rejected);
                     let n = queue.pop();
                     self.stats.rejected.fetch_add(n as u64, Ordering::Relaxed);
                     warn!(
@@ -364,6 +485,7 @@ impl Manager {
                     None
                 }
                 Failure::Retry { after } => {
+                    self.stats.set_last_report(LastReport::Failed);
                     *failures += 1;
                     warn!(
                         component = "metrics",

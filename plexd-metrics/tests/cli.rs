@@ -237,3 +237,32 @@ fn help_explains_the_flags() {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
 }
+
+#[test]
+fn a_taken_health_port_stops_the_agent_at_start_with_exit_code_2() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let cfg = TempConfig::new(
+        "health-taken",
+        &format!(
+            "metrics:\n  ebpf: {{ enabled: false }}\n  latency: {{ enabled: false }}\n  health: {{ listen: '{addr}' }}\n"
+        ),
+    );
+    let out = agent(&["--log-level", "error", "--config", &cfg.path()]);
+    assert_eq!(out.status.code(), Some(2), "{:?}", stderr_lines(&out));
+    let lines = stderr_lines(&out);
+    let line = lines
+        .iter()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("{lines:?}"));
+    assert!(
+        line.starts_with(&format!(
+            "error: metrics: health: cannot listen on {addr}: "
+        )) && line.ends_with(
+            "; set metrics.health.listen to a free address of this host, or \
+                 metrics.health.enabled: false"
+        ),
+        "{line}"
+    );
+    assert!(out.stdout.is_empty(), "nothing was collected");
+}

@@ -12,6 +12,7 @@ pub mod agent;
 pub mod control_plane;
 pub mod kernel_mesh;
 pub mod mesh;
+pub mod pod;
 pub mod targets;
 pub mod wireguard;
 

@@ -147,7 +147,7 @@ fn every_collected_point_arrives_once_in_order_across_an_outage() {
     let config = dir.write(
         "config.yaml",
         format!(
-            "node_id: node-e2e\ncontrol_plane:\n  token_file: {}\n  ca_file: {}\nmetrics:\n  collect_interval: 5s\n  report_interval: 10s\n  ebpf: {{ enabled: false }}\n",
+            "node_id: node-e2e\ncontrol_plane:\n  token_file: {}\n  ca_file: {}\nmetrics:\n  collect_interval: 5s\n  report_interval: 10s\n  ebpf: {{ enabled: false }}\n  health: {{ listen: '127.0.0.1:0' }}\n",
             token.display(),
             ca.display()
         ),

@@ -2,6 +2,7 @@
 //! measured in the same run (these machines are shared, so only ratios and same-run
 //! comparisons mean something).
 
+mod footprint;
 mod kernel;
 mod latency;
 mod tunnel;
@@ -16,18 +17,29 @@ pub struct Options {
     /// the goals).
     #[arg(long)]
     quick: bool,
+    /// Run only this benchmark: kernel, tunnel, latency, footprint or vm.
+    #[arg(long, value_name = "NAME")]
+    only: Option<String>,
 }
 
 /// Runs every benchmark, all of them even when one fails, and fails if any did.
 pub fn run(o: &Options) -> Result<()> {
-    let results = [
-        ("kernel", kernel::run(o.quick)),
-        ("tunnel", tunnel::run()),
-        ("latency", latency::run(o.quick)),
-        ("vm", vm::run()),
+    let benches: [(&str, &dyn Fn() -> Result<()>); 5] = [
+        ("kernel", &|| kernel::run(o.quick)),
+        ("tunnel", &tunnel::run),
+        ("latency", &|| latency::run(o.quick)),
+        ("footprint", &footprint::run),
+        ("vm", &vm::run),
     ];
-    let failed: Vec<String> = results
+    if let Some(only) = &o.only {
+        if !benches.iter().any(|(name, _)| name == only) {
+            bail!("no benchmark named {only}; there are kernel, tunnel, latency, footprint and vm");
+        }
+    }
+    let failed: Vec<String> = benches
         .into_iter()
+        .filter(|(name, _)| o.only.as_deref().is_none_or(|only| only == *name))
+        .map(|(name, bench)| (name, bench()))
         .filter_map(|(name, r)| r.err().map(|e| format!("{name}: {e:#}")))
         .collect();
     if !failed.is_empty() {

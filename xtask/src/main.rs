@@ -2,6 +2,7 @@
 
 mod bench;
 mod build_ebpf;
+mod image;
 mod run;
 mod setup;
 mod test;
@@ -30,6 +31,8 @@ enum Command {
     Test(test::Options),
     /// Measure the performance goals, each beside a baseline from the same run.
     Bench(bench::Options),
+    /// Build the agent's container image from scratch with buildah (as root).
+    Image(image::Options),
     /// Integration tests that need more than this machine's kernel.
     IntegrationTest {
         #[command(subcommand)]
@@ -50,6 +53,7 @@ fn main() -> Result<()> {
         Command::Run(o) => run::run(&o),
         Command::Test(o) => test::run(&o),
         Command::Bench(o) => bench::run(&o),
+        Command::Image(o) => image::run(&o),
         Command::IntegrationTest {
             suite: IntegrationSuite::Vm(o),
         } => {

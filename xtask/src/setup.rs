@@ -29,6 +29,11 @@ pub enum Need {
     /// Running the agent and the privileged tests: WireGuard, iproute2 (`ip`, `tc`), nftables,
     /// ping, fping, bpftool.
     Testbed,
+    /// Checking the deployment files: `kubernetes-validate` (PyPI, with the Kubernetes
+    /// schemas bundled, in a venv under `target/tools`) and `systemd-analyze`.
+    Deploy,
+    /// Building the container image: buildah.
+    Image,
     /// The VM tests: QEMU, and objcopy to strip the binaries for the initramfs.
     Vm,
 }
@@ -55,6 +60,13 @@ const VM_PACKAGES: &[&str] = &["qemu-system-x86", "binutils"];
 /// Where the VM packages come from when the base suite's versions conflict with installed
 /// packages (see [`install_packages`]).
 const BACKPORTS_SOURCE: &str = "/etc/apt/sources.list.d/plexd-metrics-backports.sources";
+/// Debian packages for checking the deployment files (the validator's venv, systemd-analyze).
+const DEPLOY_PACKAGES: &[&str] = &["python3-venv", "systemd"];
+/// Debian packages for `cargo xtask image`.
+const IMAGE_PACKAGES: &[&str] = &["buildah"];
+/// The validator release, whose bundled schemas reach Kubernetes 1.37.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+
 /// The bpf-linker release that builds against LLVM 22 with these compilers.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -77,6 +89,8 @@ impl Need {
             Need::EbpfBuild => EBPF_PACKAGES,
             Need::Testbed => TESTBED_PACKAGES,
             Need::Vm => VM_PACKAGES,
+            Need::Deploy => DEPLOY_PACKAGES,
+            Need::Image => IMAGE_PACKAGES,
         }
     }
 
@@ -87,7 +101,13 @@ impl Need {
 
 /// Installs everything, or with `--check` reports what is missing.
 pub fn run(o: &Options) -> Result<()> {
-    let needs = [Need::EbpfBuild, Need::Testbed, Need::Vm];
+    let needs = [
+        Need::EbpfBuild,
+        Need::Testbed,
+        Need::Deploy,
+        Need::Image,
+        Need::Vm,
+    ];
     if o.check {
         let missing = missing(&needs)?;
         if missing.is_empty() {
@@ -122,6 +142,43 @@ pub fn find_on_path(program: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// Where `kubernetes-validate` lives once installed.
+pub fn kubernetes_validate() -> PathBuf {
+    venv().join("bin/kubernetes-validate")
+}
+
+fn venv() -> PathBuf {
+    crate::util::workspace_root().join("target/tools/venv")
+}
+
+/// Makes the venv and installs the validator into it. A venv, because Debian's pip refuses
+/// to install into the system's Python; Debian's own Python, because the venv module is
+/// packaged for it.
+fn install_kubernetes_validate() -> Result<()> {
+    let venv = venv();
+    eprintln!(
+        "xtask setup: installing {KUBERNETES_VALIDATE} from PyPI into {}",
+        venv.display()
+    );
+    run_cmd(
+        Command::new("/usr/bin/python3")
+            .args(["-m", "venv"])
+            .arg(&venv),
+    )?;
+    run_cmd(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(KUBERNETES_VALIDATE),
+    )?;
+    if !kubernetes_validate().is_file() {
+        bail!(
+            "{} is missing after installing {KUBERNETES_VALIDATE}",
+            kubernetes_validate().display()
+        );
+    }
+    Ok(())
+}
+
 fn cargo_home() -> Option<PathBuf> {
     std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
@@ -134,11 +191,15 @@ struct Missing {
     /// Only filled where dpkg is absent, which cannot tell packages.
     commands: Vec<&'static str>,
     bpf_linker: bool,
+    kubernetes_validate: bool,
 }
 
 impl Missing {
     fn is_empty(&self) -> bool {
-        self.packages.is_empty() && self.commands.is_empty() && !self.bpf_linker
+        self.packages.is_empty()
+            && self.commands.is_empty()
+            && !self.bpf_linker
+            && !self.kubernetes_validate
     }
 
     fn describe(&self) -> String {
@@ -151,6 +212,9 @@ impl Missing {
         }
         if self.bpf_linker {
             parts.push(format!("bpf-linker {BPF_LINKER_VERSION}"));
+        }
+        if self.kubernetes_validate {
+            parts.push(KUBERNETES_VALIDATE.to_owned());
         }
         parts.join(", ")
     }
@@ -173,6 +237,7 @@ fn missing(needs: &[Need]) -> Result<Missing> {
         packages,
         commands,
         bpf_linker: needs.iter().any(|n| n.needs_bpf_linker()) && bpf_linker().is_none(),
+        kubernetes_validate: needs.contains(&Need::Deploy) && !kubernetes_validate().is_file(),
     })
 }
 
@@ -221,6 +286,9 @@ fn install(needs: &[Need]) -> Result<()> {
     }
     if missing.bpf_linker {
         install_bpf_linker()?;
+    }
+    if missing.kubernetes_validate {
+        install_kubernetes_validate()?;
     }
     eprintln!("xtask setup: installed {}", missing.describe());
     Ok(())

@@ -26,8 +26,9 @@ pub struct Options {
 
 /// Runs the unit tests, then the privileged tests.
 pub fn run(o: &Options) -> Result<()> {
-    // The privileged tests drive ip, tc, bpftool and the WireGuard tools.
-    setup::ensure(&[Need::Testbed])?;
+    // The privileged tests drive ip, tc, bpftool and the WireGuard tools; the deployment
+    // tests kubernetes-validate and systemd-analyze.
+    setup::ensure(&[Need::Testbed, Need::Deploy])?;
     // The agent embeds the kernel object, and the privileged tests load it.
     build_ebpf::build(false)?;
     let root = workspace_root();
@@ -50,7 +51,7 @@ pub fn run(o: &Options) -> Result<()> {
         eprintln!("xtask: not root; running the privileged tests through sudo");
         let mut c = Command::new("sudo");
         c.args([
-            "--preserve-env=PATH,CARGO_HOME,RUSTUP_HOME,RUST_LOG",
+            "--preserve-env=PATH,CARGO_HOME,RUSTUP_HOME,RUST_LOG,PLEXD_METRICS_KUBERNETES_VALIDATE",
             "env",
             "PLEXD_METRICS_REQUIRE_PRIVILEGED=1",
         ])
@@ -64,6 +65,10 @@ pub fn run(o: &Options) -> Result<()> {
         .env("PLEXD_METRICS_REQUIRE_PRIVILEGED", "1")
         // Built by the unit-test run above (the CLI tests use it).
         .env("PLEXD_METRICS_BIN", root.join("target/debug/plexd-metrics"))
+        .env(
+            "PLEXD_METRICS_KUBERNETES_VALIDATE",
+            setup::kubernetes_validate(),
+        )
         .args(["test", "--package", "plexd-metrics-tests"]);
     if !o.args.is_empty() {
         privileged.arg("--").args(&o.args);
