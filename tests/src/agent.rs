@@ -16,6 +16,10 @@ pub struct RunningAgent {
     /// The agent process (`ip netns exec` execs it, so this is the agent itself).
     pub child: Child,
     logs: mpsc::Receiver<serde_json::Value>,
+    /// The log events read so far, shown when a wait fails.
+    seen: std::cell::RefCell<Vec<String>>,
+    /// How long [`RunningAgent::wait_for`] waits for one line.
+    deadline: Duration,
 }
 
 impl RunningAgent {
@@ -43,17 +47,53 @@ impl RunningAgent {
                 }
             }
         });
-        Self { child, logs }
+        Self {
+            child,
+            logs,
+            seen: Default::default(),
+            deadline: LOG_DEADLINE,
+        }
+    }
+
+    /// Waits up to `deadline` for each log line instead of [`LOG_DEADLINE`] (an emulated
+    /// machine verifies the kernel programs much more slowly).
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// Consumes the log events already read (failing on an error event among them), so that
+    /// the next [`RunningAgent::wait_for`] sees only what the agent logs from about now on.
+    /// A line on its way through the pipe may still count as new: wait for one event more
+    /// than needed when it matters.
+    pub fn skip_pending(&self) {
+        while let Ok(event) = self.logs.try_recv() {
+            self.seen.borrow_mut().push(event.to_string());
+            assert_ne!(
+                event["level"],
+                "ERROR",
+                "agent logged an error: {event}; its log so far:\n{}",
+                self.seen.borrow().join("\n")
+            );
+        }
     }
 
     /// Waits for a log event whose message is `message`; fails on an error event.
     pub fn wait_for(&self, message: &str) -> serde_json::Value {
         loop {
-            let event = self
-                .logs
-                .recv_timeout(LOG_DEADLINE)
-                .unwrap_or_else(|e| panic!("no {message:?} log line from the agent: {e}"));
-            assert_ne!(event["level"], "ERROR", "agent logged an error: {event}");
+            let event = self.logs.recv_timeout(self.deadline).unwrap_or_else(|e| {
+                panic!(
+                    "no {message:?} log line from the agent: {e}; its log so far:\n{}",
+                    self.seen.borrow().join("\n")
+                )
+            });
+            self.seen.borrow_mut().push(event.to_string());
+            assert_ne!(
+                event["level"],
+                "ERROR",
+                "agent logged an error: {event}; its log so far:\n{}",
+                self.seen.borrow().join("\n")
+            );
             if event["message"] == message {
                 return event;
             }

@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod control_plane;
+pub mod kernel_mesh;
 pub mod mesh;
 pub mod pod;
 pub mod targets;
@@ -297,8 +298,15 @@ pub fn tc_state(ns: &NetNs, dev: &str) -> TcState {
         .run(|| {
             let mut names = Vec::new();
             for attach in [TcAttachType::Ingress, TcAttachType::Egress] {
-                let (_, programs) =
-                    SchedClassifier::query_tcx(dev, attach).expect("query TCX programs");
+                let programs = match SchedClassifier::query_tcx(dev, attach) {
+                    Ok((_, programs)) => programs,
+                    // Kernels before 6.6 have no TCX and refuse the query as invalid.
+                    Err(aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
+                        io_error,
+                        ..
+                    })) if io_error.raw_os_error() == Some(libc::EINVAL) => Vec::new(),
+                    Err(e) => panic!("query TCX programs on {dev}: {e:?}"),
+                };
                 names.extend(
                     programs
                         .iter()

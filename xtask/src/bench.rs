@@ -6,6 +6,7 @@ mod footprint;
 mod kernel;
 mod latency;
 mod tunnel;
+mod vm;
 
 use anyhow::{bail, Result};
 
@@ -16,22 +17,23 @@ pub struct Options {
     /// the goals).
     #[arg(long)]
     quick: bool,
-    /// Run only this benchmark: kernel, tunnel, latency or footprint.
+    /// Run only this benchmark: kernel, tunnel, latency, footprint or vm.
     #[arg(long, value_name = "NAME")]
     only: Option<String>,
 }
 
 /// Runs every benchmark, all of them even when one fails, and fails if any did.
 pub fn run(o: &Options) -> Result<()> {
-    let benches: [(&str, &dyn Fn() -> Result<()>); 4] = [
+    let benches: [(&str, &dyn Fn() -> Result<()>); 5] = [
         ("kernel", &|| kernel::run(o.quick)),
         ("tunnel", &tunnel::run),
         ("latency", &|| latency::run(o.quick)),
         ("footprint", &footprint::run),
+        ("vm", &vm::run),
     ];
     if let Some(only) = &o.only {
         if !benches.iter().any(|(name, _)| name == only) {
-            bail!("no benchmark named {only}; there are kernel, tunnel, latency and footprint");
+            bail!("no benchmark named {only}; there are kernel, tunnel, latency, footprint and vm");
         }
     }
     let failed: Vec<String> = benches

@@ -7,6 +7,7 @@ mod run;
 mod setup;
 mod test;
 mod util;
+mod vm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -32,6 +33,17 @@ enum Command {
     Bench(bench::Options),
     /// Build the agent's container image from scratch with buildah (as root).
     Image(image::Options),
+    /// Integration tests that need more than this machine's kernel.
+    IntegrationTest {
+        #[command(subcommand)]
+        suite: IntegrationSuite,
+    },
+}
+
+#[derive(Subcommand)]
+enum IntegrationSuite {
+    /// Kernel WireGuard and netem in QEMU, on Debian's 6.1 and 6.12 cloud kernels.
+    Vm(vm::Options),
 }
 
 fn main() -> Result<()> {
@@ -42,5 +54,13 @@ fn main() -> Result<()> {
         Command::Test(o) => test::run(&o),
         Command::Bench(o) => bench::run(&o),
         Command::Image(o) => image::run(&o),
+        Command::IntegrationTest {
+            suite: IntegrationSuite::Vm(o),
+        } => {
+            let mut tally = util::Tally::default();
+            vm::run(&o, &mut tally)?;
+            println!("xtask: {}", tally.summary());
+            Ok(())
+        }
     }
 }

@@ -34,6 +34,8 @@ pub enum Need {
     Deploy,
     /// Building the container image: buildah.
     Image,
+    /// The VM tests: QEMU, and objcopy to strip the binaries for the initramfs.
+    Vm,
 }
 
 /// Debian packages for building the kernel programs (see TESTBED.md).
@@ -53,6 +55,11 @@ const TESTBED_PACKAGES: &[&str] = &[
     "fping",
     "bpftool",
 ];
+/// Debian packages for the VM tests (`cargo xtask integration-test vm`).
+const VM_PACKAGES: &[&str] = &["qemu-system-x86", "binutils"];
+/// Where the VM packages come from when the base suite's versions conflict with installed
+/// packages (see [`install_packages`]).
+const BACKPORTS_SOURCE: &str = "/etc/apt/sources.list.d/plexd-metrics-backports.sources";
 /// Debian packages for checking the deployment files (the validator's venv, systemd-analyze).
 const DEPLOY_PACKAGES: &[&str] = &["python3-venv", "systemd"];
 /// Debian packages for `cargo xtask image`.
@@ -81,6 +88,7 @@ impl Need {
         match self {
             Need::EbpfBuild => EBPF_PACKAGES,
             Need::Testbed => TESTBED_PACKAGES,
+            Need::Vm => VM_PACKAGES,
             Need::Deploy => DEPLOY_PACKAGES,
             Need::Image => IMAGE_PACKAGES,
         }
@@ -93,7 +101,13 @@ impl Need {
 
 /// Installs everything, or with `--check` reports what is missing.
 pub fn run(o: &Options) -> Result<()> {
-    let needs = [Need::EbpfBuild, Need::Testbed, Need::Deploy, Need::Image];
+    let needs = [
+        Need::EbpfBuild,
+        Need::Testbed,
+        Need::Deploy,
+        Need::Image,
+        Need::Vm,
+    ];
     if o.check {
         let missing = missing(&needs)?;
         if missing.is_empty() {
@@ -268,9 +282,7 @@ fn install(needs: &[Need]) -> Result<()> {
             missing.packages.join(" ")
         );
         apt_get(&["update"], true)?;
-        let mut args = vec!["install", "-y", "--no-install-recommends"];
-        args.extend(&missing.packages);
-        apt_get(&args, false)?;
+        install_packages(&missing.packages)?;
     }
     if missing.bpf_linker {
         install_bpf_linker()?;
@@ -280,6 +292,63 @@ fn install(needs: &[Need]) -> Result<()> {
     }
     eprintln!("xtask setup: installed {}", missing.describe());
     Ok(())
+}
+
+/// Installs Debian packages without ever removing one.
+///
+/// A machine may carry a newer build of a package's siblings than its base suite has (such a
+/// machine here has qemu-utils from bookworm-backports, which the base suite's
+/// qemu-system-x86 would remove). When the base suite cannot install without removals, the
+/// release's backports suite is added (and said so) and the packages come from there.
+fn install_packages(packages: &[&str]) -> Result<()> {
+    let install = |suite: Option<&str>| {
+        let mut args = vec!["install", "-y", "--no-install-recommends", "--no-remove"];
+        if let Some(suite) = suite {
+            args.extend(["-t", suite]);
+        }
+        args.extend(packages);
+        apt_get(&args, false)
+    };
+    let Err(first) = install(None) else {
+        return Ok(());
+    };
+    let Some(codename) = os_codename() else {
+        return Err(first);
+    };
+    let backports = format!("{codename}-backports");
+    eprintln!(
+        "xtask setup: installing from {codename} alone would remove packages ({first:#}); \
+         trying {backports}"
+    );
+    if !std::path::Path::new(BACKPORTS_SOURCE).exists() {
+        eprintln!("xtask setup: adding the {backports} suite to apt's sources: {BACKPORTS_SOURCE}");
+        std::fs::write(
+            BACKPORTS_SOURCE,
+            format!(
+                "# Added by `cargo xtask setup` (plexd-metrics): packages that must match newer\n\
+                 # builds already installed. Backports are never installed unless asked for.\n\
+                 Types: deb\nURIs: http://deb.debian.org/debian\nSuites: {backports}\n\
+                 Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+            ),
+        )
+        .with_context(|| format!("cannot write {BACKPORTS_SOURCE}"))?;
+        apt_get(&["update"], false)?;
+    }
+    install(Some(&backports)).with_context(|| {
+        format!(
+            "cannot install {} from {codename} or {backports}",
+            packages.join(" ")
+        )
+    })
+}
+
+/// The Debian release's code name (`bookworm`), from /etc/os-release.
+fn os_codename() -> Option<String> {
+    let text = std::fs::read_to_string("/etc/os-release").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .map(|v| v.trim_matches('"').to_owned())
+        .filter(|v| !v.is_empty())
 }
 
 /// Runs apt-get non-interactively, through sudo when not root. `update` runs at most once per
@@ -353,6 +422,12 @@ fn print_manual_steps(needs: &[Need]) {
             "  # testbed: wireguard-go, wg (wireguard-tools), ip and tc (iproute2), nft (nftables),\n\
              \x20 # ping, fping and bpftool from your distribution, e.g. on Fedora:\n\
              \x20 dnf install wireguard-tools wireguard-go iproute nftables iputils fping bpftool\n"
+        );
+    }
+    if needs.contains(&Need::Vm) {
+        eprintln!(
+            "  # VM tests: QEMU for x86-64, objcopy (binutils), apt-get and dpkg-deb for the kernels\n\
+             \x20 dnf install qemu-system-x86 binutils\n"
         );
     }
 }

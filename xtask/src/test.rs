@@ -1,6 +1,7 @@
 //! `cargo xtask test`: every test this machine can run.
 //!
-//! Unit tests of both workspaces, then the privileged integration tests in `tests/` as root.
+//! Unit tests of both workspaces, then the privileged integration tests in `tests/` as root,
+//! then the VM tests on two kernels (`cargo xtask integration-test vm`).
 //! A privileged test that would skip itself fails instead (PLEXD_METRICS_REQUIRE_PRIVILEGED),
 //! so a green run means they really ran.
 
@@ -12,6 +13,7 @@ use crate::build_ebpf;
 use crate::run::which;
 use crate::setup::{self, Need};
 use crate::util::{is_root, workspace_root, Tally};
+use crate::vm;
 
 /// Options of `cargo xtask test`.
 #[derive(clap::Args)]
@@ -72,6 +74,9 @@ pub fn run(o: &Options) -> Result<()> {
         privileged.arg("--").args(&o.args);
     }
     tally.run(&mut privileged)?;
+    // Kernel WireGuard and netem exist only in the VM's kernels; it runs as root too (QEMU
+    // needs no privilege, but the kernel packages are fetched with apt).
+    vm::run(&vm::Options::default(), &mut tally)?;
     if tally.ignored() > 0 {
         bail!(
             "{} test(s) are #[ignore]d; every test must run",

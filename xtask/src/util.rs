@@ -68,22 +68,16 @@ impl Tally {
         Ok(())
     }
 
+    /// Adds counts that did not come from a `cargo test` run here (the VM's tests).
+    pub fn add_counts(&mut self, passed: u64, failed: u64, ignored: u64) {
+        self.passed += passed;
+        self.failed += failed;
+        self.ignored += ignored;
+    }
+
     fn add(&mut self, line: &str) {
-        let Some(rest) = line.trim().strip_prefix("test result: ") else {
-            return;
-        };
-        for part in rest.split([';', '.']) {
-            let mut words = part.split_whitespace();
-            if let (Some(n), Some(what)) = (words.next(), words.next()) {
-                if let Ok(n) = n.parse::<u64>() {
-                    match what {
-                        "passed" => self.passed += n,
-                        "failed" => self.failed += n,
-                        "ignored" => self.ignored += n,
-                        _ => {}
-                    }
-                }
-            }
+        if let Some((passed, failed, ignored)) = vm_init::libtest_counts(line) {
+            self.add_counts(passed, failed, ignored);
         }
     }
 
