@@ -1,18 +1,13 @@
 //! The kernel accepts the WireGuard programs, and no attachment outlives the agent: not after
 //! a clean exit, and not after a run that was killed before it could detach.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::path::PathBuf;
 
 use aya::programs::SchedClassifier;
 use plexd_metrics::source::ebpf::{embedded_object, AttachMode, UnderlayProbe};
 use plexd_metrics_common::{PROG_COUNT_ONLY, PROG_EGRESS, PROG_INGRESS};
-use plexd_metrics_tests::{
-    agent_binary, ours, quiet_namespaces, require_privileges, tc_state, NetNs, VethPair,
-};
+use plexd_metrics_tests::agent::RunningAgent;
+use plexd_metrics_tests::{ours, quiet_namespaces, require_privileges, tc_state, VethPair};
 
 /// The verifier's budget per program (BPF_COMPLEXITY_LIMIT_INSNS).
 const VERIFIER_LIMIT: u32 = 1_000_000;
@@ -102,66 +97,6 @@ fn a_leaked_netlink_attachment_is_removed_when_the_next_run_uses_tcx() {
     assert_eq!(tc_state(&ns_a, dev), before);
 }
 
-/// The agent running in a namespace, its JSON log lines forwarded over a channel.
-struct Agent {
-    child: Child,
-    logs: mpsc::Receiver<serde_json::Value>,
-}
-
-impl Agent {
-    fn start(ns: &NetNs, config: &Path) -> Self {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", ns.name()])
-            .arg(agent_binary())
-            .args(["--log-format", "json", "--config"])
-            .arg(config)
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the agent");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (tx, logs) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let Ok(event) = serde_json::from_str(&line) else {
-                    continue;
-                };
-                if tx.send(event).is_err() {
-                    break;
-                }
-            }
-        });
-        Self { child, logs }
-    }
-
-    /// Waits for a log event with this message.
-    fn wait_for(&self, message: &str) -> serde_json::Value {
-        loop {
-            let event = self
-                .logs
-                .recv_timeout(Duration::from_secs(30))
-                .unwrap_or_else(|e| panic!("no {message:?} log line from the agent: {e}"));
-            if event["message"] == message {
-                return event;
-            }
-        }
-    }
-
-    fn signal(&self, signal: nix::sys::signal::Signal) {
-        // `ip netns exec` replaces itself with the agent: the child is the agent.
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal)
-            .expect("signal the agent");
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn config_file(dev: &str, mode: &str) -> (PathBuf, PathBuf) {
     let dir = std::env::temp_dir().join(format!(
         "plexd-metrics-lifecycle-{}-{dev}",
@@ -191,23 +126,22 @@ fn a_sigkilled_agents_netlink_attachment_is_replaced_by_the_next_run() {
     let before = tc_state(&ns_a, &dev);
     let (dir, config) = config_file(&dev, "netlink");
 
-    let mut first = Agent::start(&ns_a, &config);
+    let mut first = RunningAgent::start(&ns_a, &config);
     first.wait_for("kernel programs attached");
-    first.signal(nix::sys::signal::Signal::SIGKILL);
+    first.child.kill().expect("SIGKILL the agent");
     first.child.wait().expect("wait for the killed agent");
     let stale = tc_state(&ns_a, &dev);
     assert_eq!(ours(&stale), 2, "a killed agent cannot detach: {stale:?}");
 
-    let mut second = Agent::start(&ns_a, &config);
+    let second = RunningAgent::start(&ns_a, &config);
     let removed = second.wait_for("removed a stale attachment left by an earlier run");
     assert_eq!(removed["interface"], dev.as_str(), "{removed}");
     second.wait_for("kernel programs attached");
     let during = tc_state(&ns_a, &dev);
     assert_eq!(ours(&during), 2, "replaced, not doubled: {during:?}");
 
-    second.signal(nix::sys::signal::Signal::SIGTERM);
-    let status = second.child.wait().expect("wait for the agent");
-    assert_eq!(status.code(), Some(0));
+    let (code, _) = second.stop();
+    assert_eq!(code, Some(0));
     assert_eq!(tc_state(&ns_a, &dev), before, "nothing left behind");
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -222,10 +156,10 @@ fn a_sigkilled_agents_tcx_links_go_with_it() {
     let dev = veth.a.name.clone();
     let before = tc_state(&ns_a, &dev);
     let (dir, config) = config_file(&dev, "auto");
-    let mut agent = Agent::start(&ns_a, &config);
+    let mut agent = RunningAgent::start(&ns_a, &config);
     agent.wait_for("kernel programs attached");
     assert_eq!(tc_state(&ns_a, &dev).tcx_programs.len(), 2);
-    agent.signal(nix::sys::signal::Signal::SIGKILL);
+    agent.child.kill().expect("SIGKILL the agent");
     agent.child.wait().expect("wait for the killed agent");
     // TCX links live as long as a file descriptor refers to them: the kernel detaches them
     // when the killed process's descriptors close.
