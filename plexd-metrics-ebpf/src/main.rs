@@ -28,7 +28,7 @@ use plexd_metrics_common::{
     MAP_SESSIONS, PROBE_STAT_COUNT, PROG_COUNT_ONLY, PROG_EGRESS, PROG_INGRESS, SESSION_STARTED,
 };
 use plexd_metrics_ebpf::{
-    parse::{parse_frame, read_message, Frame, Message, Packet, Segments},
+    parse::{classify, parse_frame, read_message, Frame, Message, Packet, Segments, HEADER_LEN},
     record, same_name,
     window::{record_counter, Arrival},
 };
@@ -68,6 +68,11 @@ static SESSIONS: HashMap<
 #[btf_map]
 static FRESH_SESSIONS: LruHashMap<u32, FreshSession, { DEFAULT_MAX_ENDPOINTS as usize }> =
     LruHashMap::new();
+
+/// The remote endpoint of the GSO/GRO packet being accounted, per direction and CPU, for
+/// [`plexd_segment`]. The kernel programs' scratch space: the agent never reads it.
+#[btf_map]
+static SEGMENT_REMOTE: PerCpuArray<EndpointKey, { DIRECTIONS as usize }> = PerCpuArray::new();
 
 /// Probe-wide counters by [`ProbeStat`].
 #[btf_map]
@@ -232,9 +237,15 @@ fn observe(ctx: &TcContext, direction: Direction) {
         );
         return;
     }
-    // One packet, many datagrams: each segment on the wire had its own headers.
-    let headers = u64::from(datagram.payload_offset);
-    let mut stats = None;
+    // One packet, many datagrams: each segment on the wire had its own headers. Each segment
+    // goes through a global function, which the kernel verifies once: inlined, the verifier
+    // walks the whole accounting once per iteration, and older kernels (6.1) give up.
+    let Some(slot) = SEGMENT_REMOTE.get_ptr_mut(direction as u32) else {
+        return;
+    };
+    // SAFETY: this CPU's slot, see `count`; read back by `plexd_segment` below.
+    unsafe { *slot = datagram.remote };
+    let headers = datagram.payload_offset;
     let mut i = 0;
     while i < MAX_SEGMENTS && i < segments.count {
         let len = if i + 1 == segments.count {
@@ -242,26 +253,60 @@ fn observe(ctx: &TcContext, direction: Direction) {
         } else {
             segments.size
         };
-        let message = read_message(
-            &SkbCopy(ctx),
-            datagram.payload_offset + i * segments.size,
-            len,
+        // A segment too short for a header reads the next one's bytes or fails; either way
+        // its length makes it malformed.
+        let header = SkbCopy(ctx)
+            .read::<HEADER_BYTES>(datagram.payload_offset + i * segments.size)
+            .unwrap_or([0; HEADER_BYTES]);
+        let mut lo = [0u8; 8];
+        let mut hi = [0u8; 8];
+        lo.copy_from_slice(&header[..8]);
+        hi.copy_from_slice(&header[8..]);
+        plexd_segment(
+            u64::from_ne_bytes(lo),
+            u64::from_ne_bytes(hi),
+            (u64::from(headers + len) << 32) | u64::from(len),
+            direction as u64,
+            now,
         );
-        if stats.is_none() {
-            stats = endpoint(&datagram.remote, message, now);
-        }
-        if let Some(stats) = stats {
-            account(
-                direction,
-                stats,
-                &datagram.remote,
-                message,
-                headers + u64::from(len),
-                now,
-            );
-        }
         i += 1;
     }
+}
+
+/// Bytes of a message header, as the parser reads them.
+const HEADER_BYTES: usize = HEADER_LEN as usize;
+
+/// Accounts one segment of a GSO/GRO packet, as a BPF global function (see the loop in
+/// `observe`). Global functions take scalars only, so the message header comes as two words
+/// in memory order, its length and the segment's bytes on the wire packed into
+/// `len_and_bytes` (length in the low half), and the remote endpoint through
+/// [`SEGMENT_REMOTE`].
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn plexd_segment(
+    header_lo: u64,
+    header_hi: u64,
+    len_and_bytes: u64,
+    direction: u64,
+    now: u64,
+) -> u32 {
+    let direction = if direction == Direction::Egress as u64 {
+        Direction::Egress
+    } else {
+        Direction::Ingress
+    };
+    let Some(remote) = SEGMENT_REMOTE.get(direction as u32) else {
+        return 0;
+    };
+    let remote = *remote;
+    let mut header = [0u8; HEADER_BYTES];
+    header[..8].copy_from_slice(&header_lo.to_ne_bytes());
+    header[8..].copy_from_slice(&header_hi.to_ne_bytes());
+    let message = classify(&header, len_and_bytes as u32);
+    if let Some(stats) = endpoint(&remote, message, now) {
+        account(direction, stats, &remote, message, len_and_bytes >> 32, now);
+    }
+    0
 }
 
 #[inline(always)]

@@ -245,7 +245,13 @@ fn kernel_programs_pass_the_verifier_and_attach_as_this_kernel_allows() {
         assert_eq!(filters, 2, "one cls_bpf filter per direction: {state:?}");
     }
     assert_eq!(probe.programs_attached(), 2);
-    drop(probe);
+    // In the namespace it attached in: netlink attachments (before 6.6) are found by
+    // interface there, unlike TCX links, which their file descriptors name anywhere.
+    mesh.nodes[0]
+        .ns
+        .run(move || probe.detach())
+        .expect("enter namespace")
+        .expect("detach the kernel programs");
     let after = tc_state(&mesh.nodes[0].ns, &dev);
     assert_eq!(ours(&after), 0, "programs left attached: {after:?}");
     assert!(!after.clsact, "no qdisc left behind: {after:?}");

@@ -76,14 +76,9 @@ pub fn run(o: &Options) -> Result<()> {
     tally.run(&mut privileged)?;
     // Kernel WireGuard and netem exist only in the VM's kernels; it runs as root too (QEMU
     // needs no privilege, but the kernel packages are fetched with apt).
-    // Only 6.12 for now: on 6.1 the verifier rejects plexd_tc_ingress (1,000,000 processed
-    // instructions), a known failure tracked in the issues; `cargo xtask integration-test vm
-    // --kernel 6.1` reproduces it. Add 6.1 back here once the program verifies there.
-    let vm_options = vm::Options {
-        kernel: vm::KernelChoice::V6_12,
-        ..vm::Options::default()
-    };
-    vm::run(&vm_options, &mut tally)?;
+    // Both kernels: 6.1 attaches through netlink and clsact, 6.12 through TCX, and each has
+    // its own verifier.
+    vm::run(&vm::Options::default(), &mut tally)?;
     if tally.ignored() > 0 {
         bail!(
             "{} test(s) are #[ignore]d; every test must run",
