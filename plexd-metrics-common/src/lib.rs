@@ -150,11 +150,14 @@ impl EndpointKey {
 /// What the programs count per remote endpoint, on one CPU. The agent sums the CPUs.
 ///
 /// Every message counted here passed the size checks of its type; anything else on a
-/// WireGuard port is `malformed`.
+/// WireGuard port is `malformed`. Received transport messages are counted in their session
+/// ([`SessionRx`]); the `rx_` fields here count only those of sessions the map had no room
+/// for.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EndpointStats {
-    /// Transport messages received (keepalives and duplicates included).
+    /// Transport messages received without a session to count them in (keepalives and
+    /// duplicates included).
     pub rx_packets: u64,
     /// Bytes of those, from the link-layer header on.
     pub rx_bytes: u64,
@@ -180,16 +183,11 @@ pub struct EndpointStats {
     pub cookies_received: u64,
     /// Packets to or from a WireGuard port that are no valid WireGuard message.
     pub malformed: u64,
-    /// Received transport messages whose counter was below the session's highest and new:
-    /// reordered, or arriving after their hole was settled as lost.
-    pub late: u64,
-    /// Received transport messages whose counter had been seen before.
-    pub duplicate: u64,
     /// `bpf_ktime_get_coarse_ns` of the last message on this CPU.
     pub last_seen_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<EndpointStats>() == 128);
+const _: () = assert!(core::mem::size_of::<EndpointStats>() == 112);
 
 /// Probe-wide counters, the index into [`MAP_PROBE_STATS`].
 #[repr(u32)]
@@ -288,12 +286,35 @@ pub struct SessionState {
     pub endpoint: EndpointKey,
     /// Always zero.
     pub _pad: u32,
+    /// What the session received, counted here rather than per endpoint: the lock is held
+    /// anyway, and the ingress path saves a hash lookup per message.
+    pub rx: SessionRx,
     /// Which of the last [`WINDOW_BITS`] counters arrived: counter `c` is bit `c % 64` of
     /// word `(c / 64) % WINDOW_WORDS`.
     pub window: [u64; WINDOW_WORDS],
 }
 
-const _: () = assert!(core::mem::size_of::<SessionState>() == 432);
+const _: () = assert!(core::mem::size_of::<SessionState>() == 472);
+
+/// Transport messages a session received, cumulative since it was created. The agent adds
+/// them to the endpoint the session last heard from (see [`SessionState::endpoint`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SessionRx {
+    /// Transport messages (keepalives, late and duplicate ones included).
+    pub packets: u64,
+    /// Bytes of those, from the link-layer header on.
+    pub bytes: u64,
+    /// Keepalives (transport messages without payload).
+    pub keepalives: u64,
+    /// Messages whose counter was new but below the highest: reordered, or arriving after
+    /// their hole was settled as lost.
+    pub late: u64,
+    /// Messages whose counter had been seen before.
+    pub duplicate: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<SessionRx>() == 40);
 
 impl Default for SessionState {
     fn default() -> Self {
@@ -310,6 +331,7 @@ impl Default for SessionState {
             _pad0: 0,
             endpoint: EndpointKey::default(),
             _pad: 0,
+            rx: SessionRx::default(),
             window: [0; WINDOW_WORDS],
         }
     }

@@ -29,8 +29,7 @@ use plexd_metrics_common::{
 };
 use plexd_metrics_ebpf::{
     parse::{classify, parse_frame, read_message, Frame, Message, Packet, Segments, HEADER_LEN},
-    record, same_name,
-    window::{record_counter, Arrival},
+    record, same_name, window,
 };
 
 /// Packets and bytes per [`Direction`], every packet. Per-CPU, so that concurrent packets
@@ -86,14 +85,14 @@ static REORDER_TIMEOUT_NS: u64 = DEFAULT_REORDER_TIMEOUT_NS;
 #[unsafe(no_mangle)]
 static CHECKPOINT_NS: u64 = checkpoint_ns(DEFAULT_REORDER_TIMEOUT_NS);
 
-/// A zeroed session value to insert from: 432 bytes do not fit the 512-byte BPF stack next
+/// A zeroed session value to insert from: 472 bytes do not fit the 512-byte BPF stack next
 /// to everything else. An array of words rather than a `SessionState`, because a global
 /// holding a spin lock would make the kernel treat `.rodata` as a locked map.
-static ZERO_SESSION: [u64; 54] = [0; 54];
+static ZERO_SESSION: [u64; 59] = [0; 59];
 
 /// A zeroed endpoint value to insert from, copied by the kernel instead of built on the
 /// stack (which would take a memset call).
-static ZERO_ENDPOINT: [u64; 16] = [0; 16];
+static ZERO_ENDPOINT: [u64; 14] = [0; 14];
 
 /// WireGuard's REJECT_AFTER_TIME: a session older than this receives nothing more.
 const REJECT_AFTER_NS: u64 = 180_000_000_000;
@@ -116,8 +115,8 @@ const _: () = assert!(same_name(GLOBAL_CHECKPOINT_NS, "CHECKPOINT_NS"));
 const _: () = assert!(same_name(PROG_INGRESS, "plexd_tc_ingress"));
 const _: () = assert!(same_name(PROG_EGRESS, "plexd_tc_egress"));
 const _: () = assert!(same_name(PROG_COUNT_ONLY, "plexd_tc_count"));
-const _: () = assert!(core::mem::size_of::<SessionState>() == 54 * 8);
-const _: () = assert!(core::mem::size_of::<EndpointStats>() == 16 * 8);
+const _: () = assert!(core::mem::size_of::<SessionState>() == 59 * 8);
+const _: () = assert!(core::mem::size_of::<EndpointStats>() == 14 * 8);
 
 /// Accounts a packet arriving on the interface.
 #[classifier]
@@ -224,12 +223,8 @@ fn observe(ctx: &TcContext, direction: Direction) {
     };
     if segments.count == 1 {
         let message = read_message(&pkt, datagram.payload_offset, datagram.payload_len);
-        let Some(stats) = endpoint(&datagram.remote, message, now) else {
-            return;
-        };
         account(
             direction,
-            stats,
             &datagram.remote,
             message,
             u64::from(ctx.len()),
@@ -303,9 +298,7 @@ pub extern "C" fn plexd_segment(
     header[..8].copy_from_slice(&header_lo.to_ne_bytes());
     header[8..].copy_from_slice(&header_hi.to_ne_bytes());
     let message = classify(&header, len_and_bytes as u32);
-    if let Some(stats) = endpoint(&remote, message, now) {
-        account(direction, stats, &remote, message, len_and_bytes >> 32, now);
-    }
+    account(direction, &remote, message, len_and_bytes >> 32, now);
     0
 }
 
@@ -329,16 +322,16 @@ fn stat(which: ProbeStat) {
     }
 }
 
-/// The endpoint's counters on this CPU, created for a valid message. `None` for a malformed
-/// message from an unknown endpoint (counted probe-wide) or when the map is full.
+/// The endpoint's counters on this CPU, created for a `valid` message. `None` for a
+/// malformed message from an unknown endpoint (counted probe-wide) or when the map is full.
 #[inline(always)]
-fn endpoint(remote: &EndpointKey, message: Message, now: u64) -> Option<*mut EndpointStats> {
+fn endpoint(remote: &EndpointKey, valid: bool, now: u64) -> Option<*mut EndpointStats> {
     if let Some(stats) = ENDPOINTS.get_ptr_mut(remote) {
         // SAFETY: this CPU's copy of the value; see `count`.
         unsafe { (*stats).last_seen_ns = now };
         return Some(stats);
     }
-    if message == Message::Malformed {
+    if !valid {
         stat(ProbeStat::MalformedUnknown);
         return None;
     }
@@ -379,37 +372,41 @@ fn malformed(remote: &EndpointKey) {
     }
 }
 
+/// Counts one message of `bytes` bytes on the wire.
 #[inline(always)]
-fn account(
-    direction: Direction,
-    stats: *mut EndpointStats,
-    remote: &EndpointKey,
-    message: Message,
-    bytes: u64,
-    now: u64,
-) {
-    // SAFETY: this CPU's copy of the value; see `count`.
-    let stats = unsafe { &mut *stats };
-    match (direction, message) {
-        (
-            Direction::Ingress,
-            Message::Transport {
-                receiver,
-                counter,
-                keepalive,
-            },
-        ) => {
+fn account(direction: Direction, remote: &EndpointKey, message: Message, bytes: u64, now: u64) {
+    if let (
+        Direction::Ingress,
+        Message::Transport {
+            receiver,
+            counter,
+            keepalive,
+        },
+    ) = (direction, message)
+    {
+        if receive(receiver, counter, keepalive, bytes, remote, now) {
+            return;
+        }
+        // No session to count it in (the map is full): the endpoint's own counters.
+        if let Some(stats) = endpoint(remote, true, now) {
+            // SAFETY: this CPU's copy of the value; see `count`.
+            let stats = unsafe { &mut *stats };
             stats.rx_packets += 1;
             stats.rx_bytes += bytes;
             if keepalive {
                 stats.rx_keepalives += 1;
             }
-            match session(receiver, counter, remote, now) {
-                Some(Arrival::Late) => stats.late += 1,
-                Some(Arrival::Duplicate) => stats.duplicate += 1,
-                Some(Arrival::InOrder) | None => {}
-            }
         }
+        return;
+    }
+    let Some(stats) = endpoint(remote, message != Message::Malformed, now) else {
+        return;
+    };
+    // SAFETY: this CPU's copy of the value; see `count`.
+    let stats = unsafe { &mut *stats };
+    match (direction, message) {
+        // Taken above.
+        (Direction::Ingress, Message::Transport { .. }) => {}
         (Direction::Egress, Message::Transport { keepalive, .. }) => {
             stats.tx_packets += 1;
             stats.tx_bytes += bytes;
@@ -441,50 +438,18 @@ fn announce(index: u32, now: u64) {
     let _ = FRESH_SESSIONS.insert(index, value, u64::from(BPF_ANY));
 }
 
-/// Feeds one counter into its session's window under the session's lock.
+/// Feeds a received transport message into its session under the session's lock: the
+/// window, the receive counters and the endpoint it came from. Returns false when the
+/// session has no entry and none could be made.
 #[inline(always)]
-fn session(receiver: u32, counter: u64, remote: &EndpointKey, now: u64) -> Option<Arrival> {
-    let mut hi = [0u8; 8];
-    let mut lo = [0u8; 8];
-    hi.copy_from_slice(&remote.addr[..8]);
-    lo.copy_from_slice(&remote.addr[8..]);
-    let arrival = plexd_session(
-        (u64::from(receiver) << 16) | u64::from(remote.port),
-        counter,
-        now,
-        u64::from_ne_bytes(hi),
-        u64::from_ne_bytes(lo),
-    );
-    match arrival {
-        ARRIVAL_IN_ORDER => Some(Arrival::InOrder),
-        ARRIVAL_LATE => Some(Arrival::Late),
-        ARRIVAL_DUPLICATE => Some(Arrival::Duplicate),
-        _ => None,
-    }
-}
-
-const ARRIVAL_NONE: u32 = 0;
-const ARRIVAL_IN_ORDER: u32 = 1;
-const ARRIVAL_LATE: u32 = 2;
-const ARRIVAL_DUPLICATE: u32 = 3;
-
-/// The session update as a BPF global function: the kernel verifies a global function once,
-/// on its own, instead of once per call site and path. A GSO packet calls it once per
-/// segment, and inlined 64 times over the program would exceed the verifier's budget.
-///
-/// Global functions take scalars only, so the receiver index and remote port come packed
-/// into `receiver_port` (index in bits 16..48) and the remote address as two words in
-/// memory order. Returns one of the `ARRIVAL_*` codes.
-#[unsafe(no_mangle)]
-#[inline(never)]
-pub extern "C" fn plexd_session(
-    receiver_port: u64,
+fn receive(
+    receiver: u32,
     counter: u64,
+    keepalive: bool,
+    bytes: u64,
+    remote: &EndpointKey,
     now: u64,
-    addr_hi: u64,
-    addr_lo: u64,
-) -> u32 {
-    let receiver = (receiver_port >> 16) as u32;
+) -> bool {
     let state = match SESSIONS.get_ptr_mut(receiver) {
         Some(state) => state,
         None => {
@@ -492,7 +457,13 @@ pub extern "C" fn plexd_session(
             // (unstarted) session; the kernel copies it and leaves the lock to itself.
             let zero = unsafe { &*(&raw const ZERO_SESSION).cast::<SessionState>() };
             match SESSIONS.insert(receiver, zero, u64::from(BPF_NOEXIST)) {
-                Ok(()) => stat(ProbeStat::SessionsCreated),
+                Ok(()) => {
+                    stat(ProbeStat::SessionsCreated);
+                    // The endpoint becomes known, so that what else it sends (malformed
+                    // messages) is counted as its own. Off the per-message path: once per
+                    // session; the agent tracks the endpoints of roaming peers.
+                    let _ = endpoint(remote, true, now);
+                }
                 Err(e) if e == -EEXIST => {}
                 Err(e) => {
                     stat(if e == -ENOMEM {
@@ -500,19 +471,15 @@ pub extern "C" fn plexd_session(
                     } else {
                         ProbeStat::SessionOverflow
                     });
-                    return ARRIVAL_NONE;
+                    return false;
                 }
             }
             match SESSIONS.get_ptr_mut(receiver) {
                 Some(state) => state,
-                None => return ARRIVAL_NONE,
+                None => return false,
             }
         }
     };
-    let mut addr = [0u8; 16];
-    addr[..8].copy_from_slice(&addr_hi.to_ne_bytes());
-    addr[8..].copy_from_slice(&addr_lo.to_ne_bytes());
-    let remote = EndpointKey::v6(addr, receiver_port as u16);
     // Read without the lock: the hint only matters for the first counter, and every CPU
     // racing on it computes the same answer (the fresh entry is not removed).
     // SAFETY: a live map value; a torn read of one u32 flag is impossible.
@@ -529,19 +496,23 @@ pub extern "C" fn plexd_session(
     // SAFETY: `state` points at a live map value whose BTF has a bpf_spin_lock at `lock`;
     // nothing between lock and unlock calls a helper or returns early, as the verifier
     // enforces.
-    let arrival = unsafe {
+    unsafe {
         let lock = (&raw mut (*state).lock).cast();
         bpf_spin_lock(lock);
-        let arrival = record_counter(&mut *state, counter, fresh, now, timeout, checkpoint);
-        (*state).endpoint = remote;
+        window::receive(
+            &mut *state,
+            counter,
+            keepalive,
+            bytes,
+            fresh,
+            now,
+            timeout,
+            checkpoint,
+        );
+        (*state).endpoint = *remote;
         bpf_spin_unlock(lock);
-        arrival
-    };
-    match arrival {
-        Arrival::InOrder => ARRIVAL_IN_ORDER,
-        Arrival::Late => ARRIVAL_LATE,
-        Arrival::Duplicate => ARRIVAL_DUPLICATE,
     }
+    true
 }
 
 #[inline(always)]

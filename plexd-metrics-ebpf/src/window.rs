@@ -27,6 +27,36 @@ pub enum Arrival {
     Duplicate,
 }
 
+/// Accounts a transport message of `bytes` bytes on the wire with counter `counter`,
+/// arriving at `now_ns`: its place in the window ([`record_counter`]) and the session's
+/// receive counters.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)] // the caller's scalars, passed on unchanged
+pub fn receive(
+    s: &mut SessionState,
+    counter: u64,
+    keepalive: bool,
+    bytes: u64,
+    fresh: bool,
+    now_ns: u64,
+    timeout_ns: u64,
+    checkpoint_ns: u64,
+) -> Arrival {
+    let arrival = record_counter(s, counter, fresh, now_ns, timeout_ns, checkpoint_ns);
+    let rx = &mut s.rx;
+    rx.packets += 1;
+    rx.bytes += bytes;
+    if keepalive {
+        rx.keepalives += 1;
+    }
+    match arrival {
+        Arrival::Late => rx.late += 1,
+        Arrival::Duplicate => rx.duplicate += 1,
+        Arrival::InOrder => {}
+    }
+    arrival
+}
+
 /// Accounts counter `counter` arriving at `now_ns`.
 ///
 /// `fresh` says whether the session was announced in a handshake this host sent: its
@@ -221,11 +251,14 @@ mod tests {
             }
         }
 
+        /// Feeds 100-byte messages, every tenth a keepalive (as the counter tells).
         fn feed(&mut self, counters: impl IntoIterator<Item = u64>) {
             for c in counters {
-                match record_counter(
+                match receive(
                     &mut self.s,
                     c,
+                    c % 10 == 0,
+                    100,
                     self.fresh,
                     self.now,
                     TIMEOUT,
@@ -246,6 +279,20 @@ mod tests {
         fn lost(&self) -> u64 {
             self.s.lost(self.now, TIMEOUT)
         }
+    }
+
+    #[test]
+    fn the_session_counts_what_it_receives_as_the_window_classifies_it() {
+        let mut s = Session::new();
+        s.feed([0, 2, 1, 1, 5, 3, 3, 4, 10]);
+        s.feed(0..20);
+        let rx = s.s.rx;
+        assert_eq!(rx.packets, 9 + 20);
+        assert_eq!(rx.bytes, 100 * (9 + 20));
+        // 0 and 10 in each feed.
+        assert_eq!(rx.keepalives, 2 + 2);
+        assert_eq!((s.in_order, s.late, s.duplicate), (13, 7, 9));
+        assert_eq!((rx.late, rx.duplicate), (7, 9));
     }
 
     #[test]

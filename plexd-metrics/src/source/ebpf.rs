@@ -515,13 +515,17 @@ impl UnderlayProbe {
         self.lock_reader().probe_stats()
     }
 
-    /// Messages received from `endpoint` on each CPU (index = CPU): shows how the kernel
-    /// spreads a peer's traffic. Empty when the endpoint has no entry.
-    pub fn rx_packets_per_cpu(
-        &self,
-        endpoint: std::net::SocketAddr,
-    ) -> Result<Vec<u64>, EbpfError> {
-        self.lock_reader().rx_packets_per_cpu(endpoint)
+    /// Packets the ingress programs saw on each CPU (index = CPU), all interfaces: shows how
+    /// the kernel spreads the traffic.
+    pub fn ingress_packets_per_cpu(&self) -> Result<Vec<u64>, EbpfError> {
+        let per_cpu = self
+            .counters
+            .get(&(Direction::Ingress as u32), 0)
+            .map_err(|source| EbpfError::ReadMap {
+                map: MAP_PACKET_COUNTERS,
+                source,
+            })?;
+        Ok(per_cpu.iter().map(|c| c.packets).collect())
     }
 
     /// Reads the endpoints as [`EndpointCounterSource::read_endpoints`] does, with its

@@ -1,18 +1,20 @@
 //! Reading the per-endpoint counters and settling the per-session loss windows.
 //!
-//! The kernel counts events (messages, late, duplicate) per endpoint in per-CPU maps; the
-//! lost count is a property of each session's window, computed here with the same formula
-//! the kernel uses to classify late counters. A session's lost count only grows, so each
-//! read adds the growth since the previous read to the session's current endpoint: the
-//! per-endpoint figure stays cumulative when sessions come and go or a peer roams.
+//! The kernel counts sent messages and handshakes per endpoint in per-CPU maps, and received
+//! transport messages (late and duplicate ones too) in their session, whose lock it holds
+//! anyway. The lost count is a property of each session's window, computed here with the
+//! same formula the kernel uses to classify late counters. A session's figures only grow,
+//! so each read adds their growth since the previous read to the session's current
+//! endpoint: the per-endpoint figures stay cumulative when sessions come and go or a peer
+//! roams.
 
 use std::collections::HashMap as StdHashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use aya::maps::{Array, HashMap, IterableMap as _, MapData, MapError, PerCpuArray, PerCpuHashMap};
 use plexd_metrics_common::{
-    EndpointKey, EndpointStats, PortSet, ProbeStat, SessionState, MAP_ENDPOINTS, MAP_LISTEN_PORTS,
-    MAP_PROBE_STATS, MAP_SESSIONS,
+    EndpointKey, EndpointStats, PortSet, ProbeStat, SessionRx, SessionState, MAP_ENDPOINTS,
+    MAP_LISTEN_PORTS, MAP_PROBE_STATS, MAP_SESSIONS,
 };
 
 use super::{batch, EbpfError};
@@ -49,14 +51,73 @@ pub(super) struct Reader {
 /// What the agent remembers between reads.
 #[derive(Debug, Default)]
 pub(super) struct ReadState {
-    /// Each live session's lost count as of the last read.
-    session_lost: StdHashMap<u32, u64>,
-    /// Lost messages per endpoint since attach.
-    lost: StdHashMap<EndpointKey, u64>,
+    /// Each live session's figures as of the last read.
+    sessions: StdHashMap<u32, SessionFigures>,
+    /// What sessions received and lost, per endpoint, since attach.
+    folded: StdHashMap<EndpointKey, Folded>,
     /// Map overflows at the last read, to warn when they grow.
     overflows: u64,
     /// Allocation failures at the last read, likewise.
     allocation_failures: u64,
+}
+
+/// The cumulative figures of a session, or their sum over sessions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct SessionFigures {
+    lost: u64,
+    rx: SessionRx,
+}
+
+impl SessionFigures {
+    fn of(session: &SessionState, now_ns: u64, timeout_ns: u64) -> Self {
+        Self {
+            lost: session.lost(now_ns, timeout_ns),
+            rx: session.rx,
+        }
+    }
+
+    /// What grew since `before`. Every figure of a session only grows: one that shrank
+    /// means a new session took the index, and its figures count from zero.
+    fn growth_since(&self, before: &Self) -> Self {
+        let (a, b) = (self, before);
+        let shrank = a.lost < b.lost
+            || a.rx.packets < b.rx.packets
+            || a.rx.bytes < b.rx.bytes
+            || a.rx.keepalives < b.rx.keepalives
+            || a.rx.late < b.rx.late
+            || a.rx.duplicate < b.rx.duplicate;
+        if shrank {
+            return *self;
+        }
+        Self {
+            lost: a.lost - b.lost,
+            rx: SessionRx {
+                packets: a.rx.packets - b.rx.packets,
+                bytes: a.rx.bytes - b.rx.bytes,
+                keepalives: a.rx.keepalives - b.rx.keepalives,
+                late: a.rx.late - b.rx.late,
+                duplicate: a.rx.duplicate - b.rx.duplicate,
+            },
+        }
+    }
+
+    fn add(&mut self, other: &Self) {
+        self.lost = self.lost.wrapping_add(other.lost);
+        let (a, b) = (&mut self.rx, &other.rx);
+        a.packets = a.packets.wrapping_add(b.packets);
+        a.bytes = a.bytes.wrapping_add(b.bytes);
+        a.keepalives = a.keepalives.wrapping_add(b.keepalives);
+        a.late = a.late.wrapping_add(b.late);
+        a.duplicate = a.duplicate.wrapping_add(b.duplicate);
+    }
+}
+
+/// The sessions' figures of one endpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Folded {
+    figures: SessionFigures,
+    /// The latest message of any of its sessions, for expiry.
+    last_seen_ns: u64,
 }
 
 /// Probe-wide counters since the programs were loaded.
@@ -151,18 +212,18 @@ fn add(total: &mut EndpointStats, cpu: &EndpointStats) {
     total.cookies_sent = total.cookies_sent.wrapping_add(cpu.cookies_sent);
     total.cookies_received = total.cookies_received.wrapping_add(cpu.cookies_received);
     total.malformed = total.malformed.wrapping_add(cpu.malformed);
-    total.late = total.late.wrapping_add(cpu.late);
-    total.duplicate = total.duplicate.wrapping_add(cpu.duplicate);
     total.last_seen_ns = total.last_seen_ns.max(cpu.last_seen_ns);
 }
 
-fn counters(stats: &EndpointStats, lost: u64) -> EndpointCounters {
+/// An endpoint's counters: its own, and what its sessions received and lost.
+fn counters(stats: &EndpointStats, sessions: &SessionFigures) -> EndpointCounters {
+    let rx = &sessions.rx;
     EndpointCounters {
-        rx_packets: stats.rx_packets,
-        rx_bytes: stats.rx_bytes,
+        rx_packets: stats.rx_packets.wrapping_add(rx.packets),
+        rx_bytes: stats.rx_bytes.wrapping_add(rx.bytes),
         tx_packets: stats.tx_packets,
         tx_bytes: stats.tx_bytes,
-        rx_keepalives: stats.rx_keepalives,
+        rx_keepalives: stats.rx_keepalives.wrapping_add(rx.keepalives),
         tx_keepalives: stats.tx_keepalives,
         initiations_sent: stats.initiations_sent,
         initiations_received: stats.initiations_received,
@@ -170,29 +231,32 @@ fn counters(stats: &EndpointStats, lost: u64) -> EndpointCounters {
         responses_received: stats.responses_received,
         cookie_replies: stats.cookies_sent.wrapping_add(stats.cookies_received),
         malformed: stats.malformed,
-        lost,
-        late: stats.late,
-        duplicate: stats.duplicate,
+        lost: sessions.lost,
+        late: rx.late,
+        duplicate: rx.duplicate,
     }
 }
 
 impl ReadState {
-    /// Takes in one session's window as read at `now_ns`; returns whether the session has
-    /// expired and should be removed.
+    /// Takes in one session as read at `now_ns`; returns whether the session has expired
+    /// and should be removed.
     fn settle(&mut self, index: u32, session: &SessionState, now_ns: u64, timeout_ns: u64) -> bool {
-        let lost = session.lost(now_ns, timeout_ns);
-        let before = self.session_lost.insert(index, lost).unwrap_or(0);
-        // The lost count of a session never shrinks (see SessionState); if it ever did, the
-        // session was replaced under the same index and its count starts over.
-        let grown = lost.checked_sub(before).unwrap_or(lost);
-        if grown > 0 {
-            *self.lost.entry(session.endpoint).or_default() += grown;
+        // A session is created empty and started under its lock with its first message;
+        // until then it has no endpoint and nothing to add.
+        if !session.started() {
+            return false;
         }
-        session.started() && now_ns.saturating_sub(session.last_seen_ns) > SESSION_EXPIRY_NS
+        let now = SessionFigures::of(session, now_ns, timeout_ns);
+        let before = self.sessions.insert(index, now).unwrap_or_default();
+        let growth = now.growth_since(&before);
+        let folded = self.folded.entry(session.endpoint).or_default();
+        folded.figures.add(&growth);
+        folded.last_seen_ns = folded.last_seen_ns.max(session.last_seen_ns);
+        now_ns.saturating_sub(session.last_seen_ns) > SESSION_EXPIRY_NS
     }
 
     fn forget_session(&mut self, index: u32) {
-        self.session_lost.remove(&index);
+        self.sessions.remove(&index);
     }
 }
 
@@ -226,50 +290,52 @@ impl Reader {
         })
     }
 
-    /// Received messages of one endpoint per CPU.
-    pub(super) fn rx_packets_per_cpu(&self, endpoint: SocketAddr) -> Result<Vec<u64>, EbpfError> {
-        match self.endpoints.get(&key_of(endpoint), 0) {
-            Ok(per_cpu) => Ok(per_cpu.iter().map(|s| s.rx_packets).collect()),
-            Err(e) if is_not_found(&e) => Ok(Vec::new()),
-            Err(e) => Err(read_error(MAP_ENDPOINTS)(e)),
-        }
-    }
-
     /// Settles every session at `now_ns` and returns every endpoint's counters.
     pub(super) fn read(&mut self, now_ns: u64) -> Result<CounterSnapshot, EbpfError> {
         self.read_sessions(now_ns)?;
 
         let mut snapshot = CounterSnapshot::default();
         let mut expired = Vec::new();
+        let mut in_map = std::collections::HashSet::new();
+        let expires = |last_seen_ns: u64| now_ns.saturating_sub(last_seen_ns) > ENDPOINT_EXPIRY_NS;
         for (key, per_cpu) in self.all_endpoints()? {
             let mut total = EndpointStats::default();
             for cpu in &per_cpu {
                 add(&mut total, cpu);
             }
-            let lost = self.state.lost.get(&key).copied().unwrap_or(0);
+            let folded = self.state.folded.get(&key).copied().unwrap_or_default();
             snapshot
                 .endpoints
-                .insert(socket_addr(&key), counters(&total, lost));
-            if now_ns.saturating_sub(total.last_seen_ns) > ENDPOINT_EXPIRY_NS {
+                .insert(socket_addr(&key), counters(&total, &folded.figures));
+            if expires(total.last_seen_ns.max(folded.last_seen_ns)) {
                 expired.push(key);
             }
+            in_map.insert(key);
         }
-        // Losses of endpoints the map had no room for are still reported.
-        for (key, &lost) in &self.state.lost {
-            snapshot
-                .endpoints
-                .entry(socket_addr(key))
-                .or_insert_with(|| counters(&EndpointStats::default(), lost));
+        // Endpoints heard only through their sessions (or that the map had no room for).
+        for (key, folded) in &self.state.folded {
+            if in_map.contains(key) {
+                continue;
+            }
+            snapshot.endpoints.insert(
+                socket_addr(key),
+                counters(&EndpointStats::default(), &folded.figures),
+            );
+            if expires(folded.last_seen_ns) {
+                expired.push(*key);
+            }
         }
         // Reported one last time above; removed after, so that the map never iterates
         // while it shrinks.
         for key in expired {
-            match self.endpoints.remove(&key) {
-                Ok(()) => {}
-                Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(write_error(MAP_ENDPOINTS)(e)),
+            if in_map.contains(&key) {
+                match self.endpoints.remove(&key) {
+                    Ok(()) => {}
+                    Err(e) if is_not_found(&e) => {}
+                    Err(e) => return Err(write_error(MAP_ENDPOINTS)(e)),
+                }
             }
-            self.state.lost.remove(&key);
+            self.state.folded.remove(&key);
         }
 
         let stats = self.probe_stats()?;
@@ -397,9 +463,7 @@ impl Reader {
                 self.state.forget_session(index);
             }
         }
-        self.state
-            .session_lost
-            .retain(|index, _| live.contains(index));
+        self.state.sessions.retain(|index, _| live.contains(index));
         Ok(())
     }
 }
@@ -434,6 +498,56 @@ mod tests {
         s
     }
 
+    fn lost(st: &ReadState, endpoint: &EndpointKey) -> u64 {
+        st.folded[endpoint].figures.lost
+    }
+
+    fn rx(packets: u64) -> SessionRx {
+        SessionRx {
+            packets,
+            bytes: packets * 100,
+            keepalives: packets / 10,
+            late: packets / 5,
+            duplicate: packets / 20,
+        }
+    }
+
+    #[test]
+    fn received_growth_goes_to_the_current_endpoint_and_a_new_session_counts_from_zero() {
+        let a = EndpointKey::v4([10, 0, 0, 1], 51820);
+        let b = EndpointKey::v4([10, 0, 0, 9], 40000);
+        let mut st = ReadState::default();
+        let mut s = session(a, 5, &[0, 1, 2, 3, 4, 5], 1_000);
+        s.rx = rx(40);
+        st.settle(3, &s, 2_000, TIMEOUT);
+        st.settle(3, &s, 3_000, TIMEOUT);
+        assert_eq!(
+            st.folded[&a].figures.rx,
+            rx(40),
+            "a second read adds nothing"
+        );
+        // Roamed: only what arrived since goes to b.
+        s.endpoint = b;
+        s.rx = rx(100);
+        s.last_seen_ns = 4_000;
+        st.settle(3, &s, 4_000, TIMEOUT);
+        assert_eq!(st.folded[&a].figures.rx, rx(40));
+        assert_eq!(st.folded[&b].figures.rx, rx(60));
+        assert_eq!(st.folded[&b].last_seen_ns, 4_000);
+        // A new session under the same index: its figures start at zero.
+        let mut fresh = session(b, 1, &[0, 1], 9_000);
+        fresh.rx = rx(20);
+        st.settle(3, &fresh, 9_000, TIMEOUT);
+        assert_eq!(st.folded[&b].figures.rx, rx(80));
+    }
+
+    #[test]
+    fn sessions_not_started_add_nothing() {
+        let mut st = ReadState::default();
+        assert!(!st.settle(5, &SessionState::default(), 1_000, TIMEOUT));
+        assert!(st.folded.is_empty() && st.sessions.is_empty());
+    }
+
     #[test]
     fn lost_growth_goes_to_the_current_endpoint_and_stays_when_sessions_go() {
         let a = EndpointKey::v4([10, 0, 0, 1], 51820);
@@ -442,22 +556,22 @@ mod tests {
         // Two of 0..=5 missing, settled after the timeout.
         let s1 = session(a, 5, &[0, 1, 3, 5], 1_000);
         assert!(!st.settle(7, &s1, 1_000 + TIMEOUT, TIMEOUT));
-        assert_eq!(st.lost[&a], 2);
+        assert_eq!(lost(&st, &a), 2);
         // Reading again adds nothing.
         st.settle(7, &s1, 2_000 + TIMEOUT, TIMEOUT);
-        assert_eq!(st.lost[&a], 2);
+        assert_eq!(lost(&st, &a), 2);
         // The peer roamed to b and lost one more: only the growth moves with it.
         let s2 = session(b, 8, &[0, 1, 3, 5, 6, 8], 5_000);
         st.settle(7, &s2, 5_000 + TIMEOUT, TIMEOUT);
-        assert_eq!((st.lost[&a], st.lost[&b]), (2, 1));
+        assert_eq!((lost(&st, &a), lost(&st, &b)), (2, 1));
         // The session expires; the endpoints keep their counts.
         assert!(st.settle(7, &s2, 5_000 + SESSION_EXPIRY_NS + 1, TIMEOUT));
         st.forget_session(7);
-        assert_eq!((st.lost[&a], st.lost[&b]), (2, 1));
+        assert_eq!((lost(&st, &a), lost(&st, &b)), (2, 1));
         // A new session under the same index counts from zero.
         let s3 = session(a, 2, &[0, 2], 9_000);
         st.settle(7, &s3, 9_000 + TIMEOUT, TIMEOUT);
-        assert_eq!(st.lost[&a], 3);
+        assert_eq!(lost(&st, &a), 3);
     }
 
     #[test]
@@ -466,9 +580,9 @@ mod tests {
         let mut st = ReadState::default();
         let s = session(a, 5, &[0, 5], 1_000);
         st.settle(1, &s, 1_000 + TIMEOUT - 1, TIMEOUT);
-        assert_eq!(st.lost.get(&a), None);
+        assert_eq!(lost(&st, &a), 0);
         st.settle(1, &s, 1_000 + TIMEOUT, TIMEOUT);
-        assert_eq!(st.lost[&a], 4);
+        assert_eq!(lost(&st, &a), 4);
     }
 
     #[test]
@@ -495,14 +609,13 @@ mod tests {
     }
 
     #[test]
-    fn per_cpu_values_add_up_and_cookies_join() {
+    fn per_cpu_values_add_up_and_sessions_join() {
         let mut total = EndpointStats::default();
         let cpu = EndpointStats {
             rx_packets: 3,
             tx_bytes: 100,
             cookies_sent: 1,
             cookies_received: 2,
-            late: 4,
             last_seen_ns: 77,
             ..EndpointStats::default()
         };
@@ -514,11 +627,16 @@ mod tests {
                 ..cpu
             },
         );
-        let c = counters(&total, 9);
+        let sessions = SessionFigures {
+            lost: 9,
+            rx: rx(40),
+        };
+        let c = counters(&total, &sessions);
         assert_eq!(
-            (c.rx_packets, c.tx_bytes, c.cookie_replies, c.late, c.lost),
-            (6, 200, 6, 8, 9)
+            (c.rx_packets, c.rx_bytes, c.tx_bytes, c.cookie_replies),
+            (6 + 40, 4_000, 200, 6)
         );
+        assert_eq!((c.late, c.duplicate, c.lost), (8, 2, 9));
         assert_eq!(total.last_seen_ns, 77);
     }
 
