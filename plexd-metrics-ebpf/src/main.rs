@@ -2,8 +2,8 @@
 //!
 //! Two TC classifiers, one per direction, on the underlay interfaces. Each counts every
 //! packet, and for UDP to or from a WireGuard listen port it parses the WireGuard message:
-//! per-endpoint counters for every message type, and for incoming transport messages the
-//! per-session loss window. They only observe: each returns `TC_ACT_UNSPEC`, so the packet
+//! incoming transport messages go to their session (loss window and receive counters, under
+//! one lock), everything else to per-endpoint counters. They only observe: each returns `TC_ACT_UNSPEC`, so the packet
 //! goes on to whatever else is attached exactly as if they were not there (`TC_ACT_PIPE`
 //! would end a TCX chain early).
 //!
@@ -41,7 +41,7 @@ static PACKET_COUNTERS: PerCpuArray<PacketCounters, { DIRECTIONS as usize }> = P
 #[btf_map]
 static LISTEN_PORTS: Array<PortSet, 1> = Array::new();
 
-/// Per remote endpoint counters. Not preallocated: the agent sets the size at load time,
+/// Per remote endpoint counters of what is not counted in a session. Not preallocated: the agent sets the size at load time,
 /// and a preallocated per-CPU hash costs size × CPUs × 128 bytes up front.
 #[btf_map]
 static ENDPOINTS: PerCpuHashMap<
