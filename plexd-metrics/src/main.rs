@@ -52,6 +52,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    plexd_metrics::memory::use_one_arena();
     let cli = Cli::parse();
     if let Err(e) = logging::init(&cli.log_level, cli.log_format) {
         eprintln!("error: {e}");

@@ -371,6 +371,8 @@ impl Manager {
                     if buffer.len() >= batch_size {
                         self.enqueue(&mut queue, std::mem::take(&mut buffer), in_flight.is_some());
                     }
+                    // The cycle's temporary allocations are gone by now.
+                    crate::memory::release_free_memory();
                 }
                 _ = report.tick() => {
                     self.heartbeat.report_fired();
