@@ -380,18 +380,26 @@ fn lost_packets_equal_netems_drops_on_each_link() {
     );
     let agent = start_agent(&mesh.nodes[0].ns, &config);
     agent.wait_for("kernel programs attached");
+    // Netem counts from here, losing nothing yet. The sessions began before the programs
+    // were attached, so each window starts at the first counter they see: a message netem
+    // dropped before that one would be invisible. A few echoes before the loss starts give
+    // every window its start.
     let netems: Vec<Netem<'_>> = LINKS
         .iter()
-        .map(|&(node, _, percent)| {
+        .map(|&(node, _, _)| {
             Netem::transport_loss(
                 &mesh.nodes[node].ns,
                 mesh.dev_of(node, 0),
                 mesh.nodes[0].listen_port,
-                percent,
+                0.0,
             )
-            .expect("add netem loss")
+            .expect("add netem")
         })
         .collect();
+    for (netem, &(node, _, percent)) in netems.iter().zip(&LINKS) {
+        assert_eq!(mesh.ping(0, node, 3, "0.05").expect("ping"), 3);
+        netem.set_loss(percent).expect("start the loss");
+    }
 
     std::thread::scope(|scope| {
         let floods: Vec<_> = LINKS
