@@ -6,7 +6,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use crate::{agent_binary, NetNs};
+use plexd_metrics::api::MetricPoint;
+
+use crate::{agent_binary, unique_name, NetNs};
 
 /// Bound on waiting for the agent's log lines; the first collect comes after 5 s.
 pub const LOG_DEADLINE: Duration = Duration::from_secs(30);
@@ -129,4 +131,41 @@ impl RunningAgent {
             .expect("read stdout");
         (status.code(), stdout)
     }
+}
+
+/// What `plexd-metrics --once` left behind: its one batch and its log.
+pub struct OnceRun {
+    /// The batch it printed to stdout.
+    pub batch: Vec<MetricPoint>,
+    /// Its log, one JSON event per line.
+    pub stderr: String,
+}
+
+/// Runs `plexd-metrics --once` in `ns` with the YAML `config` and fails the test unless it
+/// exits 0 with one JSON batch on stdout.
+pub fn run_once(ns: &NetNs, config: &str) -> OnceRun {
+    let path = std::env::temp_dir().join(format!("{}.yaml", unique_name("plexd-once-")));
+    std::fs::write(&path, config).expect("write the config");
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns.name()])
+        .arg(agent_binary())
+        .args(["--once", "--log-format", "json", "--config"])
+        .arg(&path)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run the agent");
+    let _ = std::fs::remove_file(&path);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "agent --once failed ({}): {stderr}",
+        out.status
+    );
+    let batch = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not one JSON batch ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    OnceRun { batch, stderr }
 }

@@ -15,10 +15,11 @@ use plexd_metrics::api::MetricPoint;
 use plexd_metrics::collector::{Collector, LatencyCollector, LatencySettings};
 use plexd_metrics::source::icmp::{IcmpError, IcmpOptions, IcmpPinger, SocketChoice, SocketKind};
 use plexd_metrics::source::peers::{MeshPeers, MeshPinger};
+use plexd_metrics_tests::agent::{run_once, OnceRun};
+use plexd_metrics_tests::require_privileges;
 use plexd_metrics_tests::targets::{
     TargetNet, V4_SILENT, V4_UNREACHABLE, V6_SILENT, V6_UNREACHABLE,
 };
-use plexd_metrics_tests::{agent_binary, require_privileges};
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
@@ -592,31 +593,12 @@ fn the_agent_reports_latency_for_its_configured_targets() {
         return;
     }
     let net = TargetNet::new(1, 1).expect("target network");
-    let dir = std::env::temp_dir().join(plexd_metrics_tests::unique_name("pml"));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let config = dir.join("config.yaml");
-    std::fs::write(
-        &config,
-        format!(
+    let config = format!(
             "metrics:\n  collect_interval: 5s\n  report_interval: 10s\n  ebpf: {{ enabled: false }}\n  \
              latency:\n    interface: {}\n    probes: 2\n    targets:\n      near: {}\n      near6: \"{}\"\n      down: {V4_UNREACHABLE}\n",
             net.link, net.addresses[0], net.addresses[1]
-        ),
-    )
-    .expect("write config");
-    let out = Command::new("ip")
-        .args(["netns", "exec", net.pinger.name()])
-        .arg(agent_binary())
-        .args(["--once", "--log-format", "json", "--config"])
-        .arg(&config)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run the agent");
-    let _ = std::fs::remove_dir_all(&dir);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "agent failed: {stderr}");
-    let batch: Vec<MetricPoint> =
-        serde_json::from_slice(&out.stdout).expect("one JSON batch on stdout");
+        );
+    let OnceRun { batch, stderr } = run_once(&net.pinger, &config);
     let latency: BTreeMap<&str, &MetricPoint> = batch
         .iter()
         .filter(|p| p.group == "latency")

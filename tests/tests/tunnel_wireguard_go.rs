@@ -4,7 +4,6 @@
 //! completely.
 
 use std::collections::BTreeSet;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -14,9 +13,10 @@ use plexd_metrics::config::PeerNames;
 use plexd_metrics::source::tunnel::WireGuardTunnelReader;
 use plexd_metrics::source::underlay::underlay_interfaces;
 use plexd_metrics::source::wireguard::{listen_ports, Device, DeviceSource, SystemDevices};
+use plexd_metrics_tests::agent::{run_once, OnceRun};
 use plexd_metrics_tests::mesh::Mesh;
 use plexd_metrics_tests::wireguard::{parse_dump, random_public_key, WireGuardGo, SOCKET_DIR};
-use plexd_metrics_tests::{agent_binary, require_privileges, NetNs};
+use plexd_metrics_tests::{require_privileges, NetNs};
 
 /// ICMP echo of ping's default 56 bytes: 84 bytes of IP, padded to 96 inside WireGuard,
 /// plus 16 bytes of header and 16 of authentication tag.
@@ -177,38 +177,18 @@ fn the_agent_binary_reports_one_tunnel_point_per_peer() {
     let mesh = Mesh::new(3, None).expect("build the mesh");
     let node = &mesh.nodes[0];
     assert_eq!(mesh.ping(0, 2, 3).expect("ping"), 3);
-    let dir = std::env::temp_dir().join(format!("plexd-tunnel-agent-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let config = dir.join("config.yaml");
-    std::fs::write(
-        &config,
-        format!(
+    let config = format!(
             // 5 s: the latency probes are spread over part of one collect interval.
             "metrics:\n  collect_interval: 5s\n  ebpf:\n    enabled: false\n  wireguard:\n    peer_names:\n      {}: node-2\n",
             mesh.nodes[2].keys.public
-        ),
-    )
-    .expect("write config");
-
-    let out = Command::new("ip")
-        .args(["netns", "exec", node.ns.name()])
-        .arg(agent_binary())
-        .args(["--once", "--log-format", "json", "--config"])
-        .arg(&config)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run the agent");
-    let _ = std::fs::remove_dir_all(&dir);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "agent failed: {stderr}");
+        );
+    let OnceRun { batch, stderr } = run_once(&node.ns, &config);
     let warnings = stderr
         .lines()
         .filter(|l| l.contains("packet loss is not measured"))
         .count();
     assert_eq!(warnings, 1, "one warning at start: {stderr}");
 
-    let batch: Vec<MetricPoint> =
-        serde_json::from_slice(&out.stdout).expect("the batch is a JSON array");
     let tunnel: Vec<&MetricPoint> = batch.iter().filter(|p| p.group == "tunnel").collect();
     assert_eq!(tunnel.len(), 2, "one point per peer: {tunnel:#?}");
     let ids: BTreeSet<&str> = tunnel.iter().map(|p| p.peer_id.as_str()).collect();

@@ -13,7 +13,7 @@ use plexd_metrics::api::MetricPoint;
 use plexd_metrics::collector::{LatencyResult, TunnelStats};
 use plexd_metrics::source::ebpf::UnderlayProbe;
 use plexd_metrics_common::{PROG_EGRESS, PROG_INGRESS};
-use plexd_metrics_tests::agent::RunningAgent;
+use plexd_metrics_tests::agent::{run_once, RunningAgent};
 use plexd_metrics_tests::kernel_mesh::{KernelMesh, Netem};
 use plexd_metrics_tests::wireguard::{parse_dump, DumpPeer};
 use plexd_metrics_tests::{
@@ -81,29 +81,12 @@ fn dump_peer<'a>(dump: &'a [DumpPeer], key: &str) -> &'a DumpPeer {
 /// both sides saw the same device state; tries again if traffic moved it in between.
 fn once_between_dumps(mesh: &KernelMesh, config: &str) -> (Vec<MetricPoint>, Vec<DumpPeer>) {
     let node = &mesh.nodes[0];
-    let path = std::env::temp_dir().join(format!("plexd-vm-once-{}.yaml", node.wg));
-    std::fs::write(&path, config).expect("write config");
     for _ in 0..5 {
         let before = node.dump().expect("wg show dump");
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", node.ns.name()])
-            .arg(agent_binary())
-            .args(["--once", "--log-format", "json", "--config"])
-            .arg(&path)
-            .env_remove("RUST_LOG")
-            .output()
-            .expect("run the agent");
-        assert!(
-            out.status.success(),
-            "agent --once failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let run = run_once(&node.ns, config);
         let after = node.dump().expect("wg show dump");
         if before == after {
-            let _ = std::fs::remove_file(&path);
-            let batch = serde_json::from_slice(&out.stdout).expect("a JSON batch on stdout");
-            return (batch, parse_dump(&after));
+            return (run.batch, parse_dump(&after));
         }
     }
     panic!("the device state kept changing around the agent's collect");
