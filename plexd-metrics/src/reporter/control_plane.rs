@@ -138,8 +138,9 @@ impl ControlPlaneReporter {
     }
 }
 
-/// The batch as the API's JSON array, gzip-compressed.
-fn gzip_json(batch: &[MetricPoint]) -> std::io::Result<Vec<u8>> {
+/// The batch as the API's JSON array, gzip-compressed: the body of
+/// `POST /v1/nodes/{node_id}/metrics`.
+pub fn gzip_json(batch: &[MetricPoint]) -> std::io::Result<Vec<u8>> {
     let json = serde_json::to_vec(batch)?;
     let mut gz = GzEncoder::new(Vec::with_capacity(json.len() / 4), Compression::default());
     gz.write_all(&json)?;
