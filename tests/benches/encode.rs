@@ -14,7 +14,7 @@ use criterion::Criterion;
 use plexd_metrics::api::{MetricPoint, GROUP_TUNNEL};
 use plexd_metrics::collector::TunnelStats;
 use plexd_metrics::reporter::gzip_json;
-use plexd_metrics_tests::bench::{emit, median, Goal, Row};
+use plexd_metrics_tests::bench::{emit, median, thousands, Goal, Row};
 use plexd_metrics_tests::wireguard::random_public_key;
 
 const POINTS: usize = 10_000;
@@ -111,7 +111,10 @@ fn main() {
 
     let row = Row::alone(
         "encode",
-        format!("encoding a batch: JSON + gzip of {POINTS} points"),
+        format!(
+            "encoding a batch: JSON + gzip of {} points",
+            thousands(POINTS)
+        ),
         "reporter::gzip_json (the POST body)",
         "ms",
         &samples_ms(ID),
@@ -122,7 +125,8 @@ fn main() {
         median(&samples_ms(JSON_ID))
     ))
     .note(format!(
-        "encode: {POINTS} points, {:.2} MiB of JSON to {:.2} MiB gzip: compression ratio {:.1}:1",
+        "encode: {} points, {:.2} MiB of JSON to {:.2} MiB gzip: compression ratio {:.1}:1",
+        thousands(POINTS),
         json as f64 / (1024.0 * 1024.0),
         gz as f64 / (1024.0 * 1024.0),
         json as f64 / gz as f64

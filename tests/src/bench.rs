@@ -86,7 +86,7 @@ pub fn alternate(rounds: usize, mut measure: impl FnMut(Side) -> Figures) -> Rou
 /// Median and min–max of a set of samples.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct Spread {
-    /// The median (the upper one of the middle two for an even count).
+    /// The median (the mean of the middle two for an even count).
     pub median: f64,
     /// The smallest sample.
     pub min: f64,
@@ -100,8 +100,13 @@ impl Spread {
         assert!(!samples.is_empty(), "no samples");
         let mut v = samples.to_vec();
         v.sort_by(f64::total_cmp);
+        let mid = v.len() / 2;
         Self {
-            median: v[v.len() / 2],
+            median: if v.len().is_multiple_of(2) {
+                (v[mid - 1] + v[mid]) / 2.0
+            } else {
+                v[mid]
+            },
             min: v[0],
             max: v[v.len() - 1],
         }
@@ -344,6 +349,19 @@ pub fn status_bytes(pid: u32, key: &str) -> io::Result<u64> {
 /// The median of `samples`, which must not be empty.
 pub fn median(samples: &[f64]) -> f64 {
     Spread::of(samples).median
+}
+
+/// `n` with thousands separators: 10,000.
+pub fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Bytes to MiB.

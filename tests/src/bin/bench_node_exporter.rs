@@ -73,12 +73,32 @@ impl Drop for NodeExporter {
     }
 }
 
-/// Memory figures of process `pid`, in MiB.
+/// Memory figures of process `pid`, in MiB: resident, its peak, and the resident split into
+/// anonymous memory (heap, stacks) and file pages (the binary's code and data).
 fn memory(pid: u32) -> Figures {
+    let get = |key| mib(status_bytes(pid, key).unwrap_or_else(|e| panic!("{key}: {e}")));
     Figures::from([
-        ("rss_mib", mib(status_bytes(pid, "VmRSS").expect("VmRSS"))),
-        ("hwm_mib", mib(status_bytes(pid, "VmHWM").expect("VmHWM"))),
+        ("rss_mib", get("VmRSS")),
+        ("hwm_mib", get("VmHWM")),
+        ("anon_mib", get("RssAnon")),
+        ("file_mib", get("RssFile")),
     ])
+}
+
+/// The agent with `config` in `ns`, settled; its memory figures.
+fn agent_memory(ns: &NetNs, config: &std::path::Path, programs: bool) -> Figures {
+    let agent = RunningAgent::start_with_stdout(ns, config, Stdio::null());
+    if programs {
+        // As on a real node, with the default config: the programs on the underlay.
+        agent.wait_for("kernel programs attached");
+    }
+    for _ in 0..SETTLE_CYCLES {
+        agent.wait_for("collect cycle done");
+    }
+    let figures = memory(agent.child.id());
+    let (code, _) = agent.stop();
+    assert_eq!(code, Some(0), "the agent exits cleanly on SIGTERM");
+    figures
 }
 
 fn main() -> ExitCode {
@@ -116,18 +136,7 @@ fn main() -> ExitCode {
 
     eprintln!("bench_node_exporter: resident memory, {memory_rounds} rounds");
     let rounds = alternate(memory_rounds, |side| match side {
-        Side::Agent => {
-            let agent = RunningAgent::start_with_stdout(&node, &config, Stdio::null());
-            // As on a real node, with the default config: the programs on the underlay.
-            agent.wait_for("kernel programs attached");
-            for _ in 0..SETTLE_CYCLES {
-                agent.wait_for("collect cycle done");
-            }
-            let figures = memory(agent.child.id());
-            let (code, _) = agent.stop();
-            assert_eq!(code, Some(0), "the agent exits cleanly on SIGTERM");
-            figures
-        }
+        Side::Agent => agent_memory(&node, &config, true),
         Side::Baseline => {
             let exporter = NodeExporter::start(&node).expect("start node_exporter");
             for _ in 0..SETTLE_CYCLES {
@@ -136,6 +145,13 @@ fn main() -> ExitCode {
             memory(exporter.pid())
         }
     });
+    // Once more without the kernel programs, to show what they weigh.
+    std::fs::write(
+        &config,
+        "metrics:\n  collect_interval: 5s\n  report_interval: 10s\n  ebpf: { enabled: false }\n",
+    )
+    .expect("write config");
+    let without = agent_memory(&node, &config, false);
     let _ = std::fs::remove_dir_all(&dir);
     let rss = Row::compare(
         "memory",
@@ -153,10 +169,24 @@ fn main() -> ExitCode {
         median(&rounds.agent("hwm_mib")),
         median(&rounds.baseline("hwm_mib")),
     );
-    let rss = rss.note(format!(
-        "memory: peak (VmHWM) agent {:.1} MiB, node_exporter {:.1} MiB",
-        hwm.0, hwm.1
-    ));
+    let rss = rss
+        .note(format!(
+            "memory: peak (VmHWM) agent {:.1} MiB, node_exporter {:.1} MiB",
+            hwm.0, hwm.1
+        ))
+        .note(format!(
+            "memory: resident split, anonymous + file pages: agent {:.1} + {:.1} MiB, \
+             node_exporter {:.1} + {:.1} MiB",
+            median(&rounds.agent("anon_mib")),
+            median(&rounds.agent("file_mib")),
+            median(&rounds.baseline("anon_mib")),
+            median(&rounds.baseline("file_mib")),
+        ))
+        .note(format!(
+            "memory: the same agent with the kernel programs off (`ebpf: {{ enabled: false }}`): \
+             {:.1} MiB resident ({:.1} anonymous), one run",
+            without["rss_mib"], without["anon_mib"]
+        ));
     emit(&rss).expect("write the row");
 
     eprintln!("bench_node_exporter: CPU per collect / scrape, {cpu_rounds} rounds");

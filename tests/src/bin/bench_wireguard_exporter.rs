@@ -21,7 +21,7 @@ use plexd_metrics::config::PeerNames;
 use plexd_metrics::source::tunnel::WireGuardTunnelReader;
 use plexd_metrics::source::wireguard::SystemDevices;
 use plexd_metrics_tests::bench::{
-    alternate, emit, free_port, http_get, median, ms, process_cpu, thread_cpu, tool,
+    alternate, emit, free_port, http_get, median, ms, process_cpu, thousands, thread_cpu, tool,
     wait_for_listener, Figures, Goal, Row, Side,
 };
 use plexd_metrics_tests::wireguard::{many_peers, WireGuardGo, SOCKET_DIR};
@@ -127,7 +127,7 @@ fn compare(exporter_bin: &std::path::Path, peers: usize, rounds: usize) -> Row {
     drop(wg);
     Row::compare(
         format!("wireguard-{peers}"),
-        format!("per-peer WireGuard metrics, {peers} peers (time)"),
+        format!("per-peer WireGuard metrics, {} peers (time)", thousands(peers)),
         (
             "one tunnel-group collect",
             "one prometheus_wireguard_exporter scrape",

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use plexd_metrics_tests::bench::{alternate, emit, median, Figures, Goal, Row, Side};
+use plexd_metrics_tests::bench::{alternate, emit, median, thousands, Figures, Goal, Row, Side};
 
 use plexd_metrics::collector::{Collector, LatencyCollector, LatencySettings};
 use plexd_metrics::config::MetricsConfig;
@@ -268,7 +268,7 @@ fn compare(targets: usize, collect_secs: u64, rounds: usize) {
         .all(|&c| c as usize == targets);
     let row = Row::compare(
         format!("latency-{targets}"),
-        format!("ICMP latency, {targets} targets, 3 probes each (CPU)"),
+        format!("ICMP latency, {} targets, 3 probes each (CPU)", thousands(targets)),
         ("one latency-group collect", "fping -C 3, same targets, same pace"),
         "s",
         &rounds,
