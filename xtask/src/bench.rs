@@ -281,13 +281,10 @@ fn run_criterion(quick: bool, rows: &Path) -> Result<()> {
     cmd.current_dir(&root)
         .env("CRITERION_HOME", root.join("target/criterion"))
         .env("PLEXD_BENCH_ROWS", rows)
-        .args([
-            "bench",
-            "--package",
-            "plexd-metrics-tests",
-            "--bench",
-            "encode",
-        ]);
+        // The release profile rather than `bench`: the same artifacts as the binaries' build,
+        // so that neither build undoes the other.
+        .args(["bench", "--profile", "release"])
+        .args(["--package", "plexd-metrics-tests", "--bench", "encode"]);
     if quick {
         cmd.args(["--", "--quick"]);
     }
