@@ -27,7 +27,8 @@ pub struct Options {
     /// built, for use while developing; its figures say less about the goals.
     #[arg(long)]
     quick: bool,
-    /// Run only this benchmark (see `--help` for the names).
+    /// Run only this benchmark: node-exporter, wireguard-exporter, latency, kernel,
+    /// packet-rate, encode, tunnel, footprint or vm (the VM tests' budget, only this way).
     #[arg(long, value_name = "NAME")]
     only: Option<String>,
 }
