@@ -27,13 +27,20 @@ pub struct RunningAgent {
 impl RunningAgent {
     /// Starts the agent in `ns` with `config`, logging JSON at debug level to a pipe.
     pub fn start(ns: &NetNs, config: &std::path::Path) -> Self {
+        Self::start_with_stdout(ns, config, Stdio::piped())
+    }
+
+    /// Like [`RunningAgent::start`], with the agent's stdout (its batches, when it reports
+    /// to stdout) going to `stdout`: [`Stdio::null`] for a long run that nobody reads, which
+    /// would otherwise block on a full pipe.
+    pub fn start_with_stdout(ns: &NetNs, config: &std::path::Path, stdout: Stdio) -> Self {
         let mut child = Command::new("ip")
             .args(["netns", "exec", ns.name()])
             .arg(agent_binary())
             .args(["--log-level", "debug", "--log-format", "json", "--config"])
             .arg(config)
             .env_remove("RUST_LOG")
-            .stdout(Stdio::piped())
+            .stdout(stdout)
             .stderr(Stdio::piped())
             .spawn()
             .expect("start the agent");
@@ -113,7 +120,8 @@ impl Drop for RunningAgent {
 
 impl RunningAgent {
     /// Sends SIGTERM, waits for the exit and returns the exit code and everything the agent
-    /// wrote to stdout (its batches, one JSON array per line).
+    /// wrote to stdout (its batches, one JSON array per line; empty when stdout was not a
+    /// pipe).
     pub fn stop(mut self) -> (Option<i32>, String) {
         use std::io::Read as _;
         nix::sys::signal::kill(
@@ -123,12 +131,9 @@ impl RunningAgent {
         .expect("send SIGTERM");
         let status = self.child.wait().expect("wait for the agent");
         let mut stdout = String::new();
-        self.child
-            .stdout
-            .take()
-            .expect("piped stdout")
-            .read_to_string(&mut stdout)
-            .expect("read stdout");
+        if let Some(mut out) = self.child.stdout.take() {
+            out.read_to_string(&mut stdout).expect("read stdout");
+        }
         (status.code(), stdout)
     }
 }

@@ -9,6 +9,7 @@
 //! `PLEXD_METRICS_REQUIRE_PRIVILEGED=1`, which turns a skip into a failure.
 
 pub mod agent;
+pub mod bench;
 pub mod control_plane;
 pub mod kernel_mesh;
 pub mod mesh;

@@ -210,3 +210,26 @@ pub fn parse_dump(dump: &str) -> Vec<DumpPeer> {
         })
         .collect()
 }
+
+/// A `wg setconf` configuration of `peers` peers with random keys, one /32 of 10.100.0.0/14
+/// each and endpoints in 192.0.2.0/24 (TEST-NET-1, never reachable), listening on
+/// `listen_port`; and the endpoints, in peer order. For the benchmarks' large devices.
+pub fn many_peers(listen_port: u16, peers: usize) -> (String, Vec<std::net::SocketAddr>) {
+    let mut conf = format!("[Interface]\nListenPort = {listen_port}\n");
+    let mut endpoints = Vec::with_capacity(peers);
+    for i in 0..peers {
+        let endpoint = std::net::SocketAddr::from((
+            [192, 0, 2, (i % 250 + 1) as u8],
+            20_000 + (i % 40_000) as u16,
+        ));
+        endpoints.push(endpoint);
+        conf.push_str(&format!(
+            "[Peer]\nPublicKey = {}\nAllowedIPs = 10.{}.{}.{}/32\nEndpoint = {endpoint}\n",
+            random_public_key(),
+            100 + i / 62_500,
+            i / 250 % 250,
+            i % 250 + 1
+        ));
+    }
+    (conf, endpoints)
+}

@@ -36,6 +36,9 @@ pub enum Need {
     Image,
     /// The VM tests: QEMU, and objcopy to strip the binaries for the initramfs.
     Vm,
+    /// The baselines of `cargo xtask bench`: Prometheus' node_exporter (Debian) and
+    /// `prometheus_wireguard_exporter` (crates.io, pinned, under `target/tools`).
+    Bench,
 }
 
 /// Debian packages for building the kernel programs (see TESTBED.md).
@@ -62,6 +65,12 @@ const VM_PACKAGES: &[&str] = &["qemu-system-x86", "binutils"];
 const BACKPORTS_SOURCE: &str = "/etc/apt/sources.list.d/plexd-metrics-backports.sources";
 /// Debian packages for checking the deployment files (the validator's venv, systemd-analyze).
 const DEPLOY_PACKAGES: &[&str] = &["python3-venv", "systemd"];
+/// Debian packages the benchmarks compare the agent with.
+const BENCH_PACKAGES: &[&str] = &["prometheus-node-exporter"];
+/// The per-peer WireGuard exporter the tunnel benchmark compares with, pinned so that runs
+/// compare with the same baseline.
+const WIREGUARD_EXPORTER: &str = "prometheus_wireguard_exporter";
+const WIREGUARD_EXPORTER_VERSION: &str = "3.6.6";
 /// Debian packages for `cargo xtask image`.
 const IMAGE_PACKAGES: &[&str] = &["buildah"];
 /// The validator release, whose bundled schemas reach Kubernetes 1.37.
@@ -91,6 +100,7 @@ impl Need {
             Need::Vm => VM_PACKAGES,
             Need::Deploy => DEPLOY_PACKAGES,
             Need::Image => IMAGE_PACKAGES,
+            Need::Bench => BENCH_PACKAGES,
         }
     }
 
@@ -107,6 +117,7 @@ pub fn run(o: &Options) -> Result<()> {
         Need::Deploy,
         Need::Image,
         Need::Vm,
+        Need::Bench,
     ];
     if o.check {
         let missing = missing(&needs)?;
@@ -145,6 +156,46 @@ pub fn find_on_path(program: &str) -> Option<PathBuf> {
 /// Where `kubernetes-validate` lives once installed.
 pub fn kubernetes_validate() -> PathBuf {
     venv().join("bin/kubernetes-validate")
+}
+
+/// Where `cargo install --root` puts the cargo-installed tools: `target/tools/<name>`, whose
+/// `bin/<name>` is the binary. The benchmarks find them there.
+pub fn tools_dir() -> PathBuf {
+    crate::util::workspace_root().join("target/tools")
+}
+
+/// The installed `prometheus_wireguard_exporter`.
+fn wireguard_exporter() -> PathBuf {
+    tools_dir()
+        .join(WIREGUARD_EXPORTER)
+        .join("bin")
+        .join(WIREGUARD_EXPORTER)
+}
+
+/// Builds the pinned exporter from crates.io into `target/tools`, with its own lock file.
+fn install_wireguard_exporter() -> Result<()> {
+    let root = tools_dir().join(WIREGUARD_EXPORTER);
+    eprintln!(
+        "xtask setup: building {WIREGUARD_EXPORTER} {WIREGUARD_EXPORTER_VERSION} from crates.io \
+         into {}",
+        root.display()
+    );
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run_cmd(
+        Command::new(cargo)
+            .env_remove("CARGO_TARGET_DIR")
+            .args(["install", WIREGUARD_EXPORTER, "--version"])
+            .arg(WIREGUARD_EXPORTER_VERSION)
+            .args(["--locked", "--root"])
+            .arg(&root),
+    )?;
+    if !wireguard_exporter().is_file() {
+        bail!(
+            "{} is missing after installing {WIREGUARD_EXPORTER}",
+            wireguard_exporter().display()
+        );
+    }
+    Ok(())
 }
 
 fn venv() -> PathBuf {
@@ -192,6 +243,7 @@ struct Missing {
     commands: Vec<&'static str>,
     bpf_linker: bool,
     kubernetes_validate: bool,
+    wireguard_exporter: bool,
 }
 
 impl Missing {
@@ -200,6 +252,7 @@ impl Missing {
             && self.commands.is_empty()
             && !self.bpf_linker
             && !self.kubernetes_validate
+            && !self.wireguard_exporter
     }
 
     fn describe(&self) -> String {
@@ -215,6 +268,9 @@ impl Missing {
         }
         if self.kubernetes_validate {
             parts.push(KUBERNETES_VALIDATE.to_owned());
+        }
+        if self.wireguard_exporter {
+            parts.push(format!("{WIREGUARD_EXPORTER} {WIREGUARD_EXPORTER_VERSION}"));
         }
         parts.join(", ")
     }
@@ -238,6 +294,7 @@ fn missing(needs: &[Need]) -> Result<Missing> {
         commands,
         bpf_linker: needs.iter().any(|n| n.needs_bpf_linker()) && bpf_linker().is_none(),
         kubernetes_validate: needs.contains(&Need::Deploy) && !kubernetes_validate().is_file(),
+        wireguard_exporter: needs.contains(&Need::Bench) && !wireguard_exporter().is_file(),
     })
 }
 
@@ -289,6 +346,9 @@ fn install(needs: &[Need]) -> Result<()> {
     }
     if missing.kubernetes_validate {
         install_kubernetes_validate()?;
+    }
+    if missing.wireguard_exporter {
+        install_wireguard_exporter()?;
     }
     eprintln!("xtask setup: installed {}", missing.describe());
     Ok(())
@@ -422,6 +482,13 @@ fn print_manual_steps(needs: &[Need]) {
             "  # testbed: wireguard-go, wg (wireguard-tools), ip and tc (iproute2), nft (nftables),\n\
              \x20 # ping, fping and bpftool from your distribution, e.g. on Fedora:\n\
              \x20 dnf install wireguard-tools wireguard-go iproute nftables iputils fping bpftool\n"
+        );
+    }
+    if needs.contains(&Need::Bench) {
+        eprintln!(
+            "  # benchmarks: Prometheus' node_exporter at /usr/bin/prometheus-node-exporter\n\
+             \x20 # (Debian's path; link yours there), e.g. on Fedora:\n\
+             \x20 dnf install golang-github-prometheus-node-exporter\n"
         );
     }
     if needs.contains(&Need::Vm) {

@@ -14,7 +14,7 @@ mod multi;
 mod stdout;
 mod token;
 
-pub use control_plane::ControlPlaneReporter;
+pub use control_plane::{gzip_json, ControlPlaneReporter};
 pub use http::TlsSettings;
 pub use local::{LocalReporter, SecretFetcher, CREDENTIAL_TTL, LOCAL_TIMEOUT};
 pub use multi::{MultiReporter, LOCAL_BACKLOG};

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use plexd_metrics_tests::mesh::Mesh;
-use plexd_metrics_tests::wireguard::{random_public_key, WireGuardGo};
+use plexd_metrics_tests::wireguard::{many_peers, WireGuardGo};
 use plexd_metrics_tests::{agent_binary, unique_name, NetNs};
 
 /// Collect cycles measured per run (after the first, which warms up).
@@ -136,18 +136,7 @@ fn main() {
 
     let ns = NetNs::new("pbf").expect("namespace");
     let wg = WireGuardGo::start(&ns, &unique_name("wgf")).expect("wireguard-go");
-    let mut conf = String::from("[Interface]\nListenPort = 51990\n");
-    for i in 0..PEERS {
-        conf.push_str(&format!(
-            "[Peer]\nPublicKey = {}\nAllowedIPs = 10.{}.{}.{}/32\nEndpoint = 192.0.2.{}:{}\n",
-            random_public_key(),
-            100 + i / 62_500,
-            i / 250 % 250,
-            i % 250 + 1,
-            i % 250 + 1,
-            20_000 + i
-        ));
-    }
+    let (conf, _) = many_peers(51_990, PEERS);
     wg.setconf(&conf).expect("wg setconf");
     ns.ip(&["addr", "add", "10.99.0.1/8", "dev", &wg.name])
         .expect("address");

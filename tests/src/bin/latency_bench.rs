@@ -1,12 +1,13 @@
 //! `cargo xtask bench` (latency part): the agent's pinger against fping on the same targets.
 //!
-//! Sets up a pinger namespace and a target namespace with N addresses that answer at once,
-//! runs one collect cycle of the latency collector (3 probes per target, the default 15 s
-//! collect interval and 1 s timeout) and then `fping -C 3` on the same targets, paced to
-//! take about as long. Reports wall time, CPU time (user + system) of each, and the heap the
-//! pinger holds. Needs root.
+//! For each target count: a pinger namespace and a target namespace with N addresses that
+//! answer at once; each round runs one collect cycle of the latency collector (3 probes per
+//! target, the default 15 s collect interval and 1 s timeout) and `fping -C 3` on the same
+//! targets, paced to take about as long, alternating which goes first. Reports CPU time
+//! (user + system) and wall time of each, the median round-trip time each measured, and the
+//! heap the pinger holds. Needs root.
 //!
-//! Usage: latency_bench [--targets N] [--collect-interval SECS]
+//! Usage: latency_bench [--targets N[,N...]] [--collect-interval SECS] [--rounds N]
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
@@ -16,6 +17,8 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use plexd_metrics_tests::bench::{alternate, emit, median, thousands, Figures, Goal, Row, Side};
 
 use plexd_metrics::collector::{Collector, LatencyCollector, LatencySettings};
 use plexd_metrics::config::MetricsConfig;
@@ -69,15 +72,22 @@ fn mib(bytes: usize) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
-fn main() -> std::process::ExitCode {
-    let mut targets = 10_000usize;
+fn main() {
+    let mut sizes = vec![1_000usize, 10_000];
     let mut collect_secs = 15u64;
+    let mut rounds = 3usize;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let value = args.next().unwrap_or_else(|| panic!("{arg} needs a value"));
         match arg.as_str() {
-            "--targets" => targets = value.parse().expect("--targets N"),
+            "--targets" => {
+                sizes = value
+                    .split(',')
+                    .map(|n| n.parse().expect("--targets N[,N...]"))
+                    .collect()
+            }
             "--collect-interval" => collect_secs = value.parse().expect("--collect-interval SECS"),
+            "--rounds" => rounds = value.parse().expect("--rounds N"),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -85,7 +95,47 @@ fn main() -> std::process::ExitCode {
         nix::unistd::geteuid().is_root(),
         "the latency benchmark needs root (network namespaces, raw sockets)"
     );
+    // A goal not met is the report's to show (each row says met or not), not a failure.
+    for targets in sizes {
+        compare(targets, collect_secs, rounds);
+    }
+}
 
+/// What one fping run measured.
+struct Fping {
+    /// Targets that answered all three probes.
+    complete: usize,
+    /// Per target, the median of its three round-trip times, in milliseconds.
+    medians_ms: Vec<f64>,
+}
+
+/// Parses `fping -C 3 -q` output: `addr : 0.05 0.04 -` per target, on stderr.
+fn parse_fping(text: &str) -> Fping {
+    let mut out = Fping {
+        complete: 0,
+        medians_ms: Vec::new(),
+    };
+    for line in text.lines() {
+        let Some((_, values)) = line.split_once(" : ") else {
+            continue;
+        };
+        let rtts: Vec<f64> = values
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        if rtts.len() == 3 {
+            out.complete += 1;
+        }
+        if !rtts.is_empty() {
+            out.medians_ms.push(median(&rtts));
+        }
+    }
+    out
+}
+
+/// Alternates the collector and fping on `targets` targets over `rounds` rounds and emits
+/// the report row, whose checks include every goal of the pinger.
+fn compare(targets: usize, collect_secs: u64, rounds: usize) {
     let net = TargetNet::new(targets, 0).expect("set up the target namespace");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -127,114 +177,127 @@ fn main() -> std::process::ExitCode {
         settings,
     ));
 
-    let cpu_before = cpu(libc::RUSAGE_SELF);
-    let wall = Instant::now();
-    // On a worker thread, as the agent runs its Manager.
-    let points = rt
-        .block_on(rt.spawn({
-            let collector = collector.clone();
-            async move { collector.collect(&CancellationToken::new()).await }
-        }))
-        .expect("collect task")
-        .expect("collect");
-    let agent_wall = wall.elapsed();
-    let agent_cpu = cpu(libc::RUSAGE_SELF) - cpu_before;
-    let peak_in_cycle = PEAK.load(Ordering::Relaxed) - base;
-    let complete = points
-        .iter()
-        .filter(|p| p.data["probes_received"] == 3)
-        .count();
-    drop(points);
-    let with_histograms = live() - base;
-    drop(collector);
-    let pinger_held = live() - base;
-    let stats = pinger.icmp().stats();
-
     // fping on the same targets, 3 probes each, paced to spread them over the same time.
     let list = std::env::temp_dir().join(format!("plexd-latency-bench-{}.txt", std::process::id()));
     let text: String = net.addresses.iter().map(|a| format!("{a}\n")).collect();
     std::fs::write(&list, text).expect("write target list");
     let interval_ms = settings.spread.as_secs_f64() * 1e3 / (3 * targets) as f64;
     let ns = std::fs::File::open(net.pinger.path()).expect("open namespace");
-    let children_before = cpu(libc::RUSAGE_CHILDREN);
-    let wall = Instant::now();
-    let mut fping = Command::new("fping");
-    fping
-        .args(["-C", "3", "-q", "-t", "1000", "-p", "1000", "-I", &net.link])
-        .args(["-i", &format!("{interval_ms:.3}"), "-f"])
-        .arg(&list)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    // SAFETY: setns is a single system call, allowed between fork and exec.
-    unsafe {
-        use std::os::fd::AsFd;
-        let fd = ns.as_fd().try_clone_to_owned().expect("dup namespace fd");
-        fping.pre_exec(move || {
-            nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(std::io::Error::from)
-        });
-    }
-    let out = fping.output().expect("run fping");
-    let fping_wall = wall.elapsed();
-    let fping_cpu = cpu(libc::RUSAGE_CHILDREN) - children_before;
-    let _ = std::fs::remove_file(&list);
-    let fping_complete = String::from_utf8_lossy(&out.stderr)
-        .lines()
-        .filter(|l| l.contains(" : ") && !l.contains('-'))
-        .count();
+    let mut peak_in_cycle = 0;
+    let mut all_in_time = true;
 
-    let ratio = agent_cpu.as_secs_f64() / fping_cpu.as_secs_f64().max(1e-9);
-    println!("latency benchmark: {targets} targets, 3 probes each, collect interval {collect_secs} s, socket {kind:?}");
-    println!(
-        "  {:<34} {:>10} {:>10} {:>12}",
-        "", "wall", "CPU", "all 3 answered"
+    eprintln!("latency_bench: {targets} targets, {rounds} rounds, collect interval {collect_secs} s, socket {kind:?}");
+    let rounds = alternate(rounds, |side| match side {
+        Side::Agent => {
+            PEAK.store(live(), Ordering::Relaxed);
+            let cpu_before = cpu(libc::RUSAGE_SELF);
+            let wall = Instant::now();
+            // On a worker thread, as the agent runs its Manager.
+            let points = rt
+                .block_on(rt.spawn({
+                    let collector = collector.clone();
+                    async move { collector.collect(&CancellationToken::new()).await }
+                }))
+                .expect("collect task")
+                .expect("collect");
+            let wall = wall.elapsed();
+            let cpu = cpu(libc::RUSAGE_SELF) - cpu_before;
+            peak_in_cycle = peak_in_cycle.max(PEAK.load(Ordering::Relaxed) - base);
+            all_in_time &= wall < cfg.collect_interval;
+            let complete = points
+                .iter()
+                .filter(|p| p.data["probes_received"] == 3)
+                .count();
+            let rtts: Vec<f64> = points
+                .iter()
+                .filter_map(|p| p.data["rtt_nano"].as_i64())
+                .filter(|&n| n >= 0)
+                .map(|n| n as f64 / 1e6)
+                .collect();
+            Figures::from([
+                ("cpu_s", cpu.as_secs_f64()),
+                ("wall_s", wall.as_secs_f64()),
+                ("complete", complete as f64),
+                ("median_rtt_ms", median(&rtts)),
+            ])
+        }
+        Side::Baseline => {
+            let children_before = cpu(libc::RUSAGE_CHILDREN);
+            let wall = Instant::now();
+            let mut fping = Command::new("fping");
+            fping
+                .args(["-C", "3", "-q", "-t", "1000", "-p", "1000", "-I", &net.link])
+                .args(["-i", &format!("{interval_ms:.3}"), "-f"])
+                .arg(&list)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped());
+            // SAFETY: setns is a single system call, allowed between fork and exec.
+            unsafe {
+                use std::os::fd::AsFd;
+                let fd = ns.as_fd().try_clone_to_owned().expect("dup namespace fd");
+                fping.pre_exec(move || {
+                    nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(std::io::Error::from)
+                });
+            }
+            let out = fping.output().expect("run fping");
+            let wall = wall.elapsed();
+            let cpu = cpu(libc::RUSAGE_CHILDREN) - children_before;
+            let parsed = parse_fping(&String::from_utf8_lossy(&out.stderr));
+            Figures::from([
+                ("cpu_s", cpu.as_secs_f64()),
+                ("wall_s", wall.as_secs_f64()),
+                ("complete", parsed.complete as f64),
+                ("median_rtt_ms", median(&parsed.medians_ms)),
+            ])
+        }
+    });
+    let _ = std::fs::remove_file(&list);
+    drop(collector);
+    let pinger_held = live() - base;
+    let stats = pinger.icmp().stats();
+
+    let (agent_rtt, fping_rtt) = (
+        median(&rounds.agent("median_rtt_ms")),
+        median(&rounds.baseline("median_rtt_ms")),
     );
-    println!(
-        "  {:<34} {:>9.2}s {:>9.3}s {:>12}",
-        "plexd-metrics latency collector",
-        agent_wall.as_secs_f64(),
-        agent_cpu.as_secs_f64(),
-        complete
-    );
-    println!(
-        "  {:<34} {:>9.2}s {:>9.3}s {:>12}",
-        format!("fping -C 3 -i {interval_ms:.3} (baseline)"),
-        fping_wall.as_secs_f64(),
-        fping_cpu.as_secs_f64(),
-        fping_complete
-    );
-    println!("  CPU ratio agent/fping: {ratio:.2} (target <= 1.00)");
-    println!(
-        "  cycle within the collect interval: {} ({:.2} s of {collect_secs} s)",
-        if agent_wall < cfg.collect_interval {
-            "yes"
-        } else {
-            "NO"
-        },
-        agent_wall.as_secs_f64()
-    );
-    println!(
-        "  heap held by the pinger (sockets, address book, probe table): {:.2} MiB (target < 4 MiB)",
-        mib(pinger_held)
-    );
-    println!(
-        "  heap of the report interval's histograms: {:.2} MiB; peak during the cycle (points included): {:.2} MiB",
-        mib(with_histograms.saturating_sub(pinger_held)),
-        mib(peak_in_cycle)
-    );
-    println!(
-        "  receive loop: {} replies, {} late or duplicate, {} stray",
-        stats.replies, stats.late_or_duplicate, stats.stray
-    );
-    let ok = complete == targets
-        && agent_wall < cfg.collect_interval
-        && ratio <= 1.0
-        && pinger_held < 4 << 20;
-    println!("  result: {}", if ok { "PASS" } else { "FAIL" });
-    // Returned rather than exited, so the namespaces are deleted on the way out.
-    if ok {
-        std::process::ExitCode::SUCCESS
-    } else {
-        std::process::ExitCode::FAILURE
-    }
+    let apart = (agent_rtt - fping_rtt).abs() / fping_rtt;
+    let all_answered = rounds
+        .agent("complete")
+        .iter()
+        .all(|&c| c as usize == targets);
+    let row = Row::compare(
+        format!("latency-{targets}"),
+        format!("ICMP latency, {} targets, 3 probes each (CPU)", thousands(targets)),
+        ("one latency-group collect", "fping -C 3, same targets, same pace"),
+        "s",
+        &rounds,
+        "cpu_s",
+        Goal::RatioAtMost(1.0),
+    )
+    .check(
+        format!(
+            "median RTT agent {agent_rtt:.3} ms, fping {fping_rtt:.3} ms: {:.1} % apart (goal ≤ 10 %)",
+            apart * 100.0
+        ),
+        apart <= 0.10,
+    )
+    .check(
+        format!("every target answered all 3 probes in every agent round (fping: {:.0} of {targets})", median(&rounds.baseline("complete"))),
+        all_answered,
+    )
+    .check(
+        format!("every cycle within the {collect_secs} s collect interval"),
+        all_in_time,
+    )
+    .note(format!(
+        "latency-{targets}: heap held by the pinger {:.2} MiB (goal < 4 MiB), peak during a cycle {:.2} MiB; \
+         {} replies, {} late or duplicate, {} stray",
+        mib(pinger_held),
+        mib(peak_in_cycle),
+        stats.replies,
+        stats.late_or_duplicate,
+        stats.stray
+    ));
+    emit(&row).expect("write the row");
 }

@@ -20,6 +20,7 @@ use plexd_metrics::source::ebpf::{embedded_object, ProbeOptions, UnderlayProbe};
 use plexd_metrics_common::{
     EndpointKey, EndpointStats, MAP_ENDPOINTS, PROG_COUNT_ONLY, PROG_INGRESS,
 };
+use plexd_metrics_tests::bench::{emit, median, Figures, Goal, Rounds, Row};
 use plexd_metrics_tests::wg::{ipv4_udp_frame, mac, transport, RawLink};
 use plexd_metrics_tests::{quiet_namespaces, NetNs, VethPair};
 
@@ -180,11 +181,6 @@ fn packet_round(packets: u64, baseline_first: bool) -> PacketCost {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 struct ReadCost {
     peers: usize,
     read_ms: f64,
@@ -290,8 +286,8 @@ fn read_round(peers: usize, reads: usize) -> ReadCost {
     }
     ReadCost {
         peers,
-        read_ms: median(read_times),
-        walk_ms: median(walks),
+        read_ms: median(&read_times),
+        walk_ms: median(&walks),
     }
 }
 
@@ -312,6 +308,8 @@ fn main() -> ExitCode {
     };
 
     let stats = BpfStats::enable();
+    // Both programs see the same packets in each round, so every round is an A/B pair.
+    let mut pairs = Rounds::default();
     let mut ours = Vec::new();
     let mut baseline = Vec::new();
     let mut ratios = Vec::new();
@@ -325,24 +323,44 @@ fn main() -> ExitCode {
         );
         measured += cost.packets;
         ratios.push(cost.ours_ns / cost.baseline_ns);
+        pairs.agent.push(Figures::from([("ns", cost.ours_ns)]));
+        pairs
+            .baseline
+            .push(Figures::from([("ns", cost.baseline_ns)]));
         ours.push(cost.ours_ns);
         baseline.push(cost.baseline_ns);
     }
     drop(stats);
+    let row = Row::compare(
+        "kernel",
+        "per-packet kernel cost (WireGuard transport messages)",
+        (
+            "ingress program, run_time_ns / run_cnt",
+            "counter-only TC program, same hook and packets",
+        ),
+        "ns",
+        &pairs,
+        "ns",
+        Goal::RatioAtMost(2.0),
+    )
+    .note(format!(
+        "kernel: {measured} packets over {rounds} rounds, order of attachment alternating"
+    ));
+    emit(&row).expect("write the row");
     if packets_only {
         println!(
             "ingress {:.1} ns, count-only {:.1} ns, ratio {:.2}",
-            median(ours),
-            median(baseline),
-            median(ratios)
+            median(&ours),
+            median(&baseline),
+            median(&ratios)
         );
         return ExitCode::SUCCESS;
     }
     let read = read_round(10_000, reads);
 
-    let ours = median(ours);
-    let baseline = median(baseline);
-    let ratio = median(ratios);
+    let ours = median(&ours);
+    let baseline = median(&baseline);
+    let ratio = median(&ratios);
     println!();
     println!(
         "plexd-metrics benchmarks ({}; {measured} packets, {} reads)",
