@@ -26,6 +26,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use aya::programs::{SchedClassifier, TcAttachType};
 use nix::sched::{setns, CloneFlags};
+use plexd_metrics::source::counters::EndpointCounterSource as _;
+use plexd_metrics::source::ebpf::{embedded_object, ProbeOptions, UnderlayProbe};
 use plexd_metrics_common::{PROG_EGRESS, PROG_INGRESS};
 
 /// Environment variable that makes a missing privilege a test failure instead of a skip.
@@ -52,6 +54,20 @@ pub fn require_privileges() -> bool {
         "\n*** SKIPPED: {test} needs root (network namespaces, eBPF); run `cargo xtask test` ***\n"
     );
     false
+}
+
+/// This build's kernel programs attached to `dev` inside `ns` with `options`, watching the
+/// WireGuard listen `ports`. Detach (drop) it in the same namespace when it matters: netlink
+/// attachments (kernels before 6.6) are found by interface name there.
+pub fn attach_probe(ns: &NetNs, dev: &str, options: &ProbeOptions, ports: &[u16]) -> UnderlayProbe {
+    let probe = ns
+        .run(|| UnderlayProbe::attach_with_options(embedded_object(), &[dev], options))
+        .expect("enter namespace")
+        .expect("attach the kernel programs");
+    probe
+        .set_listen_ports(ports)
+        .expect("write the listen ports");
+    probe
 }
 
 /// The agent binary of this build: `PLEXD_METRICS_BIN` when set (`cargo xtask test` sets

@@ -10,10 +10,10 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use plexd_metrics::source::counters::EndpointCounterSource as _;
-use plexd_metrics::source::ebpf::{embedded_object, ProbeOptions, UnderlayProbe};
+use plexd_metrics::source::ebpf::{ProbeOptions, UnderlayProbe};
 use plexd_metrics_tests::mesh::{Mesh, MeshNode};
-use plexd_metrics_tests::require_privileges;
 use plexd_metrics_tests::wg::coarse_now;
+use plexd_metrics_tests::{attach_probe, require_privileges};
 
 const APP_PORT: u16 = 7000;
 const TIMEOUT: Duration = Duration::from_millis(500);
@@ -38,21 +38,7 @@ fn probe(node: &MeshNode) -> UnderlayProbe {
         reorder_timeout: TIMEOUT,
         ..ProbeOptions::default()
     };
-    let probe = node
-        .ns
-        .run(|| {
-            UnderlayProbe::attach_with_options(
-                embedded_object(),
-                std::slice::from_ref(&node.underlay_dev),
-                &options,
-            )
-        })
-        .expect("enter namespace")
-        .expect("attach the probe");
-    probe
-        .set_listen_ports(&[node.listen_port])
-        .expect("listen ports");
-    probe
+    attach_probe(&node.ns, &node.underlay_dev, &options, &[node.listen_port])
 }
 
 fn underlay_endpoint(node: &MeshNode) -> SocketAddr {

@@ -14,12 +14,12 @@ use std::time::Duration;
 
 use plexd_metrics::collector::KernelCounters as _;
 use plexd_metrics::source::counters::{EndpointCounterSource as _, EndpointCounters};
-use plexd_metrics::source::ebpf::{embedded_object, ProbeOptions, UnderlayProbe};
+use plexd_metrics::source::ebpf::{ProbeOptions, UnderlayProbe};
 use plexd_metrics_tests::wg::{
     coarse_now, cookie_reply, initiation, ipv4_udp_frame, keepalive, mac, response, transport,
     RawLink,
 };
-use plexd_metrics_tests::{quiet_namespaces, require_privileges, NetNs, VethPair};
+use plexd_metrics_tests::{attach_probe, quiet_namespaces, require_privileges, NetNs, VethPair};
 
 const WG_PORT: u16 = 51820;
 const PEER_PORT: u16 = 40100;
@@ -86,13 +86,7 @@ impl<'a> Rig<'a> {
         let wg = bind(wg_ns, wg_addr);
         let peer = bind(peer_ns, peer_addr);
         let dev = veth.b.name.clone();
-        let probe = wg_ns
-            .run(|| UnderlayProbe::attach_with_options(embedded_object(), &[dev], &options))
-            .expect("enter namespace")
-            .expect("attach the probe");
-        probe
-            .set_listen_ports(&[WG_PORT])
-            .expect("write the listen ports");
+        let probe = attach_probe(wg_ns, &dev, &options, &[WG_PORT]);
         Self {
             peer_ns,
             wg_ns,

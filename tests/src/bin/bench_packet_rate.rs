@@ -15,12 +15,12 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use plexd_metrics::source::counters::EndpointCounterSource as _;
-use plexd_metrics::source::ebpf::{embedded_object, ProbeOptions, UnderlayProbe};
+use plexd_metrics::source::ebpf::{ProbeOptions, UnderlayProbe};
 use plexd_metrics_tests::bench::{
     alternate, emit, median, thread_cpu, Figures, Goal, Row, Side, Spread,
 };
 use plexd_metrics_tests::wg::transport;
-use plexd_metrics_tests::{quiet_namespaces, NetNs};
+use plexd_metrics_tests::{attach_probe, quiet_namespaces, NetNs};
 
 const NODE_PORT: u16 = 51_820;
 const PEER_PORT: u16 = 51_821;
@@ -30,14 +30,7 @@ const BURST: u64 = 64;
 const PAYLOAD: usize = 64;
 
 fn attach(ns: &NetNs, dev: &str, port: u16) -> UnderlayProbe {
-    let probe = ns
-        .run(|| {
-            UnderlayProbe::attach_with_options(embedded_object(), &[dev], &ProbeOptions::default())
-        })
-        .expect("enter namespace")
-        .expect("attach the kernel programs");
-    probe.set_listen_ports(&[port]).expect("listen ports");
-    probe
+    attach_probe(ns, dev, &ProbeOptions::default(), &[port])
 }
 
 fn main() -> ExitCode {

@@ -16,13 +16,13 @@ use std::time::{Duration, Instant};
 use aya::maps::{Map, MapData, MapInfo, PerCpuHashMap};
 use aya::programs::{SchedClassifier, TcAttachType};
 use plexd_metrics::source::counters::EndpointCounterSource as _;
-use plexd_metrics::source::ebpf::{embedded_object, ProbeOptions, UnderlayProbe};
+use plexd_metrics::source::ebpf::{embedded_object, ProbeOptions};
 use plexd_metrics_common::{
     EndpointKey, EndpointStats, MAP_ENDPOINTS, PROG_COUNT_ONLY, PROG_INGRESS,
 };
 use plexd_metrics_tests::bench::{emit, median, Figures, Goal, Rounds, Row};
 use plexd_metrics_tests::wg::{ipv4_udp_frame, mac, transport, RawLink};
-use plexd_metrics_tests::{quiet_namespaces, NetNs, VethPair};
+use plexd_metrics_tests::{attach_probe, quiet_namespaces, NetNs, VethPair};
 
 const WG_PORT: u16 = 51820;
 const PEER_PORT: u16 = 40200;
@@ -114,13 +114,7 @@ fn packet_round(packets: u64, baseline_first: bool) -> PacketCost {
     if baseline_first {
         attach_baseline(&mut baseline);
     }
-    let probe = wg_ns
-        .run(|| {
-            UnderlayProbe::attach_with_options(embedded_object(), &[&dev], &ProbeOptions::default())
-        })
-        .expect("enter namespace")
-        .expect("attach the probe");
-    probe.set_listen_ports(&[WG_PORT]).expect("listen ports");
+    let probe = attach_probe(&wg_ns, &dev, &ProbeOptions::default(), &[WG_PORT]);
     if !baseline_first {
         attach_baseline(&mut baseline);
     }
@@ -193,13 +187,7 @@ fn read_round(peers: usize, reads: usize) -> ReadCost {
     let (peer_ns, wg_ns) = quiet_namespaces();
     let veth = VethPair::new(&peer_ns, &wg_ns).expect("create veth pair");
     let dev = veth.b.name.clone();
-    let probe = wg_ns
-        .run(|| {
-            UnderlayProbe::attach_with_options(embedded_object(), &[&dev], &ProbeOptions::default())
-        })
-        .expect("enter namespace")
-        .expect("attach the probe");
-    probe.set_listen_ports(&[WG_PORT]).expect("listen ports");
+    let probe = attach_probe(&wg_ns, &dev, &ProbeOptions::default(), &[WG_PORT]);
     let (a, b) = (veth.a.clone(), veth.b.clone());
     // As the tunnel reader does with the peers of the device state: counters exist before
     // the traffic, so that the burst below does not wait for the kernel's allocator.
