@@ -3,9 +3,9 @@
 //! Two TC classifiers, one per direction, on the underlay interfaces. Each counts every
 //! packet, and for UDP to or from a WireGuard listen port it parses the WireGuard message:
 //! incoming transport messages go to their session (loss window and receive counters, under
-//! one lock), everything else to per-endpoint counters. They only observe: each returns `TC_ACT_UNSPEC`, so the packet
-//! goes on to whatever else is attached exactly as if they were not there (`TC_ACT_PIPE`
-//! would end a TCX chain early).
+//! one lock), everything else to per-endpoint counters. They only observe: each returns
+//! `TC_ACT_UNSPEC`, so the packet goes on to whatever else is attached exactly as if they were
+//! not there (`TC_ACT_PIPE` would end a TCX chain early).
 //!
 //! Names and layouts come from `plexd-metrics-common`, the one place that defines the contract
 //! with the agent; the assertions below make a rename there fail this build instead of failing
@@ -41,8 +41,9 @@ static PACKET_COUNTERS: PerCpuArray<PacketCounters, { DIRECTIONS as usize }> = P
 #[btf_map]
 static LISTEN_PORTS: Array<PortSet, 1> = Array::new();
 
-/// Per remote endpoint counters of what is not counted in a session. Not preallocated: the agent sets the size at load time,
-/// and a preallocated per-CPU hash costs size × CPUs × 128 bytes up front.
+/// Per remote endpoint counters of what is not counted in a session. Not preallocated: the
+/// agent sets the size at load time, and a preallocated per-CPU hash costs size × CPUs × 112
+/// bytes up front.
 #[btf_map]
 static ENDPOINTS: PerCpuHashMap<
     EndpointKey,
