@@ -23,8 +23,13 @@ pub const MAP_PACKET_COUNTERS: &str = "PACKET_COUNTERS";
 pub const MAP_LISTEN_PORTS: &str = "LISTEN_PORTS";
 /// Name of the per-CPU hash of [`EndpointStats`] keyed by [`EndpointKey`].
 pub const MAP_ENDPOINTS: &str = "ENDPOINTS";
+/// Name of the array of [`SessionState`] where a session lives first: the slot
+/// [`session_slot`] picks for its receiver index, tagged with that index. Values carry a
+/// `bpf_spin_lock`; read them with `BPF_F_LOCK`.
+pub const MAP_SESSION_SLOTS: &str = "SESSION_SLOTS";
 /// Name of the hash of [`SessionState`] keyed by the receiver index (`u32`) of incoming
-/// transport messages. Values carry a `bpf_spin_lock`; read them with `BPF_F_LOCK`.
+/// transport messages: sessions whose slot another live session holds. Values carry a
+/// `bpf_spin_lock`; read them with `BPF_F_LOCK`.
 pub const MAP_SESSIONS: &str = "SESSIONS";
 /// Name of the LRU hash of receiver indexes this host just announced in a handshake
 /// (`u32` → [`FreshSession`]): their sessions start at counter 0.
@@ -36,6 +41,9 @@ pub const MAP_PROBE_STATS: &str = "PROBE_STATS";
 pub const GLOBAL_REORDER_TIMEOUT_NS: &str = "REORDER_TIMEOUT_NS";
 /// Name of the read-only global holding the width of one [`Checkpoint`] in nanoseconds.
 pub const GLOBAL_CHECKPOINT_NS: &str = "CHECKPOINT_NS";
+/// Name of the read-only global holding the shift of [`session_slot`]: 32 minus the base-2
+/// logarithm of the entries of [`MAP_SESSION_SLOTS`].
+pub const GLOBAL_SESSION_SLOT_SHIFT: &str = "SESSION_SLOT_SHIFT";
 
 /// Default of `metrics.ebpf.max_peers`: entries of [`MAP_ENDPOINTS`].
 pub const DEFAULT_MAX_ENDPOINTS: u32 = 16_384;
@@ -43,6 +51,48 @@ pub const DEFAULT_MAX_ENDPOINTS: u32 = 16_384;
 pub const DEFAULT_MAX_SESSIONS: u32 = 65_536;
 /// Default reorder timeout (1 s), compiled into the object; the agent overrides it at load.
 pub const DEFAULT_REORDER_TIMEOUT_NS: u64 = 1_000_000_000;
+/// Entries of [`MAP_SESSION_SLOTS`] compiled into the object: those of the default
+/// `metrics.ebpf.max_peers` ([`session_slots`]).
+pub const DEFAULT_SESSION_SLOTS: u32 = session_slots(DEFAULT_MAX_ENDPOINTS);
+/// A session idle this long has ended: WireGuard rejects its messages after 180 s
+/// (REJECT_AFTER_TIME). The agent removes it from [`MAP_SESSIONS`] then, and a new session
+/// may take its slot in [`MAP_SESSION_SLOTS`]; its lost count is final long before.
+pub const SESSION_EXPIRY_NS: u64 = 240_000_000_000;
+
+/// Entries of [`MAP_SESSION_SLOTS`] for a node of up to `max_endpoints` peers: a power of
+/// two, a quarter of the peers rounded up, from 64 to 65,536.
+///
+/// A quarter keeps the array small (4,096 slots of 472 bytes, 1.9 MB, at the default 16,384
+/// peers) while most nodes have far fewer peers than their limit; a session whose slot is
+/// taken still counts exactly, in [`MAP_SESSIONS`], only at the cost of a hash lookup.
+pub const fn session_slots(max_endpoints: u32) -> u32 {
+    let quarter = max_endpoints.div_ceil(4);
+    let slots = if quarter <= 64 {
+        64
+    } else {
+        quarter.next_power_of_two()
+    };
+    if slots > 65_536 {
+        65_536
+    } else {
+        slots
+    }
+}
+
+/// The value of [`GLOBAL_SESSION_SLOT_SHIFT`] for `slots` entries (a power of two).
+pub const fn session_slot_shift(slots: u32) -> u32 {
+    32 - slots.trailing_zeros()
+}
+
+/// The slot of receiver index `receiver` in [`MAP_SESSION_SLOTS`].
+///
+/// Fibonacci hashing (the top bits of a product with 2^32 / golden ratio): receiver indexes
+/// are random in WireGuard's kernel and Go implementations, but other implementations
+/// number their sessions in the low bits, and the product spreads those over all slots.
+#[inline(always)]
+pub const fn session_slot(receiver: u32, shift: u32) -> u32 {
+    receiver.wrapping_mul(0x9e37_79b9) >> (shift & 31)
+}
 
 /// Which TC hook saw a packet; the index into [`MAP_PACKET_COUNTERS`].
 #[repr(u32)]
@@ -206,10 +256,14 @@ pub enum ProbeStat {
     /// not preallocated, and a burst of new entries can drain the per-CPU caches the kernel
     /// refills in the background; the next message of the endpoint or session tries again.
     AllocationFailure = 4,
+    /// Sessions that began both in their slot and in [`MAP_SESSIONS`]: two CPUs took their
+    /// first messages at the very moment the session holding the slot expired. Each part
+    /// sees the other's messages as holes, so the session's loss is overstated.
+    SessionsSplit = 5,
 }
 
 /// Number of entries in [`MAP_PROBE_STATS`].
-pub const PROBE_STAT_COUNT: u32 = 5;
+pub const PROBE_STAT_COUNT: u32 = 6;
 
 /// Counters covered by a session's window: reordering up to this distance behind the
 /// highest counter is told apart from loss.
@@ -280,8 +334,9 @@ pub struct SessionState {
     pub checkpoints: [Checkpoint; CHECKPOINTS],
     /// Index of the newest checkpoint (valid once started).
     pub newest: u32,
-    /// Always zero.
-    pub _pad0: u32,
+    /// The receiver index of the session, which tags a slot of [`MAP_SESSION_SLOTS`]
+    /// (valid once started).
+    pub receiver: u32,
     /// The remote endpoint of the last transport message (peers may roam).
     pub endpoint: EndpointKey,
     /// Always zero.
@@ -328,7 +383,7 @@ impl Default for SessionState {
             last_seen_ns: 0,
             checkpoints: [Checkpoint::default(); CHECKPOINTS],
             newest: 0,
-            _pad0: 0,
+            receiver: 0,
             endpoint: EndpointKey::default(),
             _pad: 0,
             rx: SessionRx::default(),
@@ -461,4 +516,39 @@ mod user {
     unsafe impl aya::Pod for EndpointStats {}
     unsafe impl aya::Pod for SessionState {}
     unsafe impl aya::Pod for FreshSession {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+
+    use super::*;
+
+    #[test]
+    fn a_slot_per_four_peers_in_powers_of_two_within_bounds() {
+        assert_eq!(DEFAULT_SESSION_SLOTS, 4_096);
+        assert_eq!(session_slots(10_000), 4_096);
+        assert_eq!(session_slots(16_385), 8_192);
+        assert_eq!(session_slots(1), 64);
+        assert_eq!(session_slots(300), 128);
+        assert_eq!(session_slots(4_194_304), 65_536);
+        assert_eq!(session_slot_shift(4_096), 20);
+        assert_eq!(session_slot_shift(65_536), 16);
+    }
+
+    #[test]
+    fn numbered_sessions_spread_over_the_slots() {
+        // Implementations that number sessions in the low byte (peer << 8 | session) would
+        // pile up in a few slots if the index were simply masked.
+        let shift = session_slot_shift(4_096);
+        let mut used = std::collections::BTreeSet::new();
+        for peer in 0..1_024u32 {
+            let slot = session_slot((peer << 8) | 3, shift);
+            assert!(slot < 4_096);
+            used.insert(slot);
+        }
+        // 1,024 random indexes would take about 906 distinct slots.
+        assert!(used.len() > 900, "{} distinct slots", used.len());
+        assert_eq!(session_slot(u32::MAX, 16) >> 16, 0);
+    }
 }

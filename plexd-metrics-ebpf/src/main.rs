@@ -21,11 +21,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use plexd_metrics_common::{
-    checkpoint_ns, Direction, EndpointKey, EndpointStats, FreshSession, PacketCounters, PortSet,
-    ProbeStat, SessionState, DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_SESSIONS,
-    DEFAULT_REORDER_TIMEOUT_NS, DIRECTIONS, GLOBAL_CHECKPOINT_NS, GLOBAL_REORDER_TIMEOUT_NS,
-    MAP_ENDPOINTS, MAP_FRESH_SESSIONS, MAP_LISTEN_PORTS, MAP_PACKET_COUNTERS, MAP_PROBE_STATS,
-    MAP_SESSIONS, PROBE_STAT_COUNT, PROG_COUNT_ONLY, PROG_EGRESS, PROG_INGRESS, SESSION_STARTED,
+    checkpoint_ns, session_slot, session_slot_shift, Direction, EndpointKey, EndpointStats,
+    FreshSession, PacketCounters, PortSet, ProbeStat, SessionState, DEFAULT_MAX_ENDPOINTS,
+    DEFAULT_MAX_SESSIONS, DEFAULT_REORDER_TIMEOUT_NS, DEFAULT_SESSION_SLOTS, DIRECTIONS,
+    GLOBAL_CHECKPOINT_NS, GLOBAL_REORDER_TIMEOUT_NS, GLOBAL_SESSION_SLOT_SHIFT, MAP_ENDPOINTS,
+    MAP_FRESH_SESSIONS, MAP_LISTEN_PORTS, MAP_PACKET_COUNTERS, MAP_PROBE_STATS, MAP_SESSIONS,
+    MAP_SESSION_SLOTS, PROBE_STAT_COUNT, PROG_COUNT_ONLY, PROG_EGRESS, PROG_INGRESS,
+    SESSION_EXPIRY_NS, SESSION_STARTED,
 };
 use plexd_metrics_ebpf::{
     parse::{classify, parse_frame, read_message, Frame, Message, Packet, Segments, HEADER_LEN},
@@ -52,9 +54,18 @@ static ENDPOINTS: PerCpuHashMap<
     { BPF_F_NO_PREALLOC as usize },
 > = PerCpuHashMap::new();
 
-/// Loss windows by receiver index. A plain hash, not LRU: the kernel refuses spin locks in
-/// LRU maps. The agent removes sessions WireGuard no longer accepts; when the map is full a
-/// new session is counted as an overflow.
+/// Loss windows, each in the slot its receiver index picks ([`session_slot`]) and tagged
+/// with it. The common case costs an inlined array lookup where a hash lookup costs a hash
+/// and a key comparison in a kernel function, about a quarter of the program's time. A new
+/// session takes its slot when the slot is empty or its session has ended
+/// ([`SESSION_EXPIRY_NS`]); the kernel reuses slots itself, so the agent only reads them.
+#[btf_map]
+static SESSION_SLOTS: Array<SessionState, { DEFAULT_SESSION_SLOTS as usize }> = Array::new();
+
+/// Loss windows of the sessions whose slot a live session holds, by receiver index. A plain
+/// hash, not LRU: the kernel refuses spin locks in LRU maps. The agent removes sessions
+/// WireGuard no longer accepts; when the map is full a new session is counted as an
+/// overflow.
 #[btf_map]
 static SESSIONS: HashMap<
     u32,
@@ -86,6 +97,10 @@ static REORDER_TIMEOUT_NS: u64 = DEFAULT_REORDER_TIMEOUT_NS;
 #[unsafe(no_mangle)]
 static CHECKPOINT_NS: u64 = checkpoint_ns(DEFAULT_REORDER_TIMEOUT_NS);
 
+/// The shift of [`session_slot`] for the size the agent gave [`SESSION_SLOTS`].
+#[unsafe(no_mangle)]
+static SESSION_SLOT_SHIFT: u32 = session_slot_shift(DEFAULT_SESSION_SLOTS);
+
 /// A zeroed session value to insert from: 472 bytes do not fit the 512-byte BPF stack next
 /// to everything else. An array of words rather than a `SessionState`, because a global
 /// holding a spin lock would make the kernel treat `.rodata` as a locked map.
@@ -109,10 +124,12 @@ const _: () = assert!(same_name(MAP_PACKET_COUNTERS, "PACKET_COUNTERS"));
 const _: () = assert!(same_name(MAP_LISTEN_PORTS, "LISTEN_PORTS"));
 const _: () = assert!(same_name(MAP_ENDPOINTS, "ENDPOINTS"));
 const _: () = assert!(same_name(MAP_SESSIONS, "SESSIONS"));
+const _: () = assert!(same_name(MAP_SESSION_SLOTS, "SESSION_SLOTS"));
 const _: () = assert!(same_name(MAP_FRESH_SESSIONS, "FRESH_SESSIONS"));
 const _: () = assert!(same_name(MAP_PROBE_STATS, "PROBE_STATS"));
 const _: () = assert!(same_name(GLOBAL_REORDER_TIMEOUT_NS, "REORDER_TIMEOUT_NS"));
 const _: () = assert!(same_name(GLOBAL_CHECKPOINT_NS, "CHECKPOINT_NS"));
+const _: () = assert!(same_name(GLOBAL_SESSION_SLOT_SHIFT, "SESSION_SLOT_SHIFT"));
 const _: () = assert!(same_name(PROG_INGRESS, "plexd_tc_ingress"));
 const _: () = assert!(same_name(PROG_EGRESS, "plexd_tc_egress"));
 const _: () = assert!(same_name(PROG_COUNT_ONLY, "plexd_tc_count"));
@@ -385,7 +402,15 @@ fn account(direction: Direction, remote: &EndpointKey, message: Message, bytes: 
         },
     ) = (direction, message)
     {
-        if receive(receiver, counter, keepalive, bytes, remote, now) {
+        let arrival = Received {
+            receiver,
+            counter,
+            keepalive,
+            bytes,
+            remote,
+            now,
+        };
+        if receive(&arrival) {
             return;
         }
         // No session to count it in (the map is full): the endpoint's own counters.
@@ -439,32 +464,148 @@ fn announce(index: u32, now: u64) {
     let _ = FRESH_SESSIONS.insert(index, value, u64::from(BPF_ANY));
 }
 
-/// Feeds a received transport message into its session under the session's lock: the
-/// window, the receive counters and the endpoint it came from. Returns false when the
-/// session has no entry and none could be made.
-#[inline(always)]
-fn receive(
+/// A received transport message: what [`window::receive`] takes and the endpoint it came
+/// from.
+struct Received<'a> {
     receiver: u32,
     counter: u64,
     keepalive: bool,
     bytes: u64,
-    remote: &EndpointKey,
+    remote: &'a EndpointKey,
     now: u64,
-) -> bool {
-    let state = match SESSIONS.get_ptr_mut(receiver) {
+}
+
+/// Feeds a received transport message into its session: the one in its slot, else the one
+/// in [`SESSIONS`]; a new session goes into its slot if it can have it. Returns false when
+/// the session has no entry and none could be made.
+#[inline(always)]
+fn receive(m: &Received) -> bool {
+    // SAFETY: a read-only global the loader may have rewritten; volatile so that the
+    // compiler does not fold the default in.
+    let shift = unsafe { core::ptr::read_volatile(&SESSION_SLOT_SHIFT) };
+    if let Some(slot) = SESSION_SLOTS.get_ptr_mut(session_slot(m.receiver, shift)) {
+        // A first look without the lock, decided again under it: which session holds the
+        // slot, and whether it has ended.
+        // SAFETY: a live map value; fields are read whole, a stale value only sends the
+        // message down the slower path below.
+        let (held, holder, last_seen) = unsafe {
+            (
+                (*slot).flags & SESSION_STARTED != 0,
+                (*slot).receiver,
+                (*slot).last_seen_ns,
+            )
+        };
+        if held && holder == m.receiver {
+            // SAFETY: a value of SESSION_SLOTS, whose BTF has the lock.
+            if unsafe { in_slot(slot, m, false, false) } != Slot::Other {
+                return true;
+            }
+        } else if (!held || m.now.saturating_sub(last_seen) > SESSION_EXPIRY_NS)
+            && SESSIONS.get_ptr_mut(m.receiver).is_none()
+        {
+            let fresh = is_fresh(m.receiver, m.now);
+            // SAFETY: as above.
+            match unsafe { in_slot(slot, m, true, fresh) } {
+                Slot::Ours => return true,
+                Slot::Taken => {
+                    session_created(m);
+                    // Another CPU may have put the same session into the hash between the
+                    // look above and the taking: counted, since its loss is now split.
+                    if SESSIONS.get_ptr_mut(m.receiver).is_some() {
+                        stat(ProbeStat::SessionsSplit);
+                    }
+                    return true;
+                }
+                Slot::Other => {}
+            }
+        }
+    }
+    in_hash(m)
+}
+
+/// What [`in_slot`] found in the slot.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// The message's session; the message is counted.
+    Ours,
+    /// Nothing live: the slot now holds the message's session, which starts with it.
+    Taken,
+    /// Another live session; nothing was changed.
+    Other,
+}
+
+/// Feeds the message into the session in `slot` under its lock, if the slot holds it, or
+/// (with `may_take`) if the slot is free or its session has ended, in which case the slot
+/// is cleared for the new session first.
+///
+/// # Safety
+/// `slot` points at a live value of [`SESSION_SLOTS`].
+#[inline(always)]
+unsafe fn in_slot(slot: *mut SessionState, m: &Received, may_take: bool, fresh: bool) -> Slot {
+    // SAFETY: the caller's; nothing between lock and unlock calls a helper or returns
+    // early, as the verifier enforces.
+    unsafe {
+        let lock = (&raw mut (*slot).lock).cast();
+        bpf_spin_lock(lock);
+        let held = (*slot).flags & SESSION_STARTED != 0;
+        let ours = held && (*slot).receiver == m.receiver;
+        let take = !ours
+            && may_take
+            && (!held || m.now.saturating_sub((*slot).last_seen_ns) > SESSION_EXPIRY_NS);
+        if take {
+            clear(slot);
+            (*slot).receiver = m.receiver;
+        }
+        if ours || take {
+            count_in(&mut *slot, m, fresh);
+        }
+        bpf_spin_unlock(lock);
+        if ours {
+            Slot::Ours
+        } else if take {
+            Slot::Taken
+        } else {
+            Slot::Other
+        }
+    }
+}
+
+/// Zeroes everything of a session but its lock: a new session starts from an all-zero
+/// window (see `window::record_counter`).
+///
+/// # Safety
+/// `slot` points at a live value of [`SESSION_SLOTS`] whose lock the caller holds.
+#[inline(always)]
+unsafe fn clear(slot: *mut SessionState) {
+    // SAFETY: the caller's; the words after the first lie within the value, and the first
+    // holds the lock (not touched) and the flags.
+    unsafe {
+        (*slot).flags = 0;
+        let words = slot.cast::<u64>();
+        let mut i = 1;
+        while i < SESSION_WORDS {
+            // Volatile, so that the compiler keeps the loop instead of calling memset: no
+            // function call is allowed under a spin lock.
+            core::ptr::write_volatile(words.add(i), 0);
+            i += 1;
+        }
+    }
+}
+
+/// Words of a [`SessionState`]; the first holds the lock and the flags.
+const SESSION_WORDS: usize = core::mem::size_of::<SessionState>() / 8;
+
+/// Feeds the message into its session in [`SESSIONS`], creating it when there is none.
+#[inline(always)]
+fn in_hash(m: &Received) -> bool {
+    let state = match SESSIONS.get_ptr_mut(m.receiver) {
         Some(state) => state,
         None => {
             // SAFETY: ZERO_SESSION has the size of SessionState and all-zero bytes, a valid
             // (unstarted) session; the kernel copies it and leaves the lock to itself.
             let zero = unsafe { &*(&raw const ZERO_SESSION).cast::<SessionState>() };
-            match SESSIONS.insert(receiver, zero, u64::from(BPF_NOEXIST)) {
-                Ok(()) => {
-                    stat(ProbeStat::SessionsCreated);
-                    // The endpoint becomes known, so that what else it sends (malformed
-                    // messages) is counted as its own. Off the per-message path: once per
-                    // session; the agent tracks the endpoints of roaming peers.
-                    let _ = endpoint(remote, true, now);
-                }
+            match SESSIONS.insert(m.receiver, zero, u64::from(BPF_NOEXIST)) {
+                Ok(()) => session_created(m),
                 Err(e) if e == -EEXIST => {}
                 Err(e) => {
                     stat(if e == -ENOMEM {
@@ -475,7 +616,7 @@ fn receive(
                     return false;
                 }
             }
-            match SESSIONS.get_ptr_mut(receiver) {
+            match SESSIONS.get_ptr_mut(m.receiver) {
                 Some(state) => state,
                 None => return false,
             }
@@ -485,35 +626,57 @@ fn receive(
     // racing on it computes the same answer (the fresh entry is not removed).
     // SAFETY: a live map value; a torn read of one u32 flag is impossible.
     let started = unsafe { (*state).flags } & SESSION_STARTED != 0;
-    let fresh = !started && is_fresh(receiver, now);
-    // SAFETY: read-only globals the loader may have rewritten; volatile so that the
-    // compiler does not fold the defaults in.
-    let (timeout, checkpoint) = unsafe {
-        (
-            core::ptr::read_volatile(&REORDER_TIMEOUT_NS),
-            core::ptr::read_volatile(&CHECKPOINT_NS),
-        )
-    };
+    let fresh = !started && is_fresh(m.receiver, m.now);
     // SAFETY: `state` points at a live map value whose BTF has a bpf_spin_lock at `lock`;
     // nothing between lock and unlock calls a helper or returns early, as the verifier
     // enforces.
     unsafe {
         let lock = (&raw mut (*state).lock).cast();
         bpf_spin_lock(lock);
-        window::receive(
-            &mut *state,
-            counter,
-            keepalive,
-            bytes,
-            fresh,
-            now,
-            timeout,
-            checkpoint,
-        );
-        (*state).endpoint = *remote;
+        count_in(&mut *state, m, fresh);
         bpf_spin_unlock(lock);
     }
     true
+}
+
+/// Counts the message in its session, whose lock the caller holds.
+#[inline(always)]
+fn count_in(s: &mut SessionState, m: &Received, fresh: bool) {
+    let (timeout, checkpoint) = timeouts();
+    window::receive(
+        s,
+        m.counter,
+        m.keepalive,
+        m.bytes,
+        fresh,
+        m.now,
+        timeout,
+        checkpoint,
+    );
+    s.receiver = m.receiver;
+    s.endpoint = *m.remote;
+}
+
+/// Counts a new session and makes its endpoint known, so that what else the endpoint sends
+/// (malformed messages) is counted as its own. Once per session, off the per-message path;
+/// the agent tracks the endpoints of roaming peers.
+#[inline(always)]
+fn session_created(m: &Received) {
+    stat(ProbeStat::SessionsCreated);
+    let _ = endpoint(m.remote, true, m.now);
+}
+
+/// The reorder timeout and the checkpoint width.
+#[inline(always)]
+fn timeouts() -> (u64, u64) {
+    // SAFETY: read-only globals the loader may have rewritten; volatile so that the
+    // compiler does not fold the defaults in.
+    unsafe {
+        (
+            core::ptr::read_volatile(&REORDER_TIMEOUT_NS),
+            core::ptr::read_volatile(&CHECKPOINT_NS),
+        )
+    }
 }
 
 #[inline(always)]

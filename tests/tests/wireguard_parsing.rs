@@ -15,6 +15,7 @@ use std::time::Duration;
 use plexd_metrics::collector::KernelCounters as _;
 use plexd_metrics::source::counters::{EndpointCounterSource as _, EndpointCounters};
 use plexd_metrics::source::ebpf::{ProbeOptions, UnderlayProbe};
+use plexd_metrics_common::{session_slot, session_slot_shift, session_slots};
 use plexd_metrics_tests::wg::{
     coarse_now, cookie_reply, initiation, ipv4_udp_frame, keepalive, mac, response, transport,
     RawLink,
@@ -286,6 +287,59 @@ fn a_new_session_starts_a_new_window_and_is_not_loss() {
     );
     let stats = rig.probe.probe_stats().expect("probe stats");
     assert_eq!(stats.sessions_created, 2);
+}
+
+/// `n` receiver indexes that all fall into one slot of the session array of a probe loaded
+/// with `options`: the first takes the slot, the others go to the session hash.
+fn sharing_a_slot(options: &ProbeOptions, n: usize) -> Vec<u32> {
+    let shift = session_slot_shift(session_slots(options.max_endpoints));
+    let slot = session_slot(1, shift);
+    (1..)
+        .filter(|&r| session_slot(r, shift) == slot)
+        .take(n)
+        .collect()
+}
+
+#[test]
+fn sessions_that_share_a_slot_each_count_exactly() {
+    if !require_privileges() {
+        return;
+    }
+    let (p, w) = quiet_namespaces();
+    let options = options(TIMEOUT);
+    let rig = Rig::new(&p, &w, options.clone());
+    let &[a, b, c] = &sharing_a_slot(&options, 3)[..] else {
+        unreachable!("three indexes")
+    };
+    // Interleaved, so that every message of b and c finds the slot held by a: a loses
+    // counter 2, b loses counter 4, and c arrives backwards (first seen: 5; the others are
+    // below where its window starts, late and not lost).
+    for k in 0..6u64 {
+        if k != 2 {
+            rig.deliver(&[keepalive(a, k)]);
+        }
+        if k != 4 {
+            rig.deliver(&[keepalive(b, k)]);
+        }
+        rig.deliver(&[keepalive(c, 5 - k)]);
+    }
+    rig.let_holes_age(TIMEOUT);
+    let got = rig.counters();
+    assert_eq!(
+        (got.rx_packets, got.lost, got.late, got.duplicate),
+        (5 + 5 + 6, 2, 5, 0),
+        "{got:?}"
+    );
+    let stats = rig.probe.probe_stats().expect("probe stats");
+    assert_eq!(
+        (
+            stats.sessions_created,
+            stats.session_overflows,
+            stats.sessions_split
+        ),
+        (3, 0, 0),
+        "{stats:?}"
+    );
 }
 
 #[test]
@@ -683,24 +737,23 @@ fn full_maps_count_overflows_instead_of_failing_silently() {
         return;
     }
     let (p, w) = quiet_namespaces();
-    let rig = Rig::new(
-        &p,
-        &w,
-        ProbeOptions {
-            max_endpoints: 2,
-            max_sessions: 2,
-            ..options(TIMEOUT)
-        },
-    );
-    // Three sessions from one endpoint: the third has no window, and its messages are
+    let options = ProbeOptions {
+        max_endpoints: 2,
+        max_sessions: 2,
+        ..options(TIMEOUT)
+    };
+    let rig = Rig::new(&p, &w, options.clone());
+    // Sessions that all want one slot: the first has it, the next two fill the hash.
+    let index = sharing_a_slot(&options, 6);
+    // Four sessions from one endpoint: the fourth has no window, and its messages are
     // counted in the endpoint's own counters.
-    for index in [1, 2, 3] {
+    for &index in &index[..4] {
         rig.deliver(&[keepalive(index, 0), keepalive(index, 1)]);
     }
     // Two more endpoints with sessions of their own: neither session fits, and of their
     // endpoints one fits and one does not.
     let mut other = Vec::new();
-    for (port, index) in [(PEER_PORT + 1, 4), (PEER_PORT + 2, 5)] {
+    for (port, index) in [(PEER_PORT + 1, index[4]), (PEER_PORT + 2, index[5])] {
         let s = rig
             .peer_ns
             .run(|| UdpSocket::bind((rig.veth.a.addr, port)))
@@ -717,7 +770,7 @@ fn full_maps_count_overflows_instead_of_failing_silently() {
     let snapshot = rig.probe.read_endpoints().expect("read");
     assert_eq!(snapshot.map_overflows, 5);
     assert_eq!(snapshot.endpoints.len(), 2, "{snapshot:?}");
-    assert_eq!(snapshot.endpoints[&rig.peer_addr].rx_packets, 6);
+    assert_eq!(snapshot.endpoints[&rig.peer_addr].rx_packets, 8);
     assert_eq!(snapshot.endpoints[&other[0]].rx_packets, 1);
 }
 

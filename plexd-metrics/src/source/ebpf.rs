@@ -24,9 +24,10 @@ use aya::programs::{Link as _, ProgramError, SchedClassifier, TcAttachType};
 use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfLoader};
 use plexd_metrics_common::{
-    checkpoint_ns, Direction, PacketCounters, DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_SESSIONS,
-    GLOBAL_CHECKPOINT_NS, GLOBAL_REORDER_TIMEOUT_NS, MAP_ENDPOINTS, MAP_FRESH_SESSIONS,
-    MAP_LISTEN_PORTS, MAP_PACKET_COUNTERS, MAP_PROBE_STATS, MAP_SESSIONS, PROG_EGRESS,
+    checkpoint_ns, session_slot_shift, session_slots, Direction, PacketCounters,
+    DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_SESSIONS, GLOBAL_CHECKPOINT_NS, GLOBAL_REORDER_TIMEOUT_NS,
+    GLOBAL_SESSION_SLOT_SHIFT, MAP_ENDPOINTS, MAP_FRESH_SESSIONS, MAP_LISTEN_PORTS,
+    MAP_PACKET_COUNTERS, MAP_PROBE_STATS, MAP_SESSIONS, MAP_SESSION_SLOTS, PROG_EGRESS,
     PROG_INGRESS,
 };
 
@@ -361,13 +362,17 @@ impl UnderlayProbe {
 
         raise_memlock_limit();
         let checkpoint = checkpoint_ns(timeout_ns);
+        let slots = session_slots(options.max_endpoints);
+        let slot_shift = session_slot_shift(slots);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(MAP_ENDPOINTS, options.max_endpoints)
+            .map_max_entries(MAP_SESSION_SLOTS, slots)
             .map_max_entries(MAP_SESSIONS, options.max_sessions)
             // One announced session per peer is in flight at a time, give or take.
             .map_max_entries(MAP_FRESH_SESSIONS, options.max_endpoints)
             .override_global(GLOBAL_REORDER_TIMEOUT_NS, &timeout_ns, true)
             .override_global(GLOBAL_CHECKPOINT_NS, &checkpoint, true)
+            .override_global(GLOBAL_SESSION_SLOT_SHIFT, &slot_shift, true)
             .load(object)
             .map_err(load_error)?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, MAP_PACKET_COUNTERS)?)
@@ -377,6 +382,8 @@ impl UnderlayProbe {
                 .map_err(|e| wrong_type(MAP_LISTEN_PORTS, e))?,
             endpoints: PerCpuHashMap::try_from(take_map(&mut ebpf, MAP_ENDPOINTS)?)
                 .map_err(|e| wrong_type(MAP_ENDPOINTS, e))?,
+            session_slots: Array::try_from(take_map(&mut ebpf, MAP_SESSION_SLOTS)?)
+                .map_err(|e| wrong_type(MAP_SESSION_SLOTS, e))?,
             sessions: HashMap::try_from(take_map(&mut ebpf, MAP_SESSIONS)?)
                 .map_err(|e| wrong_type(MAP_SESSIONS, e))?,
             probe_stats: PerCpuArray::try_from(take_map(&mut ebpf, MAP_PROBE_STATS)?)

@@ -1,4 +1,4 @@
-//! Reading a whole hash map in a few system calls (`BPF_MAP_LOOKUP_BATCH`).
+//! Reading a whole map in a few system calls (`BPF_MAP_LOOKUP_BATCH`).
 //!
 //! Written by hand because aya 0.14 offers only per-key lookups: two system calls per entry
 //! (next key, then value), which for 10,000 peers and their sessions costs more than the
@@ -15,8 +15,11 @@ use aya::Pod;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 /// The kernel's internal "not supported" code, which BPF commands can return as is.
 const ENOTSUPP: i32 = 524;
-/// Entries asked for per call; the kernel may return fewer.
-const CHUNK: u32 = 4096;
+/// Entries asked for per call at most; the kernel may return fewer.
+const CHUNK: usize = 4096;
+/// Bytes of values asked for per call at most, so that reading an array of large values
+/// (the session slots) does not take a buffer the size of the map.
+const CHUNK_BYTES: usize = 256 * 1024;
 
 /// The `batch` member of `union bpf_attr`.
 #[repr(C)]
@@ -32,7 +35,7 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// Every entry of a hash map: each key with its value, or with one value per possible CPU
+/// Every entry of a map: each key with its value, or with one value per possible CPU
 /// when `per_cpu` (which is how the kernel lays out per-CPU values).
 ///
 /// `Err` with `ErrorKind::Unsupported` when the kernel lacks the command.
@@ -42,6 +45,22 @@ pub(super) fn lookup_all<K: Pod, V: Pod>(
     cpus: usize,
     elem_flags: u64,
 ) -> io::Result<Vec<(K, Vec<V>)>> {
+    let mut out = Vec::new();
+    for_each(map, per_cpu, cpus, elem_flags, |k, v: &[V]| {
+        out.push((k, v.to_vec()));
+    })?;
+    Ok(out)
+}
+
+/// Calls `f` with every entry of a map, as [`lookup_all`] returns them, a chunk of entries
+/// in memory at a time.
+pub(super) fn for_each<K: Pod, V: Pod>(
+    map: &MapData,
+    per_cpu: bool,
+    cpus: usize,
+    elem_flags: u64,
+    mut f: impl FnMut(K, &[V]),
+) -> io::Result<()> {
     let key_size = std::mem::size_of::<K>();
     // Per-CPU values are padded to 8 bytes each.
     let (values_per_key, value_stride) = if per_cpu {
@@ -50,13 +69,15 @@ pub(super) fn lookup_all<K: Pod, V: Pod>(
         (1, std::mem::size_of::<V>())
     };
     let value_size = value_stride * values_per_key;
-    let mut keys = vec![0u8; key_size * CHUNK as usize];
-    let mut values = vec![0u8; value_size * CHUNK as usize];
-    // The hash map's batch token is a bucket index (u32); 8 bytes leave room to spare.
+    let chunk = (CHUNK_BYTES / value_size).clamp(1, CHUNK);
+    let mut keys = vec![0u8; key_size * chunk];
+    let mut values = vec![0u8; value_size * chunk];
+    let mut entry = Vec::with_capacity(values_per_key);
+    // The batch token is a hash map's bucket index or an array's last index (u32 both); 8
+    // bytes leave room to spare.
     let mut in_batch = [0u8; 8];
     let mut out_batch = [0u8; 8];
     let mut first = true;
-    let mut out = Vec::new();
     let fd = map.fd().as_fd().as_raw_fd();
     loop {
         let mut attr = BatchAttr {
@@ -64,7 +85,7 @@ pub(super) fn lookup_all<K: Pod, V: Pod>(
             out_batch: out_batch.as_mut_ptr() as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,
-            count: CHUNK,
+            count: chunk as u32,
             map_fd: fd as u32,
             elem_flags,
             flags: 0,
@@ -98,17 +119,16 @@ pub(super) fn lookup_all<K: Pod, V: Pod>(
             // bytes; read_unaligned because the buffer is a byte buffer.
             let key = unsafe { std::ptr::read_unaligned(key_bytes.as_ptr().cast::<K>()) };
             let base = i * value_size;
-            let vals = (0..values_per_key)
-                .map(|c| {
-                    let at = base + c * value_stride;
-                    // SAFETY: as for the key; each value lies within this entry's slot.
-                    unsafe { std::ptr::read_unaligned(values[at..].as_ptr().cast::<V>()) }
-                })
-                .collect();
-            out.push((key, vals));
+            entry.clear();
+            entry.extend((0..values_per_key).map(|c| {
+                let at = base + c * value_stride;
+                // SAFETY: as for the key; each value lies within this entry's slot.
+                unsafe { std::ptr::read_unaligned(values[at..].as_ptr().cast::<V>()) }
+            }));
+            f(key, &entry);
         }
         if done {
-            return Ok(out);
+            return Ok(());
         }
         in_batch = out_batch;
         first = false;

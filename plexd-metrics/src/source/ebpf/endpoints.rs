@@ -14,7 +14,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use aya::maps::{Array, HashMap, IterableMap as _, MapData, MapError, PerCpuArray, PerCpuHashMap};
 use plexd_metrics_common::{
     EndpointKey, EndpointStats, PortSet, ProbeStat, SessionRx, SessionState, MAP_ENDPOINTS,
-    MAP_LISTEN_PORTS, MAP_PROBE_STATS, MAP_SESSIONS,
+    MAP_LISTEN_PORTS, MAP_PROBE_STATS, MAP_SESSIONS, MAP_SESSION_SLOTS, SESSION_EXPIRY_NS,
 };
 
 use super::{batch, EbpfError};
@@ -22,10 +22,6 @@ use crate::source::counters::{CounterSnapshot, EndpointCounters};
 
 /// `BPF_F_LOCK`: copy a value under its spin lock, so that no half-updated window is read.
 const BPF_F_LOCK: u64 = 4;
-
-/// A session idle this long is gone from WireGuard (REJECT_AFTER_TIME is 180 s) and from
-/// the map: its lost count is final long before.
-pub(super) const SESSION_EXPIRY_NS: u64 = 240_000_000_000;
 
 /// An endpoint silent this long is removed from the map; its counters start from zero if
 /// it comes back. Peers that roam leave their old endpoints behind, and without this they
@@ -40,6 +36,7 @@ const ENOMEM_RETRIES: u32 = 100;
 pub(super) struct Reader {
     pub(super) listen_ports: Array<MapData, PortSet>,
     pub(super) endpoints: PerCpuHashMap<MapData, EndpointKey, EndpointStats>,
+    pub(super) session_slots: Array<MapData, SessionState>,
     pub(super) sessions: HashMap<MapData, u32, SessionState>,
     pub(super) probe_stats: PerCpuArray<MapData, u64>,
     pub(super) reorder_timeout_ns: u64,
@@ -52,13 +49,27 @@ pub(super) struct Reader {
 #[derive(Debug, Default)]
 pub(super) struct ReadState {
     /// Each live session's figures as of the last read.
-    sessions: StdHashMap<u32, SessionFigures>,
+    sessions: StdHashMap<SessionId, SessionFigures>,
     /// What sessions received and lost, per endpoint, since attach.
     folded: StdHashMap<EndpointKey, Folded>,
     /// Map overflows at the last read, to warn when they grow.
     overflows: u64,
     /// Allocation failures at the last read, likewise.
     allocation_failures: u64,
+    /// Split sessions at the last read, likewise.
+    sessions_split: u64,
+}
+
+/// Where a session lives, and its receiver index. The kernel keeps a session in one place,
+/// but two CPUs can start one in both at once (`ProbeStat::SessionsSplit`): two windows,
+/// each with its own figures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum SessionId {
+    /// In its slot of the session array, which the kernel gives the next session once
+    /// this one has ended.
+    Slot(u32),
+    /// In the session hash, from which the agent removes it once it has ended.
+    Hash(u32),
 }
 
 /// The cumulative figures of a session, or their sum over sessions.
@@ -133,6 +144,8 @@ pub struct ProbeStats {
     pub sessions_created: u64,
     /// Entries the kernel could not allocate in time (see `ProbeStat::AllocationFailure`).
     pub allocation_failures: u64,
+    /// Sessions started in two places at once (see `ProbeStat::SessionsSplit`).
+    pub sessions_split: u64,
 }
 
 /// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the clock of `bpf_ktime_get_coarse_ns`.
@@ -240,14 +253,20 @@ fn counters(stats: &EndpointStats, sessions: &SessionFigures) -> EndpointCounter
 impl ReadState {
     /// Takes in one session as read at `now_ns`; returns whether the session has expired
     /// and should be removed.
-    fn settle(&mut self, index: u32, session: &SessionState, now_ns: u64, timeout_ns: u64) -> bool {
+    fn settle(
+        &mut self,
+        id: SessionId,
+        session: &SessionState,
+        now_ns: u64,
+        timeout_ns: u64,
+    ) -> bool {
         // A session is created empty and started under its lock with its first message;
         // until then it has no endpoint and nothing to add.
         if !session.started() {
             return false;
         }
         let now = SessionFigures::of(session, now_ns, timeout_ns);
-        let before = self.sessions.insert(index, now).unwrap_or_default();
+        let before = self.sessions.insert(id, now).unwrap_or_default();
         let growth = now.growth_since(&before);
         let folded = self.folded.entry(session.endpoint).or_default();
         folded.figures.add(&growth);
@@ -255,8 +274,8 @@ impl ReadState {
         now_ns.saturating_sub(session.last_seen_ns) > SESSION_EXPIRY_NS
     }
 
-    fn forget_session(&mut self, index: u32) {
-        self.sessions.remove(&index);
+    fn forget_session(&mut self, id: SessionId) {
+        self.sessions.remove(&id);
     }
 }
 
@@ -287,6 +306,7 @@ impl Reader {
             malformed_unknown: get(ProbeStat::MalformedUnknown)?,
             sessions_created: get(ProbeStat::SessionsCreated)?,
             allocation_failures: get(ProbeStat::AllocationFailure)?,
+            sessions_split: get(ProbeStat::SessionsSplit)?,
         })
     }
 
@@ -361,6 +381,15 @@ impl Reader {
             );
             self.state.allocation_failures = stats.allocation_failures;
         }
+        if stats.sessions_split > self.state.sessions_split {
+            tracing::warn!(
+                component = "metrics",
+                sessions_split = stats.sessions_split,
+                "a WireGuard session began on two CPUs at the moment its slot came free; its \
+                 lost_packets may count messages that arrived"
+            );
+            self.state.sessions_split = stats.sessions_split;
+        }
         Ok(snapshot)
     }
 
@@ -418,54 +447,80 @@ impl Reader {
             .collect()
     }
 
-    /// Every session, each copied under its lock.
-    fn all_sessions(&self) -> Result<Vec<(u32, SessionState)>, EbpfError> {
-        match batch::lookup_all::<u32, SessionState>(self.sessions.map(), false, 1, BPF_F_LOCK) {
-            Ok(all) => {
-                return Ok(all
-                    .into_iter()
-                    .filter_map(|(k, mut v)| v.pop().map(|v| (k, v)))
-                    .collect())
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {}
-            Err(e) => return Err(batch_error(MAP_SESSIONS, e)),
-        }
-        let indexes = self
-            .sessions
-            .keys()
-            .collect::<Result<Vec<u32>, _>>()
-            .map_err(read_error(MAP_SESSIONS))?;
-        let mut all = Vec::with_capacity(indexes.len());
-        for index in indexes {
-            match self.sessions.get(&index, BPF_F_LOCK) {
-                Ok(session) => all.push((index, session)),
-                Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(read_error(MAP_SESSIONS)(e)),
-            }
-        }
-        Ok(all)
-    }
-
     fn read_sessions(&mut self, now_ns: u64) -> Result<(), EbpfError> {
-        let sessions = self.all_sessions()?;
-        let mut live = std::collections::HashSet::with_capacity(sessions.len());
-        for (index, session) in sessions {
-            live.insert(index);
-            if self
-                .state
-                .settle(index, &session, now_ns, self.reorder_timeout_ns)
-            {
-                match self.sessions.remove(&index) {
-                    Ok(()) => {}
-                    Err(e) if is_not_found(&e) => {}
-                    Err(e) => return Err(write_error(MAP_SESSIONS)(e)),
+        let mut live = std::collections::HashSet::new();
+        let mut ended = Vec::new();
+        let (state, timeout_ns) = (&mut self.state, self.reorder_timeout_ns);
+        // Not `self.each_session`: the closure borrows the state mutably.
+        each_session(&self.session_slots, &self.sessions, |id, session| {
+            live.insert(id);
+            // A slot is reused by the kernel; its ended session stays known here until then,
+            // so that it is not taken for a new one at the next read.
+            if state.settle(id, session, now_ns, timeout_ns) {
+                if let SessionId::Hash(index) = id {
+                    ended.push(index);
                 }
-                self.state.forget_session(index);
             }
+        })?;
+        for index in ended {
+            match self.sessions.remove(&index) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(write_error(MAP_SESSIONS)(e)),
+            }
+            self.state.forget_session(SessionId::Hash(index));
         }
-        self.state.sessions.retain(|index, _| live.contains(index));
+        self.state.sessions.retain(|id, _| live.contains(id));
         Ok(())
     }
+}
+
+/// Calls `f` with every started session, each copied under its lock: the slots' and the
+/// hash's.
+fn each_session(
+    slots: &Array<MapData, SessionState>,
+    hash: &HashMap<MapData, u32, SessionState>,
+    mut f: impl FnMut(SessionId, &SessionState),
+) -> Result<(), EbpfError> {
+    let mut in_slot = |_: u32, v: &[SessionState]| {
+        if let Some(s) = v.first().filter(|s| s.started()) {
+            f(SessionId::Slot(s.receiver), s);
+        }
+    };
+    match batch::for_each(slots.map(), false, 1, BPF_F_LOCK, &mut in_slot) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+            for index in 0..slots.len() {
+                let session = slots
+                    .get(&index, BPF_F_LOCK)
+                    .map_err(read_error(MAP_SESSION_SLOTS))?;
+                in_slot(index, &[session]);
+            }
+        }
+        Err(e) => return Err(batch_error(MAP_SESSION_SLOTS, e)),
+    }
+    let mut in_hash = |index: u32, v: &[SessionState]| {
+        if let Some(s) = v.first().filter(|s| s.started()) {
+            f(SessionId::Hash(index), s);
+        }
+    };
+    match batch::for_each(hash.map(), false, 1, BPF_F_LOCK, &mut in_hash) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {}
+        Err(e) => return Err(batch_error(MAP_SESSIONS, e)),
+    }
+    let indexes = hash
+        .keys()
+        .collect::<Result<Vec<u32>, _>>()
+        .map_err(read_error(MAP_SESSIONS))?;
+    for index in indexes {
+        match hash.get(&index, BPF_F_LOCK) {
+            Ok(session) => in_hash(index, &[session]),
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(read_error(MAP_SESSIONS)(e)),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -519,8 +574,8 @@ mod tests {
         let mut st = ReadState::default();
         let mut s = session(a, 5, &[0, 1, 2, 3, 4, 5], 1_000);
         s.rx = rx(40);
-        st.settle(3, &s, 2_000, TIMEOUT);
-        st.settle(3, &s, 3_000, TIMEOUT);
+        st.settle(SessionId::Hash(3), &s, 2_000, TIMEOUT);
+        st.settle(SessionId::Hash(3), &s, 3_000, TIMEOUT);
         assert_eq!(
             st.folded[&a].figures.rx,
             rx(40),
@@ -530,21 +585,21 @@ mod tests {
         s.endpoint = b;
         s.rx = rx(100);
         s.last_seen_ns = 4_000;
-        st.settle(3, &s, 4_000, TIMEOUT);
+        st.settle(SessionId::Hash(3), &s, 4_000, TIMEOUT);
         assert_eq!(st.folded[&a].figures.rx, rx(40));
         assert_eq!(st.folded[&b].figures.rx, rx(60));
         assert_eq!(st.folded[&b].last_seen_ns, 4_000);
         // A new session under the same index: its figures start at zero.
         let mut fresh = session(b, 1, &[0, 1], 9_000);
         fresh.rx = rx(20);
-        st.settle(3, &fresh, 9_000, TIMEOUT);
+        st.settle(SessionId::Hash(3), &fresh, 9_000, TIMEOUT);
         assert_eq!(st.folded[&b].figures.rx, rx(80));
     }
 
     #[test]
     fn sessions_not_started_add_nothing() {
         let mut st = ReadState::default();
-        assert!(!st.settle(5, &SessionState::default(), 1_000, TIMEOUT));
+        assert!(!st.settle(SessionId::Hash(5), &SessionState::default(), 1_000, TIMEOUT));
         assert!(st.folded.is_empty() && st.sessions.is_empty());
     }
 
@@ -555,22 +610,27 @@ mod tests {
         let mut st = ReadState::default();
         // Two of 0..=5 missing, settled after the timeout.
         let s1 = session(a, 5, &[0, 1, 3, 5], 1_000);
-        assert!(!st.settle(7, &s1, 1_000 + TIMEOUT, TIMEOUT));
+        assert!(!st.settle(SessionId::Hash(7), &s1, 1_000 + TIMEOUT, TIMEOUT));
         assert_eq!(lost(&st, &a), 2);
         // Reading again adds nothing.
-        st.settle(7, &s1, 2_000 + TIMEOUT, TIMEOUT);
+        st.settle(SessionId::Hash(7), &s1, 2_000 + TIMEOUT, TIMEOUT);
         assert_eq!(lost(&st, &a), 2);
         // The peer roamed to b and lost one more: only the growth moves with it.
         let s2 = session(b, 8, &[0, 1, 3, 5, 6, 8], 5_000);
-        st.settle(7, &s2, 5_000 + TIMEOUT, TIMEOUT);
+        st.settle(SessionId::Hash(7), &s2, 5_000 + TIMEOUT, TIMEOUT);
         assert_eq!((lost(&st, &a), lost(&st, &b)), (2, 1));
         // The session expires; the endpoints keep their counts.
-        assert!(st.settle(7, &s2, 5_000 + SESSION_EXPIRY_NS + 1, TIMEOUT));
-        st.forget_session(7);
+        assert!(st.settle(
+            SessionId::Hash(7),
+            &s2,
+            5_000 + SESSION_EXPIRY_NS + 1,
+            TIMEOUT
+        ));
+        st.forget_session(SessionId::Hash(7));
         assert_eq!((lost(&st, &a), lost(&st, &b)), (2, 1));
         // A new session under the same index counts from zero.
         let s3 = session(a, 2, &[0, 2], 9_000);
-        st.settle(7, &s3, 9_000 + TIMEOUT, TIMEOUT);
+        st.settle(SessionId::Hash(7), &s3, 9_000 + TIMEOUT, TIMEOUT);
         assert_eq!(lost(&st, &a), 3);
     }
 
@@ -579,9 +639,9 @@ mod tests {
         let a = EndpointKey::v4([10, 0, 0, 1], 51820);
         let mut st = ReadState::default();
         let s = session(a, 5, &[0, 5], 1_000);
-        st.settle(1, &s, 1_000 + TIMEOUT - 1, TIMEOUT);
+        st.settle(SessionId::Hash(1), &s, 1_000 + TIMEOUT - 1, TIMEOUT);
         assert_eq!(lost(&st, &a), 0);
-        st.settle(1, &s, 1_000 + TIMEOUT, TIMEOUT);
+        st.settle(SessionId::Hash(1), &s, 1_000 + TIMEOUT, TIMEOUT);
         assert_eq!(lost(&st, &a), 4);
     }
 
