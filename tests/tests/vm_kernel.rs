@@ -16,9 +16,7 @@ use plexd_metrics_common::{PROG_EGRESS, PROG_INGRESS};
 use plexd_metrics_tests::agent::{run_once, RunningAgent};
 use plexd_metrics_tests::kernel_mesh::{KernelMesh, Netem};
 use plexd_metrics_tests::wireguard::{parse_dump, DumpPeer};
-use plexd_metrics_tests::{
-    agent_binary, kernel_name, ours, require_privileges, tc_state, unique_name, NetNs,
-};
+use plexd_metrics_tests::{kernel_name, ours, require_privileges, tc_state, unique_name, NetNs};
 
 /// Bound on one log line of the agent, in the guest's (instruction-counted) time: loading the
 /// kernel programs is the slowest step, and the 6.1 verifier takes tens of seconds over them.
