@@ -354,6 +354,7 @@ impl<P: Pinger, L: PeerLister> Collector for LatencyCollector<P, L> {
         let timeout = self.settings.timeout;
         let mut in_flight = FuturesUnordered::new();
         let mut next = 0usize;
+        let tick = send_tick(self.settings.spread, total);
         loop {
             let now = Instant::now();
             while next < total {
@@ -378,7 +379,7 @@ impl<P: Pinger, L: PeerLister> Collector for LatencyCollector<P, L> {
             }
             let wake = (next < total).then(|| {
                 let due = self.send_offset(next % peers.len(), next / peers.len(), peers.len());
-                started + round_up(due, SEND_TICK)
+                started + round_up(due, tick)
             });
             tokio::select! {
                 biased;
@@ -412,10 +413,19 @@ impl<P: Pinger, L: PeerLister> Collector for LatencyCollector<P, L> {
     }
 }
 
-/// Probes due within the same few milliseconds go out together: a large mesh then costs one
-/// wake-up per tick instead of one per probe, and the spread is still even at the scale of
-/// the cycle.
-const SEND_TICK: Duration = Duration::from_millis(4);
+/// Probes due within the same tick go out together: a mesh then costs one wake-up per tick
+/// instead of one per probe, and the spread is still even at the scale of the cycle. The
+/// tick holds about [`PROBES_PER_TICK`] probes, within these bounds: the wake-up, not the
+/// send, is what a probe costs when each has its own.
+const SEND_TICK_MIN: Duration = Duration::from_millis(4);
+const SEND_TICK_MAX: Duration = Duration::from_millis(100);
+const PROBES_PER_TICK: u32 = 8;
+
+/// The tick for `total` probes spread over `spread`.
+fn send_tick(spread: Duration, total: usize) -> Duration {
+    let total = u32::try_from(total.max(1)).unwrap_or(u32::MAX);
+    (spread / total * PROBES_PER_TICK).clamp(SEND_TICK_MIN, SEND_TICK_MAX)
+}
 
 fn round_up(d: Duration, tick: Duration) -> Duration {
     let tick_ns = tick.as_nanos().max(1);
@@ -437,6 +447,15 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_send_tick_holds_a_few_probes_within_bounds() {
+        // 1,000 peers, 3 probes each, over the default 15 s interval's spread.
+        assert_eq!(send_tick(ms(10_250), 3_000), ms(10_250) / 3_000 * 8);
+        assert_eq!(send_tick(ms(10_250), 30_000), SEND_TICK_MIN);
+        assert_eq!(send_tick(ms(10_250), 3), SEND_TICK_MAX);
+        assert_eq!(send_tick(ms(10_250), 0), SEND_TICK_MAX);
     }
 
     #[test]
