@@ -381,7 +381,9 @@ fn counters_near_the_top_of_u64() {
 }
 
 #[test]
-fn two_cpus_feeding_one_session_count_exactly() {
+fn two_cpus_feeding_one_session_count_exactly_in_a_slot_and_in_the_hash() {
+    // Two sessions that want the same slot: the first is found in it, the second in the
+    // session hash, and each is fed by both CPUs at once.
     if !require_privileges() {
         return;
     }
@@ -394,7 +396,9 @@ fn two_cpus_feeding_one_session_count_exactly() {
     // Long enough that a counter held back by the other CPU is never settled before it
     // arrives, even on a loaded machine.
     let timeout = Duration::from_secs(2);
-    let rig = Rig::new(&p, &w, options(timeout));
+    let options = options(timeout);
+    let rig = Rig::new(&p, &w, options.clone());
+    let sessions = sharing_a_slot(&options, 2);
     const CHUNKS: u64 = 200;
     const CHUNK: u64 = 256;
     let highest = CHUNKS * CHUNK;
@@ -403,8 +407,13 @@ fn two_cpus_feeding_one_session_count_exactly() {
         !skipped(highest),
         "the last counter must be sent to close every hole"
     );
-    // Counter 0 first, so that the session starts at 0 whichever thread wins the race.
-    rig.deliver(&[keepalive(41, 0)]);
+    // Counter 0 first, so that each session starts at 0 whichever thread wins the race.
+    rig.deliver(
+        &sessions
+            .iter()
+            .map(|&s| keepalive(s, 0))
+            .collect::<Vec<_>>(),
+    );
     let barrier = Barrier::new(2);
     let (peer, to) = (&rig.peer, rig.wg_addr);
     let before = rig
@@ -414,7 +423,7 @@ fn two_cpus_feeding_one_session_count_exactly() {
     let sent_per_cpu: Vec<u64> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..2u64)
             .map(|cpu| {
-                let barrier = &barrier;
+                let (barrier, sessions) = (&barrier, &sessions);
                 scope.spawn(move || {
                     let mut set = nix::sched::CpuSet::new();
                     set.set(cpu as usize).expect("cpu index");
@@ -429,8 +438,10 @@ fn two_cpus_feeding_one_session_count_exactly() {
                         let start = 1 + chunk * CHUNK;
                         for c in (start + cpu..start + CHUNK).step_by(2) {
                             if !skipped(c) {
-                                peer.send_to(&keepalive(41, c), to).expect("send");
-                                sent += 1;
+                                for &s in sessions {
+                                    peer.send_to(&keepalive(s, c), to).expect("send");
+                                    sent += 1;
+                                }
                             }
                         }
                     }
@@ -444,13 +455,13 @@ fn two_cpus_feeding_one_session_count_exactly() {
             .collect()
     });
     let sent: u64 = sent_per_cpu.iter().sum();
-    let holes = (1..=highest).filter(|&c| skipped(c)).count() as u64;
-    assert_eq!(sent + holes, highest);
+    let holes = 2 * (1..=highest).filter(|&c| skipped(c)).count() as u64;
+    assert_eq!(sent + holes, 2 * highest);
     rig.let_holes_age(timeout);
     let c = rig.counters();
     assert_eq!(
         c.rx_packets,
-        sent + 1,
+        sent + 2,
         "every datagram reached TC ingress: {c:?}"
     );
     assert_eq!((c.lost, c.duplicate), (holes, 0), "{c:?}");
