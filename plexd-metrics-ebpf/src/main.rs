@@ -483,7 +483,8 @@ fn receive(m: &Received) -> bool {
     // SAFETY: a read-only global the loader may have rewritten; volatile so that the
     // compiler does not fold the default in.
     let shift = unsafe { core::ptr::read_volatile(&SESSION_SLOT_SHIFT) };
-    if let Some(slot) = SESSION_SLOTS.get_ptr_mut(session_slot(m.receiver, shift)) {
+    let slot = SESSION_SLOTS.get_ptr_mut(session_slot(m.receiver, shift));
+    if let Some(slot) = slot {
         // A first look without the lock, decided again under it: which session holds the
         // slot, and whether it has ended.
         // SAFETY: a live map value; fields are read whole, a stale value only sends the
@@ -510,7 +511,9 @@ fn receive(m: &Received) -> bool {
                 Slot::Taken => {
                     session_created(m);
                     // Another CPU may have put the same session into the hash between the
-                    // look above and the taking: counted, since its loss is now split.
+                    // look above and the taking: counted, since its loss is now split. That
+                    // CPU looks at the slot after its insert (`in_hash`), so at least one of
+                    // the two sees the other.
                     if SESSIONS.get_ptr_mut(m.receiver).is_some() {
                         stat(ProbeStat::SessionsSplit);
                     }
@@ -520,7 +523,7 @@ fn receive(m: &Received) -> bool {
             }
         }
     }
-    in_hash(m)
+    in_hash(m, slot)
 }
 
 /// What [`in_slot`] found in the slot.
@@ -570,6 +573,22 @@ unsafe fn in_slot(slot: *mut SessionState, m: &Received, may_take: bool, fresh: 
     }
 }
 
+/// Whether `slot` holds the session of `receiver`, looked at under the slot's lock.
+///
+/// # Safety
+/// `slot` points at a live value of [`SESSION_SLOTS`].
+#[inline(always)]
+unsafe fn holds(slot: *mut SessionState, receiver: u32) -> bool {
+    // SAFETY: the caller's; nothing between lock and unlock calls a helper.
+    unsafe {
+        let lock = (&raw mut (*slot).lock).cast();
+        bpf_spin_lock(lock);
+        let ours = (*slot).flags & SESSION_STARTED != 0 && (*slot).receiver == receiver;
+        bpf_spin_unlock(lock);
+        ours
+    }
+}
+
 /// Zeroes everything of a session but its lock: a new session starts from an all-zero
 /// window (see `window::record_counter`).
 ///
@@ -596,8 +615,9 @@ unsafe fn clear(slot: *mut SessionState) {
 const SESSION_WORDS: usize = core::mem::size_of::<SessionState>() / 8;
 
 /// Feeds the message into its session in [`SESSIONS`], creating it when there is none.
+/// `slot` is the session's slot, which another live session held when the message came.
 #[inline(always)]
-fn in_hash(m: &Received) -> bool {
+fn in_hash(m: &Received, slot: Option<*mut SessionState>) -> bool {
     let state = match SESSIONS.get_ptr_mut(m.receiver) {
         Some(state) => state,
         None => {
@@ -605,7 +625,16 @@ fn in_hash(m: &Received) -> bool {
             // (unstarted) session; the kernel copies it and leaves the lock to itself.
             let zero = unsafe { &*(&raw const ZERO_SESSION).cast::<SessionState>() };
             match SESSIONS.insert(m.receiver, zero, u64::from(BPF_NOEXIST)) {
-                Ok(()) => session_created(m),
+                Ok(()) => {
+                    session_created(m);
+                    // The other half of the check in `receive`: another CPU may have taken
+                    // the slot for this session since. Under the slot's lock, whose taking
+                    // orders this look after the insert on every CPU.
+                    // SAFETY: a value of SESSION_SLOTS, whose BTF has the lock.
+                    if slot.is_some_and(|slot| unsafe { holds(slot, m.receiver) }) {
+                        stat(ProbeStat::SessionsSplit);
+                    }
+                }
                 Err(e) if e == -EEXIST => {}
                 Err(e) => {
                     stat(if e == -ENOMEM {

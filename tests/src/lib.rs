@@ -363,6 +363,23 @@ pub fn kernel_name(name: &str) -> &str {
     &name[..name.len().min(15)]
 }
 
+/// The TC state of `dev` once no TCX link of ours is held any more, or as it is after 5 s.
+///
+/// The kernel detaches a TCX link when the last descriptor of it closes, and the tests of one
+/// binary run in parallel threads: a child process another test is starting (`tc`, `ip`)
+/// holds copies of all of this process's descriptors until it executes its program. The
+/// agent starts no processes, so it does not wait like this.
+pub fn tc_state_after_detach(ns: &NetNs, dev: &str) -> TcState {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let state = tc_state(ns, dev);
+        if ours(&state) == 0 || std::time::Instant::now() >= deadline {
+            return state;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// How many of plexd-metrics' programs `state` holds.
 pub fn ours(state: &TcState) -> usize {
     let names = [kernel_name(PROG_INGRESS), kernel_name(PROG_EGRESS)];

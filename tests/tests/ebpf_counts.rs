@@ -10,7 +10,7 @@ use plexd_metrics::collector::KernelCounters as _;
 use plexd_metrics::source::ebpf::{embedded_object, AttachMode, UnderlayProbe};
 use plexd_metrics_common::PROG_COUNT_ONLY;
 use plexd_metrics_tests::{
-    ours, quiet_namespaces, require_privileges, tc_state, UdpFlow, VethPair,
+    ours, quiet_namespaces, require_privileges, tc_state, tc_state_after_detach, UdpFlow, VethPair,
 };
 
 const PACKETS: u64 = 37;
@@ -115,7 +115,7 @@ fn leaves_nothing_behind(mode: AttachMode, preexisting_clsact: bool) {
     assert_eq!(ours(&during), 2, "both programs attached: {during:?}");
 
     ns_a.run(move || drop(probe)).expect("enter namespace");
-    let after = tc_state(&ns_a, dev);
+    let after = tc_state_after_detach(&ns_a, dev);
     assert_eq!(ours(&after), 0, "programs left attached: {after:?}");
     assert_eq!(after, before, "TC state differs from before the probe");
 }
@@ -160,7 +160,7 @@ fn a_missing_interface_is_named_and_nothing_stays_attached() {
         err.to_string(),
         "cannot attach to nope0: interface not found; set metrics.ebpf.interfaces"
     );
-    assert_eq!(tc_state(&ns_a, &veth.a.name), before);
+    assert_eq!(tc_state_after_detach(&ns_a, &veth.a.name), before);
 }
 
 #[test]
