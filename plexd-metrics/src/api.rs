@@ -58,9 +58,10 @@ impl MetricPoint {
 ///
 /// Points wait in the buffer and the retry queue until the control plane takes them, and a
 /// batch is encoded at least once per attempt. Serialised once when the point is made, a
-/// payload is one allocation of its JSON text instead of a tree of maps and strings (a tenth
-/// of the memory for a tunnel point), and encoding a batch copies that text instead of
-/// walking the tree. Read it with [`PointData::to_value`] or [`PointData::decode`].
+/// payload is one allocation of its JSON text instead of a tree of maps and strings (for a
+/// tunnel point about a quarter of the memory, and one allocation instead of some 40), and
+/// encoding a batch copies that text instead of walking the tree. Read it with
+/// [`PointData::to_value`] or [`PointData::decode`].
 #[derive(Clone)]
 pub struct PointData(Box<RawValue>);
 
@@ -126,6 +127,7 @@ impl Serialize for PointData {
     }
 }
 
+/// Through serde_json's deserializers only, which alone can hand over a value's raw text.
 impl<'de> Deserialize<'de> for PointData {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         Self::object(Box::<RawValue>::deserialize(d)?).map_err(de::Error::custom)
