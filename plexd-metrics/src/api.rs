@@ -3,8 +3,12 @@
 //! Field names, their order and the timestamp format are those of the Go agent, so that a
 //! control plane written for it accepts these batches unchanged.
 
+use std::fmt;
+
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde::{Deserialize, Serialize, Serializer};
+use serde::de::{self, DeserializeOwned};
+use serde::{ser, Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
 
 /// Group of [`crate::collector::SystemCollector`]: CPU, memory, disk, network, load average.
 pub const GROUP_SYSTEM: &str = "system";
@@ -26,8 +30,8 @@ pub struct MetricPoint {
     /// The peer the point is about; omitted from the JSON when empty.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub peer_id: String,
-    /// The group's payload, always a JSON object.
-    pub data: serde_json::Value,
+    /// The group's payload, a JSON object.
+    pub data: PointData,
 }
 
 /// A batch as posted to the control plane: a JSON array of points.
@@ -35,7 +39,7 @@ pub type MetricBatch = Vec<MetricPoint>;
 
 impl MetricPoint {
     /// Builds a point stamped `timestamp` whose data is `payload` serialised to a JSON object.
-    pub fn new<T: Serialize>(
+    pub fn new<T: Serialize + ?Sized>(
         timestamp: DateTime<Utc>,
         group: &str,
         peer_id: impl Into<String>,
@@ -45,8 +49,88 @@ impl MetricPoint {
             timestamp,
             group: group.to_owned(),
             peer_id: peer_id.into(),
-            data: serde_json::to_value(payload)?,
+            data: PointData::new(payload)?,
         })
+    }
+}
+
+/// A point's payload: a JSON object, kept as the text it serialises to.
+///
+/// Points wait in the buffer and the retry queue until the control plane takes them, and a
+/// batch is encoded at least once per attempt. Serialised once when the point is made, a
+/// payload is one allocation of its JSON text instead of a tree of maps and strings (for a
+/// tunnel point about a quarter of the memory, and one allocation instead of some 40), and
+/// encoding a batch copies that text instead of walking the tree. Read it with
+/// [`PointData::to_value`] or [`PointData::decode`].
+#[derive(Clone)]
+pub struct PointData(Box<RawValue>);
+
+impl PointData {
+    /// Serialises `payload`; fails unless it serialises to a JSON object, the only form the
+    /// API accepts for `data`.
+    pub fn new<T: Serialize + ?Sized>(payload: &T) -> Result<Self, serde_json::Error> {
+        Self::object(serde_json::value::to_raw_value(payload)?)
+    }
+
+    fn object(raw: Box<RawValue>) -> Result<Self, serde_json::Error> {
+        // Serialised or parsed, the text has no leading whitespace: an object opens with `{`.
+        if raw.get().starts_with('{') {
+            Ok(Self(raw))
+        } else {
+            Err(ser::Error::custom(format_args!(
+                "point data must be a JSON object, not {}",
+                raw.get()
+            )))
+        }
+    }
+
+    /// The JSON text of the object.
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+
+    /// The object parsed into a [`serde_json::Value`], to look inside it.
+    pub fn to_value(&self) -> serde_json::Value {
+        self.decode()
+            .expect("point data is valid JSON: it was serialised or parsed as such")
+    }
+
+    /// The object deserialised into `T`, such as the collector's struct it was made from.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_str(self.as_str())
+    }
+}
+
+/// Equal when the JSON texts are: the agent serialises equal payloads alike.
+impl PartialEq for PointData {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl fmt::Debug for PointData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The JSON text, as it goes on the wire.
+impl fmt::Display for PointData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for PointData {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+/// Through serde_json's deserializers only, which alone can hand over a value's raw text.
+impl<'de> Deserialize<'de> for PointData {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Self::object(Box::<RawValue>::deserialize(d)?).map_err(de::Error::custom)
     }
 }
 
@@ -60,17 +144,12 @@ fn rfc3339_utc<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error
 mod tests {
     use super::*;
     use chrono::TimeZone;
+    use serde_json::json;
 
     #[test]
     fn point_serialises_like_the_api_contract() {
         let ts = Utc.with_ymd_and_hms(2026, 2, 12, 10, 30, 0).unwrap();
-        let p = MetricPoint::new(
-            ts,
-            GROUP_SYSTEM,
-            "",
-            &serde_json::json!({"load_avg_1": 1.5}),
-        )
-        .unwrap();
+        let p = MetricPoint::new(ts, GROUP_SYSTEM, "", &json!({"load_avg_1": 1.5})).unwrap();
         assert_eq!(
             serde_json::to_string(&p).unwrap(),
             r#"{"timestamp":"2026-02-12T10:30:00Z","group":"system","data":{"load_avg_1":1.5}}"#
@@ -80,11 +159,76 @@ mod tests {
     #[test]
     fn peer_id_is_kept_when_set_and_fractions_survive() {
         let ts = Utc.timestamp_opt(1_770_892_200, 123_000_000).unwrap();
-        let p = MetricPoint::new(ts, GROUP_TUNNEL, "peer-abc-123", &serde_json::json!({})).unwrap();
+        let p = MetricPoint::new(ts, GROUP_TUNNEL, "peer-abc-123", &json!({})).unwrap();
         let v: serde_json::Value = serde_json::to_value(&p).unwrap();
         assert_eq!(v["peer_id"], "peer-abc-123");
         assert_eq!(v["timestamp"], "2026-02-12T10:30:00.123Z");
         let back: MetricPoint = serde_json::from_value(v).unwrap();
         assert_eq!(back, p);
+        let text = serde_json::to_string(&p).unwrap();
+        let back: MetricPoint = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, p);
+    }
+
+    /// The wire bytes are those the points made of a `serde_json::Value` tree gave, floats,
+    /// escapes, nesting and field order included.
+    #[test]
+    fn data_serialises_as_its_value_tree_did() {
+        #[derive(Serialize)]
+        struct Payload {
+            ratio: f64,
+            whole: f64,
+            big: u64,
+            negative: i64,
+            name: &'static str,
+            nested: serde_json::Value,
+            absent: Option<u8>,
+        }
+        let payload = Payload {
+            ratio: 0.1 + 0.2,
+            whole: -1.0,
+            big: u64::MAX,
+            negative: i64::MIN,
+            name: "q\"uote\\ tab\t é \u{1}",
+            nested: json!({"z": [1, 2.5, null], "a": {}}),
+            absent: None,
+        };
+        let point = MetricPoint::new(Utc::now(), GROUP_AGENT, "p", &payload).unwrap();
+        let tree = serde_json::to_value(&payload).unwrap();
+        assert_eq!(point.data.as_str(), serde_json::to_string(&tree).unwrap());
+        assert_eq!(point.data.to_value(), tree);
+    }
+
+    #[test]
+    fn data_that_is_not_an_object_is_refused() {
+        for payload in [json!(1), json!([{"a": 1}]), json!("{}"), json!(null)] {
+            let err = PointData::new(&payload).unwrap_err();
+            assert!(
+                err.to_string().contains("must be a JSON object"),
+                "{payload}: {err}"
+            );
+        }
+        let err = serde_json::from_str::<MetricPoint>(
+            r#"{"timestamp":"2026-02-12T10:30:00Z","group":"system","data":[1]}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("must be a JSON object"), "{err}");
+    }
+
+    #[test]
+    fn decode_gives_back_the_struct_it_was_made_from() {
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct Stats {
+            a: u64,
+            b: String,
+        }
+        let stats = Stats {
+            a: 7,
+            b: "x".into(),
+        };
+        let data = PointData::new(&stats).unwrap();
+        assert_eq!(data.decode::<Stats>().unwrap(), stats);
+        assert_eq!(data.to_string(), r#"{"a":7,"b":"x"}"#);
+        assert!(data.decode::<Vec<u64>>().is_err());
     }
 }

@@ -752,7 +752,12 @@ mod tests {
     fn seqs(batch: &[MetricPoint]) -> Vec<(String, u64)> {
         batch
             .iter()
-            .map(|p| (p.group.clone(), p.data["n"].as_u64().unwrap_or(0)))
+            .map(|p| {
+                (
+                    p.group.clone(),
+                    p.data.to_value()["n"].as_u64().unwrap_or(0),
+                )
+            })
             .collect()
     }
 
@@ -824,7 +829,7 @@ mod tests {
     fn ns(batch: &[MetricPoint]) -> Vec<u64> {
         batch
             .iter()
-            .map(|p| p.data["n"].as_u64().unwrap())
+            .map(|p| p.data.to_value()["n"].as_u64().unwrap())
             .collect()
     }
 

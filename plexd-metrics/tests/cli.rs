@@ -88,16 +88,24 @@ fn once_prints_one_valid_batch_on_stdout() {
         assert!(ts.ends_with('Z'), "UTC: {ts}");
         chrono::DateTime::parse_from_rfc3339(ts).expect("RFC 3339");
     }
-    let system = batch.iter().find(|p| p.group == "system").unwrap();
-    assert!(system.data["memory_total_bytes"].as_u64().unwrap() > 0);
-    assert!(system.data["disk_total_bytes"].as_u64().unwrap() > 0);
-    let agent_point = batch.iter().find(|p| p.group == "agent").unwrap();
+    let data = |group: &str| {
+        batch
+            .iter()
+            .find(|p| p.group == group)
+            .unwrap()
+            .data
+            .to_value()
+    };
+    let system = data("system");
+    assert!(system["memory_total_bytes"].as_u64().unwrap() > 0);
+    assert!(system["disk_total_bytes"].as_u64().unwrap() > 0);
+    let agent_point = data("agent");
     assert!(
-        agent_point.data["heap_alloc_bytes"].as_u64().unwrap() > 0,
+        agent_point["heap_alloc_bytes"].as_u64().unwrap() > 0,
         "the binary installs the counting allocator"
     );
     assert!(
-        agent_point.data.get("ebpf_programs_attached").is_none(),
+        agent_point.get("ebpf_programs_attached").is_none(),
         "eBPF is off"
     );
 }

@@ -65,7 +65,12 @@ fn agent_counts_attaches_flushes_on_sigterm_and_detaches() {
     groups.sort();
     assert_eq!(groups, ["agent", "system"]);
 
-    let agent_point = &batch.iter().find(|p| p.group == "agent").unwrap().data;
+    let agent_point = batch
+        .iter()
+        .find(|p| p.group == "agent")
+        .unwrap()
+        .data
+        .to_value();
     assert_eq!(agent_point["ebpf_programs_attached"], 2);
     assert_eq!(agent_point["ebpf_egress_packets"], PACKETS, "{agent_point}");
     assert_eq!(

@@ -75,7 +75,7 @@ fn reported_lost_packets_equal_the_routers_drops() {
     let sum = |key: &str| -> u64 {
         points
             .iter()
-            .map(|p| p.data[key].as_u64().unwrap_or(0))
+            .map(|p| p.data.to_value()[key].as_u64().unwrap_or(0))
             .sum()
     };
     let (lost, received) = (sum("lost_packets"), sum("rx_packets"));
@@ -90,7 +90,7 @@ fn reported_lost_packets_equal_the_routers_drops() {
     assert_eq!(sum("duplicate_packets"), 0);
 
     for p in &points {
-        let d = &p.data;
+        let d = p.data.to_value();
         let (lost, rx) = (
             d["lost_packets"].as_u64().unwrap(),
             d["rx_packets"].as_u64().unwrap(),
@@ -109,7 +109,7 @@ fn reported_lost_packets_equal_the_routers_drops() {
     }
     let with_loss: BTreeSet<u64> = points
         .iter()
-        .filter_map(|p| p.data["lost_packets"].as_u64())
+        .filter_map(|p| p.data.to_value()["lost_packets"].as_u64())
         .filter(|&l| l > 0)
         .collect();
     assert!(

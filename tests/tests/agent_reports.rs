@@ -218,14 +218,15 @@ fn every_collected_point_arrives_once_in_order_across_an_outage() {
     assert!(
         agent_points
             .iter()
-            .any(|p| p.data["queued_points"].as_u64().unwrap() > 0),
+            .any(|p| p.data.to_value()["queued_points"].as_u64().unwrap() > 0),
         "the outage shows in queued_points"
     );
     assert!(agent_points
         .iter()
-        .all(|p| p.data["dropped_points"] == 0 && p.data["rejected_points"] == 0));
+        .map(|p| p.data.to_value())
+        .all(|d| d["dropped_points"] == 0 && d["rejected_points"] == 0));
     assert!(
-        agent_points.last().unwrap().data["reconnect_count"]
+        agent_points.last().unwrap().data.to_value()["reconnect_count"]
             .as_u64()
             .unwrap()
             >= 1,

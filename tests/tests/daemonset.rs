@@ -267,23 +267,28 @@ fn under_the_daemonsets_constraints_the_agent_attaches_collects_reports_and_is_h
         .iter()
         .find(|p| p.group == "tunnel" && &p.peer_id == peer)
         .expect("node 1's peer, read through the UAPI socket at /host/run/wireguard");
-    assert_eq!(tunnel.data["handshake_succeeded"], true, "{}", tunnel.data);
+    assert_eq!(
+        tunnel.data.to_value()["handshake_succeeded"],
+        true,
+        "{}",
+        tunnel.data
+    );
     let latency = points
         .iter()
         .find(|p| p.group == "latency" && &p.peer_id == peer)
         .expect("a latency point (raw ICMP with NET_RAW)");
     assert!(
-        latency.data["rtt_nano"].as_i64().unwrap() > 0,
+        latency.data.to_value()["rtt_nano"].as_i64().unwrap() > 0,
         "{}",
         latency.data
     );
     let agent_point = points.iter().find(|p| p.group == "agent").expect("agent");
-    assert_eq!(agent_point.data["ebpf_programs_attached"], 2);
+    assert_eq!(agent_point.data.to_value()["ebpf_programs_attached"], 2);
     // mount_point is the host's root, bind-mounted at /host/root.
     let root = nix::sys::statfs::statfs("/").expect("statfs /");
     let system = points.iter().find(|p| p.group == "system").expect("system");
     assert_eq!(
-        system.data["disk_total_bytes"],
+        system.data.to_value()["disk_total_bytes"],
         root.blocks() * root.block_size() as u64,
         "{}",
         system.data

@@ -78,7 +78,7 @@ fn named(addresses: &[IpAddr]) -> Vec<(String, IpAddr)> {
 }
 
 fn field(p: &MetricPoint, key: &str) -> i64 {
-    p.data[key]
+    p.data.to_value()[key]
         .as_i64()
         .unwrap_or_else(|| panic!("{key} missing in {}", p.data))
 }

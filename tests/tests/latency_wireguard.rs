@@ -240,9 +240,9 @@ fn every_wireguard_peer_gets_an_rtt_a_down_one_gets_minus_one_and_one_without_ad
         .expect("collect");
     let took = start.elapsed();
 
-    let by_peer: BTreeMap<&str, &serde_json::Value> = points
+    let by_peer: BTreeMap<&str, serde_json::Value> = points
         .iter()
-        .map(|p| (p.peer_id.as_str(), &p.data))
+        .map(|p| (p.peer_id.as_str(), p.data.to_value()))
         .collect();
     let mut want = vec![wg_b.public_key.as_str(), down_key];
     want.sort_unstable();
@@ -255,11 +255,11 @@ fn every_wireguard_peer_gets_an_rtt_a_down_one_gets_minus_one_and_one_without_ad
         peers.address_of(&wg_b.public_key),
         Some("10.100.0.2".parse::<IpAddr>().unwrap())
     );
-    let up = by_peer[wg_b.public_key.as_str()];
+    let up = &by_peer[wg_b.public_key.as_str()];
     assert!(up["rtt_nano"].as_i64().unwrap() > 0, "{up}");
     // The first probe may have waited for the handshake; every probe still got its reply.
     assert_eq!(up["probes_received"], 3, "{up}");
-    let down = by_peer[down_key];
+    let down = &by_peer[down_key];
     assert_eq!(down["rtt_nano"], -1, "{down}");
     assert_eq!(down["probes_received"], 0, "{down}");
     // The down peer costs no more than the last probe's timeout after the spread.

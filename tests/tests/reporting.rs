@@ -51,7 +51,7 @@ fn point(group: &str, peer: &str, n: u64) -> MetricPoint {
 fn ns(points: &[MetricPoint]) -> Vec<u64> {
     points
         .iter()
-        .map(|p| p.data["n"].as_u64().unwrap())
+        .map(|p| p.data.to_value()["n"].as_u64().unwrap())
         .collect()
 }
 

@@ -197,9 +197,10 @@ fn the_agent_binary_reports_one_tunnel_point_per_peer() {
         BTreeSet::from(["node-2", mesh.nodes[1].keys.public.as_str()])
     );
     for p in &tunnel {
-        assert_eq!(p.data["peer_id"], p.peer_id.as_str());
-        assert_eq!(p.data["packet_loss_percent"], -1.0);
-        assert!(p.data.get("rx_packets").is_none(), "{}", p.data);
+        let d = p.data.to_value();
+        assert_eq!(d["peer_id"], p.peer_id.as_str());
+        assert_eq!(d["packet_loss_percent"], -1.0);
+        assert!(d.get("rx_packets").is_none(), "{d}");
         for key in [
             "last_handshake_time",
             "rx_bytes",
@@ -208,17 +209,27 @@ fn the_agent_binary_reports_one_tunnel_point_per_peer() {
             "handshake_stale",
             "endpoint",
         ] {
-            assert!(p.data.get(key).is_some(), "{key} missing: {}", p.data);
+            assert!(d.get(key).is_some(), "{key} missing: {d}");
         }
     }
-    let node2 = tunnel.iter().find(|p| p.peer_id == "node-2").unwrap();
-    assert_eq!(node2.data["handshake_succeeded"], true);
-    assert_eq!(node2.data["handshake_stale"], false);
-    assert_eq!(node2.data["endpoint"], mesh.nodes[2].endpoint().as_str());
-    assert!(node2.data["tx_bytes"].as_u64().unwrap() >= 3 * WG_BYTES_PER_PING);
-    let node1 = tunnel.iter().find(|p| p.peer_id != "node-2").unwrap();
-    assert_eq!(node1.data["handshake_succeeded"], false);
-    assert_eq!(node1.data["handshake_stale"], true);
+    let node2 = tunnel
+        .iter()
+        .find(|p| p.peer_id == "node-2")
+        .unwrap()
+        .data
+        .to_value();
+    assert_eq!(node2["handshake_succeeded"], true);
+    assert_eq!(node2["handshake_stale"], false);
+    assert_eq!(node2["endpoint"], mesh.nodes[2].endpoint().as_str());
+    assert!(node2["tx_bytes"].as_u64().unwrap() >= 3 * WG_BYTES_PER_PING);
+    let node1 = tunnel
+        .iter()
+        .find(|p| p.peer_id != "node-2")
+        .unwrap()
+        .data
+        .to_value();
+    assert_eq!(node1["handshake_succeeded"], false);
+    assert_eq!(node1["handshake_stale"], true);
 
     // The latency group probes the same peers, found through the same device reader and
     // named the same way, at their /32 allowed IPs, with no configured targets.
@@ -228,13 +239,18 @@ fn the_agent_binary_reports_one_tunnel_point_per_peer() {
         latency_ids, ids,
         "one latency point per device peer: {latency:#?}"
     );
-    let node2 = latency.iter().find(|p| p.peer_id == "node-2").unwrap();
+    let node2 = latency
+        .iter()
+        .find(|p| p.peer_id == "node-2")
+        .unwrap()
+        .data
+        .to_value();
     assert!(
-        node2.data["rtt_nano"].as_i64().unwrap() > 0,
+        node2["rtt_nano"].as_i64().unwrap() > 0,
         "node-2 answers through the tunnel: {}",
-        node2.data
+        node2
     );
-    assert_eq!(node2.data["probes_sent"], node2.data["probes_received"]);
+    assert_eq!(node2["probes_sent"], node2["probes_received"]);
 }
 
 #[test]

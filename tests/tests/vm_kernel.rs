@@ -65,7 +65,7 @@ fn points<'a>(
 fn tunnel_of(batches: &[Vec<MetricPoint>], peer: &str) -> Vec<TunnelStats> {
     points(batches, "tunnel")
         .filter(|p| p.peer_id == peer)
-        .map(|p| serde_json::from_value(p.data.clone()).expect("tunnel point data"))
+        .map(|p| p.data.decode().expect("tunnel point data"))
         .collect()
 }
 
@@ -109,12 +109,7 @@ fn tunnel_group_agrees_with_netlink_and_reports_loss_unmeasured_without_ebpf() {
     let tunnel: BTreeMap<&str, TunnelStats> = batch
         .iter()
         .filter(|p| p.group == "tunnel")
-        .map(|p| {
-            (
-                p.peer_id.as_str(),
-                serde_json::from_value(p.data.clone()).expect("tunnel data"),
-            )
-        })
+        .map(|p| (p.peer_id.as_str(), p.data.decode().expect("tunnel data")))
         .collect();
     let names = [
         ("node-1", mesh.nodes[1].keys.public.as_str()),
@@ -272,7 +267,7 @@ fn rtt_medians_follow_the_netem_delay() {
     let latency_of = |peer: &str| -> Vec<LatencyResult> {
         points(&batches, "latency")
             .filter(|p| p.peer_id == peer)
-            .map(|p| serde_json::from_value(p.data.clone()).expect("latency data"))
+            .map(|p| p.data.decode().expect("latency data"))
             .collect()
     };
     let (delayed, direct) = (latency_of("delayed"), latency_of("direct"));

@@ -211,8 +211,8 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(points.len(), 1);
-        let d = points[0].data.as_object().unwrap();
-        let keys: Vec<&str> = d.keys().map(String::as_str).collect();
+        let d = points[0].data.to_value();
+        let keys: Vec<&str> = d.as_object().unwrap().keys().map(String::as_str).collect();
         assert_eq!(
             keys,
             [
@@ -253,7 +253,9 @@ mod tests {
     async fn delivery_figures_are_extra_keys() {
         let c =
             AgentStatsCollector::new(Instant::now(), None, None).with_delivery(Arc::new(Delivery));
-        let d = &c.collect(&CancellationToken::new()).await.unwrap()[0].data;
+        let d = c.collect(&CancellationToken::new()).await.unwrap()[0]
+            .data
+            .to_value();
         assert_eq!(d["queued_points"], 40);
         assert_eq!(d["dropped_points"], 12);
         assert_eq!(d["rejected_points"], 3);
@@ -263,7 +265,7 @@ mod tests {
     async fn no_reconnect_counter_means_zero() {
         let c = AgentStatsCollector::new(Instant::now(), None, None);
         let points = c.collect(&CancellationToken::new()).await.unwrap();
-        assert_eq!(points[0].data["reconnect_count"], 0);
+        assert_eq!(points[0].data.to_value()["reconnect_count"], 0);
     }
 
     #[tokio::test]
@@ -276,7 +278,9 @@ mod tests {
             egress_bytes: 700,
         };
         let c = AgentStatsCollector::new(Instant::now(), None, Some(Arc::new(Kernel(Ok(totals)))));
-        let d = &c.collect(&CancellationToken::new()).await.unwrap()[0].data;
+        let d = c.collect(&CancellationToken::new()).await.unwrap()[0]
+            .data
+            .to_value();
         assert_eq!(d["ebpf_programs_attached"], 2);
         assert_eq!(d["ebpf_ingress_packets"], 10);
         assert_eq!(d["ebpf_egress_bytes"], 700);

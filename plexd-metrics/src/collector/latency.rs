@@ -599,7 +599,7 @@ mod tests {
     fn by_peer(points: &[MetricPoint]) -> HashMap<String, serde_json::Value> {
         points
             .iter()
-            .map(|p| (p.peer_id.clone(), p.data.clone()))
+            .map(|p| (p.peer_id.clone(), p.data.to_value()))
             .collect()
     }
 
@@ -724,7 +724,7 @@ mod tests {
         for cycle in 1..=6u64 {
             tokio::time::sleep_until(start + Duration::from_secs(10 * cycle)).await;
             let points = c.collect(&CancellationToken::new()).await.unwrap();
-            let d = &points[0].data;
+            let d = points[0].data.to_value();
             // To the histogram's resolution (1 %), in whole milliseconds.
             let in_ms = |k: &str| d[k].as_i64().map(|n| (n as f64 / 1e6).round() as i64);
             seen.push((in_ms("rtt_p50_nano"), in_ms("rtt_p99_nano")));

@@ -104,13 +104,14 @@ mod tests {
         assert!(points[0].peer_id.is_empty());
         let keys: Vec<_> = points[0]
             .data
+            .to_value()
             .as_object()
             .unwrap()
             .keys()
             .cloned()
             .collect();
         assert_eq!(keys.len(), 10, "{keys:?}");
-        let back: SystemStats = serde_json::from_value(points[0].data.clone()).unwrap();
+        let back: SystemStats = points[0].data.decode().unwrap();
         assert_eq!(back, stats);
     }
 

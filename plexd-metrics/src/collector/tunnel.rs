@@ -171,10 +171,10 @@ mod tests {
         assert_eq!(points[0].peer_id, "peer-abc-123");
         assert_eq!(points[0].group, "tunnel");
         assert_eq!(
-            serde_json::to_string(&points[0].data).unwrap(),
+            points[0].data.as_str(),
             r#"{"peer_id":"peer-abc-123","last_handshake_time":"2026-02-12T10:29:55Z","rx_bytes":104857600,"tx_bytes":52428800,"handshake_succeeded":true,"handshake_stale":false,"packet_loss_percent":0.5}"#
         );
-        assert_eq!(points[1].data["packet_loss_percent"], -1.0);
+        assert_eq!(points[1].data.to_value()["packet_loss_percent"], -1.0);
     }
 
     #[tokio::test]

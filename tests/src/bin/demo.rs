@@ -168,7 +168,7 @@ fn show(batch: &[MetricPoint], log: &std::path::Path) {
         .iter()
         .filter(|p| p.group == "tunnel" && p.timestamp == latest)
     {
-        let d = &p.data;
+        let d = p.data.to_value();
         let count = |key: &str| d[key].as_u64().map_or("-".to_owned(), |n| n.to_string());
         let handshake = if d["handshake_succeeded"] == true {
             let at = chrono_seconds(d["last_handshake_time"].as_str().unwrap_or_default());

@@ -206,11 +206,11 @@ fn compare(targets: usize, collect_secs: u64, rounds: usize) {
             all_in_time &= wall < cfg.collect_interval;
             let complete = points
                 .iter()
-                .filter(|p| p.data["probes_received"] == 3)
+                .filter(|p| p.data.to_value()["probes_received"] == 3)
                 .count();
             let rtts: Vec<f64> = points
                 .iter()
-                .filter_map(|p| p.data["rtt_nano"].as_i64())
+                .filter_map(|p| p.data.to_value()["rtt_nano"].as_i64())
                 .filter(|&n| n >= 0)
                 .map(|n| n as f64 / 1e6)
                 .collect();
