@@ -342,7 +342,6 @@ mod tests {
     use crate::reporter::MetricReporter;
     use async_trait::async_trait;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::sync::{mpsc, Notify};
 
     fn cfg(collect: u64, report: u64, batch: i64, max_points: i64) -> MetricsConfig {
@@ -463,15 +462,22 @@ mod tests {
     }
 
     /// A plain HTTP/1.1 request over a fresh connection: status and parsed body.
+    ///
+    /// Made from a blocking thread: while one runs, the paused clock of these tests does not
+    /// advance on its own. Awaited on the runtime, the request would leave it idle while the
+    /// reply crosses loopback, and the clock would jump to the next collect or report.
     async fn request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        stream
-            .write_all(format!("{method} {path} HTTP/1.1\r\nHost: probe\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await.unwrap();
-        let text = String::from_utf8(raw).unwrap();
+        let head = format!("{method} {path} HTTP/1.1\r\nHost: probe\r\n\r\n");
+        let text = tokio::task::spawn_blocking(move || {
+            use std::io::{Read as _, Write as _};
+            let mut stream = std::net::TcpStream::connect(addr).unwrap();
+            stream.write_all(head.as_bytes()).unwrap();
+            let mut raw = Vec::new();
+            stream.read_to_end(&mut raw).unwrap();
+            String::from_utf8(raw).unwrap()
+        })
+        .await
+        .unwrap();
         let (head, body) = text.split_once("\r\n\r\n").expect("a complete response");
         let status = head.split(' ').nth(1).unwrap().parse().unwrap();
         assert!(
