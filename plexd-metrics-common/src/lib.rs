@@ -334,8 +334,8 @@ pub struct SessionState {
     pub checkpoints: [Checkpoint; CHECKPOINTS],
     /// Index of the newest checkpoint (valid once started).
     pub newest: u32,
-    /// The receiver index of the session, which tags a slot of [`MAP_SESSION_SLOTS`]
-    /// (valid once started).
+    /// The receiver index of the session in a slot of [`MAP_SESSION_SLOTS`], its tag, set
+    /// when the session takes the slot. Zero in [`MAP_SESSIONS`], which is keyed by it.
     pub receiver: u32,
     /// The remote endpoint of the last transport message (peers may roam).
     pub endpoint: EndpointKey,

@@ -682,7 +682,6 @@ fn count_in(s: &mut SessionState, m: &Received, fresh: bool) {
         timeout,
         checkpoint,
     );
-    s.receiver = m.receiver;
     s.endpoint = *m.remote;
 }
 
