@@ -296,7 +296,7 @@ impl Echoer {
             })
             .expect("enter target namespace")
             .expect("raw socket");
-        // The loop below checks `stop` between receives.
+        // The loop below checks `stop` when a receive times out.
         setsockopt(
             &fd,
             sockopt::ReceiveTimeout,
@@ -310,9 +310,14 @@ impl Echoer {
                 use std::os::fd::AsRawFd;
                 let mut echoed = 0;
                 let mut buf = [0u8; 1500];
-                while !stop.load(Ordering::Relaxed) {
+                loop {
+                    // Stops at the first timeout after being told to, so that requests already
+                    // queued (the pinger sends in bursts) are all answered and counted.
                     let Ok((n, Some(from))) = recvfrom::<SockaddrIn>(fd.as_raw_fd(), &mut buf)
                     else {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
                         continue;
                     };
                     let header = usize::from(buf[0] & 0x0f) * 4;
