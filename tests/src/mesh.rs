@@ -147,10 +147,27 @@ impl Mesh {
     }
 
     /// Pings node `to`'s tunnel address from node `from`, `count` times, 10 ms apart, and
-    /// returns how many answers came back. The first packet starts the handshake.
+    /// returns how many answers came back, waiting up to 2 s for the last. A first packet
+    /// between the two starts the handshake; [`Mesh::handshake`] waits for it instead.
     pub fn ping(&self, from: usize, to: usize, count: u32) -> io::Result<u32> {
+        self.ping_waiting(from, to, count, 2)
+    }
+
+    /// Brings up the session from node `from` to node `to`: one echo, answered once
+    /// WireGuard's handshake completes, which on a loaded machine can take longer than
+    /// [`Mesh::ping`] waits.
+    pub fn handshake(&self, from: usize, to: usize) -> io::Result<()> {
+        match self.ping_waiting(from, to, 1, 20)? {
+            1 => Ok(()),
+            _ => Err(io::Error::other(format!(
+                "no answer from node {to} to node {from} within 20 s: the handshake failed"
+            ))),
+        }
+    }
+
+    fn ping_waiting(&self, from: usize, to: usize, count: u32, wait_s: u32) -> io::Result<u32> {
         let target = self.nodes[to].tunnel.to_string();
-        let count = count.to_string();
+        let (count, wait) = (count.to_string(), wait_s.to_string());
         let out = std::process::Command::new("ip")
             .args([
                 "netns",
@@ -160,7 +177,7 @@ impl Mesh {
                 "-q",
                 "-n",
             ])
-            .args(["-c", &count, "-i", "0.01", "-W", "2", &target])
+            .args(["-c", &count, "-i", "0.01", "-W", &wait, &target])
             .output()?;
         let text = String::from_utf8_lossy(&out.stdout);
         // "N packets transmitted, M received, ..."; ping exits non-zero when any was lost.

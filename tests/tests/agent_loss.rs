@@ -33,6 +33,7 @@ fn reported_lost_packets_equal_the_routers_drops() {
 
     // The handshake happens before the agent starts: a session it joins midway must not
     // count the counters it never saw as lost.
+    mesh.handshake(1, 0).expect("handshake");
     assert_eq!(mesh.ping(1, 0, 3).expect("ping"), 3);
     let agent = RunningAgent::start(&receiver.ns, &config);
     let attached = agent.wait_for("kernel programs attached");

@@ -209,6 +209,7 @@ fn under_the_daemonsets_constraints_the_agent_attaches_collects_reports_and_is_h
     let spec = PodSpec::from_manifests();
     let mesh = Mesh::new(2, None).expect("build the mesh");
     let node = &mesh.nodes[0];
+    mesh.handshake(0, 1).expect("handshake");
     assert_eq!(mesh.ping(0, 1, 3).expect("ping"), 3, "the tunnel is up");
     // In the node's namespace, where the agent reaches it at 127.0.0.1.
     let cp = node
@@ -363,7 +364,7 @@ fn each_other_missing_capability_gives_one_clear_error_and_the_rest_is_collected
     let spec = PodSpec::from_manifests();
     let mesh = Mesh::new(2, None).expect("build the mesh");
     let node = &mesh.nodes[0];
-    assert_eq!(mesh.ping(0, 1, 1).expect("ping"), 1);
+    mesh.handshake(0, 1).expect("handshake");
     let pod = SimulatedPod::new(
         spec.clone(),
         &agent_binary(),

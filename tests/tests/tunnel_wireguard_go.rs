@@ -62,6 +62,7 @@ fn the_reader_agrees_with_wg_show_dump() {
             "10.220.9.9/32",
         ])
         .expect("add a peer that never answers");
+    mesh.handshake(0, 1).expect("handshake");
     assert_eq!(
         mesh.ping(0, 1, 5).expect("ping"),
         5,
@@ -138,6 +139,7 @@ fn traffic_moves_the_counters_and_handshakes_set_the_flags() {
         assert_eq!(s.rx_packets, None);
     }
 
+    mesh.handshake(0, 1).expect("handshake");
     assert_eq!(mesh.ping(0, 1, 20).expect("ping"), 20);
     let after = read_stats(&node.ns, &reader);
     let dump = parse_dump(&node.wg.dump().expect("wg show dump"));
@@ -186,6 +188,7 @@ fn the_agent_binary_reports_one_tunnel_point_per_peer() {
     }
     let mesh = Mesh::new(3, None).expect("build the mesh");
     let node = &mesh.nodes[0];
+    mesh.handshake(0, 2).expect("handshake");
     assert_eq!(mesh.ping(0, 2, 3).expect("ping"), 3);
     let config = format!(
             // 5 s: the latency probes are spread over part of one collect interval.
