@@ -442,3 +442,72 @@ pub fn tool(name: &str) -> io::Result<std::path::PathBuf> {
     }
     Ok(path)
 }
+
+/// `peers` remote endpoints on the first end of `veth`: its address, ports 10,000 and up.
+pub fn endpoints_on(veth: &crate::VethPair, peers: usize) -> Vec<SocketAddr> {
+    (0..peers)
+        .map(|i| SocketAddr::from((veth.a.addr, 10_000 + i as u16)))
+        .collect()
+}
+
+/// Gives each of `endpoints` (from [`endpoints_on`]) one WireGuard session in `probe`, which
+/// is attached to the second end of `veth` and watches `port`: transport messages with
+/// counters 0, 1 and 3 to receiver index `i + 1`, so that every session has a hole (counter
+/// 2) to settle once the reorder timeout has passed.
+///
+/// The messages are raw frames sent through `peer_ns`'s end, 128 endpoints at a time, each
+/// batch waited for until the probe has counted it: a burst would overflow the receiving
+/// end's backlog before TC sees it.
+pub fn one_session_each(
+    peer_ns: &crate::NetNs,
+    veth: &crate::VethPair,
+    probe: &plexd_metrics::source::ebpf::UnderlayProbe,
+    endpoints: &[SocketAddr],
+    port: u16,
+) {
+    use crate::wg::{ipv4_udp_frame, mac, transport, RawLink};
+    use plexd_metrics::source::counters::EndpointCounterSource as _;
+
+    let (a, b) = (&veth.a, &veth.b);
+    // As the tunnel reader does with the peers of the device state: counters exist before
+    // the traffic, so that the burst below does not wait for the kernel's allocator.
+    probe.track_endpoints(endpoints).expect("track the peers");
+    let link = peer_ns
+        .run(|| RawLink::open(&a.name))
+        .expect("enter namespace")
+        .expect("AF_PACKET socket");
+    let seen = || {
+        probe
+            .totals()
+            .expect("read the packet counters")
+            .ingress_packets
+    };
+    for (n, chunk) in endpoints.chunks(128).enumerate() {
+        for counter in [0, 1, 3] {
+            let target = seen() + chunk.len() as u64;
+            for (i, endpoint) in chunk.iter().enumerate() {
+                let SocketAddr::V4(from) = endpoint else {
+                    panic!("{endpoint} is not an address of {}", a.name);
+                };
+                let receiver = (n * 128 + i) as u32 + 1;
+                let frame = ipv4_udp_frame(
+                    mac(&b.mac),
+                    mac(&a.mac),
+                    (*from.ip(), from.port()),
+                    (b.addr, port),
+                    &transport(receiver, counter, 64),
+                );
+                link.send(&frame).expect("send a frame");
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while seen() < target {
+                assert!(
+                    Instant::now() < deadline,
+                    "the kernel programs saw {} of {target} packets after 10 s",
+                    seen()
+                );
+                std::thread::yield_now();
+            }
+        }
+    }
+}

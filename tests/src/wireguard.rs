@@ -215,14 +215,22 @@ pub fn parse_dump(dump: &str) -> Vec<DumpPeer> {
 /// each and endpoints in 192.0.2.0/24 (TEST-NET-1, never reachable), listening on
 /// `listen_port`; and the endpoints, in peer order. For the benchmarks' large devices.
 pub fn many_peers(listen_port: u16, peers: usize) -> (String, Vec<std::net::SocketAddr>) {
+    let endpoints: Vec<std::net::SocketAddr> = (0..peers)
+        .map(|i| {
+            std::net::SocketAddr::from((
+                [192, 0, 2, (i % 250 + 1) as u8],
+                20_000 + (i % 40_000) as u16,
+            ))
+        })
+        .collect();
+    (peers_at(listen_port, &endpoints), endpoints)
+}
+
+/// A `wg setconf` configuration with one peer (random key, one /32 of 10.100.0.0/14) at each
+/// of `endpoints`, listening on `listen_port`.
+pub fn peers_at(listen_port: u16, endpoints: &[std::net::SocketAddr]) -> String {
     let mut conf = format!("[Interface]\nListenPort = {listen_port}\n");
-    let mut endpoints = Vec::with_capacity(peers);
-    for i in 0..peers {
-        let endpoint = std::net::SocketAddr::from((
-            [192, 0, 2, (i % 250 + 1) as u8],
-            20_000 + (i % 40_000) as u16,
-        ));
-        endpoints.push(endpoint);
+    for (i, endpoint) in endpoints.iter().enumerate() {
         conf.push_str(&format!(
             "[Peer]\nPublicKey = {}\nAllowedIPs = 10.{}.{}.{}/32\nEndpoint = {endpoint}\n",
             random_public_key(),
@@ -231,5 +239,5 @@ pub fn many_peers(listen_port: u16, peers: usize) -> (String, Vec<std::net::Sock
             i % 250 + 1
         ));
     }
-    (conf, endpoints)
+    conf
 }

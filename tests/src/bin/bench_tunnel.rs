@@ -1,95 +1,69 @@
-//! `cargo xtask bench`'s tunnel part: one collect of the tunnel group (read a wireguard-go
-//! device with 10,000 peers over its UAPI socket, read 10,000 endpoint counters, join them)
+//! `cargo xtask bench`'s tunnel part: one collect of the tunnel group at 10,000 peers, all
+//! real parts: a wireguard-go device with 10,000 peers read over its UAPI socket, the kernel
+//! programs' maps holding a session for each peer's endpoint, and the join of the two;
 //! against the goal of 20 ms, beside `wg show <dev> dump` of the same device as the baseline,
 //! measured in the same run.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
-use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::process::Command;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use plexd_metrics::collector::BoxError;
-use plexd_metrics::config::PeerNames;
-use plexd_metrics::source::counters::{CounterSnapshot, EndpointCounterSource, EndpointCounters};
+use plexd_metrics::source::counters::EndpointCounterSource as _;
+use plexd_metrics::source::ebpf::ProbeOptions;
 use plexd_metrics::source::tunnel::{JoinState, WireGuardTunnelReader};
 use plexd_metrics::source::wireguard::{uapi, DeviceSource, SystemDevices};
-use plexd_metrics_tests::wireguard::{many_peers, WireGuardGo, SOCKET_DIR};
-use plexd_metrics_tests::{unique_name, NetNs};
+use plexd_metrics_tests::bench::{endpoints_on, ms, one_session_each, thread_cpu};
+use plexd_metrics_tests::wireguard::{peers_at, WireGuardGo, SOCKET_DIR};
+use plexd_metrics_tests::{attach_probe, quiet_namespaces, unique_name, VethPair};
 
 const PEERS: usize = 10_000;
 const ROUNDS: usize = 30;
 const GOAL: Duration = Duration::from_millis(20);
-
-/// Counters for every endpoint, growing by one packet per read, built fresh each time as
-/// the map reader would.
-struct FakeCounters {
-    endpoints: Vec<SocketAddr>,
-    reads: AtomicU64,
-}
-
-impl EndpointCounterSource for FakeCounters {
-    fn read_endpoints(&self) -> Result<CounterSnapshot, BoxError> {
-        let n = self.reads.fetch_add(1, Ordering::Relaxed) + 1;
-        let endpoints: HashMap<SocketAddr, EndpointCounters> = self
-            .endpoints
-            .iter()
-            .map(|&e| {
-                (
-                    e,
-                    EndpointCounters {
-                        rx_packets: 100 * n,
-                        tx_packets: 100 * n,
-                        lost: n,
-                        ..EndpointCounters::default()
-                    },
-                )
-            })
-            .collect();
-        Ok(CounterSnapshot {
-            endpoints,
-            map_overflows: 0,
-        })
-    }
-
-    fn set_listen_ports(&self, _: &[u16]) -> Result<(), BoxError> {
-        Ok(())
-    }
-}
+const WG_PORT: u16 = 51_900;
 
 fn main() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("bench-tunnel: needs root (network namespace, wireguard-go)");
+        eprintln!("bench-tunnel: needs root (network namespaces, wireguard-go, eBPF)");
         std::process::exit(2);
     }
-    let ns = NetNs::new("pbt").expect("create namespace");
-    let wg = WireGuardGo::start(&ns, &unique_name("wgb")).expect("start wireguard-go");
-    let (conf, endpoints) = many_peers(51_900, PEERS);
-    wg.setconf(&conf).expect("wg setconf");
+    let (peer_ns, wg_ns) = quiet_namespaces();
+    let veth = VethPair::new(&peer_ns, &wg_ns).expect("create veth pair");
+    let endpoints = endpoints_on(&veth, PEERS);
+    let wg = WireGuardGo::start(&wg_ns, &unique_name("wgb")).expect("start wireguard-go");
+    wg.setconf(&peers_at(WG_PORT, &endpoints))
+        .expect("wg setconf");
+    let options = ProbeOptions::default();
+    let probe = Arc::new(attach_probe(&wg_ns, &veth.b.name, &options, &[WG_PORT]));
+    eprintln!("bench-tunnel: one session for each of {PEERS} peers in the kernel maps");
+    one_session_each(&peer_ns, &veth, &probe, &endpoints, WG_PORT);
+    // Every session's hole is settled once the reorder timeout has passed since it opened;
+    // the coarse clock the programs stamp with is a few ms behind at most.
+    std::thread::sleep(options.reorder_timeout + Duration::from_millis(50));
 
     let name = wg.name.clone();
     let devices = Arc::new(SystemDevices::new(vec![name.clone()], SOCKET_DIR));
     let reader = WireGuardTunnelReader::new(
         devices.clone(),
-        Some(Arc::new(FakeCounters {
-            endpoints,
-            reads: AtomicU64::new(0),
-        })),
-        PeerNames::default(),
+        Some(probe.clone()),
+        Default::default(),
         Duration::from_secs(180),
     );
-
     let socket = wg.socket();
-    let (collect, device_only, raw_uapi, parse, join) = ns
+    let (collect, device_only, raw_uapi, parse, maps, join) = wg_ns
         .run(|| {
-            for _ in 0..3 {
-                let stats = reader.read_blocking(SystemTime::now()).expect("read");
-                assert_eq!(stats.len(), PEERS, "every peer joined");
-                assert_eq!(stats[0].lost_packets, Some(1), "interval deltas");
+            let first = reader.read_blocking(SystemTime::now()).expect("read");
+            assert_eq!(first.len(), PEERS, "every peer joined");
+            for s in &first {
+                assert_eq!(
+                    (s.rx_packets, s.lost_packets),
+                    (Some(3), Some(1)),
+                    "each peer's session: three messages and one settled hole: {s:?}"
+                );
             }
+            // From here on the steady state: the same sessions, nothing new to report.
             let collect = time(|| {
                 reader.read_blocking(SystemTime::now()).expect("read");
             });
@@ -104,14 +78,13 @@ fn main() {
             let parse = time(|| {
                 uapi::parse_get(&name, answer.as_slice()).expect("parse");
             });
+            let maps = time(|| {
+                probe.read_endpoints().expect("read the kernel maps");
+            });
             let parsed = vec![uapi::parse_get(&name, answer.as_slice()).expect("parse")];
-            let counters = FakeCounters {
-                endpoints: parsed[0].peers.iter().filter_map(|p| p.endpoint).collect(),
-                reads: AtomicU64::new(0),
-            };
+            let snapshot = probe.read_endpoints().expect("read the kernel maps");
             let mut state = JoinState::default();
             let join = time(|| {
-                let snapshot = counters.read_endpoints().expect("counters");
                 state.join(
                     &parsed,
                     Some(&snapshot),
@@ -120,12 +93,12 @@ fn main() {
                     Duration::from_secs(180),
                 );
             });
-            (collect, device_only, raw_uapi, parse, join)
+            (collect, device_only, raw_uapi, parse, maps, join)
         })
         .expect("enter namespace");
     let baseline = time(|| {
         let out = Command::new("ip")
-            .args(["netns", "exec", ns.name(), "wg", "show", &name, "dump"])
+            .args(["netns", "exec", wg_ns.name(), "wg", "show", &name, "dump"])
             .output()
             .expect("run wg");
         assert!(out.status.success());
@@ -138,18 +111,20 @@ fn main() {
     println!(
         "tunnel group collect, {PEERS} peers, {ROUNDS} rounds: wall median, wall p95, CPU median"
     );
-    collect.line("plexd-metrics collect (UAPI read+counters+join)", true);
+    collect.line("plexd-metrics collect (UAPI + kernel maps + join)", true);
     device_only.line("  device read (UAPI exchange + parse)", true);
     raw_uapi.line("    wireguard-go answering (bytes only)", false);
     parse.line("    parsing the answer", true);
-    join.line("  counters read + join", true);
+    maps.line("  kernel maps read (sessions settled)", true);
+    join.line("  join", true);
     baseline.line("baseline: wg show <dev> dump (same device)", false);
-    let own = parse.cpu + join.cpu;
-    let verdict = if own < GOAL { "met" } else { "MISSED" };
+    // The collect's CPU time on its thread is the agent's own work, system calls included;
+    // waiting for wireguard-go's answer is not.
+    let verdict = if collect.cpu < GOAL { "met" } else { "MISSED" };
     println!(
-        "  goal: the agent's own work (parse + counters + join) under {} ms: {verdict} ({:.2} ms CPU)",
+        "  goal: the agent's own work per collect (CPU of the whole read) under {} ms: {verdict} ({:.2} ms)",
         GOAL.as_millis(),
-        ms(own)
+        ms(collect.cpu)
     );
     println!(
         "  whole collect / wg show dump: {:.2}x (both wait for wireguard-go's answer)",
@@ -157,8 +132,8 @@ fn main() {
     );
     // A missed goal is the verdict line's to say, as in the rest of `cargo xtask bench`; on a
     // loaded machine this one is close (its CPU median moves by a few ms between runs).
+    drop(probe);
     drop(wg);
-    drop(ns);
 }
 
 /// The UAPI `get` exchange without parsing: the implementation's share of a read.
@@ -215,20 +190,4 @@ impl Timing {
             ms(self.p95)
         );
     }
-}
-
-fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec into the valid one passed.
-    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
-        return Duration::ZERO;
-    }
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }

@@ -20,8 +20,10 @@ use plexd_metrics::source::ebpf::{embedded_object, ProbeOptions};
 use plexd_metrics_common::{
     EndpointKey, EndpointStats, MAP_ENDPOINTS, PROG_COUNT_ONLY, PROG_INGRESS,
 };
-use plexd_metrics_tests::bench::{emit, median, Figures, Goal, Rounds, Row};
-use plexd_metrics_tests::wg::{ipv4_udp_frame, mac, transport, RawLink};
+use plexd_metrics_tests::bench::{
+    emit, endpoints_on, median, one_session_each, Figures, Goal, Rounds, Row,
+};
+use plexd_metrics_tests::wg::transport;
 use plexd_metrics_tests::{attach_probe, quiet_namespaces, NetNs, VethPair};
 
 const WG_PORT: u16 = 51820;
@@ -188,45 +190,8 @@ fn read_round(peers: usize, reads: usize) -> ReadCost {
     let veth = VethPair::new(&peer_ns, &wg_ns).expect("create veth pair");
     let dev = veth.b.name.clone();
     let probe = attach_probe(&wg_ns, &dev, &ProbeOptions::default(), &[WG_PORT]);
-    let (a, b) = (veth.a.clone(), veth.b.clone());
-    // As the tunnel reader does with the peers of the device state: counters exist before
-    // the traffic, so that the burst below does not wait for the kernel's allocator.
-    let known: Vec<SocketAddr> = (0..peers)
-        .map(|i| SocketAddr::from((a.addr, 10_000 + i as u16)))
-        .collect();
-    probe.track_endpoints(&known).expect("track the peers");
-    let wg_addr = SocketAddr::from((b.addr, WG_PORT));
-    // Receiving every datagram paces the sender: a burst of raw frames would overflow the
-    // receive backlog before TC sees them.
-    let sink = wg_ns
-        .run(move || UdpSocket::bind(wg_addr))
-        .expect("enter namespace")
-        .expect("bind");
-    sink.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("set receive timeout");
-    let link = peer_ns
-        .run(|| RawLink::open(&a.name))
-        .expect("enter namespace")
-        .expect("AF_PACKET socket");
-    let mut buf = [0u8; 256];
-    for first in (0..peers).step_by(128) {
-        let chunk = first..(first + 128).min(peers);
-        for counter in [0, 1, 3] {
-            for i in chunk.clone() {
-                let frame = ipv4_udp_frame(
-                    mac(&b.mac),
-                    mac(&a.mac),
-                    (a.addr, 10_000 + i as u16),
-                    (b.addr, WG_PORT),
-                    &transport(i as u32 + 1, counter, 64),
-                );
-                link.send(&frame).expect("send a frame");
-            }
-            for _ in chunk.clone() {
-                sink.recv_from(&mut buf).expect("a datagram");
-            }
-        }
-    }
+    let endpoints = endpoints_on(&veth, peers);
+    one_session_each(&peer_ns, &veth, &probe, &endpoints, WG_PORT);
     let snapshot = probe.read_endpoints().expect("read");
     assert_eq!(
         snapshot.endpoints.len(),
