@@ -35,25 +35,11 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// Every entry of a map: each key with its value, or with one value per possible CPU
-/// when `per_cpu` (which is how the kernel lays out per-CPU values).
+/// Calls `f` with every entry of a map: each key with its value, or with one value per
+/// possible CPU when `per_cpu` (which is how the kernel lays out per-CPU values); a chunk of
+/// entries in memory at a time.
 ///
 /// `Err` with `ErrorKind::Unsupported` when the kernel lacks the command.
-pub(super) fn lookup_all<K: Pod, V: Pod>(
-    map: &MapData,
-    per_cpu: bool,
-    cpus: usize,
-    elem_flags: u64,
-) -> io::Result<Vec<(K, Vec<V>)>> {
-    let mut out = Vec::new();
-    for_each(map, per_cpu, cpus, elem_flags, |k, v: &[V]| {
-        out.push((k, v.to_vec()));
-    })?;
-    Ok(out)
-}
-
-/// Calls `f` with every entry of a map, as [`lookup_all`] returns them, a chunk of entries
-/// in memory at a time.
 pub(super) fn for_each<K: Pod, V: Pod>(
     map: &MapData,
     per_cpu: bool,

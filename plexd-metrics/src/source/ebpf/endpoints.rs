@@ -48,10 +48,13 @@ pub(super) struct Reader {
 /// What the agent remembers between reads.
 #[derive(Debug, Default)]
 pub(super) struct ReadState {
-    /// Each live session's figures as of the last read.
-    sessions: StdHashMap<SessionId, SessionFigures>,
+    /// Each live session's figures as of the last read, and the number of that read.
+    sessions: StdHashMap<SessionId, (SessionFigures, u64)>,
     /// What sessions received and lost, per endpoint, since attach.
     folded: StdHashMap<EndpointKey, Folded>,
+    /// Number of the current read: what was seen in it carries it, so that finding what
+    /// was not takes no set of its own.
+    read: u64,
     /// Map overflows at the last read, to warn when they grow.
     overflows: u64,
     /// Allocation failures at the last read, likewise.
@@ -129,6 +132,8 @@ struct Folded {
     figures: SessionFigures,
     /// The latest message of any of its sessions, for expiry.
     last_seen_ns: u64,
+    /// The last read that found the endpoint in the endpoint map.
+    in_map: u64,
 }
 
 /// Probe-wide counters since the programs were loaded.
@@ -266,7 +271,11 @@ impl ReadState {
             return false;
         }
         let now = SessionFigures::of(session, now_ns, timeout_ns);
-        let before = self.sessions.insert(id, now).unwrap_or_default();
+        let before = self
+            .sessions
+            .insert(id, (now, self.read))
+            .map(|(figures, _)| figures)
+            .unwrap_or_default();
         let growth = now.growth_since(&before);
         let folded = self.folded.entry(session.endpoint).or_default();
         folded.figures.add(&growth);
@@ -312,29 +321,33 @@ impl Reader {
 
     /// Settles every session at `now_ns` and returns every endpoint's counters.
     pub(super) fn read(&mut self, now_ns: u64) -> Result<CounterSnapshot, EbpfError> {
+        self.state.read += 1;
+        let read = self.state.read;
         self.read_sessions(now_ns)?;
 
         let mut snapshot = CounterSnapshot::default();
+        // Expired endpoints, and whether the endpoint map holds them.
         let mut expired = Vec::new();
-        let mut in_map = std::collections::HashSet::new();
         let expires = |last_seen_ns: u64| now_ns.saturating_sub(last_seen_ns) > ENDPOINT_EXPIRY_NS;
-        for (key, per_cpu) in self.all_endpoints()? {
-            let mut total = EndpointStats::default();
-            for cpu in &per_cpu {
-                add(&mut total, cpu);
-            }
-            let folded = self.state.folded.get(&key).copied().unwrap_or_default();
+        let folded = &mut self.state.folded;
+        each_endpoint(&self.endpoints, self.cpus, |key, total| {
+            let (figures, last_seen_ns) = match folded.get_mut(&key) {
+                Some(f) => {
+                    f.in_map = read;
+                    (f.figures, f.last_seen_ns)
+                }
+                None => (SessionFigures::default(), 0),
+            };
             snapshot
                 .endpoints
-                .insert(socket_addr(&key), counters(&total, &folded.figures));
-            if expires(total.last_seen_ns.max(folded.last_seen_ns)) {
-                expired.push(key);
+                .insert(socket_addr(&key), counters(&total, &figures));
+            if expires(total.last_seen_ns.max(last_seen_ns)) {
+                expired.push((key, true));
             }
-            in_map.insert(key);
-        }
+        })?;
         // Endpoints heard only through their sessions (or that the map had no room for).
         for (key, folded) in &self.state.folded {
-            if in_map.contains(key) {
+            if folded.in_map == read {
                 continue;
             }
             snapshot.endpoints.insert(
@@ -342,13 +355,13 @@ impl Reader {
                 counters(&EndpointStats::default(), &folded.figures),
             );
             if expires(folded.last_seen_ns) {
-                expired.push(*key);
+                expired.push((*key, false));
             }
         }
         // Reported one last time above; removed after, so that the map never iterates
         // while it shrinks.
-        for key in expired {
-            if in_map.contains(&key) {
+        for (key, in_map) in expired {
+            if in_map {
                 match self.endpoints.remove(&key) {
                     Ok(()) => {}
                     Err(e) if is_not_found(&e) => {}
@@ -430,30 +443,11 @@ impl Reader {
         Ok(())
     }
 
-    /// Every endpoint with its per-CPU values: in batches, or key by key on kernels
-    /// without batch lookups.
-    fn all_endpoints(&self) -> Result<Vec<(EndpointKey, Vec<EndpointStats>)>, EbpfError> {
-        match batch::lookup_all(self.endpoints.map(), true, self.cpus, 0) {
-            Ok(all) => return Ok(all),
-            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {}
-            Err(e) => return Err(batch_error(MAP_ENDPOINTS, e)),
-        }
-        self.endpoints
-            .iter()
-            .map(|item| {
-                item.map(|(k, v)| (k, v.iter().copied().collect()))
-                    .map_err(read_error(MAP_ENDPOINTS))
-            })
-            .collect()
-    }
-
     fn read_sessions(&mut self, now_ns: u64) -> Result<(), EbpfError> {
-        let mut live = std::collections::HashSet::new();
         let mut ended = Vec::new();
         let (state, timeout_ns) = (&mut self.state, self.reorder_timeout_ns);
         // Not `self.each_session`: the closure borrows the state mutably.
         each_session(&self.session_slots, &self.sessions, |id, session| {
-            live.insert(id);
             // A slot is reused by the kernel; its ended session stays known here until then,
             // so that it is not taken for a new one at the next read.
             if state.settle(id, session, now_ns, timeout_ns) {
@@ -470,9 +464,38 @@ impl Reader {
             }
             self.state.forget_session(SessionId::Hash(index));
         }
-        self.state.sessions.retain(|id, _| live.contains(id));
+        // Sessions not seen in this read are gone from the maps (a slot that has not been
+        // started reads as no session).
+        let read = self.state.read;
+        self.state.sessions.retain(|_, (_, seen)| *seen == read);
         Ok(())
     }
+}
+
+/// Calls `f` with every endpoint of `map` and its counters summed over the `cpus` CPUs: in
+/// batches, or key by key on kernels without batch lookups.
+fn each_endpoint(
+    map: &PerCpuHashMap<MapData, EndpointKey, EndpointStats>,
+    cpus: usize,
+    mut f: impl FnMut(EndpointKey, EndpointStats),
+) -> Result<(), EbpfError> {
+    let total = |per_cpu: &[EndpointStats]| {
+        let mut total = EndpointStats::default();
+        for cpu in per_cpu {
+            add(&mut total, cpu);
+        }
+        total
+    };
+    match batch::for_each(map.map(), true, cpus, 0, |k, v| f(k, total(v))) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {}
+        Err(e) => return Err(batch_error(MAP_ENDPOINTS, e)),
+    }
+    for item in map.iter() {
+        let (key, per_cpu) = item.map_err(read_error(MAP_ENDPOINTS))?;
+        f(key, total(&per_cpu));
+    }
+    Ok(())
 }
 
 /// Calls `f` with every started session, each copied under its lock: the slots' and the
