@@ -203,9 +203,18 @@ impl KernelMesh {
         }
     }
 
-    /// Pings node `to`'s tunnel address from node `from`: `count` echoes `interval` seconds
-    /// apart, each waiting at most 2 s. Returns the answers received.
+    /// Pings node `to`'s tunnel address from node `from`, `interval` seconds apart, until
+    /// `count` echoes are answered (unanswered ones are made up for by more, within a
+    /// deadline). Returns the answers received.
     pub fn ping(&self, from: usize, to: usize, count: u32, interval: &str) -> io::Result<u32> {
+        // iputils' ping waits only two round trips for the last replies once any reply has
+        // come (`-W` applies only while none has), so under TCG a late reply counted as
+        // lost; with a deadline (`-w`: twice the sending time plus 10 s) it sends until
+        // `count` echoes are answered.
+        let seconds: f64 = interval
+            .parse()
+            .map_err(|_| io::Error::other(format!("bad ping interval {interval:?}")))?;
+        let deadline = ((f64::from(count) * seconds * 2.0).ceil() as u64 + 10).to_string();
         let out = self.nodes[from].ns.exec(
             "ping",
             &[
@@ -215,8 +224,8 @@ impl KernelMesh {
                 &count.to_string(),
                 "-i",
                 interval,
-                "-W",
-                "2",
+                "-w",
+                &deadline,
                 &self.nodes[to].tunnel.to_string(),
             ],
         );

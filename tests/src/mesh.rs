@@ -146,18 +146,27 @@ impl Mesh {
         node.wg.wg(&args).map(drop)
     }
 
-    /// Pings node `to`'s tunnel address from node `from`, `count` times, 10 ms apart, and
-    /// returns how many answers came back, waiting up to 2 s for the last. A first packet
-    /// between the two starts the handshake; [`Mesh::handshake`] waits for it instead.
+    /// Pings node `to`'s tunnel address from node `from`, 10 ms apart, until `count` echoes
+    /// are answered, and returns how many were: echoes that go unanswered (a drop rule) are
+    /// made up for by more, within a deadline of twice the sending time plus 5 s. A first
+    /// packet between the two starts the handshake; [`Mesh::handshake`] waits for it.
     pub fn ping(&self, from: usize, to: usize, count: u32) -> io::Result<u32> {
-        self.ping_waiting(from, to, count, 2)
+        // iputils' ping waits only two round trips for the last replies once any reply has
+        // come (`-W` applies only while none has), so a reply late by a scheduling hiccup
+        // counted as lost; with a deadline (`-w`) it waits for `count` answers.
+        let deadline = (count / 50 + 5).to_string();
+        self.run_ping(
+            from,
+            to,
+            &["-c", &count.to_string(), "-i", "0.01", "-w", &deadline],
+        )
     }
 
     /// Brings up the session from node `from` to node `to`: one echo, answered once
-    /// WireGuard's handshake completes, which on a loaded machine can take longer than
-    /// [`Mesh::ping`] waits.
+    /// WireGuard's handshake completes, which on a loaded machine can take seconds.
     pub fn handshake(&self, from: usize, to: usize) -> io::Result<()> {
-        match self.ping_waiting(from, to, 1, 20)? {
+        // With no reply yet, `-W` is how long ping waits for one.
+        match self.run_ping(from, to, &["-c", "1", "-W", "20"])? {
             1 => Ok(()),
             _ => Err(io::Error::other(format!(
                 "no answer from node {to} to node {from} within 20 s: the handshake failed"
@@ -165,9 +174,10 @@ impl Mesh {
         }
     }
 
-    fn ping_waiting(&self, from: usize, to: usize, count: u32, wait_s: u32) -> io::Result<u32> {
+    /// Runs ping with `options` from node `from` to node `to`'s tunnel address; the number
+    /// of answers.
+    fn run_ping(&self, from: usize, to: usize, options: &[&str]) -> io::Result<u32> {
         let target = self.nodes[to].tunnel.to_string();
-        let (count, wait) = (count.to_string(), wait_s.to_string());
         let out = std::process::Command::new("ip")
             .args([
                 "netns",
@@ -177,7 +187,8 @@ impl Mesh {
                 "-q",
                 "-n",
             ])
-            .args(["-c", &count, "-i", "0.01", "-W", &wait, &target])
+            .args(options)
+            .arg(&target)
             .output()?;
         let text = String::from_utf8_lossy(&out.stdout);
         // "N packets transmitted, M received, ..."; ping exits non-zero when any was lost.
