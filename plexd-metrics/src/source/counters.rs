@@ -8,6 +8,12 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
+/// The hasher of the maps keyed by what the network chooses (endpoints, session indexes):
+/// seeded at random per process, so that no sender can aim for collisions, and cheaper
+/// than the standard library's SipHash on these short keys, of which a collect at 10,000
+/// peers hashes some 60,000.
+pub type NetworkKeyHasher = foldhash::quality::RandomState;
+
 use crate::collector::BoxError;
 
 /// Cumulative WireGuard counters for one remote endpoint (address and UDP port).
@@ -49,7 +55,7 @@ pub struct EndpointCounters {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CounterSnapshot {
     /// Counters per remote endpoint.
-    pub endpoints: HashMap<SocketAddr, EndpointCounters>,
+    pub endpoints: HashMap<SocketAddr, EndpointCounters, NetworkKeyHasher>,
     /// Endpoints or sessions the maps had no room for since attach (never silent).
     pub map_overflows: u64,
 }

@@ -18,7 +18,7 @@ use plexd_metrics_common::{
 };
 
 use super::{batch, EbpfError};
-use crate::source::counters::{CounterSnapshot, EndpointCounters};
+use crate::source::counters::{CounterSnapshot, EndpointCounters, NetworkKeyHasher};
 
 /// `BPF_F_LOCK`: copy a value under its spin lock, so that no half-updated window is read.
 const BPF_F_LOCK: u64 = 4;
@@ -49,9 +49,9 @@ pub(super) struct Reader {
 #[derive(Debug, Default)]
 pub(super) struct ReadState {
     /// Each live session's figures as of the last read, and the number of that read.
-    sessions: StdHashMap<SessionId, (SessionFigures, u64)>,
+    sessions: StdHashMap<SessionId, (SessionFigures, u64), NetworkKeyHasher>,
     /// What sessions received and lost, per endpoint, since attach.
-    folded: StdHashMap<EndpointKey, Folded>,
+    folded: StdHashMap<EndpointKey, Folded, NetworkKeyHasher>,
     /// Number of the current read: what was seen in it carries it, so that finding what
     /// was not takes no set of its own.
     read: u64,
