@@ -13,6 +13,24 @@ use crate::{agent_binary, unique_name, NetNs};
 /// Bound on waiting for the agent's log lines; the first collect comes after 5 s.
 pub const LOG_DEADLINE: Duration = Duration::from_secs(30);
 
+/// The JSON log events of `child`'s piped stderr, parsed line by line on a thread of their
+/// own, so that a test can wait for one with a deadline. A line that is not JSON fails the
+/// test: the agent must log nothing else.
+pub fn json_log_events(child: &mut Child) -> mpsc::Receiver<serde_json::Value> {
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (tx, logs) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let event = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("stderr line is not a JSON log event ({e}): {line}"));
+            if tx.send(event).is_err() {
+                break;
+            }
+        }
+    });
+    logs
+}
+
 /// The agent running in a namespace, its stderr forwarded line by line.
 pub struct RunningAgent {
     /// The agent process (`ip netns exec` execs it, so this is the agent itself).
@@ -44,18 +62,7 @@ impl RunningAgent {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start the agent");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (tx, logs) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let event = serde_json::from_str(&line).unwrap_or_else(|e| {
-                    panic!("stderr line is not a JSON log event ({e}): {line}")
-                });
-                if tx.send(event).is_err() {
-                    break;
-                }
-            }
-        });
+        let logs = json_log_events(&mut child);
         Self {
             child,
             logs,

@@ -4,12 +4,12 @@
 //! go below 5 s / 10 s.
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use plexd_metrics::api::MetricPoint;
+use plexd_metrics_tests::agent::json_log_events;
 use plexd_metrics_tests::agent_binary;
 use plexd_metrics_tests::control_plane::{Behaviour, Recorded, TempDir, TestControlPlane};
 
@@ -40,17 +40,7 @@ impl Agent {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start the agent");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (tx, logs) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let event = serde_json::from_str(&line)
-                    .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
-                if tx.send(event).is_err() {
-                    break;
-                }
-            }
-        });
+        let logs = json_log_events(&mut child);
         Self {
             child,
             logs,

@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::build_ebpf;
 use crate::setup::{self, Need};
-use crate::util::{is_root, run_cmd, workspace_root};
+use crate::util::{build_agent, is_root, workspace_root};
 
 /// Where the agent lives in the image (the DaemonSet and the Containerfile agree).
 const AGENT_PATH: &str = "usr/local/bin/plexd-metrics";
@@ -41,20 +41,7 @@ pub fn run(o: &Options) -> Result<()> {
     setup::ensure(&[Need::Image])?;
     build_ebpf::build(false)?;
     let root = workspace_root();
-    let profile = if o.debug { "debug" } else { "release" };
-    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    build.current_dir(&root).args([
-        "build",
-        "--package",
-        "plexd-metrics",
-        "--bin",
-        "plexd-metrics",
-    ]);
-    if !o.debug {
-        build.arg("--release");
-    }
-    run_cmd(&mut build)?;
-    let agent = root.join("target").join(profile).join("plexd-metrics");
+    let agent = build_agent(!o.debug)?;
 
     let staging = root.join("target/image/rootfs");
     if staging.exists() {
@@ -116,7 +103,7 @@ pub fn run(o: &Options) -> Result<()> {
     eprintln!(
         "xtask image: {} ({} build, {:.1} MiB) in buildah's storage and at {}",
         o.tag,
-        profile,
+        if o.debug { "debug" } else { "release" },
         size as f64 / (1024.0 * 1024.0),
         archive.display()
     );

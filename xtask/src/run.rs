@@ -6,7 +6,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 use crate::build_ebpf;
-use crate::util::{is_root, run_cmd, workspace_root};
+use crate::util::{build_agent, is_root, run_cmd, workspace_root};
 
 /// Options of `cargo xtask run`.
 #[derive(clap::Args)]
@@ -29,23 +29,7 @@ pub struct Options {
 pub fn run(o: &Options) -> Result<()> {
     build_ebpf::build(o.release)?;
     let root = workspace_root();
-    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    build.current_dir(&root).args([
-        "build",
-        "--package",
-        "plexd-metrics",
-        "--bin",
-        "plexd-metrics",
-    ]);
-    if o.release {
-        build.arg("--release");
-    }
-    run_cmd(&mut build)?;
-
-    let binary = root
-        .join("target")
-        .join(if o.release { "release" } else { "debug" })
-        .join("plexd-metrics");
+    let binary = build_agent(o.release)?;
     if o.demo {
         return demo(o.release, &binary);
     }

@@ -25,6 +25,26 @@ pub fn run_cmd(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Builds the agent binary (debug, or release when `release`), which embeds the kernel
+/// programs built before, and returns its path.
+pub fn build_agent(release: bool) -> Result<PathBuf> {
+    let root = workspace_root();
+    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    build.current_dir(&root).args([
+        "build",
+        "--package",
+        "plexd-metrics",
+        "--bin",
+        "plexd-metrics",
+    ]);
+    if release {
+        build.arg("--release");
+    }
+    run_cmd(&mut build)?;
+    let profile = if release { "release" } else { "debug" };
+    Ok(root.join("target").join(profile).join("plexd-metrics"))
+}
+
 /// Whether this process runs as root.
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
