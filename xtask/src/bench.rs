@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use crate::build_ebpf;
 use crate::run::which;
 use crate::setup::{self, Need};
-use crate::util::{is_root, run_cmd, workspace_root};
+use crate::util::{cargo_build, is_root, run_cmd, workspace_root};
 
 /// Options of `cargo xtask bench`.
 #[derive(clap::Args)]
@@ -226,22 +226,9 @@ pub fn run(o: &Options) -> Result<()> {
 /// Builds the kernel programs, the release agent and the benchmarks' binaries.
 fn build(bins: &[&str]) -> Result<()> {
     build_ebpf::build(false)?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(workspace_root()).args([
-        "build",
-        "--release",
-        "--package",
-        "plexd-metrics",
-        "--package",
-        "plexd-metrics-tests",
-        "--bin",
-        "plexd-metrics",
-    ]);
-    for bin in bins {
-        cmd.args(["--bin", bin]);
-    }
-    run_cmd(&mut cmd)
+    let mut all = vec!["plexd-metrics"];
+    all.extend_from_slice(bins);
+    cargo_build(true, &["plexd-metrics", "plexd-metrics-tests"], &all)
 }
 
 /// Runs a benchmark binary as root (through sudo when not root: namespaces, eBPF, raw

@@ -25,24 +25,31 @@ pub fn run_cmd(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// Builds the agent binary (debug, or release when `release`), which embeds the kernel
-/// programs built before, and returns its path.
-pub fn build_agent(release: bool) -> Result<PathBuf> {
-    let root = workspace_root();
+/// `cargo build` of `bins` from `packages` of the host workspace, debug or release.
+pub fn cargo_build(release: bool, packages: &[&str], bins: &[&str]) -> Result<()> {
     let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    build.current_dir(&root).args([
-        "build",
-        "--package",
-        "plexd-metrics",
-        "--bin",
-        "plexd-metrics",
-    ]);
+    build.current_dir(workspace_root()).arg("build");
     if release {
         build.arg("--release");
     }
-    run_cmd(&mut build)?;
+    for package in packages {
+        build.args(["--package", package]);
+    }
+    for bin in bins {
+        build.args(["--bin", bin]);
+    }
+    run_cmd(&mut build)
+}
+
+/// Builds the agent binary (debug, or release when `release`), which embeds the kernel
+/// programs built before, and returns its path.
+pub fn build_agent(release: bool) -> Result<PathBuf> {
+    cargo_build(release, &["plexd-metrics"], &["plexd-metrics"])?;
     let profile = if release { "release" } else { "debug" };
-    Ok(root.join("target").join(profile).join("plexd-metrics"))
+    Ok(workspace_root()
+        .join("target")
+        .join(profile)
+        .join("plexd-metrics"))
 }
 
 /// Whether this process runs as root.

@@ -8,13 +8,13 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
+use crate::collector::BoxError;
+
 /// The hasher of the maps keyed by what the network chooses (endpoints, session indexes):
 /// seeded at random per process, so that no sender can aim for collisions, and cheaper
 /// than the standard library's SipHash on these short keys, of which a collect at 10,000
 /// peers hashes some 60,000.
 pub type NetworkKeyHasher = foldhash::quality::RandomState;
-
-use crate::collector::BoxError;
 
 /// Cumulative WireGuard counters for one remote endpoint (address and UDP port).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -289,19 +289,11 @@ struct Binaries {
 fn build_binaries() -> Result<Binaries> {
     let root = workspace_root();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut build = Command::new(&cargo);
-    build.current_dir(&root).args([
-        "build",
-        "--package",
-        "plexd-metrics",
-        "--bin",
-        "plexd-metrics",
-        "--package",
-        "vm-init",
-        "--bin",
-        "vm-init",
-    ]);
-    crate::util::run_cmd(&mut build)?;
+    crate::util::cargo_build(
+        false,
+        &["plexd-metrics", "vm-init"],
+        &["plexd-metrics", "vm-init"],
+    )?;
     let out = Command::new(&cargo)
         .current_dir(&root)
         .args([
