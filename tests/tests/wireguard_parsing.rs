@@ -480,6 +480,43 @@ fn two_cpus_feeding_one_session_count_exactly_in_a_slot_and_in_the_hash() {
 }
 
 #[test]
+fn a_silent_endpoint_is_reported_once_more_then_dropped_and_counted_afresh() {
+    if !require_privileges() {
+        return;
+    }
+    let (p, w) = quiet_namespaces();
+    let rig = Rig::new(&p, &w, options(TIMEOUT));
+    rig.deliver(&[transport(9, 0, 64), transport(9, 1, 64)]);
+    rig.reply(&[transport(4, 0, 64)]);
+    let live = rig.probe.snapshot().expect("read");
+    assert!(live.removed.is_empty(), "{:?}", live.removed);
+
+    // Past the 15 minutes of silence after which an endpoint is forgotten.
+    let last = rig
+        .probe
+        .snapshot_after(Duration::from_secs(901))
+        .expect("read");
+    let c = last
+        .endpoints
+        .get(&rig.peer_addr)
+        .copied()
+        .unwrap_or_default();
+    assert_eq!(
+        (c.rx_packets, c.tx_packets),
+        (2, 1),
+        "reported once more: {c:?}"
+    );
+    assert_eq!(last.removed, [rig.peer_addr]);
+
+    // Forgotten: what it sends from now on counts from zero.
+    assert_eq!(rig.counters(), EndpointCounters::default());
+    rig.deliver(&[transport(9, 2, 64)]);
+    rig.reply(&[transport(4, 1, 64)]);
+    let c = rig.counters();
+    assert_eq!((c.rx_packets, c.tx_packets, c.lost), (1, 1, 0), "{c:?}");
+}
+
+#[test]
 fn handshakes_cookies_and_keepalives_count_in_their_direction() {
     if !require_privileges() {
         return;

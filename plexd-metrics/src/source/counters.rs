@@ -56,6 +56,10 @@ pub struct EndpointCounters {
 pub struct CounterSnapshot {
     /// Counters per remote endpoint.
     pub endpoints: HashMap<SocketAddr, EndpointCounters, NetworkKeyHasher>,
+    /// Endpoints this snapshot reports for the last time: the source forgets them, and
+    /// counts them from zero should they send again. A reader that keeps per-endpoint
+    /// state drops it for these.
+    pub removed: Vec<SocketAddr>,
     /// Endpoints or sessions the maps had no room for since attach (never silent).
     pub map_overflows: u64,
 }

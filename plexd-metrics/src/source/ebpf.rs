@@ -394,6 +394,7 @@ impl UnderlayProbe {
                 source,
             })?,
             state: endpoints::ReadState::default(),
+            scratch: Default::default(),
         };
         for name in [PROG_INGRESS, PROG_EGRESS] {
             program(&mut ebpf, name)?
@@ -539,6 +540,15 @@ impl UnderlayProbe {
     /// typed error.
     pub fn snapshot(&self) -> Result<CounterSnapshot, EbpfError> {
         self.lock_reader().read(endpoints::coarse_now_ns())
+    }
+
+    /// Reads as [`Self::snapshot`] would `ahead` from now, for tests of what expires (an
+    /// endpoint after 15 silent minutes). The reader remembers the read as it does any, so
+    /// later reads take it for the latest.
+    pub fn snapshot_after(&self, ahead: Duration) -> Result<CounterSnapshot, EbpfError> {
+        let ahead_ns = u64::try_from(ahead.as_nanos()).unwrap_or(u64::MAX);
+        self.lock_reader()
+            .read(endpoints::coarse_now_ns().saturating_add(ahead_ns))
     }
 
     /// Writes the listen ports as [`EndpointCounterSource::set_listen_ports`] does, with

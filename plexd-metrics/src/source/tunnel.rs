@@ -222,6 +222,9 @@ pub struct JoinState {
     peers: FxHashMap<String, FxHashMap<String, Remembered>>,
     /// Number of the current read.
     generation: u64,
+    /// Which peer each current endpoint belongs to, rebuilt by every read; kept only so that
+    /// its table is not allocated again each time.
+    claims: FxHashMap<SocketAddr, usize>,
 }
 
 impl JoinState {
@@ -251,8 +254,8 @@ impl JoinState {
         };
         // Which peer each current endpoint belongs to; should two peers claim one endpoint,
         // the kernel's counts cannot be split between them and go to the first.
-        let mut claims: FxHashMap<SocketAddr, usize> =
-            FxHashMap::with_capacity_and_hasher(count, Default::default());
+        let claims = &mut self.claims;
+        claims.clear();
         let current: Vec<Option<SocketAddr>> = devices
             .iter()
             .flat_map(|d| d.peers.iter().map(|p| p.endpoint.map(endpoint_key)))
@@ -265,7 +268,6 @@ impl JoinState {
 
         self.generation += 1;
         let generation = self.generation;
-        let mut attributed: Vec<SocketAddr> = Vec::with_capacity(count);
         let mut i = 0;
         for device in devices {
             let memory = match self.peers.get_mut(device.name.as_str()) {
@@ -314,28 +316,41 @@ impl JoinState {
 
                 let mut sum = EndpointCounters::default();
                 for e in mine.into_iter().flatten() {
-                    let now_counts = snapshot.endpoints.get(&e).copied().unwrap_or_default();
-                    let before = self.baseline.get(&e).copied().unwrap_or_default();
-                    add(&mut sum, &since(&now_counts, &before));
-                    attributed.push(e);
+                    match snapshot.endpoints.get(&e) {
+                        Some(now_counts) => {
+                            // The baseline moves on as the counts are taken: one lookup.
+                            let before = self.baseline.entry(e).or_default();
+                            add(&mut sum, &since(now_counts, before));
+                            *before = *now_counts;
+                        }
+                        // Nothing counted there (yet): nothing to add, and no baseline to
+                        // keep should the kernel count it from zero later.
+                        None => {
+                            self.baseline.remove(&e);
+                        }
+                    }
                 }
                 let mut s = base_stats(peer, text, now, names, stale_after);
                 fill_measured(&mut s, &sum);
                 stats.push(s);
                 i += 1;
             }
-            memory.retain(|_, r| r.generation == generation);
+            // Every peer of the device was stamped above, each under its own key: anything
+            // more is a peer that left.
+            if memory.len() > device.peers.len() {
+                memory.retain(|_, r| r.generation == generation);
+            }
         }
         self.peers
             .retain(|name, _| devices.iter().any(|d| d.name == *name));
 
-        for e in attributed {
-            if let Some(c) = snapshot.endpoints.get(&e) {
-                self.baseline.insert(e, *c);
-            }
+        // An endpoint the source stopped counting starts from zero if it comes back.
+        for e in &snapshot.removed {
+            self.baseline.remove(e);
         }
-        // An endpoint the kernel no longer holds starts from zero if it comes back.
-        if self.baseline.len() > snapshot.endpoints.len() / 2 {
+        // Only endpoints of the snapshot enter the baseline, and the source names those it
+        // drops; this bounds the memory should a source fail to.
+        if self.baseline.len() > 2 * snapshot.endpoints.len() {
             self.baseline
                 .retain(|e, _| snapshot.endpoints.contains_key(e));
         }
@@ -499,6 +514,7 @@ mod tests {
                 .iter()
                 .map(|(e, c)| (e.parse().unwrap(), *c))
                 .collect(),
+            removed: Vec::new(),
             map_overflows: 0,
         }
     }
@@ -631,6 +647,62 @@ mod tests {
         assert_eq!(s[0].rx_packets, Some(4));
         // B also gets the last 2 of its own old endpoint e2, which nobody holds now.
         assert_eq!(s[1].rx_packets, Some(5 + 2));
+    }
+
+    #[test]
+    fn an_endpoint_the_source_dropped_counts_from_zero_when_it_comes_back() {
+        let mut state = JoinState::default();
+        let e = "192.0.2.1:51820";
+        let devices = device(vec![peer("A", Some(e))]);
+        join(&mut state, &devices, Some(&snapshot(&[(e, counts(10, 1))])));
+        // Reported one last time and dropped (silent too long), then back, and counting
+        // past the old figures before the next read: every count is new.
+        let mut last = snapshot(&[(e, counts(10, 1))]);
+        last.removed.push(e.parse().unwrap());
+        let s = join(&mut state, &devices, Some(&last));
+        assert_eq!(s[0].rx_packets, Some(0));
+        let s = join(&mut state, &devices, Some(&snapshot(&[(e, counts(25, 3))])));
+        assert_eq!(s[0].rx_packets, Some(25));
+        assert_eq!(s[0].lost_packets, Some(3));
+    }
+
+    #[test]
+    fn an_endpoint_missing_from_a_snapshot_counts_from_zero_when_it_appears() {
+        let mut state = JoinState::default();
+        let e = "192.0.2.1:51820";
+        let devices = device(vec![peer("A", Some(e))]);
+        join(&mut state, &devices, Some(&snapshot(&[(e, counts(10, 1))])));
+        let s = join(&mut state, &devices, Some(&snapshot(&[])));
+        assert_eq!(s[0].rx_packets, Some(0));
+        let s = join(&mut state, &devices, Some(&snapshot(&[(e, counts(25, 3))])));
+        assert_eq!(s[0].rx_packets, Some(25));
+    }
+
+    #[test]
+    fn a_peer_that_left_and_came_back_is_remembered_afresh() {
+        let mut state = JoinState::default();
+        let (a, b) = ("192.0.2.1:51820", "192.0.2.2:51820");
+        let both = device(vec![peer("A", Some(a)), peer("B", Some(b))]);
+        let counted = snapshot(&[(a, counts(10, 0)), (b, counts(20, 0))]);
+        join(&mut state, &both, Some(&counted));
+        // B leaves; its endpoint is then taken by A, whose counts there are all new to it.
+        join(
+            &mut state,
+            &device(vec![peer("A", Some(a))]),
+            Some(&counted),
+        );
+        let s = join(
+            &mut state,
+            &device(vec![peer("A", Some(b)), peer("B", None)]),
+            Some(&snapshot(&[(a, counts(10, 0)), (b, counts(26, 0))])),
+        );
+        assert_eq!(
+            s[0].rx_packets,
+            Some(6),
+            "A: b's growth since B's last read"
+        );
+        assert_eq!(s[1].rx_packets, Some(0), "B came back without endpoint");
+        assert_eq!(s[1].endpoint, "");
     }
 
     #[test]

@@ -35,9 +35,18 @@ struct BatchAttr {
     flags: u64,
 }
 
+/// The buffers the kernel copies keys and values into, kept from one read to the next: a
+/// read of 10,000 peers fills about a megabyte of them, and fresh buffers each time would
+/// cost a page fault per page touched on top of the copy.
+#[derive(Debug, Default)]
+pub(super) struct Scratch {
+    keys: Vec<u8>,
+    values: Vec<u8>,
+}
+
 /// Calls `f` with every entry of a map: each key with its value, or with one value per
 /// possible CPU when `per_cpu` (which is how the kernel lays out per-CPU values); a chunk of
-/// entries in memory at a time.
+/// entries in `scratch` at a time.
 ///
 /// `Err` with `ErrorKind::Unsupported` when the kernel lacks the command.
 pub(super) fn for_each<K: Pod, V: Pod>(
@@ -45,6 +54,7 @@ pub(super) fn for_each<K: Pod, V: Pod>(
     per_cpu: bool,
     cpus: usize,
     elem_flags: u64,
+    scratch: &mut Scratch,
     mut f: impl FnMut(K, &[V]),
 ) -> io::Result<()> {
     let key_size = std::mem::size_of::<K>();
@@ -56,8 +66,15 @@ pub(super) fn for_each<K: Pod, V: Pod>(
     };
     let value_size = value_stride * values_per_key;
     let chunk = (CHUNK_BYTES / value_size).clamp(1, CHUNK);
-    let mut keys = vec![0u8; key_size * chunk];
-    let mut values = vec![0u8; value_size * chunk];
+    // Only the entries the kernel reports are read back, so stale bytes beyond them do no
+    // harm and the buffers are not cleared.
+    let Scratch { keys, values } = scratch;
+    if keys.len() < key_size * chunk {
+        keys.resize(key_size * chunk, 0);
+    }
+    if values.len() < value_size * chunk {
+        values.resize(value_size * chunk, 0);
+    }
     let mut entry = Vec::with_capacity(values_per_key);
     // The batch token is a hash map's bucket index or an array's last index (u32 both); 8
     // bytes leave room to spare.

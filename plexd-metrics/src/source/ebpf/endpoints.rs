@@ -43,6 +43,7 @@ pub(super) struct Reader {
     /// Possible CPUs: the number of values of a per-CPU map entry.
     pub(super) cpus: usize,
     pub(super) state: ReadState,
+    pub(super) scratch: batch::Scratch,
 }
 
 /// What the agent remembers between reads.
@@ -55,6 +56,9 @@ pub(super) struct ReadState {
     /// Number of the current read: what was seen in it carries it, so that finding what
     /// was not takes no set of its own.
     read: u64,
+    /// Endpoints in the last snapshot: the next one is sized for them up front instead of
+    /// growing (and rehashing) a dozen times on the way to ten thousand.
+    endpoints: usize,
     /// Map overflows at the last read, to warn when they grow.
     overflows: u64,
     /// Allocation failures at the last read, likewise.
@@ -325,26 +329,37 @@ impl Reader {
         let read = self.state.read;
         self.read_sessions(now_ns)?;
 
-        let mut snapshot = CounterSnapshot::default();
+        let mut snapshot = CounterSnapshot {
+            endpoints: std::collections::HashMap::with_capacity_and_hasher(
+                self.state.endpoints,
+                Default::default(),
+            ),
+            ..CounterSnapshot::default()
+        };
         // Expired endpoints, and whether the endpoint map holds them.
         let mut expired = Vec::new();
         let expires = |last_seen_ns: u64| now_ns.saturating_sub(last_seen_ns) > ENDPOINT_EXPIRY_NS;
         let folded = &mut self.state.folded;
-        each_endpoint(&self.endpoints, self.cpus, |key, total| {
-            let (figures, last_seen_ns) = match folded.get_mut(&key) {
-                Some(f) => {
-                    f.in_map = read;
-                    (f.figures, f.last_seen_ns)
+        each_endpoint(
+            &self.endpoints,
+            self.cpus,
+            &mut self.scratch,
+            |key, total| {
+                let (figures, last_seen_ns) = match folded.get_mut(&key) {
+                    Some(f) => {
+                        f.in_map = read;
+                        (f.figures, f.last_seen_ns)
+                    }
+                    None => (SessionFigures::default(), 0),
+                };
+                snapshot
+                    .endpoints
+                    .insert(socket_addr(&key), counters(&total, &figures));
+                if expires(total.last_seen_ns.max(last_seen_ns)) {
+                    expired.push((key, true));
                 }
-                None => (SessionFigures::default(), 0),
-            };
-            snapshot
-                .endpoints
-                .insert(socket_addr(&key), counters(&total, &figures));
-            if expires(total.last_seen_ns.max(last_seen_ns)) {
-                expired.push((key, true));
-            }
-        })?;
+            },
+        )?;
         // Endpoints heard only through their sessions (or that the map had no room for).
         for (key, folded) in &self.state.folded {
             if folded.in_map == read {
@@ -361,6 +376,7 @@ impl Reader {
         // Reported one last time above; removed after, so that the map never iterates
         // while it shrinks.
         for (key, in_map) in expired {
+            snapshot.removed.push(socket_addr(&key));
             if in_map {
                 match self.endpoints.remove(&key) {
                     Ok(()) => {}
@@ -370,6 +386,8 @@ impl Reader {
             }
             self.state.folded.remove(&key);
         }
+
+        self.state.endpoints = snapshot.endpoints.len();
 
         let stats = self.probe_stats()?;
         snapshot.map_overflows = stats
@@ -447,15 +465,20 @@ impl Reader {
         let mut ended = Vec::new();
         let (state, timeout_ns) = (&mut self.state, self.reorder_timeout_ns);
         // Not `self.each_session`: the closure borrows the state mutably.
-        each_session(&self.session_slots, &self.sessions, |id, session| {
-            // A slot is reused by the kernel; its ended session stays known here until then,
-            // so that it is not taken for a new one at the next read.
-            if state.settle(id, session, now_ns, timeout_ns) {
-                if let SessionId::Hash(index) = id {
-                    ended.push(index);
+        each_session(
+            &self.session_slots,
+            &self.sessions,
+            &mut self.scratch,
+            |id, session| {
+                // A slot is reused by the kernel; its ended session stays known here until then,
+                // so that it is not taken for a new one at the next read.
+                if state.settle(id, session, now_ns, timeout_ns) {
+                    if let SessionId::Hash(index) = id {
+                        ended.push(index);
+                    }
                 }
-            }
-        })?;
+            },
+        )?;
         for index in ended {
             match self.sessions.remove(&index) {
                 Ok(()) => {}
@@ -477,6 +500,7 @@ impl Reader {
 fn each_endpoint(
     map: &PerCpuHashMap<MapData, EndpointKey, EndpointStats>,
     cpus: usize,
+    scratch: &mut batch::Scratch,
     mut f: impl FnMut(EndpointKey, EndpointStats),
 ) -> Result<(), EbpfError> {
     let total = |per_cpu: &[EndpointStats]| {
@@ -486,7 +510,7 @@ fn each_endpoint(
         }
         total
     };
-    match batch::for_each(map.map(), true, cpus, 0, |k, v| f(k, total(v))) {
+    match batch::for_each(map.map(), true, cpus, 0, scratch, |k, v| f(k, total(v))) {
         Ok(()) => return Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {}
         Err(e) => return Err(batch_error(MAP_ENDPOINTS, e)),
@@ -503,6 +527,7 @@ fn each_endpoint(
 fn each_session(
     slots: &Array<MapData, SessionState>,
     hash: &HashMap<MapData, u32, SessionState>,
+    scratch: &mut batch::Scratch,
     mut f: impl FnMut(SessionId, &SessionState),
 ) -> Result<(), EbpfError> {
     let mut in_slot = |_: u32, v: &[SessionState]| {
@@ -510,7 +535,7 @@ fn each_session(
             f(SessionId::Slot(s.receiver), s);
         }
     };
-    match batch::for_each(slots.map(), false, 1, BPF_F_LOCK, &mut in_slot) {
+    match batch::for_each(slots.map(), false, 1, BPF_F_LOCK, scratch, &mut in_slot) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
             for index in 0..slots.len() {
@@ -527,7 +552,7 @@ fn each_session(
             f(SessionId::Hash(index), s);
         }
     };
-    match batch::for_each(hash.map(), false, 1, BPF_F_LOCK, &mut in_hash) {
+    match batch::for_each(hash.map(), false, 1, BPF_F_LOCK, scratch, &mut in_hash) {
         Ok(()) => return Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {}
         Err(e) => return Err(batch_error(MAP_SESSIONS, e)),
