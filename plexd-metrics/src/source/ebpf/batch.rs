@@ -41,7 +41,9 @@ struct BatchAttr {
 #[derive(Debug, Default)]
 pub(super) struct Scratch {
     keys: Vec<u8>,
-    values: Vec<u8>,
+    /// Words rather than bytes: values lie at multiples of their size (per-CPU ones at
+    /// multiples of 8), so in a word-aligned buffer they can be lent out where they lie.
+    values: Vec<u64>,
 }
 
 /// Calls `f` with every entry of a map: each key with its value, or with one value per
@@ -72,10 +74,15 @@ pub(super) fn for_each<K: Pod, V: Pod>(
     if keys.len() < key_size * chunk {
         keys.resize(key_size * chunk, 0);
     }
-    if values.len() < value_size * chunk {
-        values.resize(value_size * chunk, 0);
+    let value_words = (value_size * chunk).div_ceil(8);
+    if values.len() < value_words {
+        values.resize(value_words, 0);
     }
-    let mut entry = Vec::with_capacity(values_per_key);
+    // Values are lent out in place when they lie back to back and aligned (sessions are
+    // 472 bytes, and ten thousand copies of them cost more than the rest of their reading);
+    // else each is copied out.
+    let in_place = value_stride == std::mem::size_of::<V>() && std::mem::align_of::<V>() <= 8;
+    let mut entry = Vec::with_capacity(if in_place { 0 } else { values_per_key });
     // The batch token is a hash map's bucket index or an array's last index (u32 both); 8
     // bytes leave room to spare.
     let mut in_batch = [0u8; 8];
@@ -116,17 +123,30 @@ pub(super) fn for_each<K: Pod, V: Pod>(
         } else {
             false
         };
+        // SAFETY: the words viewed as their bytes, which have no alignment or validity needs.
+        let value_bytes =
+            unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), values.len() * 8) };
         for i in 0..attr.count as usize {
             let key_bytes = &keys[i * key_size..(i + 1) * key_size];
             // SAFETY: K is Pod (any bytes are a valid K) and the slice holds size_of::<K>()
             // bytes; read_unaligned because the buffer is a byte buffer.
             let key = unsafe { std::ptr::read_unaligned(key_bytes.as_ptr().cast::<K>()) };
-            let base = i * value_size;
+            let slot = &value_bytes[i * value_size..(i + 1) * value_size];
+            if in_place {
+                // SAFETY: V is Pod, and the slot holds `values_per_key` of them back to
+                // back. It starts a multiple of size_of::<V>() (per-CPU: of 8) bytes into a
+                // word-aligned buffer, which is aligned for V: its alignment is at most 8
+                // and divides its size.
+                let values = unsafe {
+                    std::slice::from_raw_parts(slot.as_ptr().cast::<V>(), values_per_key)
+                };
+                f(key, values);
+                continue;
+            }
             entry.clear();
             entry.extend((0..values_per_key).map(|c| {
-                let at = base + c * value_stride;
                 // SAFETY: as for the key; each value lies within this entry's slot.
-                unsafe { std::ptr::read_unaligned(values[at..].as_ptr().cast::<V>()) }
+                unsafe { std::ptr::read_unaligned(slot[c * value_stride..].as_ptr().cast::<V>()) }
             }));
             f(key, &entry);
         }

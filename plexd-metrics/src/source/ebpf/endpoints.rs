@@ -340,6 +340,9 @@ impl Reader {
         let mut expired = Vec::new();
         let expires = |last_seen_ns: u64| now_ns.saturating_sub(last_seen_ns) > ENDPOINT_EXPIRY_NS;
         let folded = &mut self.state.folded;
+        // Endpoints with sessions that the map holds too, each once (the map's keys are
+        // unique).
+        let mut folded_in_map = 0;
         each_endpoint(
             &self.endpoints,
             self.cpus,
@@ -348,6 +351,7 @@ impl Reader {
                 let (figures, last_seen_ns) = match folded.get_mut(&key) {
                     Some(f) => {
                         f.in_map = read;
+                        folded_in_map += 1;
                         (f.figures, f.last_seen_ns)
                     }
                     None => (SessionFigures::default(), 0),
@@ -360,17 +364,20 @@ impl Reader {
                 }
             },
         )?;
-        // Endpoints heard only through their sessions (or that the map had no room for).
-        for (key, folded) in &self.state.folded {
-            if folded.in_map == read {
-                continue;
-            }
-            snapshot.endpoints.insert(
-                socket_addr(key),
-                counters(&EndpointStats::default(), &folded.figures),
-            );
-            if expires(folded.last_seen_ns) {
-                expired.push((*key, false));
+        // Endpoints heard only through their sessions (or that the map had no room for), if
+        // any: usually the map holds every endpoint, and the walk is spared.
+        if self.state.folded.len() > folded_in_map {
+            for (key, folded) in &self.state.folded {
+                if folded.in_map == read {
+                    continue;
+                }
+                snapshot.endpoints.insert(
+                    socket_addr(key),
+                    counters(&EndpointStats::default(), &folded.figures),
+                );
+                if expires(folded.last_seen_ns) {
+                    expired.push((*key, false));
+                }
             }
         }
         // Reported one last time above; removed after, so that the map never iterates
@@ -463,6 +470,8 @@ impl Reader {
 
     fn read_sessions(&mut self, now_ns: u64) -> Result<(), EbpfError> {
         let mut ended = Vec::new();
+        // Sessions taken in by this read, each once (a receiver index has one slot).
+        let mut settled = 0;
         let (state, timeout_ns) = (&mut self.state, self.reorder_timeout_ns);
         // Not `self.each_session`: the closure borrows the state mutably.
         each_session(
@@ -470,6 +479,7 @@ impl Reader {
             &self.sessions,
             &mut self.scratch,
             |id, session| {
+                settled += usize::from(session.started());
                 // A slot is reused by the kernel; its ended session stays known here until then,
                 // so that it is not taken for a new one at the next read.
                 if state.settle(id, session, now_ns, timeout_ns) {
@@ -479,6 +489,7 @@ impl Reader {
                 }
             },
         )?;
+        let kept = settled - ended.len();
         for index in ended {
             match self.sessions.remove(&index) {
                 Ok(()) => {}
@@ -488,9 +499,12 @@ impl Reader {
             self.state.forget_session(SessionId::Hash(index));
         }
         // Sessions not seen in this read are gone from the maps (a slot that has not been
-        // started reads as no session).
-        let read = self.state.read;
-        self.state.sessions.retain(|_, (_, seen)| *seen == read);
+        // started reads as no session); there are some only if more are known than were
+        // kept, which spares a walk over every session at each read.
+        if self.state.sessions.len() > kept {
+            let read = self.state.read;
+            self.state.sessions.retain(|_, (_, seen)| *seen == read);
+        }
         Ok(())
     }
 }
