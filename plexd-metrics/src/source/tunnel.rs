@@ -214,7 +214,7 @@ struct Remembered {
 #[derive(Debug, Default)]
 pub struct JoinState {
     /// Each endpoint's cumulative counters at the last read that attributed it to a peer.
-    baseline: FxHashMap<SocketAddr, EndpointCounters>,
+    baseline: FxHashMap<SocketAddr, Baseline>,
     /// Per device, per public key: the peer's endpoint at the last read, as reported, and
     /// that read's number. Looked up by `&str`, so that a read allocates only for new
     /// peers; the text is kept because formatting ten thousand addresses costs more than
@@ -222,9 +222,6 @@ pub struct JoinState {
     peers: FxHashMap<String, FxHashMap<String, Remembered>>,
     /// Number of the current read.
     generation: u64,
-    /// Which peer each current endpoint belongs to, rebuilt by every read; kept only so that
-    /// its table is not allocated again each time.
-    claims: FxHashMap<SocketAddr, usize>,
 }
 
 impl JoinState {
@@ -252,22 +249,12 @@ impl JoinState {
             }));
             return stats;
         };
-        // Which peer each current endpoint belongs to; should two peers claim one endpoint,
-        // the kernel's counts cannot be split between them and go to the first.
-        let claims = &mut self.claims;
-        claims.clear();
-        let current: Vec<Option<SocketAddr>> = devices
-            .iter()
-            .flat_map(|d| d.peers.iter().map(|p| p.endpoint.map(endpoint_key)))
-            .collect();
-        for (i, e) in current.iter().enumerate() {
-            if let Some(e) = e {
-                claims.entry(*e).or_insert(i);
-            }
-        }
-
         self.generation += 1;
         let generation = self.generation;
+        // Peers whose endpoint changed since the last read, with what they have so far: their
+        // old endpoint's last counts are theirs too unless a peer has it now, which is known
+        // only once every peer has been seen.
+        let mut moved: Vec<(usize, SocketAddr, EndpointCounters)> = Vec::new();
         let mut i = 0;
         for device in devices {
             let memory = match self.peers.get_mut(device.name.as_str()) {
@@ -275,13 +262,7 @@ impl JoinState {
                 None => self.peers.entry(device.name.clone()).or_default(),
             };
             for peer in &device.peers {
-                let now_at = current[i];
-                let mut mine = [None, None];
-                if let Some(e) = now_at {
-                    if claims.get(&e) == Some(&i) {
-                        mine[0] = Some(e);
-                    }
-                }
+                let now_at = peer.endpoint.map(endpoint_key);
                 let (previous, text) = match memory.get_mut(peer.public_key.as_str()) {
                     Some(slot) => {
                         let previous = slot.endpoint;
@@ -308,27 +289,16 @@ impl JoinState {
                         None => (None, String::new()),
                     },
                 };
-                if let Some(previous) = previous {
-                    if Some(previous) != now_at && !claims.contains_key(&previous) {
-                        mine[1] = Some(previous);
+                // Should two peers have one endpoint, the kernel's counts cannot be split
+                // between them and go to the first.
+                let sum = match now_at {
+                    Some(e) => {
+                        claim(&mut self.baseline, e, generation, snapshot).unwrap_or_default()
                     }
-                }
-
-                let mut sum = EndpointCounters::default();
-                for e in mine.into_iter().flatten() {
-                    match snapshot.endpoints.get(&e) {
-                        Some(now_counts) => {
-                            // The baseline moves on as the counts are taken: one lookup.
-                            let before = self.baseline.entry(e).or_default();
-                            add(&mut sum, &since(now_counts, before));
-                            *before = *now_counts;
-                        }
-                        // Nothing counted there (yet): nothing to add, and no baseline to
-                        // keep should the kernel count it from zero later.
-                        None => {
-                            self.baseline.remove(&e);
-                        }
-                    }
+                    None => EndpointCounters::default(),
+                };
+                if let Some(previous) = previous.filter(|p| Some(*p) != now_at) {
+                    moved.push((i, previous, sum));
                 }
                 let mut s = base_stats(peer, text, now, names, stale_after);
                 fill_measured(&mut s, &sum);
@@ -343,19 +313,59 @@ impl JoinState {
         }
         self.peers
             .retain(|name, _| devices.iter().any(|d| d.name == *name));
+        for (i, previous, mut sum) in moved {
+            if let Some(last) = claim(&mut self.baseline, previous, generation, snapshot) {
+                add(&mut sum, &last);
+                fill_measured(&mut stats[i], &sum);
+            }
+        }
 
         // An endpoint the source stopped counting starts from zero if it comes back.
         for e in &snapshot.removed {
             self.baseline.remove(e);
         }
-        // Only endpoints of the snapshot enter the baseline, and the source names those it
-        // drops; this bounds the memory should a source fail to.
-        if self.baseline.len() > 2 * snapshot.endpoints.len() {
+        // The baseline holds the endpoints peers have now or had at the last read, and those
+        // of the snapshot, less the ones the source names as dropped; this bounds the memory
+        // should the source fail to name them.
+        if self.baseline.len() > 2 * (snapshot.endpoints.len() + count) {
             self.baseline
-                .retain(|e, _| snapshot.endpoints.contains_key(e));
+                .retain(|e, b| b.claimed == self.generation || snapshot.endpoints.contains_key(e));
         }
         stats
     }
+}
+
+/// Takes `endpoint` for a peer in read `generation`: its counts since its baseline, which
+/// moves on to them. `None` when a peer has taken it in this read already.
+fn claim(
+    baselines: &mut FxHashMap<SocketAddr, Baseline>,
+    endpoint: SocketAddr,
+    generation: u64,
+    snapshot: &CounterSnapshot,
+) -> Option<EndpointCounters> {
+    let baseline = baselines.entry(endpoint).or_default();
+    if baseline.claimed == generation {
+        return None;
+    }
+    baseline.claimed = generation;
+    // Nothing counted there (yet) leaves a zero baseline, so that counts the kernel starts
+    // later are new in full.
+    let now = snapshot
+        .endpoints
+        .get(&endpoint)
+        .copied()
+        .unwrap_or_default();
+    let counts = since(&now, &baseline.counts);
+    baseline.counts = now;
+    Some(counts)
+}
+
+/// An endpoint's counts at the last read that gave it to a peer, and the number of the
+/// read that did.
+#[derive(Debug, Default)]
+struct Baseline {
+    counts: EndpointCounters,
+    claimed: u64,
 }
 
 /// The figures that come from the device alone.
@@ -703,6 +713,28 @@ mod tests {
         );
         assert_eq!(s[1].rx_packets, Some(0), "B came back without endpoint");
         assert_eq!(s[1].endpoint, "");
+    }
+
+    #[test]
+    fn two_peers_on_one_endpoint_the_first_gets_its_counts() {
+        let mut state = JoinState::default();
+        let e = "192.0.2.1:51820";
+        let devices = device(vec![peer("A", Some(e)), peer("B", Some(e))]);
+        let s = join(&mut state, &devices, Some(&snapshot(&[(e, counts(10, 1))])));
+        assert_eq!((s[0].rx_packets, s[1].rx_packets), (Some(10), Some(0)));
+        let s = join(&mut state, &devices, Some(&snapshot(&[(e, counts(15, 1))])));
+        assert_eq!((s[0].rx_packets, s[1].rx_packets), (Some(5), Some(0)));
+        // B leaves for an endpoint of its own: the shared one is not its old one to count.
+        let apart = device(vec![peer("A", Some(e)), peer("B", Some("192.0.2.2:51820"))]);
+        let s = join(
+            &mut state,
+            &apart,
+            Some(&snapshot(&[
+                (e, counts(17, 1)),
+                ("192.0.2.2:51820", counts(3, 0)),
+            ])),
+        );
+        assert_eq!((s[0].rx_packets, s[1].rx_packets), (Some(2), Some(3)));
     }
 
     #[test]
