@@ -281,10 +281,19 @@ impl ReadState {
             .map(|(figures, _)| figures)
             .unwrap_or_default();
         let growth = now.growth_since(&before);
-        let folded = self.folded.entry(session.endpoint).or_default();
-        folded.figures.add(&growth);
-        folded.last_seen_ns = folded.last_seen_ns.max(session.last_seen_ns);
-        now_ns.saturating_sub(session.last_seen_ns) > SESSION_EXPIRY_NS
+        let ended = now_ns.saturating_sub(session.last_seen_ns) > SESSION_EXPIRY_NS;
+        // An ended session that brings nothing new does not bring back an endpoint that
+        // expired: a slot keeps its session until the kernel gives the slot to another.
+        let folded = if ended && growth == SessionFigures::default() {
+            self.folded.get_mut(&session.endpoint)
+        } else {
+            Some(self.folded.entry(session.endpoint).or_default())
+        };
+        if let Some(folded) = folded {
+            folded.figures.add(&growth);
+            folded.last_seen_ns = folded.last_seen_ns.max(session.last_seen_ns);
+        }
+        ended
     }
 
     fn forget_session(&mut self, id: SessionId) {
