@@ -479,7 +479,8 @@ impl Reader {
 
     fn read_sessions(&mut self, now_ns: u64) -> Result<(), EbpfError> {
         let mut ended = Vec::new();
-        // Sessions taken in by this read, each once (a receiver index has one slot).
+        // Sessions taken in by this read: each_session passes started ones only, each once (a
+        // receiver index has one slot).
         let mut settled = 0;
         let (state, timeout_ns) = (&mut self.state, self.reorder_timeout_ns);
         // Not `self.each_session`: the closure borrows the state mutably.
@@ -488,7 +489,7 @@ impl Reader {
             &self.sessions,
             &mut self.scratch,
             |id, session| {
-                settled += usize::from(session.started());
+                settled += 1;
                 // A slot is reused by the kernel; its ended session stays known here until then,
                 // so that it is not taken for a new one at the next read.
                 if state.settle(id, session, now_ns, timeout_ns) {
