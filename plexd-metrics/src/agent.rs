@@ -4,6 +4,7 @@
 //! long-lived tasks, so shutdown has a single path: cancel the token, await the tasks.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,6 +19,7 @@ use crate::collector::{
 use crate::config::{AttachModeConfig, Config};
 use crate::health::{EbpfState, HealthError, HealthServer, HealthState};
 use crate::manager::{DeliveryStats, Heartbeat, Manager, RunOutcome};
+use crate::queue::DeliveryQueue;
 use crate::reporter::{
     ControlPlaneReporter, LocalReporter, MetricReporter, MultiReporter, ReportError, StdoutReporter,
 };
@@ -48,6 +50,9 @@ pub enum AgentError {
     /// The health endpoint cannot listen where the config says.
     #[error(transparent)]
     Health(#[from] HealthError),
+    /// The durable queue's directory is held by another agent.
+    #[error(transparent)]
+    Queue(#[from] crate::queue::spool::SpoolError),
     /// SIGTERM and SIGINT cannot be caught, so the agent could not shut down cleanly.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
@@ -64,6 +69,8 @@ impl AgentError {
 /// The assembled pipeline, ready to run.
 pub struct Agent {
     manager: Manager,
+    // Opened when the agent runs (not for `--once`, which must not take the directory's lock).
+    queue_dir: Option<PathBuf>,
     // Keeps the kernel programs attached for as long as the agent lives; dropping it detaches.
     _probe: Option<Arc<UnderlayProbe>>,
     // Where and what the health endpoint serves, when it is on.
@@ -171,6 +178,12 @@ impl Agent {
             )
             .with_delivery_stats(delivery)
             .with_heartbeat(heartbeat),
+            queue_dir: cfg
+                .metrics
+                .queue
+                .dir
+                .clone()
+                .filter(|_| cfg.metrics.enabled),
             _probe: probe,
             health,
         })
@@ -188,10 +201,16 @@ impl Agent {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(AgentError::Signals)?;
         let Agent {
-            manager,
+            mut manager,
+            queue_dir,
             _probe,
             health,
         } = self;
+        // Before anything is served: a directory another agent holds stops this one at once.
+        if let Some(dir) = queue_dir {
+            let limits = Manager::queue_limits(manager.config());
+            manager = manager.with_queue(DeliveryQueue::open(&dir, limits)?);
+        }
         // Bound before anything runs, so that a taken port stops the agent at once.
         let health = match health {
             Some((addr, state)) => {

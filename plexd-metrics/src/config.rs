@@ -22,6 +22,13 @@ pub const MIN_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default bound of the retry queue, in points.
 pub const DEFAULT_QUEUE_MAX_POINTS: i64 = 10_000;
+/// Default bound of the durable queue's directory. A node with 100 peers at the default
+/// intervals spools about 1.4 MiB an hour (`cargo xtask bench --only queue`), so 256 MiB
+/// rides out a week-long outage of the control plane at that size, while staying small
+/// beside the node's other state under `/var/lib`.
+pub const DEFAULT_QUEUE_MAX_BYTES: u64 = 256 * 1024 * 1024;
+/// The smallest `metrics.queue.max_bytes`: room for a few batches of the largest kind.
+pub const MIN_QUEUE_MAX_BYTES: u64 = 1024 * 1024;
 /// Prefix of the environment variables that override config keys.
 pub const ENV_PREFIX: &str = "PLEXD_METRICS_";
 /// Variables with [`ENV_PREFIX`] that are command-line flags, not config keys.
@@ -155,17 +162,38 @@ impl MetricsConfig {
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct QueueConfig {
-    /// Most points kept for retry; beyond it the oldest are dropped and counted.
+    /// Most points kept in memory for retry; beyond it the oldest are dropped and counted.
     /// Signed so that a negative value gets a rule's message instead of a type error.
     pub max_points: i64,
+    /// A directory that makes the queue durable: points are synced to it as they are
+    /// collected and survive crashes and restarts. Without it the queue is in memory.
+    pub dir: Option<PathBuf>,
+    /// Most bytes the directory holds; beyond it the oldest batches are dropped and counted.
+    /// An integer of bytes or a size with a unit, e.g. `256MiB`.
+    #[serde(serialize_with = "byte_size_text")]
+    pub max_bytes: bytesize::ByteSize,
 }
 
 impl Default for QueueConfig {
     fn default() -> Self {
         Self {
             max_points: DEFAULT_QUEUE_MAX_POINTS,
+            dir: None,
+            max_bytes: bytesize::ByteSize::b(DEFAULT_QUEUE_MAX_BYTES),
         }
     }
+}
+
+/// Sizes print as `256MiB`, which reads back the same.
+fn byte_size_text<S: Serializer>(size: &bytesize::ByteSize, s: S) -> Result<S::Ok, S::Error> {
+    let bytes = size.as_u64();
+    let text = match bytes {
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{}GiB", b >> 30),
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}MiB", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{}KiB", b >> 10),
+        b => b.to_string(),
+    };
+    s.serialize_str(&text)
 }
 
 impl QueueConfig {
@@ -985,6 +1013,20 @@ impl MetricsConfig {
         } else if self.batch_size > 0 && self.queue.max_points < self.batch_size {
             // A batch that cannot fit in the queue could never be retried whole.
             problems.push("metrics: config: queue.max_points must be >= BatchSize".to_owned());
+        }
+        if self.queue.max_bytes.as_u64() < MIN_QUEUE_MAX_BYTES {
+            problems.push(format!(
+                "metrics: config: queue.max_bytes must be at least 1MiB, got {}",
+                self.queue.max_bytes.as_u64()
+            ));
+        }
+        if let Some(dir) = &self.queue.dir {
+            if dir.as_os_str().is_empty() || !dir.is_absolute() {
+                problems.push(format!(
+                    "metrics: config: queue.dir must be an absolute path, got {:?}",
+                    dir.display().to_string()
+                ));
+            }
         }
         self.local_endpoint.validate_into(problems);
         self.system.validate_into(problems);

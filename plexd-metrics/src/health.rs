@@ -4,7 +4,8 @@
 //! Liveness asks whether the Manager's loop still turns: each of its two tickers must have
 //! fired within twice its interval. Readiness asks whether the agent does its job: the
 //! config was loaded, the kernel programs are attached (or were turned off on purpose), and
-//! delivery keeps up (the last report was accepted, or the retry queue still has room).
+//! delivery keeps up (the last report was accepted, or the retry queue still has room), and
+//! a configured durable queue can write to its directory.
 //! Both answer JSON, with the reason when the answer is no. There is deliberately no metrics
 //! exposition here: every point goes to the control plane, as in the spec.
 
@@ -28,6 +29,7 @@ use tracing::{debug, info, warn};
 use crate::collector::DeliveryCounters;
 use crate::config::MetricsConfig;
 use crate::manager::{DeliveryStats, Heartbeat, LastReport};
+use crate::queue::QueueState;
 
 /// Connections served at once; probes come one at a time, so more than this is a client
 /// gone wrong, and it must not cost the agent memory.
@@ -150,7 +152,8 @@ impl HealthState {
         verdict(reasons, checks)
     }
 
-    /// `/readyz`: config loaded, kernel programs attached or off, delivery keeping up.
+    /// `/readyz`: config loaded, kernel programs attached or off, delivery keeping up, the
+    /// durable queue (when configured) writing to its directory.
     pub fn readiness(&self) -> Verdict {
         let mut reasons = Vec::new();
         let mut checks = serde_json::Map::new();
@@ -167,16 +170,22 @@ impl HealthState {
         checks.insert("ebpf".to_owned(), ebpf);
 
         let last = self.delivery.last_report();
-        let queued = self.delivery.delivery_totals().queued_points;
-        let full = queued >= self.max_points;
+        let totals = self.delivery.delivery_totals();
+        let queued = totals.queued_points;
+        let in_memory = self.delivery.memory_points();
+        let full = in_memory >= self.max_points || self.delivery.dropping();
         let ok = last == LastReport::Accepted || !full;
         if !ok {
+            let disk = match self.delivery.queue_state() {
+                QueueState::Memory => String::new(),
+                _ => format!(" in memory, {} bytes on disk", totals.spooled_bytes),
+            };
             reasons.push(format!(
                 "delivery is not keeping up: the last report was {} and the retry queue is \
-                 full ({queued} of metrics.queue.max_points {}); the oldest points are being \
-                 dropped",
+                 full ({in_memory} of metrics.queue.max_points {}{disk}); the oldest points \
+                 are being dropped",
                 describe(last),
-                self.max_points
+                self.max_points,
             ));
         }
         checks.insert(
@@ -188,6 +197,29 @@ impl HealthState {
                 "max_points": self.max_points,
             }),
         );
+        let queue = match self.delivery.queue_state() {
+            QueueState::Memory => json!({"ok": true, "kind": "memory"}),
+            QueueState::Disk(dir) => json!({
+                "ok": true,
+                "kind": "disk",
+                "dir": dir.display().to_string(),
+                "spooled_points": totals.spooled_points,
+                "spooled_bytes": totals.spooled_bytes,
+                "corrupt_batches": totals.corrupt_batches,
+            }),
+            QueueState::DiskUnavailable { dir, error } => {
+                reasons.push(format!(
+                    "the durable queue is unavailable, points are kept in memory only: {error}"
+                ));
+                json!({
+                    "ok": false,
+                    "kind": "memory",
+                    "dir": dir.display().to_string(),
+                    "error": error,
+                })
+            }
+        };
+        checks.insert("queue".to_owned(), queue);
         verdict(reasons, checks)
     }
 
@@ -564,6 +596,7 @@ mod tests {
                 "config": {"ok": true},
                 "ebpf": {"ok": true, "state": "attached"},
                 "delivery": {"ok": true, "last_report": "none", "queued_points": 0, "max_points": 4},
+                "queue": {"ok": true, "kind": "memory"},
             })
         );
 

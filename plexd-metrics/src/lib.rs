@@ -14,6 +14,7 @@ pub mod health;
 pub mod logging;
 pub mod manager;
 pub mod memory;
+pub mod queue;
 pub mod reporter;
 pub mod secret;
 pub mod source;

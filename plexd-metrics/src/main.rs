@@ -71,6 +71,18 @@ fn main() -> ExitCode {
     };
     if cli.check_config {
         println!("configuration is valid");
+        let queue = &cfg.metrics.queue;
+        match &queue.dir {
+            Some(dir) => println!(
+                "queue: durable, in {} (at most {}; the oldest batches go beyond it)",
+                dir.display(),
+                queue.max_bytes.display().iec()
+            ),
+            None => println!(
+                "queue: in memory (at most {} points; set metrics.queue.dir to keep them across restarts)",
+                queue.max_points
+            ),
+        }
         return ExitCode::SUCCESS;
     }
 

@@ -9,11 +9,11 @@
 //! at the head of the queue with its idempotency key and is sent again after an exponential
 //! backoff with jitter, before any newer batch, so the control plane sees points in order.
 //! A batch the control plane refuses (4xx other than 408/429) is dropped and counted. The
-//! queue holds at most `metrics.queue.max_points`; beyond that the oldest points go, counted.
+//! queue ([`crate::queue`]) holds at most `metrics.queue.max_points` in memory, or
+//! `metrics.queue.max_bytes` in `metrics.queue.dir`; beyond that the oldest points go, counted.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::{join_all, BoxFuture};
@@ -27,10 +27,15 @@ use crate::collector::{
     BoxError, CollectError, Collector, DeliveryCounters, DeliveryTotals, ReconnectCounter,
 };
 use crate::config::MetricsConfig;
+use crate::queue::{DeliveryQueue, QueueLimits, QueueState};
 use crate::reporter::{classify, Failure, MetricReporter};
 
-/// How long the flush at shutdown may take before the agent gives up on it.
+/// How long the flush at shutdown may take before the agent gives up on it, with the queue
+/// in memory (whatever is not sent by then is lost).
 pub const SHUTDOWN_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+/// The same with a durable queue: what is not sent stays on disk for the next start, so a
+/// stop need not wait for a destination that is away.
+pub const DURABLE_SHUTDOWN_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Wait before the first retry of a failed batch; it doubles with every further failure.
 pub const RETRY_INITIAL_BACKOFF: Duration = Duration::from_secs(1);
 /// Longest wait a server's `Retry-After` can impose.
@@ -47,13 +52,38 @@ pub enum RunOutcome {
 
 /// The delivery figures of a running Manager, shared with the `agent` group's collector
 /// and the readiness check.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct DeliveryStats {
     queued: AtomicU64,
+    memory: AtomicU64,
     dropped: AtomicU64,
+    /// Whether the last seal dropped points; cleared by an accepted report.
+    dropping: AtomicBool,
     rejected: AtomicU64,
     reconnects: AtomicU64,
     last_report: AtomicU8,
+    spooled_points: AtomicU64,
+    spooled_bytes: AtomicU64,
+    corrupt: AtomicU64,
+    queue: Mutex<QueueState>,
+}
+
+impl Default for DeliveryStats {
+    fn default() -> Self {
+        Self {
+            queued: AtomicU64::new(0),
+            memory: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            dropping: AtomicBool::new(false),
+            rejected: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            last_report: AtomicU8::new(0),
+            spooled_points: AtomicU64::new(0),
+            spooled_bytes: AtomicU64::new(0),
+            corrupt: AtomicU64::new(0),
+            queue: Mutex::new(QueueState::Memory),
+        }
+    }
 }
 
 /// How the most recent report attempt ended.
@@ -82,6 +112,41 @@ impl LastReport {
 }
 
 impl DeliveryStats {
+    /// Where the queue keeps its batches now.
+    pub fn queue_state(&self) -> QueueState {
+        self.queue.lock().expect("not poisoned").clone()
+    }
+
+    /// Points held in memory by batches without a file: what `metrics.queue.max_points`
+    /// bounds.
+    pub fn memory_points(&self) -> u64 {
+        self.memory.load(Ordering::Relaxed)
+    }
+
+    /// Whether the last seal had to drop the oldest points.
+    pub fn dropping(&self) -> bool {
+        self.dropping.load(Ordering::Relaxed)
+    }
+
+    /// Copies the queue's figures, for the `agent` group and readiness.
+    fn publish(&self, queue: &DeliveryQueue) {
+        self.queued
+            .store(queue.queued_points() as u64, Ordering::Relaxed);
+        self.memory
+            .store(queue.memory_points() as u64, Ordering::Relaxed);
+        self.spooled_points
+            .store(queue.spooled_points(), Ordering::Relaxed);
+        self.spooled_bytes
+            .store(queue.spooled_bytes(), Ordering::Relaxed);
+        self.corrupt
+            .store(queue.corrupt_batches(), Ordering::Relaxed);
+        let state = queue.state();
+        let mut current = self.queue.lock().expect("not poisoned");
+        if *current != state {
+            *current = state;
+        }
+    }
+
     /// How the most recent report attempt ended.
     pub fn last_report(&self) -> LastReport {
         match self.last_report.load(Ordering::Relaxed) {
@@ -166,6 +231,9 @@ impl DeliveryCounters for DeliveryStats {
             queued_points: self.queued.load(Ordering::Relaxed),
             dropped_points: self.dropped.load(Ordering::Relaxed),
             rejected_points: self.rejected.load(Ordering::Relaxed),
+            spooled_points: self.spooled_points.load(Ordering::Relaxed),
+            spooled_bytes: self.spooled_bytes.load(Ordering::Relaxed),
+            corrupt_batches: self.corrupt.load(Ordering::Relaxed),
         }
     }
 }
@@ -174,82 +242,6 @@ impl DeliveryCounters for DeliveryStats {
 impl ReconnectCounter for DeliveryStats {
     fn reconnect_count(&self) -> u64 {
         self.reconnects.load(Ordering::Relaxed)
-    }
-}
-
-/// One batch waiting for delivery. Its key goes with every attempt, so a control plane that
-/// accepted it once but whose answer was lost can drop the repeat.
-#[derive(Debug)]
-struct Pending {
-    key: Uuid,
-    points: Arc<Vec<MetricPoint>>,
-}
-
-/// Batches in the order they were formed, bounded in points.
-#[derive(Debug)]
-struct RetryQueue {
-    batches: VecDeque<Pending>,
-    points: usize,
-    max_points: usize,
-}
-
-impl RetryQueue {
-    fn new(max_points: usize) -> Self {
-        Self {
-            batches: VecDeque::new(),
-            points: 0,
-            max_points,
-        }
-    }
-
-    /// Appends `points` as batches of at most `batch_size`, each with a fresh key.
-    fn push(&mut self, points: Vec<MetricPoint>, batch_size: usize) {
-        let mut points = points.into_iter().peekable();
-        while points.peek().is_some() {
-            let batch: Vec<MetricPoint> = points.by_ref().take(batch_size).collect();
-            self.points += batch.len();
-            self.batches.push_back(Pending {
-                key: Uuid::new_v4(),
-                points: Arc::new(batch),
-            });
-        }
-    }
-
-    /// Drops the oldest points beyond the bound and returns how many. The head batch is
-    /// left alone while it is in flight: its request carries it already.
-    fn trim(&mut self, head_in_flight: bool) -> usize {
-        let mut dropped = 0;
-        let first = usize::from(head_in_flight);
-        while self.points > self.max_points && self.batches.len() > first {
-            let excess = self.points - self.max_points;
-            let oldest = &mut self.batches[first];
-            if oldest.points.len() <= excess {
-                let gone = self.batches.remove(first).expect("index checked");
-                dropped += gone.points.len();
-                self.points -= gone.points.len();
-            } else {
-                // The key stays: if an earlier attempt of this batch did land, the control
-                // plane drops the rest as a repeat, which is what it already holds.
-                Arc::make_mut(&mut oldest.points).drain(..excess);
-                dropped += excess;
-                self.points -= excess;
-            }
-        }
-        dropped
-    }
-
-    fn front(&self) -> Option<&Pending> {
-        self.batches.front()
-    }
-
-    fn pop(&mut self) -> usize {
-        let n = self.batches.pop_front().map_or(0, |b| b.points.len());
-        self.points -= n;
-        n
-    }
-
-    fn is_empty(&self) -> bool {
-        self.batches.is_empty()
     }
 }
 
@@ -283,6 +275,8 @@ pub struct Manager {
     node_id: String,
     stats: Arc<DeliveryStats>,
     heartbeat: Arc<Heartbeat>,
+    /// Taken by [`Manager::run`]; a queue in memory when none was given.
+    queue: Mutex<Option<DeliveryQueue>>,
 }
 
 impl Manager {
@@ -301,6 +295,27 @@ impl Manager {
             node_id: node_id.into(),
             stats: Arc::default(),
             heartbeat: Arc::default(),
+            queue: Mutex::new(None),
+        }
+    }
+
+    /// The configuration the Manager runs.
+    pub fn config(&self) -> &MetricsConfig {
+        &self.cfg
+    }
+
+    /// Queues through `queue` (a durable one, say) instead of one in memory.
+    pub fn with_queue(self, queue: DeliveryQueue) -> Self {
+        *self.queue.lock().expect("not poisoned") = Some(queue);
+        self
+    }
+
+    /// The bounds of the queue `cfg` asks for; `cfg` must have passed validation.
+    pub fn queue_limits(cfg: &MetricsConfig) -> QueueLimits {
+        QueueLimits {
+            batch_size: cfg.batch_limit(),
+            max_points: cfg.queue.limit(),
+            max_bytes: cfg.queue.max_bytes.as_u64(),
         }
     }
 
@@ -334,14 +349,19 @@ impl Manager {
 
         let batch_size = self.cfg.batch_limit();
         let mut rng = fastrand::Rng::new();
-        let mut buffer: Vec<MetricPoint> = Vec::new();
-        let mut queue = RetryQueue::new(self.cfg.queue.limit());
+        let mut queue = self
+            .queue
+            .lock()
+            .expect("not poisoned")
+            .take()
+            .unwrap_or_else(|| DeliveryQueue::in_memory(Self::queue_limits(&self.cfg)));
+        self.stats.publish(&queue);
         let mut in_flight: Option<BoxFuture<'static, Result<(), BoxError>>> = None;
         let mut retry_at: Option<Instant> = None;
         let mut failures: u32 = 0;
         loop {
             if in_flight.is_none() && retry_at.is_none() {
-                in_flight = queue.front().map(|b| self.send(b));
+                in_flight = queue.head().map(|(key, points)| self.send(key, points));
             }
             // Biased: cancellation first; then a finished request, so the next batch goes
             // out at once; when both tickers fire together, the points just collected go out
@@ -366,35 +386,42 @@ impl Manager {
                 _ = collect.tick() => {
                     self.heartbeat.collect_fired();
                     let points = self.collect_once(&cancel).await;
-                    debug!(component = "metrics", points = points.len(), buffered = buffer.len() + points.len(), "collect cycle done");
-                    buffer.extend(points);
-                    if buffer.len() >= batch_size {
-                        self.enqueue(&mut queue, std::mem::take(&mut buffer), in_flight.is_some());
+                    let collected = points.len();
+                    queue.collected(points);
+                    debug!(component = "metrics", points = collected, buffered = queue.buffered(), "collect cycle done");
+                    if queue.buffered() >= batch_size {
+                        self.enqueue(&mut queue, in_flight.is_some());
+                    } else {
+                        self.stats.publish(&queue);
                     }
                     // The cycle's temporary allocations are gone by now.
                     crate::memory::release_free_memory();
                 }
                 _ = report.tick() => {
                     self.heartbeat.report_fired();
-                    self.enqueue(&mut queue, std::mem::take(&mut buffer), in_flight.is_some());
+                    self.enqueue(&mut queue, in_flight.is_some());
                 }
             }
         }
-        self.flush(queue, buffer, in_flight).await;
+        self.flush(queue, in_flight).await;
         RunOutcome::Cancelled
     }
 
     /// Best effort at shutdown: the request in flight, then each queued batch once, in
-    /// order, stopping at the first failure, all within [`SHUTDOWN_FLUSH_TIMEOUT`].
+    /// order, stopping at the first failure, within [`SHUTDOWN_FLUSH_TIMEOUT`] (or, with a
+    /// durable queue, [`DURABLE_SHUTDOWN_FLUSH_TIMEOUT`], since what is left stays on disk).
     async fn flush(
         &self,
-        mut queue: RetryQueue,
-        buffer: Vec<MetricPoint>,
+        mut queue: DeliveryQueue,
         in_flight: Option<BoxFuture<'static, Result<(), BoxError>>>,
     ) {
-        let head_in_flight = in_flight.is_some();
-        self.enqueue(&mut queue, buffer, head_in_flight);
-        let deadline = Instant::now() + SHUTDOWN_FLUSH_TIMEOUT;
+        self.enqueue(&mut queue, in_flight.is_some());
+        let limit = if queue.is_durable() {
+            DURABLE_SHUTDOWN_FLUSH_TIMEOUT
+        } else {
+            SHUTDOWN_FLUSH_TIMEOUT
+        };
+        let deadline = Instant::now() + limit;
         let mut failures = 0;
         let sent = tokio::time::timeout_at(deadline, async {
             if let Some(request) = in_flight {
@@ -403,23 +430,32 @@ impl Manager {
                     return;
                 }
             }
-            while let Some(batch) = queue.front() {
-                let result = self.send(batch).await;
+            while let Some((key, points)) = queue.head() {
+                let result = self.send(key, points).await;
                 if self.settle(&mut queue, result, &mut failures).is_some() {
                     return;
                 }
             }
         })
         .await;
-        if sent.is_err() {
-            warn!(component = "metrics", timeout = ?SHUTDOWN_FLUSH_TIMEOUT, "final metrics flush timed out");
+        if sent.is_err() && !queue.is_durable() {
+            warn!(component = "metrics", timeout = ?limit, "final metrics flush timed out");
         }
         if !queue.is_empty() {
-            warn!(
-                component = "metrics",
-                points = queue.points,
-                "shutting down with points the control plane has not accepted; they are lost"
-            );
+            match queue.state() {
+                QueueState::Disk(dir) => info!(
+                    component = "metrics",
+                    points = queue.queued_points(),
+                    bytes = queue.spooled_bytes(),
+                    dir = %dir.display(),
+                    "shutting down with points not yet delivered; they stay in the durable queue and are sent first at the next start"
+                ),
+                _ => warn!(
+                    component = "metrics",
+                    points = queue.queued_points(),
+                    "shutting down with points the control plane has not accepted; they are lost"
+                ),
+            }
         }
         // Whatever time is left goes to the reporter's own background work.
         if tokio::time::timeout_at(deadline, self.reporter.close())
@@ -435,10 +471,13 @@ impl Manager {
 
     /// A request for the head batch, owning what it needs so that it can be polled from
     /// the loop while the tickers go on.
-    fn send(&self, batch: &Pending) -> BoxFuture<'static, Result<(), BoxError>> {
+    fn send(
+        &self,
+        key: Uuid,
+        points: Arc<Vec<MetricPoint>>,
+    ) -> BoxFuture<'static, Result<(), BoxError>> {
         let reporter = self.reporter.clone();
         let node_id = self.node_id.clone();
-        let (key, points) = (batch.key, batch.points.clone());
         Box::pin(async move { reporter.report_batch(&node_id, key, &points).await })
     }
 
@@ -446,13 +485,14 @@ impl Manager {
     /// server's requested wait when the batch stays for a retry.
     fn settle(
         &self,
-        queue: &mut RetryQueue,
+        queue: &mut DeliveryQueue,
         result: Result<(), BoxError>,
         failures: &mut u32,
     ) -> Option<Option<Duration>> {
         let outcome = match result {
             Ok(()) => {
                 self.stats.set_last_report(LastReport::Accepted);
+                self.stats.dropping.store(false, Ordering::Relaxed);
                 let sent = queue.pop();
                 if *failures > 0 {
                     let n = self.stats.reconnects.fetch_add(1, Ordering::Relaxed) + 1;
@@ -460,14 +500,14 @@ impl Manager {
                         component = "metrics",
                         failed_attempts = *failures,
                         reconnect_count = n,
-                        queued_points = queue.points,
+                        queued_points = queue.queued_points(),
                         "metrics delivery recovered"
                     );
                 }
                 debug!(
                     component = "metrics",
                     points = sent,
-                    queued_points = queue.points,
+                    queued_points = queue.queued_points(),
                     "batch accepted"
                 );
                 *failures = 0;
@@ -492,8 +532,8 @@ impl Manager {
                     warn!(
                         component = "metrics",
                         error = %e,
-                        points = queue.front().map_or(0, |b| b.points.len()),
-                        queued_points = queue.points,
+                        points = queue.head_points(),
+                        queued_points = queue.queued_points(),
                         failures = *failures,
                         "metrics report failed"
                     );
@@ -501,16 +541,15 @@ impl Manager {
                 }
             },
         };
-        self.stats
-            .queued
-            .store(queue.points as u64, Ordering::Relaxed);
+        self.stats.publish(queue);
         outcome
     }
 
-    fn enqueue(&self, queue: &mut RetryQueue, points: Vec<MetricPoint>, head_in_flight: bool) {
-        queue.push(points, self.cfg.batch_limit());
-        let dropped = queue.trim(head_in_flight);
+    /// Seals the buffer into batches and trims the queue, counting what the trim dropped.
+    fn enqueue(&self, queue: &mut DeliveryQueue, head_in_flight: bool) {
+        let dropped = queue.seal(head_in_flight);
         if dropped > 0 {
+            self.stats.dropping.store(true, Ordering::Relaxed);
             let total = self
                 .stats
                 .dropped
@@ -520,13 +559,12 @@ impl Manager {
                 component = "metrics",
                 dropped,
                 dropped_total = total,
-                max_points = queue.max_points,
-                "retry queue full; dropped the oldest points (raise metrics.queue.max_points to keep more)"
+                max_points = self.cfg.queue.max_points,
+                max_bytes = self.cfg.queue.max_bytes.as_u64(),
+                "retry queue full; dropped the oldest points (raise metrics.queue.max_points, or metrics.queue.max_bytes with metrics.queue.dir, to keep more)"
             );
         }
-        self.stats
-            .queued
-            .store(queue.points as u64, Ordering::Relaxed);
+        self.stats.publish(queue);
     }
 
     /// Runs every collector once, side by side, and returns their points. A failing
@@ -556,6 +594,7 @@ mod tests {
     use super::*;
     use crate::reporter::ReportError;
     use async_trait::async_trait;
+    use std::collections::VecDeque;
     use std::sync::Mutex;
     use tokio::sync::mpsc;
 
@@ -940,43 +979,6 @@ mod tests {
             ((dropped + 1)..=newest).collect::<Vec<_>>(),
             "the oldest {dropped} went, the rest arrived in order"
         );
-    }
-
-    fn numbered(range: std::ops::RangeInclusive<u64>) -> Vec<MetricPoint> {
-        range
-            .map(|n| {
-                MetricPoint::new(
-                    chrono::Utc::now(),
-                    "system",
-                    "",
-                    &serde_json::json!({"n": n}),
-                )
-                .unwrap()
-            })
-            .collect()
-    }
-
-    #[test]
-    fn the_queue_trims_from_the_oldest_but_never_the_batch_in_flight() {
-        let mut q = RetryQueue::new(5);
-        q.push(numbered(1..=3), 3);
-        q.push(numbered(4..=6), 3);
-        let (head, second) = (q.batches[0].key, q.batches[1].key);
-        assert_eq!(q.trim(true), 1, "one point over the bound");
-        assert_eq!(ns(&q.batches[0].points), [1, 2, 3], "the head is in flight");
-        assert_eq!(ns(&q.batches[1].points), [5, 6]);
-        assert_eq!(q.batches[1].key, second, "a trimmed batch keeps its key");
-        q.push(numbered(7..=9), 3);
-        assert_eq!(q.trim(false), 3);
-        assert_ne!(q.batches[0].key, head);
-        assert_eq!(
-            q.batches
-                .iter()
-                .flat_map(|b| ns(&b.points))
-                .collect::<Vec<_>>(),
-            [5, 6, 7, 8, 9]
-        );
-        assert_eq!(q.points, 5);
     }
 
     #[test]

@@ -34,6 +34,12 @@ pub struct DeliveryTotals {
     pub dropped_points: u64,
     /// Points the control plane refused (4xx other than 408/429) since start.
     pub rejected_points: u64,
+    /// Points in `metrics.queue.dir` right now (batches and journal); 0 without it.
+    pub spooled_points: u64,
+    /// Bytes in `metrics.queue.dir` right now; 0 without it.
+    pub spooled_bytes: u64,
+    /// Damaged or foreign files found in `metrics.queue.dir` since start.
+    pub corrupt_batches: u64,
 }
 
 /// Totals of the agent's kernel programs, reported beside the agent's own figures.
@@ -102,6 +108,15 @@ pub struct AgentStats {
     /// Points the control plane refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rejected_points: Option<u64>,
+    /// Points kept in the durable queue's directory (0 when the queue is in memory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spooled_points: Option<u64>,
+    /// Bytes the durable queue's directory holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spooled_bytes: Option<u64>,
+    /// Damaged or foreign files the durable queue set aside or skipped since start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub corrupt_batches: Option<u64>,
 }
 
 /// Emits one `agent` point per cycle.
@@ -128,7 +143,8 @@ impl AgentStatsCollector {
         }
     }
 
-    /// Adds `dropped_points`, `queued_points` and `rejected_points` from `delivery`.
+    /// Adds `dropped_points`, `queued_points`, `rejected_points`, `spooled_points`,
+    /// `spooled_bytes` and `corrupt_batches` from `delivery`.
     pub fn with_delivery(mut self, delivery: Arc<dyn DeliveryCounters>) -> Self {
         self.delivery = Some(delivery);
         self
@@ -161,6 +177,9 @@ impl AgentStatsCollector {
             stats.dropped_points = Some(d.dropped_points);
             stats.queued_points = Some(d.queued_points);
             stats.rejected_points = Some(d.rejected_points);
+            stats.spooled_points = Some(d.spooled_points);
+            stats.spooled_bytes = Some(d.spooled_bytes);
+            stats.corrupt_batches = Some(d.corrupt_batches);
         }
         Ok(stats)
     }
@@ -245,6 +264,9 @@ mod tests {
                 queued_points: 40,
                 dropped_points: 12,
                 rejected_points: 3,
+                spooled_points: 30,
+                spooled_bytes: 4096,
+                corrupt_batches: 2,
             }
         }
     }
@@ -259,6 +281,9 @@ mod tests {
         assert_eq!(d["queued_points"], 40);
         assert_eq!(d["dropped_points"], 12);
         assert_eq!(d["rejected_points"], 3);
+        assert_eq!(d["spooled_points"], 30);
+        assert_eq!(d["spooled_bytes"], 4096);
+        assert_eq!(d["corrupt_batches"], 2);
     }
 
     #[tokio::test]
