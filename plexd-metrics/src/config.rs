@@ -1508,6 +1508,46 @@ metrics:
         assert!(problems("metrics: { batch_size: 100, queue: { max_points: 100 } }").is_empty());
     }
 
+    #[test]
+    fn the_durable_queue_takes_an_absolute_dir_and_a_size_with_or_without_a_unit() {
+        let cfg = Config::parse("").unwrap();
+        assert_eq!(cfg.metrics.queue.dir, None, "in memory unless asked");
+        assert_eq!(cfg.metrics.queue.max_bytes.as_u64(), 256 << 20);
+        for (text, bytes) in [("64MiB", 64u64 << 20), ("1 GiB", 1 << 30), ("2000000", 2_000_000)] {
+            let cfg = Config::parse(&format!(
+                "metrics: {{ queue: {{ dir: /var/lib/plexd-metrics, max_bytes: {text} }} }}"
+            ))
+            .unwrap();
+            assert_eq!(cfg.metrics.queue.max_bytes.as_u64(), bytes, "{text}");
+            assert_eq!(
+                cfg.metrics.queue.dir.as_deref(),
+                Some(Path::new("/var/lib/plexd-metrics"))
+            );
+            assert!(cfg.validate().is_ok());
+        }
+        assert_eq!(
+            problems("metrics: { queue: { dir: spool, max_bytes: 1000 } }"),
+            [
+                "metrics: config: queue.max_bytes must be at least 1MiB, got 1000",
+                "metrics: config: queue.dir must be an absolute path, got \"spool\""
+            ]
+        );
+        let err = Config::parse("metrics: { queue: { max_bytes: lots } }").unwrap_err();
+        assert!(err.starts_with("metrics.queue.max_bytes: "), "{err}");
+        let cfg = with_env(
+            None,
+            &[
+                ("PLEXD_METRICS_METRICS_QUEUE_DIR", "/srv/q"),
+                ("PLEXD_METRICS_METRICS_QUEUE_MAX_BYTES", "512MiB"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(cfg.metrics.queue.dir.as_deref(), Some(Path::new("/srv/q")));
+        assert_eq!(cfg.metrics.queue.max_bytes.as_u64(), 512 << 20);
+        let cfg = with_env(None, &[("PLEXD_METRICS_METRICS_QUEUE_MAX_BYTES", "3145728")]).unwrap();
+        assert_eq!(cfg.metrics.queue.max_bytes.as_u64(), 3 << 20);
+    }
+
     fn with_env(yaml: Option<&str>, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let files = yaml.map(|y| {

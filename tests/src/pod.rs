@@ -63,6 +63,8 @@ pub struct Mount {
     pub path: String,
     /// `readOnly: true`.
     pub read_only: bool,
+    /// A host path of `type: DirectoryOrCreate`.
+    pub create: bool,
     /// What is mounted there.
     pub source: VolumeSource,
 }
@@ -172,6 +174,7 @@ impl PodSpec {
                     name,
                     path: m["mountPath"].as_str().expect("mountPath").to_owned(),
                     read_only: m["readOnly"].as_bool().unwrap_or(false),
+                    create: volume["hostPath"]["type"] == "DirectoryOrCreate",
                     source,
                 }
             })
@@ -267,6 +270,12 @@ impl SimulatedPod {
         self.dir.as_ref().expect("present until drop").path()
     }
 
+    /// Where this pod keeps the node's writable `DirectoryOrCreate` host path `path` (on
+    /// the host).
+    pub fn host_state(&self, path: &str) -> PathBuf {
+        self.dir().join("host").join(path.trim_start_matches('/'))
+    }
+
     /// The root filesystem's directory (on the host).
     pub fn rootfs(&self) -> PathBuf {
         self.dir().join("rootfs")
@@ -298,6 +307,14 @@ impl SimulatedPod {
         }
         for mount in self.spec.mounts() {
             let source = match &mount.source {
+                // The node's state (the durable queue): a directory of this pod's own, so
+                // that a test never writes into the real host's /var/lib, and two tests'
+                // agents do not share one queue.
+                VolumeSource::HostPath(path) if !mount.read_only && mount.create => {
+                    let dir = self.host_state(path);
+                    script.push(format!("mkdir -p {}", dir.display()));
+                    dir.to_str().expect("UTF-8 temp path").to_owned()
+                }
                 VolumeSource::HostPath(path) => {
                     // DirectoryOrCreate, as the kubelet would.
                     script.push(format!("mkdir -p {path}"));

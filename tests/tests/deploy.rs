@@ -186,6 +186,14 @@ fn the_daemonset_and_its_config_agree() {
     }
     let bpffs = mount_of(&spec, &VolumeSource::HostPath("/sys/fs/bpf".into()));
     assert_eq!(bpffs.path, "/sys/fs/bpf");
+    // The durable queue: the node's directory, writable, created by the kubelet, where the
+    // config puts the queue (the only writable path besides bpffs).
+    let queue = mount_of(
+        &spec,
+        &VolumeSource::HostPath("/var/lib/plexd-metrics".into()),
+    );
+    assert!(!queue.read_only && queue.create, "{queue:?}");
+    assert_eq!(cfg.metrics.queue.dir.as_deref(), Some(Path::new(&queue.path)));
 
     // The token comes from the Secret's mount.
     let secret = mount_of(
@@ -239,7 +247,7 @@ fn the_daemonset_and_its_config_agree() {
     );
     assert!(
         pod["terminationGracePeriodSeconds"].as_u64().unwrap()
-            > plexd_metrics::manager::SHUTDOWN_FLUSH_TIMEOUT.as_secs(),
+            > plexd_metrics::manager::DURABLE_SHUTDOWN_FLUSH_TIMEOUT.as_secs(),
         "the flush at shutdown fits in the grace period"
     );
     assert_eq!(
@@ -297,9 +305,18 @@ fn the_systemd_unit_verifies_and_keeps_its_sandbox() {
         "AmbientCapabilities=CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_NET_RAW\n",
         "NoNewPrivileges=yes\n",
         "ProtectSystem=strict\n",
+        // The durable queue in the service's own state directory, /var/lib/plexd-metrics.
+        "StateDirectory=plexd-metrics\n",
+        "Environment=PLEXD_METRICS_METRICS_QUEUE_DIR=%S/plexd-metrics\n",
     ] {
         assert!(text.contains(key), "{key}");
     }
+    assert!(
+        plexd_metrics::config::Config::env_keys()
+            .iter()
+            .any(|k| k.variable == "PLEXD_METRICS_METRICS_QUEUE_DIR"),
+        "the unit's variable names a config key"
+    );
 }
 
 #[test]
