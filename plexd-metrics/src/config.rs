@@ -1513,7 +1513,11 @@ metrics:
         let cfg = Config::parse("").unwrap();
         assert_eq!(cfg.metrics.queue.dir, None, "in memory unless asked");
         assert_eq!(cfg.metrics.queue.max_bytes.as_u64(), 256 << 20);
-        for (text, bytes) in [("64MiB", 64u64 << 20), ("1 GiB", 1 << 30), ("2000000", 2_000_000)] {
+        for (text, bytes) in [
+            ("64MiB", 64u64 << 20),
+            ("1 GiB", 1 << 30),
+            ("2000000", 2_000_000),
+        ] {
             let cfg = Config::parse(&format!(
                 "metrics: {{ queue: {{ dir: /var/lib/plexd-metrics, max_bytes: {text} }} }}"
             ))
@@ -1544,7 +1548,11 @@ metrics:
         .unwrap();
         assert_eq!(cfg.metrics.queue.dir.as_deref(), Some(Path::new("/srv/q")));
         assert_eq!(cfg.metrics.queue.max_bytes.as_u64(), 512 << 20);
-        let cfg = with_env(None, &[("PLEXD_METRICS_METRICS_QUEUE_MAX_BYTES", "3145728")]).unwrap();
+        let cfg = with_env(
+            None,
+            &[("PLEXD_METRICS_METRICS_QUEUE_MAX_BYTES", "3145728")],
+        )
+        .unwrap();
         assert_eq!(cfg.metrics.queue.max_bytes.as_u64(), 3 << 20);
     }
 

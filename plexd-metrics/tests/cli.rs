@@ -146,6 +146,26 @@ fn check_config_accepts_a_valid_file_and_no_file() {
 }
 
 #[test]
+fn check_config_says_which_queue_is_in_use() {
+    let out = agent(&["--check-config"]);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        stdout,
+        "configuration is valid\nqueue: in memory (at most 10000 points; set metrics.queue.dir to keep them across restarts)\n"
+    );
+    let cfg = TempConfig::new(
+        "durable",
+        "metrics: { queue: { dir: /var/lib/plexd-metrics, max_bytes: 64MiB } }\n",
+    );
+    let out = agent(&["--check-config", "--config", &cfg.path()]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "configuration is valid\nqueue: durable, in /var/lib/plexd-metrics (at most 64.0 MiB; the oldest batches go beyond it)\n"
+    );
+}
+
+#[test]
 fn every_broken_rule_is_printed_and_exit_code_is_2() {
     let lines = rejected(
         "rules",

@@ -193,7 +193,10 @@ fn the_daemonset_and_its_config_agree() {
         &VolumeSource::HostPath("/var/lib/plexd-metrics".into()),
     );
     assert!(!queue.read_only && queue.create, "{queue:?}");
-    assert_eq!(cfg.metrics.queue.dir.as_deref(), Some(Path::new(&queue.path)));
+    assert_eq!(
+        cfg.metrics.queue.dir.as_deref(),
+        Some(Path::new(&queue.path))
+    );
 
     // The token comes from the Secret's mount.
     let secret = mount_of(

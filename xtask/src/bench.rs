@@ -28,7 +28,8 @@ pub struct Options {
     #[arg(long)]
     quick: bool,
     /// Run only this benchmark: node-exporter, wireguard-exporter, latency, kernel,
-    /// packet-rate, encode, tunnel, footprint or vm (the VM tests' budget, only this way).
+    /// packet-rate, encode, queue, tunnel, footprint or vm (the VM tests' budget, only this
+    /// way).
     #[arg(long, value_name = "NAME")]
     only: Option<String>,
 }
@@ -116,6 +117,18 @@ const BENCHES: &[Bench] = &[
     Bench {
         name: "encode",
         kind: Kind::Criterion,
+        default: true,
+        quick: true,
+    },
+    // The durable queue on a disk: collected() per cycle, bytes written per day, start-up
+    // with 256 MiB queued.
+    Bench {
+        name: "queue",
+        kind: Kind::Binary {
+            bin: "bench_queue",
+            full: &[],
+            quick: &["--quick"],
+        },
         default: true,
         quick: true,
     },
