@@ -43,10 +43,13 @@ use uuid::Uuid;
 
 /// Where the queue directories go: a disk, where /tmp may be tmpfs.
 const DISK_DIR: &str = "/var/tmp";
-/// The defaults: `metrics.batch_size`, and collect 15 s / report 60 s.
+/// The default `metrics.batch_size`.
 const BATCH_SIZE: usize = 100;
+/// Collect cycles per report at the default intervals (60 s / 15 s).
 const CYCLES_PER_REPORT: usize = 4;
+/// The default `metrics.collect_interval`, in seconds.
 const COLLECT_INTERVAL_S: f64 = 15.0;
+/// Collect cycles in a day: 5,760.
 const CYCLES_PER_DAY: f64 = 86_400.0 / COLLECT_INTERVAL_S;
 /// The node of parts 2 and 3.
 const PEERS: usize = 100;
@@ -58,14 +61,19 @@ const SIZES: [usize; 2] = [100, 10_000];
 const COLLECT_GOAL_MS: f64 = 5.0;
 /// Part 2's goal, generous: the order of magnitude a node's disk should not notice.
 const DAY_GOAL_MIB: f64 = 2048.0;
-/// Part 3: what the directory is filled with, its bound, and the goal and deadline of the
-/// first request.
+/// Part 3: bytes of batch files the directory is filled with.
 const FILL_BYTES: u64 = 256 << 20;
+/// Part 3: `metrics.queue.max_bytes`, above the fill so that nothing is trimmed.
 const FILL_MAX_BYTES: u64 = 300 << 20;
+/// Part 3's goal: spawn to first request, in ms.
 const STARTUP_GOAL_MS: f64 = 1000.0;
+/// Part 3: how long to wait for the first request before failing.
 const FIRST_REQUEST_DEADLINE: Duration = Duration::from_secs(30);
+/// The bearer token the test control plane requires.
 const TOKEN: &str = "bench-queue-token";
 
+/// The queue's bounds as the agent's defaults set them, with a directory bound of
+/// `max_bytes`.
 fn limits(max_bytes: u64) -> QueueLimits {
     QueueLimits {
         batch_size: BATCH_SIZE,
@@ -74,6 +82,7 @@ fn limits(max_bytes: u64) -> QueueLimits {
     }
 }
 
+/// Runs part 2, then prints the rows of parts 1, 2 and 3 in order.
 fn main() {
     let quick = std::env::args().skip(1).any(|a| a == "--quick");
     let (collect_rounds, breakdown_cycles, day_runs, startup_rounds) =
@@ -241,6 +250,8 @@ struct AppendSteps {
 }
 
 impl AppendSteps {
+    /// `cycles` appends of `node`'s tunnel points to a fresh journal file in `dir`, each to
+    /// an emptied journal as after a seal; the medians of each step.
     fn measure(node: &Node, cycles: usize, dir: &Path) -> Self {
         let path = dir.join("steps.journal");
         let file = File::options()
@@ -292,21 +303,24 @@ impl AppendSteps {
 struct DayRun {
     /// The kernel's counts for this process over the cycles.
     io: ProcIo,
-    /// Sectors the directory's block device wrote over the cycles (every process, and the
-    /// file system's own journal), and over an idle window as long just before.
+    /// Bytes the directory's block device wrote over the cycles (for every process, and the
+    /// file system's own journal), and over an idle window as long right after.
     device_bytes: Option<(u64, u64)>,
     /// Bytes of the journal records appended, and of the journal headers rewritten at each
     /// seal.
     journal_bytes: u64,
     /// Bytes of the batch files written.
     batch_bytes: u64,
-    /// Time of each seal, and summed per report interval.
+    /// Time of each seal, in ms.
     seal_ms: Vec<f64>,
+    /// Time of the seals of each report interval, summed, in ms.
     report_seal_ms: Vec<f64>,
+    /// How long the cycles took.
     window: Duration,
 }
 
 impl DayRun {
+    /// Runs the cycles in a fresh directory under [`DISK_DIR`], which `disk` holds.
     fn measure(disk: &Mount) -> Self {
         let dir = Scratch::new("day");
         let mut queue = DeliveryQueue::open(dir.path(), limits(DEFAULT_QUEUE_MAX_BYTES))
@@ -449,6 +463,7 @@ struct ProcIo {
 }
 
 impl ProcIo {
+    /// The counts now.
     fn now() -> Self {
         let mut text = String::new();
         File::open("/proc/self/io")
@@ -467,6 +482,7 @@ impl ProcIo {
         }
     }
 
+    /// What was counted between `before` and `self`.
     fn since(self, before: Self) -> Self {
         Self {
             wchar: self.wchar - before.wchar,
@@ -567,14 +583,20 @@ fn startup(rounds: usize) -> Row {
 /// A directory filled through `DeliveryQueue` as an agent with [`PEERS`] peers fills it while
 /// its control plane is away: a seal whenever a batch is full, nothing delivered.
 struct Fill {
+    /// Batch files in the directory.
     files: usize,
+    /// Their sizes, summed.
     bytes: u64,
+    /// The disk blocks they take, in bytes.
     blocks: u64,
+    /// Collect cycles it took.
     cycles: usize,
+    /// Time to fill it.
     took: Duration,
 }
 
 impl Fill {
+    /// Fills `dir` with at least [`FILL_BYTES`] of batch files.
     fn run(dir: &Path) -> Self {
         let start = Instant::now();
         let mut queue =
@@ -615,11 +637,14 @@ impl Fill {
 /// The agent binary, killed with SIGKILL when dropped; its log is shown when that happens
 /// because the benchmark failed.
 struct Agent {
+    /// The agent process itself (no wrapper in between, so SIGKILL reaches it).
     child: Child,
+    /// Its stderr.
     log: PathBuf,
 }
 
 impl Agent {
+    /// Starts the agent with `config`, its stderr going to `log`.
     fn start(config: &Path, log: &Path) -> Self {
         let stderr = File::create(log).expect("create the agent's log");
         let child = Command::new(agent_binary())
@@ -653,16 +678,20 @@ impl Drop for Agent {
 
 /// A node's peers; each collect cycle makes their points anew, with the figures moving on.
 struct Node {
+    /// The peers, in the order the collectors list them.
     peers: Vec<Peer>,
 }
 
+/// One peer of a [`Node`].
 struct Peer {
     /// A WireGuard public key, base64, as the tunnel and latency groups name peers.
     id: String,
+    /// Its current endpoint, `addr:port`.
     endpoint: String,
 }
 
 impl Node {
+    /// A node with `peers` peers under fresh random keys.
     fn new(peers: usize) -> Self {
         let peers = (0..peers)
             .map(|i| {
@@ -750,6 +779,7 @@ impl Node {
     }
 }
 
+/// The system group's point of collect cycle `cycle`.
 fn system(cycle: usize) -> MetricPoint {
     let c = cycle as u64;
     let stats = SystemStats {
@@ -767,6 +797,8 @@ fn system(cycle: usize) -> MetricPoint {
     MetricPoint::new(Utc::now(), GROUP_SYSTEM, "", &stats).expect("a system point")
 }
 
+/// The agent group's point of collect cycle `cycle`, as on a healthy node with the kernel
+/// programs attached and a durable queue.
 fn agent(cycle: usize) -> MetricPoint {
     let c = cycle as u64;
     let stats = AgentStats {
@@ -796,12 +828,14 @@ fn agent(cycle: usize) -> MetricPoint {
 struct Scratch(PathBuf);
 
 impl Scratch {
+    /// A fresh directory whose name starts with `plexd-bench-queue-{name}-`.
     fn new(name: &str) -> Self {
         let dir = Path::new(DISK_DIR).join(unique_name(&format!("plexd-bench-queue-{name}-")));
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
         Self(dir)
     }
 
+    /// The directory.
     fn path(&self) -> &Path {
         &self.0
     }
@@ -815,8 +849,11 @@ impl Drop for Scratch {
 
 /// The mount holding a path, from /proc/self/mountinfo.
 struct Mount {
+    /// File system type, e.g. `ext4`.
     fstype: String,
+    /// What is mounted, e.g. `/dev/vda`.
     source: String,
+    /// Where.
     mount_point: PathBuf,
     /// `major:minor` of its device.
     device: String,
@@ -848,6 +885,7 @@ impl Mount {
             .unwrap_or_else(|| panic!("no mount holds {}", path.display()))
     }
 
+    /// Type, source, mount point and the device's write cache, for a note.
     fn describe(&self) -> String {
         let cache = self
             .write_cache()
