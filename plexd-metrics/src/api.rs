@@ -137,7 +137,58 @@ impl<'de> Deserialize<'de> for PointData {
 /// Go's `time.Time` marshals as RFC 3339 with as many fractional digits as needed; this
 /// writes 0, 3, 6 or 9 digits and a `Z`, which every RFC 3339 parser reads the same way.
 fn rfc3339_utc<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::AutoSi, true))
+    let mut buf = [0; RFC3339_MAX];
+    match write_rfc3339(t, &mut buf) {
+        Some(len) => s.serialize_str(std::str::from_utf8(&buf[..len]).expect("ASCII digits")),
+        None => s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
+    }
+}
+
+/// `2026-02-12T10:30:00.123456789Z`.
+const RFC3339_MAX: usize = 30;
+
+/// Writes what `to_rfc3339_opts(SecondsFormat::AutoSi, true)` writes, into `buf` and
+/// without an allocation: every point of every batch and every durable record carries a
+/// timestamp, and chrono's formatter was most of the time of encoding one. `None` for what
+/// chrono spells otherwise (years outside 0..=9999, leap seconds), which the caller hands to
+/// chrono.
+fn write_rfc3339(t: &DateTime<Utc>, buf: &mut [u8; RFC3339_MAX]) -> Option<usize> {
+    use chrono::{Datelike, Timelike};
+    let year = u32::try_from(t.year()).ok().filter(|y| *y <= 9999)?;
+    let nanos = t.nanosecond();
+    if nanos >= 1_000_000_000 {
+        return None;
+    }
+    let mut digits = |at: usize, value: u32, width: usize| {
+        let mut v = value;
+        for i in (0..width).rev() {
+            buf[at + i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    digits(0, year, 4);
+    digits(5, t.month(), 2);
+    digits(8, t.day(), 2);
+    digits(11, t.hour(), 2);
+    digits(14, t.minute(), 2);
+    digits(17, t.second(), 2);
+    let (fraction, width) = match nanos {
+        0 => (0, 0),
+        n if n % 1_000_000 == 0 => (n / 1_000_000, 3),
+        n if n % 1_000 == 0 => (n / 1_000, 6),
+        n => (n, 9),
+    };
+    let mut len = 19;
+    if width > 0 {
+        digits(20, fraction, width);
+        buf[19] = b'.';
+        len += 1 + width;
+    }
+    for (at, sep) in [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':')] {
+        buf[at] = sep;
+    }
+    buf[len] = b'Z';
+    Some(len + 1)
 }
 
 #[cfg(test)]
@@ -197,6 +248,44 @@ mod tests {
         let tree = serde_json::to_value(&payload).unwrap();
         assert_eq!(point.data.as_str(), serde_json::to_string(&tree).unwrap());
         assert_eq!(point.data.to_value(), tree);
+    }
+
+    proptest::proptest! {
+        /// The hand-written timestamp is chrono's, byte for byte, over the years chrono
+        /// writes with four digits and every precision of fraction.
+        #[test]
+        fn timestamps_are_written_as_chrono_writes_them(
+            secs in -62_167_219_200i64..253_402_300_800,
+            nanos in 0u32..1_000_000_000,
+            precision in 0usize..4,
+        ) {
+            let nanos = match precision {
+                0 => 0,
+                1 => nanos / 1_000_000 * 1_000_000,
+                2 => nanos / 1_000 * 1_000,
+                _ => nanos,
+            };
+            let t = Utc.timestamp_opt(secs, nanos).unwrap();
+            let mut buf = [0; RFC3339_MAX];
+            let len = write_rfc3339(&t, &mut buf).expect("a four-digit year");
+            proptest::prop_assert_eq!(
+                std::str::from_utf8(&buf[..len]).unwrap(),
+                t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+            );
+        }
+    }
+
+    #[test]
+    fn timestamps_chrono_spells_otherwise_are_left_to_chrono() {
+        let mut buf = [0; RFC3339_MAX];
+        let far = Utc.with_ymd_and_hms(12026, 1, 1, 0, 0, 0).unwrap();
+        assert_eq!(write_rfc3339(&far, &mut buf), None);
+        let p = MetricPoint::new(far, GROUP_SYSTEM, "", &json!({})).unwrap();
+        assert!(serde_json::to_string(&p)
+            .unwrap()
+            .contains("\"+12026-01-01T00:00:00Z\""));
+        let leap = Utc.timestamp_opt(1_483_228_799, 1_500_000_000).unwrap();
+        assert_eq!(write_rfc3339(&leap, &mut buf), None);
     }
 
     #[test]

@@ -347,7 +347,6 @@ impl Manager {
         self.heartbeat.collect_fired();
         self.heartbeat.report_fired();
 
-        let batch_size = self.cfg.batch_limit();
         let mut rng = fastrand::Rng::new();
         let mut queue = self
             .queue
@@ -387,13 +386,11 @@ impl Manager {
                     self.heartbeat.collect_fired();
                     let points = self.collect_once(&cancel).await;
                     let collected = points.len();
-                    queue.collected(points);
+                    // A buffer that reaches batch_size is sealed at once, before the tick.
+                    let dropped = queue.collected(points, in_flight.is_some());
                     debug!(component = "metrics", points = collected, buffered = queue.buffered(), "collect cycle done");
-                    if queue.buffered() >= batch_size {
-                        self.enqueue(&mut queue, in_flight.is_some());
-                    } else {
-                        self.stats.publish(&queue);
-                    }
+                    self.count_dropped(dropped);
+                    self.stats.publish(&queue);
                     // The cycle's temporary allocations are gone by now.
                     crate::memory::release_free_memory();
                 }
@@ -548,6 +545,11 @@ impl Manager {
     /// Seals the buffer into batches and trims the queue, counting what the trim dropped.
     fn enqueue(&self, queue: &mut DeliveryQueue, head_in_flight: bool) {
         let dropped = queue.seal(head_in_flight);
+        self.count_dropped(dropped);
+        self.stats.publish(queue);
+    }
+
+    fn count_dropped(&self, dropped: usize) {
         if dropped > 0 {
             self.stats.dropping.store(true, Ordering::Relaxed);
             let total = self
@@ -564,7 +566,6 @@ impl Manager {
                 "retry queue full; dropped the oldest points (raise metrics.queue.max_points, or metrics.queue.max_bytes with metrics.queue.dir, to keep more)"
             );
         }
-        self.stats.publish(queue);
     }
 
     /// Runs every collector once, side by side, and returns their points. A failing

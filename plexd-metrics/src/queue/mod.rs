@@ -30,7 +30,7 @@ use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
 use crate::api::MetricPoint;
-use spool::{ReadError, Spool, SpoolError, StoredBatch};
+use spool::{Located, Spool, SpoolError};
 
 /// How long the queue runs from memory after a disk error before it tries the directory again.
 pub const DISK_RETRY: Duration = Duration::from_secs(30);
@@ -65,15 +65,15 @@ pub enum QueueState {
 /// One batch waiting for delivery. Its key goes with every attempt, so a destination that
 /// took it once but whose answer was lost can drop the repeat.
 #[derive(Debug)]
-struct Entry {
-    /// Known once the points are (for a batch found on disk at start, when it is read).
+struct Batch {
     key: Uuid,
     /// Points in the batch.
     count: usize,
-    /// In memory: always without a file, otherwise while there is room or it is the head.
+    /// In memory: always without a record in the log, otherwise while there is room or
+    /// since it came to the head.
     points: Option<Arc<Vec<MetricPoint>>>,
-    /// Its file, when it has one.
-    stored: Option<StoredBatch>,
+    /// Its record in the log, if it has one.
+    stored: Option<Located>,
 }
 
 enum Disk {
@@ -97,16 +97,15 @@ pub struct DeliveryQueue {
     buffer: Vec<MetricPoint>,
     /// Ordinal of `buffer[0]` (or of the next point collected).
     buffer_first: u64,
-    /// Points of the buffer that are in the journal.
+    /// Points of the buffer that are in the log.
     journaled: usize,
-    batches: VecDeque<Entry>,
+    batches: VecDeque<Batch>,
     queued_points: usize,
-    /// Points held in memory by batches without a file: what `max_points` bounds.
+    /// Points held in memory by batches without a record: what `max_points` bounds.
     memory_points: usize,
-    /// Points held in memory by batches with a file (a cache).
+    /// Points held in memory by batches with a record.
     cached_points: usize,
-    /// Bytes and points of the batch files.
-    stored_bytes: u64,
+    /// Points of the batches with a record.
     stored_points: u64,
     corrupt: u64,
     disk: Disk,
@@ -126,7 +125,6 @@ impl DeliveryQueue {
             queued_points: 0,
             memory_points: 0,
             cached_points: 0,
-            stored_bytes: 0,
             stored_points: 0,
             corrupt: 0,
             disk: Disk::Off,
@@ -139,16 +137,15 @@ impl DeliveryQueue {
     /// and tried again later).
     pub fn open(dir: &Path, limits: QueueLimits) -> Result<Self, SpoolError> {
         let mut queue = Self::in_memory(limits);
-        match Spool::open(dir) {
+        match Spool::open(dir, queue.segment_bytes()) {
             Ok((spool, recovered)) => {
                 queue.adopt(spool, recovered);
-                let (points, bytes) = (queue.spooled_points(), queue.spooled_bytes());
                 info!(
                     component = "metrics",
                     dir = %dir.display(),
                     batches = queue.batches.len(),
-                    points,
-                    bytes,
+                    points = queue.spooled_points(),
+                    bytes = queue.spooled_bytes(),
                     "durable queue opened; what it holds is sent first"
                 );
             }
@@ -156,6 +153,10 @@ impl DeliveryQueue {
             Err(e) => queue.broke(None, &e),
         }
         Ok(queue)
+    }
+
+    fn segment_bytes(&self) -> u64 {
+        spool::SEGMENT_BYTES.min(self.limits.max_bytes / 8)
     }
 
     /// Takes over an opened directory: its batches go behind those queued in memory, its
@@ -170,15 +171,15 @@ impl DeliveryQueue {
                 "durable queue: damaged or foreign files set aside or skipped; the rest is delivered"
             );
         }
-        for stored in recovered.batches {
-            self.queued_points += stored.points() as usize;
-            self.stored_points += stored.points();
-            self.stored_bytes += stored.bytes;
-            self.batches.push_back(Entry {
-                key: Uuid::nil(),
-                count: stored.points() as usize,
+        for at in recovered.batches {
+            let count = at.header.points() as usize;
+            self.queued_points += count;
+            self.stored_points += count as u64;
+            self.batches.push_back(Batch {
+                key: at.header.key,
+                count,
                 points: None,
-                stored: Some(stored),
+                stored: Some(at),
             });
         }
         self.journaled = recovered.unsealed.len();
@@ -201,20 +202,26 @@ impl DeliveryQueue {
         }
     }
 
-    /// Adds one collect cycle's points to the buffer; with a directory they are synced to
-    /// its journal before this returns.
-    pub fn collected(&mut self, points: Vec<MetricPoint>) {
+    /// Adds one collect cycle's points. With a directory they are on disk before this
+    /// returns: in a points record, or, when they complete a batch, in the seal this makes at
+    /// once (as [`DeliveryQueue::seal`], whose trim's dropped points are returned).
+    pub fn collected(&mut self, points: Vec<MetricPoint>, head_in_flight: bool) -> usize {
         if points.is_empty() {
-            return;
+            return 0;
+        }
+        if self.buffer.len() + points.len() >= self.limits.batch_size {
+            self.buffer.extend(points);
+            return self.seal(head_in_flight);
         }
         if let Disk::Ready(spool) = &mut self.disk {
             let first = self.buffer_first + self.buffer.len() as u64;
-            match spool.append(first, &points) {
+            match spool.append_points(first, &points) {
                 Ok(()) => self.journaled += points.len(),
                 Err(e) => self.fail(&e),
             }
         }
         self.buffer.extend(points);
+        0
     }
 
     /// Points collected and not yet sealed into a batch.
@@ -222,206 +229,248 @@ impl DeliveryQueue {
         self.buffer.len()
     }
 
-    /// Seals the buffer into batches of at most `batch_size` points, each with a fresh key,
-    /// and trims the queue to its bounds. Returns the points dropped by the trim.
+    /// Seals the buffer into batches of at most `batch_size` points, each with a fresh key
+    /// (with a directory, appended together with one sync), and trims the queue to its
+    /// bounds. Returns the points dropped by the trim.
     pub fn seal(&mut self, head_in_flight: bool) -> usize {
         if !self.buffer.is_empty() {
             self.retry_disk();
-            let mut first = self.buffer_first;
-            let mut wrote = false;
+            let first = self.buffer_first;
             let mut points = std::mem::take(&mut self.buffer).into_iter().peekable();
+            let mut batches: Vec<(Uuid, Vec<MetricPoint>)> = Vec::new();
             while points.peek().is_some() {
                 let batch: Vec<MetricPoint> =
                     points.by_ref().take(self.limits.batch_size).collect();
-                let key = Uuid::new_v4();
-                let stored = match &self.disk {
-                    Disk::Ready(spool) => match spool.write_batch(first, key, &batch) {
-                        Ok(stored) => Some(stored),
+                batches.push((Uuid::new_v4(), batch));
+            }
+            let total: usize = batches.iter().map(|(_, b)| b.len()).sum();
+            let stored = match &mut self.disk {
+                Disk::Ready(spool) => {
+                    let refs: Vec<(Uuid, &[MetricPoint])> =
+                        batches.iter().map(|(k, b)| (*k, b.as_slice())).collect();
+                    match spool.append_batches(first, &refs) {
+                        Ok(located) => Some(located),
                         Err(e) => {
                             self.fail(&e);
                             None
                         }
-                    },
-                    _ => None,
-                };
-                first += batch.len() as u64;
-                wrote |= stored.is_some();
-                self.push_entry(key, batch, stored);
-            }
-            self.buffer_first = first;
+                    }
+                }
+                _ => None,
+            };
+            self.buffer_first = first + total as u64;
             self.journaled = 0;
-            if let Disk::Ready(spool) = &mut self.disk {
-                let done = if wrote { spool.sync_dir() } else { Ok(()) }
-                    .and_then(|()| spool.reset_journal());
-                match done {
-                    Ok(()) => self.disk_worked(),
-                    Err(e) => self.fail(&e),
+            self.queued_points += total;
+            match stored {
+                Some(located) => {
+                    self.disk_worked();
+                    self.stored_points += total as u64;
+                    // The newest batches stay in memory too while there is room, so that
+                    // what is sent next after a short outage is not read back from disk.
+                    let keep =
+                        self.memory_points + self.cached_points + total <= self.limits.max_points;
+                    if keep {
+                        self.cached_points += total;
+                    }
+                    for ((key, points), at) in batches.into_iter().zip(located) {
+                        self.batches.push_back(Batch {
+                            key,
+                            count: points.len(),
+                            points: keep.then(|| Arc::new(points)),
+                            stored: Some(at),
+                        });
+                    }
+                }
+                None => {
+                    self.memory_points += total;
+                    for (key, points) in batches {
+                        self.batches.push_back(Batch {
+                            key,
+                            count: points.len(),
+                            points: Some(Arc::new(points)),
+                            stored: None,
+                        });
+                    }
                 }
             }
         }
         self.trim(head_in_flight)
     }
 
-    fn push_entry(&mut self, key: Uuid, batch: Vec<MetricPoint>, stored: Option<StoredBatch>) {
-        let count = batch.len();
-        self.queued_points += count;
-        let keep = match &stored {
-            None => {
-                self.memory_points += count;
-                true
-            }
-            // The newest batches stay in memory too while there is room, so that the batch
-            // sent next after a short outage is not read back from disk.
-            Some(s) => {
-                self.stored_points += s.points();
-                self.stored_bytes += s.bytes;
-                let room =
-                    self.memory_points + self.cached_points + count <= self.limits.max_points;
-                if room {
-                    self.cached_points += count;
-                }
-                room
-            }
-        };
-        self.batches.push_back(Entry {
-            key,
-            count,
-            points: keep.then(|| Arc::new(batch)),
-            stored,
-        });
-    }
-
     /// Drops the oldest points beyond the bounds and returns how many: batches in memory
-    /// beyond `max_points` (the oldest may lose part of its points, keeping its key), batch
-    /// files beyond `max_bytes` (whole files). The head is left alone while it is in flight:
+    /// beyond `max_points` (the oldest may lose part of its points, keeping its key), whole
+    /// segments of the log beyond `max_bytes`. The head is left alone while it is in flight:
     /// its request carries it already.
     pub fn trim(&mut self, head_in_flight: bool) -> usize {
-        let first = usize::from(head_in_flight);
+        let from = usize::from(head_in_flight);
         let mut dropped = 0;
         while self.memory_points > self.limits.max_points {
-            let Some(i) = (first..self.batches.len()).find(|&i| self.batches[i].stored.is_none())
+            let Some(i) = (from..self.batches.len()).find(|&i| self.batches[i].stored.is_none())
             else {
                 break;
             };
             let excess = self.memory_points - self.limits.max_points;
             let oldest = &mut self.batches[i];
-            if oldest.count <= excess {
-                let gone = self.batches.remove(i).expect("index checked");
-                dropped += gone.count;
-                self.memory_points -= gone.count;
-                self.queued_points -= gone.count;
+            let cut = excess.min(oldest.count);
+            if cut == oldest.count {
+                self.batches.remove(i);
             } else {
                 // If an earlier attempt of this batch did land, the destination drops the
                 // rest as a repeat, which is what it already holds.
-                let points = oldest.points.as_mut().expect("a batch without a file");
-                Arc::make_mut(points).drain(..excess);
-                oldest.count -= excess;
-                dropped += excess;
-                self.memory_points -= excess;
-                self.queued_points -= excess;
+                let points = oldest.points.as_mut().expect("a batch without a record");
+                Arc::make_mut(points).drain(..cut);
+                oldest.count -= cut;
             }
+            dropped += cut;
+            self.memory_points -= cut;
+            self.queued_points -= cut;
         }
-        while self.spooled_bytes() > self.limits.max_bytes {
-            let Some(i) = (first..self.batches.len()).find(|&i| self.batches[i].stored.is_some())
-            else {
-                break;
-            };
-            let gone = self.batches.remove(i).expect("index checked");
-            dropped += gone.count;
-            self.delete_file(&gone);
-            self.forget(&gone);
+        let in_flight = match self.batches.front() {
+            Some(b) if head_in_flight => b.stored.map(|at| at.segment),
+            _ => None,
+        };
+        while let Some(oldest) = self.segment_over_bound(in_flight) {
+            dropped += self.drop_segment(oldest);
         }
         dropped
     }
 
-    /// The head batch's key and points, read from its file if need be. A file that cannot be
-    /// read is set aside, counted and skipped.
+    /// The oldest segment but the one in flight, while the log is over `max_bytes`.
+    fn segment_over_bound(&self, in_flight: Option<u64>) -> Option<u64> {
+        let (Disk::Ready(spool)
+        | Disk::Broken {
+            spool: Some(spool), ..
+        }) = &self.disk
+        else {
+            return None;
+        };
+        if spool.bytes() <= self.limits.max_bytes {
+            return None;
+        }
+        spool
+            .segments()
+            .keys()
+            .copied()
+            .find(|s| Some(*s) != in_flight)
+    }
+
+    /// Removes the batches of segment `first` from the queue and the segment from the
+    /// directory; returns the points that went.
+    fn drop_segment(&mut self, first: u64) -> usize {
+        let mut gone = Vec::new();
+        self.batches.retain_mut(|b| {
+            let mine = b.stored.is_some_and(|at| at.segment == first);
+            if mine {
+                gone.push((b.count, b.points.is_some()));
+            }
+            !mine
+        });
+        let mut dropped = 0;
+        for (count, cached) in gone {
+            dropped += count;
+            self.queued_points -= count;
+            self.stored_points -= count as u64;
+            if cached {
+                self.cached_points -= count;
+            }
+        }
+        if let Disk::Ready(spool)
+        | Disk::Broken {
+            spool: Some(spool), ..
+        } = &mut self.disk
+        {
+            if let Err(e) = spool.remove_segment(first) {
+                warn!(component = "metrics", error = %e, "durable queue: a segment stays on disk");
+            }
+        }
+        dropped
+    }
+
+    /// The head batch's key and points, read from the log if need be. A record that cannot
+    /// be read back is counted and skipped.
     pub fn head(&mut self) -> Option<(Uuid, Arc<Vec<MetricPoint>>)> {
         loop {
-            let entry = self.batches.front()?;
-            if let Some(points) = &entry.points {
-                return Some((entry.key, points.clone()));
+            let head = self.batches.front()?;
+            if let Some(points) = &head.points {
+                return Some((head.key, points.clone()));
             }
-            let stored = entry
-                .stored
-                .clone()
-                .expect("a batch not in memory has a file");
+            let at = head.stored.expect("a batch not in memory has a record");
             let read = match &self.disk {
                 Disk::Ready(spool)
                 | Disk::Broken {
                     spool: Some(spool), ..
-                } => spool.read_batch(&stored),
-                _ => unreachable!("batch files exist only with an open directory"),
+                } => spool.read_batch(&at),
+                _ => unreachable!("records exist only with an open directory"),
             };
             match read {
-                Ok(batch) => {
-                    let entry = self.batches.front_mut().expect("checked");
-                    entry.key = batch.key;
-                    entry.points = Some(Arc::new(batch.points));
-                    self.cached_points += entry.count;
+                Ok(points) => {
+                    let head = self.batches.front_mut().expect("checked");
+                    head.points = Some(Arc::new(points));
+                    self.cached_points += head.count;
                 }
                 Err(e) => {
                     self.corrupt += 1;
-                    match &e {
-                        ReadError::Damaged { .. } => warn!(
-                            component = "metrics",
-                            error = %e,
-                            points = stored.points(),
-                            "durable queue: a damaged batch was set aside; the rest is delivered"
-                        ),
-                        ReadError::Io(_) => warn!(
-                            component = "metrics",
-                            error = %e,
-                            points = stored.points(),
-                            "durable queue: a batch could not be read and is skipped"
-                        ),
-                    }
-                    let gone = self.batches.pop_front().expect("checked");
-                    self.forget(&gone);
+                    warn!(
+                        component = "metrics",
+                        error = %e,
+                        points = at.header.points(),
+                        "durable queue: a damaged batch was skipped; the rest is delivered"
+                    );
+                    // Skipped as if delivered, so that its segment can go in time.
+                    self.pop();
                 }
             }
         }
     }
 
-    /// Removes the head batch (its destination took it, or refused it for good), with its
-    /// file. Returns its points.
+    /// Removes the head batch (its destination took it, or refused it for good). Segments
+    /// that held only delivered points are deleted. Returns the batch's points.
     pub fn pop(&mut self) -> usize {
         let Some(gone) = self.batches.pop_front() else {
             return 0;
         };
-        self.delete_file(&gone);
-        self.forget(&gone);
-        gone.count
-    }
-
-    /// Deletes a batch's file, if it has one. A file that cannot be deleted is sent again
-    /// after a restart, under its key: a repeat the destination drops, not a loss.
-    fn delete_file(&self, gone: &Entry) {
-        if let (
-            Some(stored),
-            Disk::Ready(spool)
-            | Disk::Broken {
-                spool: Some(spool), ..
-            },
-        ) = (&gone.stored, &self.disk)
-        {
-            if let Err(e) = spool.remove(stored) {
-                warn!(component = "metrics", error = %e, "durable queue: a batch file stays on disk");
-            }
-        }
-    }
-
-    fn forget(&mut self, gone: &Entry) {
         self.queued_points -= gone.count;
-        match &gone.stored {
-            Some(stored) => {
-                self.stored_points -= stored.points();
-                self.stored_bytes -= stored.bytes;
+        match gone.stored {
+            None => self.memory_points -= gone.count,
+            Some(at) => {
+                self.stored_points -= gone.count as u64;
                 if gone.points.is_some() {
                     self.cached_points -= gone.count;
                 }
+                self.delivered(at.header.end);
             }
-            None => self.memory_points -= gone.count,
+        }
+        gone.count
+    }
+
+    /// Every batch below `end` was delivered: the cursor says so, and segments holding
+    /// nothing else go (the one being appended to only once it is full).
+    fn delivered(&mut self, end: u64) {
+        let segment_bytes = self.segment_bytes();
+        let (Disk::Ready(spool)
+        | Disk::Broken {
+            spool: Some(spool), ..
+        }) = &mut self.disk
+        else {
+            return;
+        };
+        if let Err(e) = spool.write_cursor(end) {
+            debug!(component = "metrics", error = %e, "durable queue: the cursor was not written");
+        }
+        let done: Vec<u64> = spool
+            .segments()
+            .iter()
+            .filter(|(first, s)| {
+                s.end <= end
+                    && (spool.current_segment() != Some(**first) || s.bytes >= segment_bytes)
+            })
+            .map(|(first, _)| *first)
+            .collect();
+        for first in done {
+            if let Err(e) = spool.remove_segment(first) {
+                // Sent again after a restart, under its keys: repeats the destination drops.
+                warn!(component = "metrics", error = %e, "durable queue: a delivered segment stays on disk");
+            }
         }
     }
 
@@ -440,26 +489,28 @@ impl DeliveryQueue {
         self.batches.front().map_or(0, |b| b.count)
     }
 
-    /// Points held in memory by batches that have no file, which `max_points` bounds.
+    /// Points held in memory by batches that have no record, which `max_points` bounds.
     pub fn memory_points(&self) -> usize {
         self.memory_points
     }
 
-    /// Points in the directory: batch files and the journal.
+    /// Points in the directory not yet delivered: sealed batches and collected points.
     pub fn spooled_points(&self) -> u64 {
         self.stored_points + self.journaled as u64
     }
 
-    /// Bytes in the directory: batch files and the journal.
+    /// Bytes in the directory's log.
     pub fn spooled_bytes(&self) -> u64 {
-        let journal = match &self.disk {
-            Disk::Ready(spool) => spool.journal_bytes(),
+        match &self.disk {
+            Disk::Ready(spool)
+            | Disk::Broken {
+                spool: Some(spool), ..
+            } => spool.bytes(),
             _ => 0,
-        };
-        self.stored_bytes + journal
+        }
     }
 
-    /// Damaged batch files and journal tails found since start.
+    /// Damaged records, cut appends and foreign files found since start.
     pub fn corrupt_batches(&self) -> u64 {
         self.corrupt
     }
@@ -468,17 +519,11 @@ impl DeliveryQueue {
     /// failure of a run of them is logged as an error with what to do; retries that fail
     /// again only at debug level.
     fn fail(&mut self, e: &SpoolError) {
-        let mut spool = match std::mem::replace(&mut self.disk, Disk::Off) {
+        let spool = match std::mem::replace(&mut self.disk, Disk::Off) {
             Disk::Ready(spool) => Some(spool),
             Disk::Broken { spool, .. } => spool,
             Disk::Off => None,
         };
-        if let Some(spool) = &mut spool {
-            // Unsealed points are in memory from now on; an empty journal cannot bring them
-            // back under a second key after a restart. Truncation works on a full disk too.
-            let _ = spool.reset_journal();
-        }
-        self.journaled = 0;
         self.broke(spool, e);
     }
 
@@ -528,7 +573,7 @@ impl DeliveryQueue {
             Some(spool) => self.disk = Disk::Ready(spool),
             None => {
                 let dir = dir.clone();
-                match Spool::open(&dir) {
+                match Spool::open(&dir, self.segment_bytes()) {
                     Ok((spool, recovered)) => self.adopt(spool, recovered),
                     Err(e) => self.broke(None, &e),
                 }

@@ -1,59 +1,71 @@
-//! The durable queue's two kinds of record, as bytes: sealed batches (one file each) and the
-//! journal of points collected since the last seal. Pure: no files, no clocks.
+//! The durable queue's records, as bytes. Pure: no files, no clocks.
 //!
-//! Why two kinds: a batch exists only at the report tick (or when `batch_size` points have
-//! gathered), but a point must be durable from the collect cycle that made it. So each cycle
-//! appends one record to the journal and syncs it once; at the seal the journal's points
-//! become batch files, each with the `Idempotency-Key` it keeps through every attempt and
-//! every restart, and the journal is emptied.
+//! The queue's directory is a log: segment files of records appended one after another and
+//! synced once per collect cycle, never rewritten. Two kinds of record:
 //!
-//! Points are numbered from the first the directory ever held (their *ordinal*). A batch file
-//! names the ordinals it holds, `[first, end)`, and a journal record the ordinal of its first
-//! point. After a crash in the middle of a seal, the journal's points below the highest `end`
-//! of any batch file are already in a batch; the rest are not. So no point is lost and none is
-//! sent under two keys, whichever write the crash interrupted.
+//! - a **points** record holds the points of a collect cycle that did not complete a batch,
+//!   so that they are durable from the cycle that made them;
+//! - a **batch** record holds one sealed batch: its points and the `Idempotency-Key` it keeps
+//!   through every attempt and every restart. A seal appends all of its batches at once. A
+//!   cycle that completes a batch goes straight into the seal, so a node whose cycles fill a
+//!   batch writes each point once.
 //!
-//! Batch file (little-endian):
+//! Points are numbered from the first the directory ever held (their *ordinal*); every record
+//! names the ordinals it holds, `[first, end)`. Reading a directory back, the batches are the
+//! queue in order, and the points records at or beyond the highest batch `end` are the
+//! points collected since the last seal; those below were sealed already. So no point is lost
+//! and none is sent under two keys, wherever a crash cut the log.
+//!
+//! Record (little-endian):
 //!
 //! ```text
-//! 0   "PXMB"        magic
+//! 0   "PXMR"        magic
 //! 4   u16           layout version (VERSION)
-//! 6   u16           0 (reserved)
+//! 6   u8            kind: 1 points, 2 batch
+//! 7   u8            0 (reserved)
 //! 8   u64           first ordinal
 //! 16  u64           end ordinal (first + points)
-//! 24  [u8; 16]      idempotency key
+//! 24  [u8; 16]      idempotency key (zero in a points record)
 //! 40  u32           payload length
-//! 44  payload       the points as the JSON array the control plane receives
-//! ..  u32           CRC-32 of everything before it
+//! 44  u32           CRC-32 of bytes 0..44 and of the payload
+//! 48  payload       the points as the JSON array the control plane receives
 //! ```
 //!
-//! Journal: an 8-byte header (`"PXMJ"`, u16 version, u16 0), then records of
-//! `u32 payload length, u32 CRC-32 of the rest, u64 first ordinal, payload`. A record that is
-//! cut short, zero-filled or damaged ends the journal: what follows it was never synced
-//! after it (records are appended and synced one at a time), so it is the cycle a crash
-//! interrupted.
+//! The header alone says where the next record starts, so start-up walks 256 MiB of log by
+//! reading a few thousand headers; a payload's checksum is checked when it is read for
+//! delivery. CRC-32 (crc32fast, hardware-accelerated) detects every burst of up to 32 flipped
+//! bits; the payload is JSON so that a record stays readable with standard tools.
 //!
-//! CRC-32 (crc32fast, hardware-accelerated) detects every burst of up to 32 flipped bits and
-//! torn writes; the payload is JSON so that a record stays readable with `tail -c +45`.
+//! The cursor file names the ordinal below which every batch was delivered, so that a restart
+//! does not send again the delivered batches of a segment whose others still wait:
+//! `"PXMC"`, u16 version, u16 0, u64 ordinal, u32 CRC-32 of the 16 bytes before.
 
 use uuid::Uuid;
 
 use crate::api::MetricPoint;
 
-/// The layout version written into every batch file and journal. A reader refuses other
-/// versions by name instead of guessing at their bytes.
+/// The layout version written into every record. A reader refuses other versions by name
+/// instead of guessing at their bytes.
 pub const VERSION: u16 = 1;
+/// Length of a record's header.
+pub const HEADER: usize = 48;
+/// Length of the cursor file.
+pub const CURSOR_LEN: usize = 20;
 
-const BATCH_MAGIC: [u8; 4] = *b"PXMB";
-const JOURNAL_MAGIC: [u8; 4] = *b"PXMJ";
-const BATCH_HEADER: usize = 44;
-/// Length of the journal's file header.
-pub const JOURNAL_HEADER: usize = 8;
-const RECORD_HEADER: usize = 16;
-const CRC: usize = 4;
+const RECORD_MAGIC: [u8; 4] = *b"PXMR";
+const CURSOR_MAGIC: [u8; 4] = *b"PXMC";
 
-/// Why bytes are not a valid batch file.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+/// What a record holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Points of a collect cycle, not yet in a batch.
+    Points,
+    /// A sealed batch.
+    Batch,
+}
+
+/// Why bytes are not a valid record.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum RecordError {
     /// Shorter than its header or than the length it states.
     #[error("truncated: {len} bytes, {expected} expected")]
@@ -63,8 +75,8 @@ pub enum RecordError {
         /// Bytes the header says there are.
         expected: usize,
     },
-    /// Not a file this agent writes.
-    #[error("not a plexd-metrics queue file (no PXMB/PXMJ magic)")]
+    /// Not a record this agent writes (zeros, another program's bytes).
+    #[error("not a plexd-metrics queue record")]
     Magic,
     /// Written by an agent with another layout.
     #[error("layout version {0}, this agent reads version {VERSION} only")]
@@ -72,205 +84,178 @@ pub enum RecordError {
     /// The checksum does not match: a flipped bit, a torn write.
     #[error("checksum mismatch")]
     Checksum,
-    /// The checksum matches but the content contradicts itself.
+    /// The header or the payload contradicts itself.
     #[error("inconsistent: {0}")]
     Inconsistent(String),
 }
 
-/// A sealed batch as stored: its ordinals, its key and its points.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BatchRecord {
+/// A record's header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// Points or batch.
+    pub kind: Kind,
     /// Ordinal of the first point.
     pub first: u64,
-    /// The key every attempt of this batch carries.
+    /// Ordinal after the last point.
+    pub end: u64,
+    /// The batch's idempotency key (nil for points).
     pub key: Uuid,
-    /// The points, in collection order.
-    pub points: Vec<MetricPoint>,
+    /// Bytes of payload after the header.
+    pub len: u32,
+    crc: u32,
 }
 
-impl BatchRecord {
-    /// Ordinal after the last point.
-    pub fn end(&self) -> u64 {
-        self.first + self.points.len() as u64
+impl Header {
+    /// Bytes of the whole record.
+    pub fn record_len(&self) -> u64 {
+        HEADER as u64 + u64::from(self.len)
+    }
+
+    /// Points in the record.
+    pub fn points(&self) -> u64 {
+        self.end - self.first
     }
 }
 
-/// Encodes a batch file.
-pub fn encode_batch(first: u64, key: Uuid, points: &[MetricPoint]) -> Vec<u8> {
-    let payload = serde_json::to_vec(points).expect("points serialise to JSON");
-    let mut out = Vec::with_capacity(BATCH_HEADER + payload.len() + CRC);
-    out.extend_from_slice(&BATCH_MAGIC);
+/// Appends one record of `kind` holding `points`, numbered from `first`, to `out`; the points
+/// are serialised in place.
+pub fn encode(out: &mut Vec<u8>, kind: Kind, first: u64, key: Uuid, points: &[MetricPoint]) {
+    let start = out.len();
+    out.extend_from_slice(&RECORD_MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
-    out.extend_from_slice(&0u16.to_le_bytes());
+    out.push(match kind {
+        Kind::Points => 1,
+        Kind::Batch => 2,
+    });
+    out.push(0);
     out.extend_from_slice(&first.to_le_bytes());
     out.extend_from_slice(&(first + points.len() as u64).to_le_bytes());
     out.extend_from_slice(key.as_bytes());
-    out.extend_from_slice(&payload_len(&payload).to_le_bytes());
-    out.extend_from_slice(&payload);
-    let crc = crc32fast::hash(&out);
-    out.extend_from_slice(&crc.to_le_bytes());
-    out
+    out.extend_from_slice(&[0; 8]);
+    serde_json::to_writer(&mut *out, points).expect("points serialise to JSON");
+    // One record is one cycle or one batch: far below 4 GiB.
+    let len = u32::try_from(out.len() - start - HEADER).expect("a record under 4 GiB");
+    out[start + 40..start + 44].copy_from_slice(&len.to_le_bytes());
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&out[start..start + 44]);
+    crc.update(&out[start + HEADER..]);
+    out[start + 44..start + HEADER].copy_from_slice(&crc.finalize().to_le_bytes());
 }
 
-/// Decodes a whole batch file; anything but a complete, intact file of [`VERSION`] is an error.
-pub fn decode_batch(bytes: &[u8]) -> Result<BatchRecord, RecordError> {
-    check_magic(bytes, BATCH_MAGIC)?;
-    if bytes.len() < BATCH_HEADER {
-        return Err(RecordError::Truncated {
-            len: bytes.len(),
-            expected: BATCH_HEADER,
-        });
-    }
-    let len = u32_at(bytes, 40) as usize;
-    let total = BATCH_HEADER + len + CRC;
-    if bytes.len() < total {
-        return Err(RecordError::Truncated {
-            len: bytes.len(),
-            expected: total,
-        });
-    }
-    if bytes.len() > total {
-        return Err(RecordError::Inconsistent(format!(
-            "{} bytes after the checksum",
-            bytes.len() - total
-        )));
-    }
-    let body = &bytes[..total - CRC];
-    if crc32fast::hash(body) != u32_at(bytes, total - CRC) {
-        return Err(RecordError::Checksum);
-    }
-    let (first, end) = (u64_at(bytes, 8), u64_at(bytes, 16));
-    let key = Uuid::from_bytes(bytes[24..40].try_into().expect("16 bytes"));
-    let points: Vec<MetricPoint> = serde_json::from_slice(&body[BATCH_HEADER..])
-        .map_err(|e| RecordError::Inconsistent(format!("payload: {e}")))?;
-    if end.checked_sub(first) != Some(points.len() as u64) {
-        return Err(RecordError::Inconsistent(format!(
-            "header says ordinals {first}..{end}, payload has {} points",
-            points.len()
-        )));
-    }
-    Ok(BatchRecord { first, key, points })
-}
-
-/// The journal's file header.
-pub fn journal_header() -> [u8; JOURNAL_HEADER] {
-    let mut out = [0; JOURNAL_HEADER];
-    out[..4].copy_from_slice(&JOURNAL_MAGIC);
-    out[4..6].copy_from_slice(&VERSION.to_le_bytes());
-    out
-}
-
-/// Encodes one journal record: the points of one collect cycle, the first numbered `first`.
-pub fn encode_journal_record(first: u64, points: &[MetricPoint]) -> Vec<u8> {
-    let payload = serde_json::to_vec(points).expect("points serialise to JSON");
-    let mut out = Vec::with_capacity(RECORD_HEADER + payload.len());
-    out.extend_from_slice(&payload_len(&payload).to_le_bytes());
-    out.extend_from_slice(&[0; 4]);
-    out.extend_from_slice(&first.to_le_bytes());
-    out.extend_from_slice(&payload);
-    let crc = crc32fast::hash(&out[8..]);
-    out[4..8].copy_from_slice(&crc.to_le_bytes());
-    out
-}
-
-/// One collect cycle's points as the journal holds them.
-#[derive(Debug, Clone, PartialEq)]
-pub struct JournalRecord {
-    /// Ordinal of the first point.
-    pub first: u64,
-    /// The points.
-    pub points: Vec<MetricPoint>,
-}
-
-/// What a journal holds: its complete records, and where the valid part ends.
-#[derive(Debug, Clone, PartialEq)]
-pub struct JournalScan {
-    /// The complete, intact records, in order.
-    pub records: Vec<JournalRecord>,
-    /// Bytes from the start that are header and complete records; the rest is a torn tail.
-    pub valid_len: usize,
-}
-
-impl JournalScan {
-    /// Whether bytes follow the last complete record (a cycle cut short by a crash, or damage).
-    pub fn torn(&self, file_len: usize) -> bool {
-        file_len > self.valid_len
-    }
-}
-
-/// Reads a journal. An unknown magic or version is an error (the whole file is set aside);
-/// a bad record ends the scan without error, since it can only be the last write.
-pub fn scan_journal(bytes: &[u8]) -> Result<JournalScan, RecordError> {
-    if bytes.is_empty() {
-        return Ok(JournalScan {
-            records: Vec::new(),
-            valid_len: 0,
-        });
-    }
-    if bytes.len() < JOURNAL_HEADER {
-        // A header cut short: the journal was being created when the process died.
-        return if journal_header().starts_with(bytes) {
-            Ok(JournalScan {
-                records: Vec::new(),
-                valid_len: 0,
-            })
+/// Decodes a record's header: magic, version, kind and ordinals checked, the payload not.
+pub fn decode_header(bytes: &[u8]) -> Result<Header, RecordError> {
+    if bytes.len() < HEADER {
+        return Err(if RECORD_MAGIC.starts_with(&bytes[..bytes.len().min(4)]) {
+            RecordError::Truncated {
+                len: bytes.len(),
+                expected: HEADER,
+            }
         } else {
-            Err(RecordError::Magic)
-        };
+            RecordError::Magic
+        });
     }
-    check_magic(bytes, JOURNAL_MAGIC)?;
-    let mut records = Vec::new();
-    let mut at = JOURNAL_HEADER;
-    while let Some((record, next)) = journal_record_at(bytes, at) {
-        records.push(record);
-        at = next;
+    if bytes[..4] != RECORD_MAGIC {
+        return Err(RecordError::Magic);
     }
-    Ok(JournalScan {
-        records,
-        valid_len: at,
+    let version = u16::from_le_bytes([bytes[4], bytes[5]]);
+    if version != VERSION {
+        return Err(RecordError::Version(version));
+    }
+    let kind = match (bytes[6], bytes[7]) {
+        (1, 0) => Kind::Points,
+        (2, 0) => Kind::Batch,
+        (kind, _) => return Err(RecordError::Inconsistent(format!("kind {kind}"))),
+    };
+    let (first, end) = (u64_at(bytes, 8), u64_at(bytes, 16));
+    if end <= first {
+        return Err(RecordError::Inconsistent(format!(
+            "ordinals {first}..{end}"
+        )));
+    }
+    Ok(Header {
+        kind,
+        first,
+        end,
+        key: Uuid::from_bytes(bytes[24..40].try_into().expect("16 bytes")),
+        len: u32_at(bytes, 40),
+        crc: u32_at(bytes, 44),
     })
 }
 
-fn journal_record_at(bytes: &[u8], at: usize) -> Option<(JournalRecord, usize)> {
-    let header = bytes.get(at..at + RECORD_HEADER)?;
-    let len = u32_at(header, 0) as usize;
-    let end = at.checked_add(RECORD_HEADER)?.checked_add(len)?;
-    let covered = bytes.get(at + 8..end)?;
-    if crc32fast::hash(covered) != u32_at(header, 4) {
-        return None;
+/// Checks a record's payload against its header and decodes its points. `record` is the
+/// whole record, header included.
+pub fn decode_points(header: &Header, record: &[u8]) -> Result<Vec<MetricPoint>, RecordError> {
+    let expected = header.record_len() as usize;
+    if record.len() != expected {
+        return Err(RecordError::Truncated {
+            len: record.len(),
+            expected,
+        });
     }
-    let points: Vec<MetricPoint> = serde_json::from_slice(&covered[8..]).ok()?;
-    if points.is_empty() {
-        return None;
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&record[..44]);
+    crc.update(&record[HEADER..]);
+    if crc.finalize() != header.crc {
+        return Err(RecordError::Checksum);
     }
-    let first = u64_at(header, 8);
-    Some((JournalRecord { first, points }, end))
+    let points: Vec<MetricPoint> = serde_json::from_slice(&record[HEADER..])
+        .map_err(|e| RecordError::Inconsistent(format!("payload: {e}")))?;
+    if points.len() as u64 != header.points() {
+        return Err(RecordError::Inconsistent(format!(
+            "header says ordinals {}..{}, payload has {} points",
+            header.first,
+            header.end,
+            points.len()
+        )));
+    }
+    Ok(points)
 }
 
-/// Checks the magic and the version, which both kinds keep in their first 6 bytes.
-fn check_magic(bytes: &[u8], magic: [u8; 4]) -> Result<(), RecordError> {
-    if bytes.len() < 6 {
-        return if magic.starts_with(bytes) {
-            Err(RecordError::Truncated {
-                len: bytes.len(),
-                expected: 6,
-            })
-        } else {
-            Err(RecordError::Magic)
+/// Where each record of a segment starts, by its header, until the bytes end or a header is
+/// cut short or damaged (the error says which).
+pub fn scan(bytes: &[u8]) -> (Vec<(usize, Header)>, Option<RecordError>) {
+    let mut found = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        let header = match decode_header(&bytes[at..]) {
+            Ok(header) => header,
+            Err(e) => return (found, Some(e)),
         };
+        let len = header.record_len() as usize;
+        if bytes.len() - at < len {
+            let e = RecordError::Truncated {
+                len: bytes.len() - at,
+                expected: len,
+            };
+            return (found, Some(e));
+        }
+        found.push((at, header));
+        at += len;
     }
-    if bytes[..4] != magic {
-        return Err(RecordError::Magic);
-    }
-    match u16::from_le_bytes([bytes[4], bytes[5]]) {
-        VERSION => Ok(()),
-        other => Err(RecordError::Version(other)),
-    }
+    (found, None)
 }
 
-fn payload_len(payload: &[u8]) -> u32 {
-    // One collect cycle or one batch is far below 4 GiB (batch_size is bounded by the queue).
-    u32::try_from(payload.len()).expect("a record under 4 GiB")
+/// The cursor file: every batch below `ordinal` was delivered.
+pub fn encode_cursor(ordinal: u64) -> [u8; CURSOR_LEN] {
+    let mut out = [0; CURSOR_LEN];
+    out[..4].copy_from_slice(&CURSOR_MAGIC);
+    out[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    out[8..16].copy_from_slice(&ordinal.to_le_bytes());
+    let crc = crc32fast::hash(&out[..16]);
+    out[16..].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// Reads a cursor file; `None` unless it is complete and intact.
+pub fn decode_cursor(bytes: &[u8]) -> Option<u64> {
+    if bytes.len() != CURSOR_LEN
+        || bytes[..4] != CURSOR_MAGIC
+        || u16::from_le_bytes([bytes[4], bytes[5]]) != VERSION
+        || crc32fast::hash(&bytes[..16]) != u32_at(bytes, 16)
+    {
+        return None;
+    }
+    Some(u64_at(bytes, 8))
 }
 
 fn u32_at(bytes: &[u8], at: usize) -> u32 {
@@ -300,115 +285,141 @@ mod tests {
             .collect()
     }
 
+    /// Every record of `bytes`, decoded, until the first damage.
+    fn read_all(bytes: &[u8]) -> (Vec<(Header, Vec<MetricPoint>)>, bool) {
+        let (found, damage) = scan(bytes);
+        let mut out = Vec::new();
+        for (at, header) in found {
+            match decode_points(&header, &bytes[at..at + header.record_len() as usize]) {
+                Ok(p) => out.push((header, p)),
+                Err(_) => return (out, true),
+            }
+        }
+        (out, damage.is_some())
+    }
+
     #[test]
-    fn a_batch_comes_back_whole() {
+    fn records_come_back_whole_with_their_kind_ordinals_and_key() {
         let key = Uuid::new_v4();
-        let p = points(3, 1);
-        let bytes = encode_batch(40, key, &p);
-        let back = decode_batch(&bytes).unwrap();
-        assert_eq!((back.first, back.end(), back.key), (40, 43, key));
-        assert_eq!(back.points, p);
+        let (a, b) = (points(3, 1), points(2, 2));
+        let mut bytes = Vec::new();
+        encode(&mut bytes, Kind::Points, 40, Uuid::nil(), &a);
+        encode(&mut bytes, Kind::Batch, 40, key, &b);
+        let (records, damaged) = read_all(&bytes);
+        assert!(!damaged);
+        assert_eq!(records.len(), 2);
+        let (h, p) = &records[0];
+        assert_eq!(
+            (h.kind, h.first, h.end, h.key),
+            (Kind::Points, 40, 43, Uuid::nil())
+        );
+        assert_eq!(p, &a);
+        let (h, p) = &records[1];
+        assert_eq!((h.kind, h.first, h.end, h.key), (Kind::Batch, 40, 42, key));
+        assert_eq!(p, &b);
     }
 
     #[test]
-    fn a_batch_of_another_version_or_kind_is_refused_by_name() {
-        let mut bytes = encode_batch(0, Uuid::new_v4(), &points(1, 1));
-        bytes[4] = 9;
-        assert_eq!(decode_batch(&bytes), Err(RecordError::Version(9)));
-        assert_eq!(decode_batch(b"hello, world"), Err(RecordError::Magic));
-        assert_eq!(decode_batch(&[0; 4096]), Err(RecordError::Magic));
+    fn other_versions_kinds_and_bytes_are_refused_by_name() {
+        let mut bytes = Vec::new();
+        encode(&mut bytes, Kind::Batch, 0, Uuid::new_v4(), &points(1, 1));
+        let mut other = bytes.clone();
+        other[4] = 9;
+        assert_eq!(decode_header(&other), Err(RecordError::Version(9)));
+        let mut other = bytes.clone();
+        other[6] = 7;
+        assert!(matches!(
+            decode_header(&other),
+            Err(RecordError::Inconsistent(_))
+        ));
         assert_eq!(
-            decode_batch(&journal_header()),
-            Err(RecordError::Magic),
-            "a journal is not a batch"
+            decode_header(b"hello, world, this is not a queue record at all!"),
+            Err(RecordError::Magic)
         );
+        assert_eq!(decode_header(&[0; 4096]), Err(RecordError::Magic));
+        assert!(matches!(
+            decode_header(&bytes[..20]),
+            Err(RecordError::Truncated { .. })
+        ));
     }
 
     #[test]
-    fn a_journal_reads_back_its_records_and_stops_at_damage() {
-        let mut bytes = journal_header().to_vec();
-        let (a, b) = (points(2, 1), points(3, 2));
-        bytes.extend(encode_journal_record(0, &a));
-        let after_a = bytes.len();
-        bytes.extend(encode_journal_record(2, &b));
-        let scan = scan_journal(&bytes).unwrap();
-        assert_eq!(scan.valid_len, bytes.len());
-        assert_eq!(
-            scan.records,
-            [
-                JournalRecord {
-                    first: 0,
-                    points: a.clone()
-                },
-                JournalRecord {
-                    first: 2,
-                    points: b
-                }
-            ]
-        );
-        // A zero-filled tail (what a file system may leave after a crash) is not a record.
-        let mut zeros = bytes[..after_a].to_vec();
-        zeros.extend([0; 64]);
-        let scan = scan_journal(&zeros).unwrap();
-        assert_eq!((scan.records.len(), scan.valid_len), (1, after_a));
-        assert!(scan.torn(zeros.len()));
+    fn a_cursor_reads_back_only_whole() {
+        let bytes = encode_cursor(1234);
+        assert_eq!(decode_cursor(&bytes), Some(1234));
+        for cut in 0..bytes.len() {
+            assert_eq!(decode_cursor(&bytes[..cut]), None);
+        }
+        let mut flipped = bytes;
+        flipped[9] ^= 1;
+        assert_eq!(decode_cursor(&flipped), None);
+        assert_eq!(decode_cursor(&[0; CURSOR_LEN]), None);
     }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
-        /// Cut a journal of random cycles at every byte offset: exactly the records that lie
-        /// wholly before the cut come back, and the valid part ends right after the last.
+        /// Cut a segment of random records at every byte offset: exactly the records that lie
+        /// wholly before the cut come back, and a cut inside a record is reported.
         #[test]
-        fn a_journal_cut_anywhere_gives_back_exactly_its_complete_records(
-            cycles in prop::collection::vec(1usize..4, 1..5),
+        fn a_segment_cut_anywhere_gives_back_exactly_its_complete_records(
+            records in prop::collection::vec((1usize..4, any::<bool>()), 1..5),
         ) {
-            let mut bytes = journal_header().to_vec();
+            let mut bytes = Vec::new();
             let mut ends = vec![];
-            let mut written = vec![];
             let mut first = 0;
-            for (tag, n) in cycles.iter().enumerate() {
-                let p = points(*n, tag as u64);
-                bytes.extend(encode_journal_record(first, &p));
+            for (tag, (n, batch)) in records.iter().enumerate() {
+                let kind = if *batch { Kind::Batch } else { Kind::Points };
+                encode(&mut bytes, kind, first, Uuid::new_v4(), &points(*n, tag as u64));
                 ends.push(bytes.len());
-                written.push(JournalRecord { first, points: p });
                 first += *n as u64;
             }
             for cut in 0..=bytes.len() {
-                let scan = scan_journal(&bytes[..cut]).unwrap();
+                let (got, damaged) = read_all(&bytes[..cut]);
                 let complete = ends.iter().filter(|&&e| e <= cut).count();
-                prop_assert_eq!(&scan.records[..], &written[..complete]);
-                let valid = if complete == 0 {
-                    if cut >= JOURNAL_HEADER { JOURNAL_HEADER } else { 0 }
-                } else {
-                    ends[complete - 1]
-                };
-                prop_assert_eq!(scan.valid_len, valid, "cut at {}", cut);
+                prop_assert_eq!(got.len(), complete, "cut at {}", cut);
+                prop_assert_eq!(damaged, cut > 0 && !ends.contains(&cut), "cut at {}", cut);
+                for (i, (h, p)) in got.iter().enumerate() {
+                    prop_assert_eq!(p.len(), records[i].0);
+                    prop_assert_eq!(h.points() as usize, records[i].0);
+                }
             }
         }
 
-        /// A batch file cut short anywhere, or with any one byte changed, never decodes.
+        /// Any one byte changed anywhere is found: the records before it come back, the one
+        /// it is in does not.
         #[test]
-        fn a_damaged_batch_never_decodes(n in 1usize..5, at in any::<prop::sample::Index>(), flip in 1u8..=255) {
-            let bytes = encode_batch(7, Uuid::new_v4(), &points(n, 3));
-            for cut in 0..bytes.len() {
-                prop_assert!(decode_batch(&bytes[..cut]).is_err());
+        fn a_changed_byte_is_found(
+            records in prop::collection::vec(1usize..4, 1..4),
+            at in any::<prop::sample::Index>(),
+            flip in 1u8..=255,
+        ) {
+            let mut bytes = Vec::new();
+            let mut ends = Vec::new();
+            let mut first = 0;
+            for (tag, n) in records.iter().enumerate() {
+                encode(&mut bytes, Kind::Batch, first, Uuid::new_v4(), &points(*n, tag as u64));
+                ends.push(bytes.len());
+                first += *n as u64;
             }
-            let mut damaged = bytes.clone();
-            let i = at.index(damaged.len());
-            damaged[i] ^= flip;
-            prop_assert!(decode_batch(&damaged).is_err(), "byte {} changed", i);
+            let i = at.index(bytes.len());
+            bytes[i] ^= flip;
+            let (got, damaged) = read_all(&bytes);
+            let before = ends.iter().filter(|&&e| e <= i).count();
+            prop_assert!(damaged, "byte {} changed", i);
+            prop_assert_eq!(got.len(), before, "byte {} changed", i);
         }
 
-        /// Arbitrary bytes never panic either reader.
+        /// Arbitrary bytes never panic a reader.
         #[test]
-        fn junk_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..256), journal in any::<bool>()) {
+        fn junk_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..256), magic in any::<bool>()) {
             let mut input = bytes;
-            if journal && input.len() >= JOURNAL_HEADER {
-                input[..JOURNAL_HEADER].copy_from_slice(&journal_header());
+            if magic && input.len() >= 8 {
+                input[..4].copy_from_slice(&RECORD_MAGIC);
+                input[4..6].copy_from_slice(&VERSION.to_le_bytes());
             }
-            let _ = decode_batch(&input);
-            let _ = scan_journal(&input);
+            let _ = read_all(&input);
+            let _ = decode_cursor(&input);
         }
     }
 }

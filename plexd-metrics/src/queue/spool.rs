@@ -1,35 +1,51 @@
-//! The queue's directory: the one place that opens, syncs, renames and deletes its files.
+//! The queue's directory: the one place that opens, writes, syncs and deletes its files.
 //!
 //! ```text
-//! DIR/lock                                 flock(2)ed while an agent uses DIR; holds its pid
-//! DIR/journal                              points collected since the last seal
-//! DIR/<first:020>-<end:020>.batch          one sealed batch (see `record`)
-//! DIR/*.tmp                                a batch being written; removed at the next start
-//! DIR/*.corrupt                            set aside by an agent: damaged or of another layout
+//! DIR/lock                      flock(2)ed while an agent uses DIR; holds its pid
+//! DIR/<first:020>.log           a segment of the log: records appended, never rewritten
+//! DIR/cursor                    the ordinal below which every batch was delivered
+//! DIR/*.corrupt                 set aside by an agent: not a log it can read
 //! ```
 //!
-//! A batch file is written under a temporary name, synced, renamed, and the directory synced
-//! once per seal, so a batch file exists whole or not at all. Its name carries its ordinals,
-//! so that start-up learns the queue's order and size from one directory listing without
-//! reading 256 MiB; the content is checked (and a damaged file set aside) when the batch
-//! comes to the head of the queue.
+//! Each collect cycle appends to the newest segment and syncs it with one `fdatasync`: no
+//! file is created, renamed or deleted on that path (creating and deleting a file per cycle
+//! costs more than the write on some file systems, and every rename needs a sync of the
+//! directory too). A segment is closed at about 8 MiB; a new one is a file create and a
+//! directory sync. A segment goes as a whole once everything in it was delivered, or when
+//! `max_bytes` makes room. Each start appends to a segment of its own, so that nothing an
+//! earlier run wrote is ever truncated or written over.
+//!
+//! Large appends are handed to the device in chunks as they are encoded
+//! (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, which starts writeback without waiting), so
+//! that the final `fdatasync` waits for the tail only and encoding overlaps the device's work.
+//!
+//! The cursor is written without a sync: a killed process leaves it in the page cache, and a
+//! cursor that power loss set back only sends delivered batches again under their keys,
+//! which a control plane drops as repeats.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
 use uuid::Uuid;
 
-use super::record::{self, BatchRecord, RecordError, JOURNAL_HEADER};
+use super::record::{self, Header, Kind, RecordError};
 use crate::api::MetricPoint;
 
 const LOCK: &str = "lock";
-const JOURNAL: &str = "journal";
-const BATCH_SUFFIX: &str = ".batch";
-const TMP_SUFFIX: &str = ".tmp";
+const CURSOR: &str = "cursor";
+const SEGMENT_SUFFIX: &str = ".log";
 const CORRUPT_SUFFIX: &str = ".corrupt";
+/// A segment takes no more appends once it holds this much (or an eighth of
+/// `metrics.queue.max_bytes`, when that is less), so that `max_bytes` can make room a segment
+/// at a time without a segment being most of it.
+pub const SEGMENT_BYTES: u64 = 8 << 20;
+/// Bytes encoded before they are written and their writeback started.
+const CHUNK: usize = 1 << 20;
 
 /// Why the directory cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +66,7 @@ pub enum SpoolError {
     Io {
         /// The directory.
         dir: PathBuf,
-        /// What the agent was doing, e.g. "write the journal".
+        /// What the agent was doing, e.g. "append to the log".
         doing: &'static str,
         /// What the OS said.
         source: io::Error,
@@ -79,38 +95,36 @@ impl SpoolError {
     }
 }
 
-/// A batch file as listed: what its name says.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredBatch {
-    /// Ordinal of its first point.
-    pub first: u64,
-    /// Ordinal after its last point.
-    pub end: u64,
-    /// Its size on disk.
-    pub bytes: u64,
+/// Where a batch record lies in the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Located {
+    /// The segment, by its first ordinal.
+    pub segment: u64,
+    /// The record's offset in the segment.
+    pub offset: u64,
+    /// Its header: ordinals, key, length.
+    pub header: Header,
 }
 
-impl StoredBatch {
-    /// Points in the batch, by its name.
-    pub fn points(&self) -> u64 {
-        self.end - self.first
-    }
-
-    fn file_name(&self) -> String {
-        format!("{:020}-{:020}{BATCH_SUFFIX}", self.first, self.end)
-    }
+/// A segment as the queue accounts for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// Bytes in it.
+    pub bytes: u64,
+    /// The highest ordinal it holds a point of, plus one.
+    pub end: u64,
 }
 
 /// What a directory held when it was opened.
 #[derive(Debug, Default)]
 pub struct Recovered {
-    /// Sealed batches, oldest first.
-    pub batches: Vec<StoredBatch>,
-    /// Journal points not yet in any batch, oldest first, with the ordinal of the first.
+    /// Batches not yet delivered, oldest first.
+    pub batches: Vec<Located>,
+    /// Points collected since the last seal, oldest first.
     pub unsealed: Vec<MetricPoint>,
     /// Ordinal of `unsealed[0]`, and of the next point when it is empty.
     pub next: u64,
-    /// Files set aside or skipped, each described for the log.
+    /// Damage and foreign files found, each described for the log.
     pub damaged: Vec<String>,
 }
 
@@ -120,14 +134,21 @@ pub struct Spool {
     dir: PathBuf,
     // Held for as long as the spool lives; the kernel releases it when the process dies.
     _lock: Flock<File>,
-    journal: File,
-    journal_len: u64,
+    segments: BTreeMap<u64, Segment>,
+    /// The segment appended to, by its first ordinal, and its file; opened at the first
+    /// append.
+    current: Option<(u64, File)>,
+    cursor: File,
+    /// Encoding buffer, kept between writes so that a large seal does not fault in fresh
+    /// pages every cycle.
+    scratch: Vec<u8>,
+    segment_bytes: u64,
 }
 
 impl Spool {
-    /// Locks `dir`, sets aside what it cannot read and returns what it holds.
+    /// Locks `dir`, reads what it holds and returns it; segments close at `segment_bytes`.
     /// The directory is not created: a missing one is usually a volume not mounted yet.
-    pub fn open(dir: &Path) -> Result<(Self, Recovered), SpoolError> {
+    pub fn open(dir: &Path, segment_bytes: u64) -> Result<(Self, Recovered), SpoolError> {
         let io = |doing| {
             move |source| SpoolError::Io {
                 dir: dir.to_owned(),
@@ -143,38 +164,30 @@ impl Spool {
         }
         let lock = lock(dir)?;
         let mut recovered = Recovered::default();
-        let mut journal_bytes = None;
+        let mut names = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(io("list the directory"))? {
             let entry = entry.map_err(io("list the directory"))?;
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else {
+            let file_name = entry.file_name();
+            let Some(name) = file_name.to_str() else {
                 recovered
                     .damaged
-                    .push(format!("skipped {:?}: not a queue file", entry.file_name()));
+                    .push(format!("skipped {file_name:?}: not a queue file"));
                 continue;
             };
-            if name == LOCK || name.ends_with(CORRUPT_SUFFIX) {
+            if name == LOCK || name == CURSOR || name.ends_with(CORRUPT_SUFFIX) {
                 continue;
             }
-            if name.ends_with(TMP_SUFFIX) {
-                // A batch whose write a stop interrupted: its points are still in the journal.
-                std::fs::remove_file(entry.path()).map_err(io("remove a temporary file"))?;
-                continue;
-            }
-            if name == JOURNAL {
-                journal_bytes = Some(std::fs::read(entry.path()).map_err(io("read the journal"))?);
-                continue;
-            }
-            match parse_batch_name(name) {
-                Some((first, end)) => {
-                    let bytes = entry.metadata().map_err(io("list the directory"))?.len();
-                    recovered.batches.push(StoredBatch { first, end, bytes });
-                }
-                None if name.ends_with(BATCH_SUFFIX) => {
+            match name
+                .strip_suffix(SEGMENT_SUFFIX)
+                .filter(|n| n.len() == 20)
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                Some(first) => names.push((first, name.to_owned())),
+                None if name.ends_with(SEGMENT_SUFFIX) => {
                     set_aside(dir, name).map_err(io("set aside a damaged file"))?;
                     recovered
                         .damaged
-                        .push(format!("set aside {name}: not a batch file name"));
+                        .push(format!("set aside {name}: not a segment name"));
                 }
                 // Someone else's file: not ours to move, but said once.
                 None => recovered
@@ -182,70 +195,127 @@ impl Spool {
                     .push(format!("skipped {name}: not a queue file")),
             }
         }
-        recovered.batches.sort_by_key(|b| b.first);
-        let sealed_end = recovered.batches.iter().map(|b| b.end).max().unwrap_or(0);
-        recovered.next = sealed_end;
+        names.sort();
 
-        let journal_path = dir.join(JOURNAL);
-        let bytes = journal_bytes.unwrap_or_default();
-        let scan = match record::scan_journal(&bytes) {
-            Ok(scan) => {
-                if scan.torn(bytes.len()) {
-                    recovered.damaged.push(format!(
-                        "dropped the journal's last {} bytes: a cycle cut short",
-                        bytes.len() - scan.valid_len
-                    ));
-                }
-                scan
-            }
-            Err(e) => {
-                set_aside(dir, JOURNAL).map_err(io("set aside a damaged journal"))?;
+        let cursor_path = dir.join(CURSOR);
+        let delivered = match std::fs::read(&cursor_path) {
+            // Created empty, written at the first delivery of a stored batch.
+            Ok(bytes) if bytes.is_empty() => 0,
+            Ok(bytes) => record::decode_cursor(&bytes).unwrap_or_else(|| {
                 recovered
                     .damaged
-                    .push(format!("set aside the journal: {e}"));
-                record::JournalScan {
-                    records: Vec::new(),
-                    valid_len: 0,
-                }
-            }
+                    .push("ignored a damaged cursor".to_owned());
+                0
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(io("read the cursor")(e)),
         };
-        for rec in scan.records {
-            let end = rec.first + rec.points.len() as u64;
-            if end <= sealed_end {
+
+        let mut segments = BTreeMap::new();
+        // Points records and the batches' highest end, to find the unsealed points after.
+        let mut points_records = Vec::new();
+        let mut sealed_end = delivered;
+        for (first, name) in names {
+            let bytes = std::fs::read(dir.join(&name)).map_err(io("read a segment"))?;
+            if bytes.is_empty() {
+                // Created by a run that stopped before its first append.
+                std::fs::remove_file(dir.join(&name)).map_err(io("remove an empty segment"))?;
                 continue;
             }
-            let skip = sealed_end.saturating_sub(rec.first) as usize;
-            if recovered.unsealed.is_empty() {
-                recovered.next = rec.first + skip as u64;
+            let (found, damage) = record::scan(&bytes);
+            if let (Some(damage), true) = (&damage, found.is_empty()) {
+                set_aside(dir, &name).map_err(io("set aside a damaged file"))?;
+                recovered
+                    .damaged
+                    .push(format!("set aside {name}: {damage}"));
+                continue;
             }
-            recovered.unsealed.extend(rec.points.into_iter().skip(skip));
+            if let Some(damage) = damage {
+                // Whatever follows a damaged header cannot be found; a cut at the end is
+                // the write a crash interrupted.
+                recovered.damaged.push(format!(
+                    "{name}: {} bytes after the last whole record skipped ({damage})",
+                    bytes.len() as u64
+                        - found
+                            .last()
+                            .map_or(0, |(at, h)| *at as u64 + h.record_len())
+                ));
+            }
+            let mut end = first;
+            for (at, header) in found {
+                end = end.max(header.end);
+                match header.kind {
+                    Kind::Batch => {
+                        sealed_end = sealed_end.max(header.end);
+                        if header.end > delivered {
+                            recovered.batches.push(Located {
+                                segment: first,
+                                offset: at as u64,
+                                header,
+                            });
+                        }
+                    }
+                    Kind::Points => {
+                        let record = &bytes[at..at + header.record_len() as usize];
+                        points_records.push((header, record.to_vec()));
+                    }
+                }
+            }
+            segments.insert(
+                first,
+                Segment {
+                    bytes: bytes.len() as u64,
+                    end,
+                },
+            );
+        }
+        recovered.batches.sort_by_key(|b| b.header.first);
+        recovered.next = sealed_end;
+        for (header, record) in points_records {
+            if header.end <= recovered.next {
+                continue;
+            }
+            match record::decode_points(&header, &record) {
+                Ok(points) => {
+                    let skip = recovered.next.saturating_sub(header.first) as usize;
+                    if recovered.unsealed.is_empty() {
+                        recovered.next = header.first + skip as u64;
+                    }
+                    recovered.unsealed.extend(points.into_iter().skip(skip));
+                }
+                Err(e) => recovered.damaged.push(format!(
+                    "dropped the points of ordinals {}..{}: {e}",
+                    header.first, header.end
+                )),
+            }
+        }
+        if recovered.unsealed.is_empty() {
+            recovered.next = segments
+                .values()
+                .map(|s| s.end)
+                .max()
+                .unwrap_or(0)
+                .max(sealed_end);
         }
 
-        let journal = OpenOptions::new()
-            .read(true)
+        let cursor = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(false)
-            .open(&journal_path)
-            .map_err(io("open the journal"))?;
-        let mut spool = Self {
-            dir: dir.to_owned(),
-            _lock: lock,
-            journal,
-            journal_len: 0,
-        };
-        if scan.valid_len >= JOURNAL_HEADER {
-            // Cut the torn tail, so that the next record follows the last complete one.
-            spool
-                .journal
-                .set_len(scan.valid_len as u64)
-                .and_then(|()| spool.journal.sync_data())
-                .map_err(io("truncate the journal"))?;
-            spool.journal_len = scan.valid_len as u64;
-        } else {
-            spool.reset_journal()?;
-        }
-        Ok((spool, recovered))
+            .open(&cursor_path)
+            .map_err(io("open the cursor"))?;
+        Ok((
+            Self {
+                dir: dir.to_owned(),
+                _lock: lock,
+                segments,
+                current: None,
+                cursor,
+                scratch: Vec::new(),
+                segment_bytes,
+            },
+            recovered,
+        ))
     }
 
     /// The directory.
@@ -253,108 +323,194 @@ impl Spool {
         &self.dir
     }
 
-    /// Bytes the journal holds now.
-    pub fn journal_bytes(&self) -> u64 {
-        self.journal_len
+    /// Bytes in the log's segments.
+    pub fn bytes(&self) -> u64 {
+        self.segments.values().map(|s| s.bytes).sum()
     }
 
-    /// Appends one cycle's points, numbered from `first`, and syncs them: one write and one
-    /// `fdatasync` per cycle. On failure the journal is cut back to its last record.
-    pub fn append(&mut self, first: u64, points: &[MetricPoint]) -> Result<(), SpoolError> {
-        let bytes = record::encode_journal_record(first, points);
-        let written = self
-            .journal
-            .write_all_at(&bytes, self.journal_len)
-            .and_then(|()| self.journal.sync_data());
-        match written {
-            Ok(()) => {
-                self.journal_len += bytes.len() as u64;
-                Ok(())
-            }
-            Err(source) => {
-                let _ = self.journal.set_len(self.journal_len);
-                Err(self.error("write the journal", source))
-            }
-        }
+    /// The segments, oldest first.
+    pub fn segments(&self) -> &BTreeMap<u64, Segment> {
+        &self.segments
     }
 
-    /// Writes one sealed batch: to a temporary name, synced, renamed. The rename is durable
-    /// once [`Spool::sync_dir`] returned.
-    pub fn write_batch(
-        &self,
+    /// The segment appended to, if one is open.
+    pub fn current_segment(&self) -> Option<u64> {
+        self.current.as_ref().map(|(first, _)| *first)
+    }
+
+    /// Appends one cycle's points, numbered from `first`, and syncs them.
+    pub fn append_points(&mut self, first: u64, points: &[MetricPoint]) -> Result<(), SpoolError> {
+        self.scratch.clear();
+        record::encode(&mut self.scratch, Kind::Points, first, Uuid::nil(), points);
+        let scratch = std::mem::take(&mut self.scratch);
+        let appended = self.append(first, &[&scratch[..]]);
+        self.scratch = scratch;
+        appended.map(|_| ())
+    }
+
+    /// Appends one seal's batches, given as `(key, points)` numbered on from `first`, and
+    /// syncs them: one `fdatasync` however many batches. Returns where each batch lies.
+    pub fn append_batches(
+        &mut self,
         first: u64,
-        key: Uuid,
-        points: &[MetricPoint],
-    ) -> Result<StoredBatch, SpoolError> {
-        let bytes = record::encode_batch(first, key, points);
-        let stored = StoredBatch {
+        batches: &[(Uuid, &[MetricPoint])],
+    ) -> Result<Vec<Located>, SpoolError> {
+        let (segment, start) = self.segment_for(first)?;
+        let file = &self.current.as_ref().expect("opened above").1;
+        let mut located = Vec::with_capacity(batches.len());
+        let mut offset = start;
+        let mut written = start;
+        let mut ordinal = first;
+        self.scratch.clear();
+        let mut result = Ok(());
+        for (i, (key, points)) in batches.iter().enumerate() {
+            let at = self.scratch.len();
+            record::encode(&mut self.scratch, Kind::Batch, ordinal, *key, points);
+            let header = record::decode_header(&self.scratch[at..]).expect("just encoded");
+            located.push(Located {
+                segment,
+                offset,
+                header,
+            });
+            offset += header.record_len();
+            ordinal += points.len() as u64;
+            if self.scratch.len() >= CHUNK || i + 1 == batches.len() {
+                result = file.write_all_at(&self.scratch, written);
+                if result.is_err() {
+                    break;
+                }
+                start_writeback(file, written, self.scratch.len() as u64);
+                written += self.scratch.len() as u64;
+                self.scratch.clear();
+            }
+        }
+        let result = result.and_then(|()| file.sync_data());
+        self.finish_append(
+            segment,
+            start,
+            written,
+            ordinal,
+            result,
+            "append a seal to the log",
+        )?;
+        Ok(located)
+    }
+
+    /// Appends the encoded `parts` to the segment for ordinal `first` and syncs them.
+    fn append(&mut self, first: u64, parts: &[&[u8]]) -> Result<u64, SpoolError> {
+        let (segment, start) = self.segment_for(first)?;
+        let file = &self.current.as_ref().expect("opened above").1;
+        let mut written = start;
+        let mut result = Ok(());
+        let mut end = first;
+        for part in parts {
+            result = file.write_all_at(part, written);
+            if result.is_err() {
+                break;
+            }
+            written += part.len() as u64;
+            if let Ok(header) = record::decode_header(part) {
+                end = end.max(header.end);
+            }
+        }
+        let result = result.and_then(|()| file.sync_data());
+        self.finish_append(segment, start, written, end, result, "append to the log")?;
+        Ok(start)
+    }
+
+    /// Accounts for a finished append, or cuts a failed one off the segment, so that the
+    /// next record follows the last whole one.
+    fn finish_append(
+        &mut self,
+        segment: u64,
+        start: u64,
+        written: u64,
+        end: u64,
+        result: io::Result<()>,
+        doing: &'static str,
+    ) -> Result<(), SpoolError> {
+        if let Err(source) = result {
+            if let Some((_, file)) = &self.current {
+                let _ = file.set_len(start);
+            }
+            return Err(self.error(doing, source));
+        }
+        let state = self
+            .segments
+            .get_mut(&segment)
+            .expect("the current segment");
+        state.bytes = written;
+        state.end = state.end.max(end);
+        Ok(())
+    }
+
+    /// The segment to append ordinal `first` onwards to, and where its end is: the current
+    /// one while it has room, else a new one.
+    fn segment_for(&mut self, first: u64) -> Result<(u64, u64), SpoolError> {
+        if let Some((segment, _)) = &self.current {
+            let bytes = self.segments[segment].bytes;
+            if bytes < self.segment_bytes {
+                return Ok((*segment, bytes));
+            }
+        }
+        // Named after the first ordinal it holds, or after the segment before it when that
+        // is higher (a seal of points an earlier segment journaled): names sort as the log.
+        let first = match self.segments.keys().next_back() {
+            Some(last) => first.max(last + 1),
+            None => first,
+        };
+        let name = segment_name(first);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(self.dir.join(&name))
+            .and_then(|f| {
+                // The new name must survive a power loss before anything relies on it.
+                File::open(&self.dir).and_then(|d| d.sync_all())?;
+                Ok(f)
+            })
+            .map_err(|e| self.error("create a segment", e))?;
+        self.segments.insert(
             first,
-            end: first + points.len() as u64,
-            bytes: bytes.len() as u64,
-        };
-        let name = stored.file_name();
-        let tmp = self.dir.join(format!("{name}{TMP_SUFFIX}"));
-        let written = File::create(&tmp)
-            .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_data()))
-            .and_then(|()| std::fs::rename(&tmp, self.dir.join(&name)));
-        if let Err(source) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(self.error("write a batch", source));
-        }
-        Ok(stored)
+            Segment {
+                bytes: 0,
+                end: first,
+            },
+        );
+        self.current = Some((first, file));
+        Ok((first, 0))
     }
 
-    /// Makes the renames since the last call durable.
-    pub fn sync_dir(&self) -> Result<(), SpoolError> {
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| self.error("sync the directory", e))
-    }
-
-    /// Empties the journal once its points are sealed into batches.
-    pub fn reset_journal(&mut self) -> Result<(), SpoolError> {
-        let header = record::journal_header();
-        let reset = self
-            .journal
-            .set_len(0)
-            .and_then(|()| self.journal.write_all_at(&header, 0))
-            .and_then(|()| self.journal.sync_data());
-        match reset {
-            Ok(()) => {
-                self.journal_len = header.len() as u64;
-                Ok(())
-            }
-            Err(e) => Err(self.error("reset the journal", e)),
-        }
-    }
-
-    /// Reads a batch back. A damaged file is set aside (`*.corrupt`) and the error says why.
-    pub fn read_batch(&self, stored: &StoredBatch) -> Result<BatchRecord, ReadError> {
-        let name = stored.file_name();
-        let path = self.dir.join(&name);
-        let mut bytes = Vec::with_capacity(stored.bytes as usize);
-        File::open(&path)
-            .and_then(|mut f| f.read_to_end(&mut bytes))
+    /// Reads a batch back and checks it.
+    pub fn read_batch(&self, at: &Located) -> Result<Vec<MetricPoint>, ReadError> {
+        let name = segment_name(at.segment);
+        let mut record = vec![0; at.header.record_len() as usize];
+        File::open(self.dir.join(&name))
+            .and_then(|f| f.read_exact_at(&mut record, at.offset))
             .map_err(|e| ReadError::Io(self.error("read a batch", e)))?;
-        let damage = match record::decode_batch(&bytes) {
-            Ok(batch) if batch.first == stored.first && batch.end() == stored.end => {
-                return Ok(batch)
-            }
-            Ok(batch) => RecordError::Inconsistent(format!(
-                "holds ordinals {}..{}",
-                batch.first,
-                batch.end()
-            )),
-            Err(e) => e,
-        };
-        let _ = set_aside(&self.dir, &name);
-        Err(ReadError::Damaged { name, damage })
+        record::decode_points(&at.header, &record).map_err(|damage| ReadError::Damaged {
+            name,
+            offset: at.offset,
+            damage,
+        })
     }
 
-    /// Deletes a batch that its destination took (or refused for good).
-    pub fn remove(&self, stored: &StoredBatch) -> Result<(), SpoolError> {
-        std::fs::remove_file(self.dir.join(stored.file_name()))
-            .map_err(|e| self.error("delete a delivered batch", e))
+    /// Records that every batch below `ordinal` was delivered.
+    pub fn write_cursor(&self, ordinal: u64) -> Result<(), SpoolError> {
+        self.cursor
+            .write_all_at(&record::encode_cursor(ordinal), 0)
+            .map_err(|e| self.error("write the cursor", e))
+    }
+
+    /// Deletes a segment whose points all went (delivered, refused for good, or dropped to
+    /// make room). The current segment is closed first, so the next append starts a new one.
+    pub fn remove_segment(&mut self, first: u64) -> Result<(), SpoolError> {
+        if self.current_segment() == Some(first) {
+            self.current = None;
+        }
+        self.segments.remove(&first);
+        std::fs::remove_file(self.dir.join(segment_name(first)))
+            .map_err(|e| self.error("delete a delivered segment", e))
     }
 
     fn error(&self, doing: &'static str, source: io::Error) -> SpoolError {
@@ -369,17 +525,37 @@ impl Spool {
 /// Why a stored batch could not be read back.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
-    /// The file is damaged; it was set aside.
-    #[error("set aside {name}: {damage}")]
+    /// The record is damaged.
+    #[error("{name} at offset {offset}: {damage}")]
     Damaged {
-        /// The file's name.
+        /// The segment's name.
         name: String,
+        /// Where the record starts.
+        offset: u64,
         /// What is wrong with it.
         damage: RecordError,
     },
-    /// The file could not be read at all.
+    /// The segment could not be read at all.
     #[error(transparent)]
     Io(SpoolError),
+}
+
+fn segment_name(first: u64) -> String {
+    format!("{first:020}{SEGMENT_SUFFIX}")
+}
+
+/// Starts writing `len` bytes at `offset` back to the device without waiting. Through libc:
+/// neither nix nor rustix wraps `sync_file_range`. Advisory: if it fails, the `fdatasync`
+/// that follows does all the work.
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: a system call on a descriptor `file` keeps open for the call; no memory is
+    // passed.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
+    }
 }
 
 fn lock(dir: &Path) -> Result<Flock<File>, SpoolError> {
@@ -425,25 +601,15 @@ fn set_aside(dir: &Path, name: &str) -> io::Result<()> {
     std::fs::rename(dir.join(name), dir.join(format!("{name}{CORRUPT_SUFFIX}")))
 }
 
-fn parse_batch_name(name: &str) -> Option<(u64, u64)> {
-    let stem = name.strip_suffix(BATCH_SUFFIX)?;
-    let (first, end) = stem.split_once('-')?;
-    if first.len() != 20 || end.len() != 20 {
-        return None;
-    }
-    let (first, end) = (first.parse().ok()?, end.parse().ok()?);
-    (end > first).then_some((first, end))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// A directory under the system's temporary directory, removed on drop.
-    pub(crate) struct TestDir(pub PathBuf);
+    struct TestDir(PathBuf);
 
     impl TestDir {
-        pub(crate) fn new() -> Self {
+        fn new() -> Self {
             let dir = std::env::temp_dir().join(format!("plexd-spool-{}", Uuid::new_v4()));
             std::fs::create_dir(&dir).unwrap();
             Self(dir)
@@ -470,55 +636,69 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn batch_names_sort_as_their_ordinals() {
-        let a = StoredBatch {
-            first: 9,
-            end: 10,
-            bytes: 0,
-        };
-        let b = StoredBatch {
-            first: 10,
-            end: 200,
-            bytes: 0,
-        };
-        assert!(a.file_name() < b.file_name());
-        assert_eq!(parse_batch_name(&b.file_name()), Some((10, 200)));
-        for bad in [
-            "1-2.batch",
-            "x.batch",
-            "00000000000000000002-00000000000000000001.batch",
-        ] {
-            assert_eq!(parse_batch_name(bad), None, "{bad}");
-        }
+    fn ns(points: &[MetricPoint]) -> Vec<u64> {
+        points
+            .iter()
+            .map(|p| p.data.to_value()["n"].as_u64().unwrap())
+            .collect()
     }
 
     #[test]
-    fn a_crash_between_the_batches_of_one_seal_loses_and_repeats_nothing() {
+    fn points_sealed_after_they_were_journaled_come_back_once() {
         let dir = TestDir::new();
-        let (mut spool, rec) = Spool::open(&dir.0).unwrap();
+        let (mut spool, rec) = Spool::open(&dir.0, SEGMENT_BYTES).unwrap();
         assert_eq!((rec.next, rec.batches.len()), (0, 0));
-        spool.append(0, &points(0..3)).unwrap();
-        spool.append(3, &points(3..7)).unwrap();
-        // The seal wrote the first of two batches (0..5) and then the process died.
-        spool.write_batch(0, Uuid::new_v4(), &points(0..5)).unwrap();
+        spool.append_points(0, &points(0..3)).unwrap();
+        spool.append_points(3, &points(3..7)).unwrap();
+        // A seal took the first five points, then the process died.
+        let p = points(0..5);
+        let at = spool
+            .append_batches(0, &[(Uuid::new_v4(), &p[..2]), (Uuid::new_v4(), &p[2..])])
+            .unwrap();
+        assert_eq!(at.len(), 2);
         drop(spool);
-        let (_, rec) = Spool::open(&dir.0).unwrap();
-        assert_eq!(rec.batches.len(), 1);
+        let (spool, rec) = Spool::open(&dir.0, SEGMENT_BYTES).unwrap();
+        assert_eq!(rec.batches.len(), 2);
+        assert_eq!(ns(&spool.read_batch(&rec.batches[1]).unwrap()), [2, 3, 4]);
         assert_eq!(rec.next, 5, "points 5 and 6 are not in a batch");
-        let ns: Vec<u64> = rec
-            .unsealed
-            .iter()
-            .map(|p| p.data.to_value()["n"].as_u64().unwrap())
-            .collect();
-        assert_eq!(ns, [5, 6]);
+        assert_eq!(ns(&rec.unsealed), [5, 6]);
+        assert!(rec.damaged.is_empty(), "{:?}", rec.damaged);
+    }
+
+    #[test]
+    fn a_torn_append_is_skipped_and_said_and_the_next_start_writes_a_segment_of_its_own() {
+        let dir = TestDir::new();
+        let (mut spool, _) = Spool::open(&dir.0, SEGMENT_BYTES).unwrap();
+        spool
+            .append_batches(0, &[(Uuid::new_v4(), &points(0..2))])
+            .unwrap();
+        let segment = dir.0.join(segment_name(0));
+        let len = std::fs::metadata(&segment).unwrap().len();
+        spool.append_points(2, &points(2..4)).unwrap();
+        drop(spool);
+        // The last append was cut short by a crash.
+        let file = OpenOptions::new().write(true).open(&segment).unwrap();
+        file.set_len(len + 30).unwrap();
+        let (mut spool, rec) = Spool::open(&dir.0, SEGMENT_BYTES).unwrap();
+        assert_eq!(rec.batches.len(), 1);
+        assert!(rec.unsealed.is_empty());
+        assert_eq!(rec.next, 2);
+        assert_eq!(rec.damaged.len(), 1, "{:?}", rec.damaged);
+        assert!(rec.damaged[0].contains("30 bytes"), "{:?}", rec.damaged);
+        spool.append_points(2, &points(2..3)).unwrap();
+        assert_eq!(spool.current_segment(), Some(2));
+        assert_eq!(
+            std::fs::metadata(&segment).unwrap().len(),
+            len + 30,
+            "never written over"
+        );
     }
 
     #[test]
     fn a_second_opener_is_refused_with_the_holders_pid() {
         let dir = TestDir::new();
-        let _first = Spool::open(&dir.0).unwrap();
-        let err = Spool::open(&dir.0).unwrap_err();
+        let _first = Spool::open(&dir.0, SEGMENT_BYTES).unwrap();
+        let err = Spool::open(&dir.0, SEGMENT_BYTES).unwrap_err();
         assert!(matches!(err, SpoolError::Locked { .. }), "{err}");
         let text = err.to_string();
         assert!(
@@ -531,7 +711,7 @@ mod tests {
     fn a_missing_directory_is_not_created_and_says_what_to_do() {
         let dir = TestDir::new();
         let missing = dir.0.join("absent");
-        let err = Spool::open(&missing).unwrap_err();
+        let err = Spool::open(&missing, SEGMENT_BYTES).unwrap_err();
         assert!(err.to_string().contains("absent"), "{err}");
         assert!(
             err.advice().contains("create the directory"),

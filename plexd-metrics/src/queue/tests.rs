@@ -69,19 +69,36 @@ fn drain(q: &mut DeliveryQueue) -> Vec<(Uuid, Vec<u64>)> {
     out
 }
 
+fn batch_at(q: &DeliveryQueue, i: usize) -> (Uuid, Vec<u64>) {
+    let b = &q.batches[i];
+    (b.key, ns(b.points.as_ref().expect("in memory")))
+}
+
+/// One batch record of `points`, numbered from 0.
+fn batch_record(points: &[MetricPoint]) -> Vec<u8> {
+    let mut out = Vec::new();
+    record::encode(&mut out, record::Kind::Batch, 0, Uuid::new_v4(), points);
+    out
+}
+
+fn log_bytes(dir: &TestDir) -> u64 {
+    dir.files(".log")
+        .iter()
+        .map(|n| std::fs::metadata(dir.0.join(n)).unwrap().len())
+        .sum()
+}
+
 #[test]
 fn the_queue_trims_from_the_oldest_but_never_the_batch_in_flight() {
     let mut q = DeliveryQueue::in_memory(limits(3, 5));
-    q.collected(numbered(1..=6));
+    q.buffer = numbered(1..=6);
     assert_eq!(q.seal(true), 1, "one point over the bound");
-    let (head, second) = (q.batches[0].key, q.batches[1].key);
-    let points = |q: &DeliveryQueue, i: usize| ns(q.batches[i].points.as_ref().unwrap());
-    assert_eq!(points(&q, 0), [1, 2, 3], "the head is in flight");
-    assert_eq!(points(&q, 1), [5, 6]);
-    assert_eq!(q.batches[1].key, second, "a trimmed batch keeps its key");
-    q.collected(numbered(7..=9));
+    let (head, second) = (batch_at(&q, 0), batch_at(&q, 1));
+    assert_eq!(head.1, [1, 2, 3], "the head is in flight");
+    assert_eq!(second.1, [5, 6]);
+    q.buffer = numbered(7..=9);
     assert_eq!(q.seal(false), 3);
-    assert_ne!(q.batches[0].key, head);
+    assert_eq!(batch_at(&q, 0).0, second.0, "a trimmed batch keeps its key");
     assert_eq!(
         drain(&mut q)
             .into_iter()
@@ -93,80 +110,107 @@ fn the_queue_trims_from_the_oldest_but_never_the_batch_in_flight() {
 }
 
 #[test]
+fn a_cycle_that_completes_a_batch_goes_straight_into_the_seal() {
+    let dir = TestDir::new();
+    let mut q = DeliveryQueue::open(&dir.0, limits(4, 100)).unwrap();
+    q.collected(numbered(1..=3), false);
+    assert_eq!(
+        (q.buffered(), q.spooled_points()),
+        (3, 3),
+        "a points record"
+    );
+    let journaled = log_bytes(&dir);
+    q.collected(numbered(4..=9), false);
+    assert_eq!(q.buffered(), 0);
+    assert_eq!(q.spooled_points(), 9);
+    let sealed = log_bytes(&dir) - journaled;
+    // Points 4..9 were written once, in the seal; 1..3 again in their batch.
+    let once = batch_record(&numbered(1..=9)).len() as u64;
+    assert!(
+        sealed < once + 3 * record::HEADER as u64 + 64,
+        "{sealed} bytes for the seal"
+    );
+    let got = drain(&mut q);
+    assert_eq!(
+        got.iter().map(|(_, p)| p.clone()).collect::<Vec<_>>(),
+        [vec![1, 2, 3, 4], vec![5, 6, 7, 8], vec![9]]
+    );
+}
+
+#[test]
 fn a_restart_sends_the_stored_batches_first_under_their_keys_then_the_unsealed_points() {
     let dir = TestDir::new();
     let mut q = DeliveryQueue::open(&dir.0, limits(2, 100)).unwrap();
     assert_eq!(q.state(), QueueState::Disk(dir.0.clone()));
-    q.collected(numbered(1..=3));
+    q.buffer = numbered(1..=3);
     q.seal(false);
-    let keys: Vec<Uuid> = q.batches.iter().map(|b| b.key).collect();
-    q.collected(numbered(4..=5));
+    let keys = [batch_at(&q, 0).0, batch_at(&q, 1).0];
+    q.collected(numbered(4..=4), false);
     assert_eq!(
         q.spooled_points(),
-        5,
-        "three in batches, two in the journal"
+        4,
+        "three in batches, one collected since"
     );
-    assert_eq!(dir.files(".batch").len(), 2);
     drop(q); // a kill: nothing more is written
 
     let mut q = DeliveryQueue::open(&dir.0, limits(2, 100)).unwrap();
     assert_eq!(
         (q.queued_points(), q.buffered(), q.spooled_points()),
-        (3, 2, 5)
+        (3, 1, 4)
     );
     let first = q.head().unwrap();
     assert_eq!((first.0, ns(&first.1)), (keys[0], vec![1, 2]));
     q.pop();
-    assert_eq!(
-        dir.files(".batch").len(),
-        1,
-        "a delivered batch's file goes"
-    );
-    q.seal(false);
+    drop(q); // a kill after the first batch was delivered
+
+    let mut q = DeliveryQueue::open(&dir.0, limits(2, 100)).unwrap();
+    assert_eq!(q.queued_points(), 1, "the cursor skips the delivered batch");
+    let second = q.head().unwrap();
+    assert_eq!((second.0, ns(&second.1)), (keys[1], vec![3]));
+    q.pop();
+    q.collected(numbered(5..=5), false);
     let rest = drain(&mut q);
-    assert_eq!(rest[0], (keys[1], vec![3]));
-    assert_eq!(rest[1].1, [4, 5]);
-    assert!(dir.files(".batch").is_empty());
+    assert_eq!(rest[0].1, [4, 5]);
     assert_eq!(q.spooled_points(), 0);
     assert_eq!(q.corrupt_batches(), 0);
 }
 
 #[test]
-fn damaged_and_foreign_files_are_set_aside_counted_and_the_rest_delivered() {
+fn damaged_records_and_foreign_files_are_skipped_counted_and_the_rest_delivered() {
     let dir = TestDir::new();
     let mut q = DeliveryQueue::open(&dir.0, limits(1, 100)).unwrap();
-    q.collected(numbered(1..=5));
+    q.buffer = numbered(1..=5);
     q.seal(false);
     drop(q);
-    let batches = dir.files(".batch");
-    assert_eq!(batches.len(), 5);
-    let path = |i: usize| dir.0.join(&batches[i]);
-    // A flipped byte in the first, the second cut short, the fourth all zeros.
-    let mut bytes = std::fs::read(path(0)).unwrap();
-    bytes[50] ^= 0x20;
-    std::fs::write(path(0), bytes).unwrap();
-    let len = std::fs::metadata(path(1)).unwrap().len();
-    std::fs::File::options()
-        .write(true)
-        .open(path(1))
-        .unwrap()
-        .set_len(len - 3)
-        .unwrap();
-    let len = std::fs::metadata(path(3)).unwrap().len() as usize;
-    std::fs::write(path(3), vec![0; len]).unwrap();
-    // A file of someone else's, and one that only looks like a batch.
+    let segments = dir.files(".log");
+    assert_eq!(segments.len(), 1);
+    let path = dir.0.join(&segments[0]);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let (found, _) = record::scan(&bytes);
+    assert_eq!(found.len(), 5);
+    // A flipped bit in the second batch's payload, the fourth's overwritten with zeros.
+    bytes[found[1].0 + record::HEADER + 5] ^= 0x20;
+    let (at, h) = found[3];
+    bytes[at + record::HEADER..at + h.record_len() as usize].fill(0);
+    std::fs::write(&path, &bytes).unwrap();
+    // A file of someone else's, a segment of zeros, one that only looks like a segment.
     std::fs::write(dir.0.join("notes.txt"), "hello").unwrap();
-    std::fs::write(dir.0.join("x.batch"), "hello").unwrap();
+    std::fs::write(dir.0.join(format!("{:020}.log", 1000)), [0; 300]).unwrap();
+    std::fs::write(dir.0.join("x.log"), "hello").unwrap();
 
     let mut q = DeliveryQueue::open(&dir.0, limits(1, 100)).unwrap();
-    assert_eq!(q.corrupt_batches(), 2, "the foreign file and the bad name");
+    assert_eq!(
+        q.corrupt_batches(),
+        3,
+        "the foreign file, the zeros, the bad name"
+    );
     let delivered: Vec<u64> = drain(&mut q).into_iter().flat_map(|(_, p)| p).collect();
-    assert_eq!(delivered, [3, 5], "every intact batch, in order");
+    assert_eq!(delivered, [1, 3, 5], "every intact batch, in order");
     assert_eq!(q.corrupt_batches(), 5);
     assert_eq!(
         dir.files(".corrupt").len(),
-        4,
-        "three damaged batches and the bad name set aside"
+        2,
+        "the zeros and the bad name set aside"
     );
     assert!(
         dir.0.join("notes.txt").exists(),
@@ -179,41 +223,74 @@ fn damaged_and_foreign_files_are_set_aside_counted_and_the_rest_delivered() {
 }
 
 #[test]
-fn a_journal_of_another_layout_is_set_aside_and_the_queue_starts() {
+fn a_log_of_another_layout_is_set_aside_and_the_queue_starts() {
     let dir = TestDir::new();
-    std::fs::write(dir.0.join("journal"), b"PXMJ\x09\x00\x00\x00rest").unwrap();
+    let mut other = batch_record(&numbered(1..=1));
+    other[4] = 9;
+    std::fs::write(dir.0.join(format!("{:020}.log", 0)), other).unwrap();
     let mut q = DeliveryQueue::open(&dir.0, limits(10, 100)).unwrap();
     assert_eq!(q.corrupt_batches(), 1);
-    assert!(dir.0.join("journal.corrupt").exists());
-    q.collected(numbered(1..=2));
+    assert_eq!(dir.files(".corrupt").len(), 1);
+    q.collected(numbered(1..=2), false);
     q.seal(false);
     assert_eq!(drain(&mut q)[0].1, [1, 2]);
 }
 
 #[test]
-fn beyond_max_bytes_the_oldest_files_go_but_not_the_one_in_flight() {
+fn beyond_max_bytes_the_oldest_segments_go_but_not_the_one_in_flight() {
     let dir = TestDir::new();
-    let mut q = DeliveryQueue::open(&dir.0, limits(1, 100)).unwrap();
-    q.collected(numbered(1..=1));
+    // 1 MiB: segments of 128 KiB.
+    let mut q = DeliveryQueue::open(
+        &dir.0,
+        QueueLimits {
+            batch_size: 50,
+            max_points: 10,
+            max_bytes: 1 << 20,
+        },
+    )
+    .unwrap();
+    let big = |range: std::ops::RangeInclusive<u64>| -> Vec<MetricPoint> {
+        range
+            .map(|n| {
+                MetricPoint::new(
+                    chrono::Utc::now(),
+                    "system",
+                    "",
+                    &serde_json::json!({"n": n, "pad": "x".repeat(900)}),
+                )
+                .unwrap()
+            })
+            .collect()
+    };
+    q.buffer = big(1..=50);
     q.seal(false);
-    let one = q.spooled_bytes();
-    q.limits.max_bytes = one * 3;
-    q.collected(numbered(2..=6));
-    let dropped = q.seal(true);
-    assert!(
-        q.spooled_bytes() <= one * 3,
-        "{} > {}",
-        q.spooled_bytes(),
-        one * 3
-    );
-    assert_eq!(dropped, 3);
+    let head = q.head().unwrap();
+    assert_eq!(ns(&head.1)[0], 1);
+    let mut dropped = 0;
+    let mut next = 51;
+    while next < 3000 {
+        q.buffer = big(next..=next + 49);
+        next += 50;
+        dropped += q.seal(true);
+        assert!(q.spooled_bytes() <= 1 << 20, "{} bytes", q.spooled_bytes());
+    }
+    assert!(dropped > 0);
     let left: Vec<u64> = drain(&mut q).into_iter().flat_map(|(_, p)| p).collect();
     assert_eq!(
-        left,
-        [1, 5, 6],
-        "the head was in flight; the oldest behind it went"
+        left[..50],
+        (1..=50).collect::<Vec<_>>()[..],
+        "the head was in flight"
     );
-    assert!(dir.files(".batch").is_empty());
+    assert_eq!(
+        left.len() + dropped,
+        next as usize - 1,
+        "each point kept or counted"
+    );
+    assert!(
+        left.windows(2).all(|w| w[0] < w[1]),
+        "the newest kept, in order"
+    );
+    assert_eq!(*left.last().unwrap(), next - 1);
 }
 
 #[test]
@@ -228,7 +305,7 @@ fn a_missing_directory_leaves_the_queue_in_memory_until_it_appears() {
         }
         other => panic!("{other:?}"),
     }
-    q.collected(numbered(1..=2));
+    q.collected(numbered(1..=2), false);
     q.seal(false);
     assert_eq!(q.spooled_points(), 0);
     std::fs::create_dir(&missing).unwrap();
@@ -236,7 +313,7 @@ fn a_missing_directory_leaves_the_queue_in_memory_until_it_appears() {
     if let Disk::Broken { retry_at, .. } = &mut q.disk {
         *retry_at = Instant::now();
     }
-    q.collected(numbered(3..=4));
+    q.collected(numbered(3..=4), false);
     q.seal(false);
     assert_eq!(q.state(), QueueState::Disk(missing.clone()));
     assert_eq!(q.spooled_points(), 2, "new batches go to the directory");
@@ -293,7 +370,7 @@ proptest! {
             match s {
                 Step::Collect(n) => {
                     let n = u64::from(*n);
-                    q.collected(numbered(next..=next + n - 1));
+                    q.collected(numbered(next..=next + n - 1), false);
                     next += n;
                 }
                 Step::Seal => { q.seal(false); }

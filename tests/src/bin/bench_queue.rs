@@ -3,9 +3,10 @@
 //!
 //! 1. Durability per collect cycle: `DeliveryQueue::collected` of one cycle's points (100 and
 //!    10,000 tunnel points, the largest kind) on a durable queue, beside the same call on an
-//!    in-memory queue, one cycle per side and round, alternating. Only `collected` is timed;
-//!    between cycles each queue seals and delivers as the agent's Manager does. A pass after
-//!    the rounds does the steps of a journal append apart (encode, write, fdatasync), to say
+//!    in-memory queue, one cycle per side and round, alternating. At these sizes a cycle
+//!    completes a batch, so `collected` seals it at once: that is the time to make the cycle
+//!    durable. Between cycles each queue delivers as with a healthy control plane. A pass
+//!    after the rounds does the steps of a seal apart (encode, write, fdatasync), to say
 //!    where the time goes.
 //! 2. Bytes written per day by a node with 100 peers at the default intervals (collect 15 s,
 //!    report 60 s, batch_size 100): 40 collect cycles of 100 tunnel, 100 latency, one system
@@ -32,7 +33,7 @@ use chrono::{TimeDelta, Utc};
 use plexd_metrics::api::{MetricPoint, GROUP_AGENT, GROUP_LATENCY, GROUP_SYSTEM, GROUP_TUNNEL};
 use plexd_metrics::collector::{AgentStats, LatencyResult, SystemStats, TunnelStats};
 use plexd_metrics::config::{DEFAULT_QUEUE_MAX_BYTES, DEFAULT_QUEUE_MAX_POINTS};
-use plexd_metrics::queue::record::{encode_journal_record, journal_header};
+use plexd_metrics::queue::record::{encode, Kind};
 use plexd_metrics::queue::{DeliveryQueue, QueueLimits};
 use plexd_metrics_tests::bench::{
     alternate, emit, median, mib, ms, thousands, thread_cpu, Figures, Goal, Row, Side, Spread,
@@ -61,7 +62,7 @@ const SIZES: [usize; 2] = [100, 10_000];
 const COLLECT_GOAL_MS: f64 = 5.0;
 /// Part 2's goal, generous: the order of magnitude a node's disk should not notice.
 const DAY_GOAL_MIB: f64 = 2048.0;
-/// Part 3: bytes of batch files the directory is filled with.
+/// Part 3: bytes of log the directory is filled with.
 const FILL_BYTES: u64 = 256 << 20;
 /// Part 3: `metrics.queue.max_bytes`, above the fill so that nothing is trimmed.
 const FILL_MAX_BYTES: u64 = 300 << 20;
@@ -106,7 +107,7 @@ fn main() {
             let seal = Spread::of(&per_seal);
             let report = Spread::of(&per_report);
             row.note(format!(
-                "queue: seal at {PEERS} peers ({} points a cycle; the Manager seals once a batch is full, so every cycle: {} batch files each fsynced, one directory fsync, the journal reset): {:.2} ms a seal ({:.2}–{:.2}), {:.2} ms per report interval of {CYCLES_PER_REPORT} cycles ({:.2}–{:.2})",
+                "queue: collected() with its seal at {PEERS} peers ({} points a cycle complete a batch, so each cycle is sealed at once: one file of {} batches, one fdatasync, one directory fsync): {:.2} ms a cycle ({:.2}–{:.2}), {:.2} ms per report interval of {CYCLES_PER_REPORT} cycles ({:.2}–{:.2})",
                 cycle_points(PEERS),
                 cycle_points(PEERS).div_ceil(BATCH_SIZE),
                 seal.median, seal.min, seal.max, report.median, report.min, report.max
@@ -168,7 +169,7 @@ fn durability(points: usize, rounds: usize, breakdown_cycles: usize, disk: &Moun
         };
         let batch = node.tunnel(*cycle);
         let (start, start_cpu) = (Instant::now(), thread_cpu());
-        queue.collected(batch);
+        queue.collected(batch, false);
         let (wall, cpu) = (start.elapsed(), thread_cpu().saturating_sub(start_cpu));
         let mut figures = Figures::from([("ms", ms(wall)), ("cpu_ms", ms(cpu))]);
         if seals_after(queue, *cycle) {
@@ -190,7 +191,7 @@ fn durability(points: usize, rounds: usize, breakdown_cycles: usize, disk: &Moun
     drop(durable);
     let steps = AppendSteps::measure(&node, breakdown_cycles, dir.path());
 
-    let record_bytes = encode_journal_record(0, &node.tunnel(0)).len();
+    let record_bytes = seal_bytes(&node.tunnel(0)).len();
     let goal = Goal::Below(COLLECT_GOAL_MS);
     let cpu = median(&rounds.agent("cpu_ms"));
     let wall = Spread::of(&durable_walls);
@@ -206,7 +207,7 @@ fn durability(points: usize, rounds: usize, breakdown_cycles: usize, disk: &Moun
         ),
         (
             &format!(
-                "durable queue on {}: journal record appended + fdatasync",
+                "durable queue on {}: the cycle sealed into one file + fdatasync + directory fsync",
                 disk.fstype
             ),
             "in-memory queue: buffer append",
@@ -217,7 +218,7 @@ fn durability(points: usize, rounds: usize, breakdown_cycles: usize, disk: &Moun
         goal,
     )
     .note(format!(
-        "queue-collect-{points}: {DISK_DIR} is {}; one journal record of {} tunnel points is {:.2} MiB",
+        "queue-collect-{points}: {DISK_DIR} is {}; the seal of {} tunnel points is {:.2} MiB",
         disk.describe(),
         thousands(points),
         mib(record_bytes as u64)
@@ -231,7 +232,7 @@ fn durability(points: usize, rounds: usize, breakdown_cycles: usize, disk: &Moun
         breakdown_cycles, steps.encode_ms, steps.json_ms, steps.write_ms, steps.sync_ms
     ))
     .note(format!(
-        "queue-collect-{points}: seal between cycles (untimed above; {} batch files each fsynced, a directory fsync, the journal reset): {:.2} ms median ({:.2}–{:.2})",
+        "queue-collect-{points}: seal at the report tick (untimed above; nothing left to seal at these sizes, {} batches a cycle): {:.2} ms median ({:.2}–{:.2})",
         points.div_ceil(BATCH_SIZE),
         seal.median,
         seal.min,
@@ -239,8 +240,23 @@ fn durability(points: usize, rounds: usize, breakdown_cycles: usize, disk: &Moun
     ))
 }
 
-/// The steps of `Spool::append` done one by one on a file of their own, each timed: where
-/// the time of a durable `collected` goes.
+/// One cycle's points as the seal encodes them: a batch record per `BATCH_SIZE` points.
+fn seal_bytes(points: &[MetricPoint]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, chunk) in points.chunks(BATCH_SIZE).enumerate() {
+        encode(
+            &mut out,
+            Kind::Batch,
+            (i * BATCH_SIZE) as u64,
+            Uuid::nil(),
+            chunk,
+        );
+    }
+    out
+}
+
+/// The steps of a seal done one by one on a file of their own, each timed and without the
+/// overlap of encoding and writeback: where the time of a durable `collected` goes.
 struct AppendSteps {
     encode_ms: f64,
     /// The JSON text of the points alone, which `encode_ms` includes.
@@ -250,35 +266,31 @@ struct AppendSteps {
 }
 
 impl AppendSteps {
-    /// `cycles` appends of `node`'s tunnel points to a fresh journal file in `dir`, each to
-    /// an emptied journal as after a seal; the medians of each step.
+    /// `cycles` seals of `node`'s tunnel points, each written to an emptied file in `dir`;
+    /// the medians of each step.
     fn measure(node: &Node, cycles: usize, dir: &Path) -> Self {
-        let path = dir.join("steps.journal");
+        let path = dir.join("steps.log");
         let file = File::options()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
             .open(&path)
-            .expect("create the steps' journal");
-        let header = journal_header();
+            .expect("create the steps' file");
         let (mut encode, mut json, mut write, mut sync) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for cycle in 0..cycles {
-            // As after a seal, which at these sizes comes after every cycle: the header only.
             file.set_len(0).expect("truncate");
-            file.write_all_at(&header, 0).expect("write the header");
             file.sync_data().expect("fdatasync");
             let points = node.tunnel(cycle);
             let start = Instant::now();
-            let record = encode_journal_record(0, &points);
+            let record = seal_bytes(&points);
             encode.push(ms(start.elapsed()));
             let start = Instant::now();
             std::hint::black_box(serde_json::to_vec(&points).expect("points serialise"));
             json.push(ms(start.elapsed()));
             let start = Instant::now();
-            file.write_all_at(&record, header.len() as u64)
-                .expect("write the record");
+            file.write_all_at(&record, 0).expect("write the record");
             write.push(ms(start.elapsed()));
             let start = Instant::now();
             file.sync_data().expect("fdatasync");
@@ -306,10 +318,11 @@ struct DayRun {
     /// Bytes the directory's block device wrote over the cycles (for every process, and the
     /// file system's own journal), and over an idle window as long right after.
     device_bytes: Option<(u64, u64)>,
-    /// Bytes of the journal records appended, and of the journal headers rewritten at each
+    /// Bytes of the points records appended (cycles that did not complete a batch), and of
+    /// the batch records of the seals.
     /// seal.
     journal_bytes: u64,
-    /// Bytes of the batch files written.
+    /// Bytes of the batch records written.
     batch_bytes: u64,
     /// Time of each seal, in ms.
     seal_ms: Vec<f64>,
@@ -329,7 +342,6 @@ impl DayRun {
         let node = Node::new(PEERS);
         // Made before the window, so that it holds the queue's work only.
         let cycles: Vec<Vec<MetricPoint>> = (0..DAY_CYCLES).map(|c| node.cycle(c)).collect();
-        let header = journal_header().len() as u64;
         let (mut journal_bytes, mut batch_bytes) = (0, 0);
         let (mut seal_ms, mut report_seal_ms) = (Vec::new(), Vec::new());
         let mut this_report = 0.0;
@@ -338,20 +350,20 @@ impl DayRun {
         let io_before = ProcIo::now();
         let device_before = disk.device_written();
         for (cycle, points) in cycles.into_iter().enumerate() {
+            // The log only grows between deliveries: its growth is what the cycle wrote.
             let before = queue.spooled_bytes();
-            queue.collected(points);
-            journal_bytes += queue.spooled_bytes() - before;
-            if seals_after(&queue, cycle) {
-                let start = Instant::now();
+            let start = Instant::now();
+            queue.collected(points, false);
+            let sealed_now = queue.buffered() == 0;
+            if sealed_now || seals_after(&queue, cycle) {
                 queue.seal(false);
                 let took = ms(start.elapsed());
                 seal_ms.push(took);
                 this_report += took;
-                // Everything before this seal was delivered: what the directory holds now is
-                // this seal's batch files and the journal's header.
-                batch_bytes += queue.spooled_bytes() - header;
-                journal_bytes += header;
+                batch_bytes += queue.spooled_bytes() - before;
                 deliver(&mut queue);
+            } else {
+                journal_bytes += queue.spooled_bytes() - before;
             }
             if (cycle + 1).is_multiple_of(CYCLES_PER_REPORT) {
                 report_seal_ms.push(this_report);
@@ -407,9 +419,8 @@ fn day_row(days: &[DayRun], disk: &Mount) -> Row {
     let files = per_cycle(first.journal_bytes + first.batch_bytes);
     let batches = per_cycle(first.batch_bytes);
     let journal = per_cycle(first.journal_bytes);
-    // During an outage the journal is emptied at every seal: the directory grows by the
-    // batch files alone, which is what max_bytes counts.
-    let outage_hours = DEFAULT_QUEUE_MAX_BYTES as f64 / batches * COLLECT_INTERVAL_S / 3600.0;
+    // During an outage the directory grows by every record, points and batches alike.
+    let outage_hours = DEFAULT_QUEUE_MAX_BYTES as f64 / files * COLLECT_INTERVAL_S / 3600.0;
     let mut row = Row::alone(
         "queue-bytes-per-day",
         format!("bytes written per day, durable queue, {PEERS} peers"),
@@ -421,7 +432,7 @@ fn day_row(days: &[DayRun], disk: &Mount) -> Row {
         Goal::Below(DAY_GOAL_MIB),
     )
     .note(format!(
-        "queue-bytes-per-day: per collect cycle of {} points: {:.1} KiB written to storage (write_bytes, whole pages), {:.1} KiB passed to write(2) (wchar); file sizes: {:.1} KiB = journal record {:.1} KiB + batch files {:.1} KiB; {:.2} MiB/day by wchar",
+        "queue-bytes-per-day: per collect cycle of {} points: {:.1} KiB written to storage (write_bytes, whole pages), {:.1} KiB passed to write(2) (wchar); log growth: {:.1} KiB = points records {:.1} KiB + batch records {:.1} KiB; {:.2} MiB/day by wchar",
         cycle_points(PEERS),
         kib(write_bytes),
         kib(wchar),
@@ -432,8 +443,8 @@ fn day_row(days: &[DayRun], disk: &Mount) -> Row {
     ))
     .note(format!(
         "queue-bytes-per-day: during an outage the directory grows by {:.1} KiB a cycle ({:.1} MiB an hour): {} MiB (the default max_bytes) lasts {outage_hours:.1} hours",
-        kib(batches),
-        mib(batches as u64) * 3600.0 / COLLECT_INTERVAL_S,
+        kib(files),
+        mib(files as u64) * 3600.0 / COLLECT_INTERVAL_S,
         DEFAULT_QUEUE_MAX_BYTES >> 20
     ));
     if let Some((busy, idle)) = first.device_bytes {
@@ -495,13 +506,13 @@ impl ProcIo {
 // ---------------------------------------------------------------------------------------
 // Part 3: start-up with 256 MiB queued.
 
-/// Fills a directory with [`FILL_BYTES`] of batch files, then starts the agent on it
+/// Fills a directory with [`FILL_BYTES`] of log, then starts the agent on it
 /// `rounds` times and times its first request.
 fn startup(rounds: usize) -> Row {
     let dir = Scratch::new("startup");
     let fill = Fill::run(dir.path());
     eprintln!(
-        "bench_queue: filled {} with {} batch files, {:.1} MiB, in {:.1} s",
+        "bench_queue: filled {} with {} segments, {:.1} MiB, in {:.1} s",
         dir.path().display(),
         fill.files,
         mib(fill.bytes),
@@ -562,7 +573,7 @@ fn startup(rounds: usize) -> Row {
             FILL_BYTES >> 20
         ),
         &format!(
-            "agent binary on a directory of {} batch files (warm page cache), SIGKILLed after the first request",
+            "agent binary on a directory of {} segments (warm page cache), SIGKILLed after the first request",
             thousands(fill.files)
         ),
         "ms",
@@ -570,7 +581,7 @@ fn startup(rounds: usize) -> Row {
         Goal::Below(STARTUP_GOAL_MS),
     )
     .note(format!(
-        "queue-startup-256mib: {} batch files, {:.1} MiB by size ({:.1} MiB of disk blocks), written as {} collect cycles of {PEERS} peers in {:.1} s; first batches sent: {:?} points",
+        "queue-startup-256mib: {} segments, {:.1} MiB by size ({:.1} MiB of disk blocks), written as {} collect cycles of {PEERS} peers in {:.1} s; first batches sent: {:?} points",
         thousands(fill.files),
         mib(fill.bytes),
         mib(fill.blocks),
@@ -596,7 +607,7 @@ struct Fill {
 }
 
 impl Fill {
-    /// Fills `dir` with at least [`FILL_BYTES`] of batch files.
+    /// Fills `dir` with at least [`FILL_BYTES`] of log.
     fn run(dir: &Path) -> Self {
         let start = Instant::now();
         let mut queue =
@@ -605,7 +616,7 @@ impl Fill {
         let node = Node::new(PEERS);
         let mut cycle = 0;
         while queue.spooled_bytes() < FILL_BYTES {
-            queue.collected(node.cycle(cycle));
+            queue.collected(node.cycle(cycle), false);
             if seals_after(&queue, cycle) {
                 assert_eq!(queue.seal(false), 0, "nothing dropped below max_bytes");
             }
@@ -617,8 +628,8 @@ impl Fill {
         let (mut files, mut bytes, mut blocks) = (0, 0, 0);
         for entry in std::fs::read_dir(dir).expect("list the directory") {
             let entry = entry.expect("list the directory");
-            let meta = entry.metadata().expect("stat a batch file");
-            if entry.file_name().to_string_lossy().ends_with(".batch") {
+            let meta = entry.metadata().expect("stat a segment");
+            if entry.file_name().to_string_lossy().ends_with(".log") {
                 files += 1;
                 bytes += meta.len();
                 blocks += meta.blocks() * 512;
