@@ -84,6 +84,12 @@ impl PointData {
         }
     }
 
+    /// Takes JSON text that must be an object, such as [`PointData::as_str`] gave (points read
+    /// back from the durable queue); the text is checked, not re-encoded.
+    pub fn from_text(text: String) -> Result<Self, serde_json::Error> {
+        Self::object(RawValue::from_string(text)?)
+    }
+
     /// The JSON text of the object.
     pub fn as_str(&self) -> &str {
         self.0.get()

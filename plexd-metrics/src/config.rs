@@ -22,10 +22,11 @@ pub const MIN_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default bound of the retry queue, in points.
 pub const DEFAULT_QUEUE_MAX_POINTS: i64 = 10_000;
-/// Default bound of the durable queue's directory. A node with 100 peers at the default
-/// intervals spools about 1.4 MiB an hour (`cargo xtask bench --only queue`), so 256 MiB
-/// rides out a week-long outage of the control plane at that size, while staying small
-/// beside the node's other state under `/var/lib`.
+/// Default bound of the durable queue's directory. While the control plane is away, a node
+/// with 100 peers at the default intervals adds about 20 MiB an hour
+/// (`cargo xtask bench --only queue`): 256 MiB rides out half a day of outage at that size
+/// and days for a small node, while staying a small share of the disk that holds
+/// `/var/lib` on a node. A larger mesh that must ride out longer raises it.
 pub const DEFAULT_QUEUE_MAX_BYTES: u64 = 256 * 1024 * 1024;
 /// The smallest `metrics.queue.max_bytes`: room for a few batches of the largest kind.
 pub const MIN_QUEUE_MAX_BYTES: u64 = 1024 * 1024;

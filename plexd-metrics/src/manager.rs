@@ -304,8 +304,10 @@ impl Manager {
         &self.cfg
     }
 
-    /// Queues through `queue` (a durable one, say) instead of one in memory.
+    /// Queues through `queue` (a durable one, say) instead of one in memory. Its state is
+    /// published at once, so that readiness tells it before the loop starts.
     pub fn with_queue(self, queue: DeliveryQueue) -> Self {
+        self.stats.publish(&queue);
         *self.queue.lock().expect("not poisoned") = Some(queue);
         self
     }

@@ -107,7 +107,7 @@ fn main() {
             let seal = Spread::of(&per_seal);
             let report = Spread::of(&per_report);
             row.note(format!(
-                "queue: collected() with its seal at {PEERS} peers ({} points a cycle complete a batch, so each cycle is sealed at once: one file of {} batches, one fdatasync, one directory fsync): {:.2} ms a cycle ({:.2}–{:.2}), {:.2} ms per report interval of {CYCLES_PER_REPORT} cycles ({:.2}–{:.2})",
+                "queue: collected() with its seal at {PEERS} peers ({} points a cycle complete a batch, so each cycle is sealed at once: {} batch records appended to the log, one fdatasync): {:.2} ms a cycle ({:.2}–{:.2}), {:.2} ms per report interval of {CYCLES_PER_REPORT} cycles ({:.2}–{:.2})",
                 cycle_points(PEERS),
                 cycle_points(PEERS).div_ceil(BATCH_SIZE),
                 seal.median, seal.min, seal.max, report.median, report.min, report.max
@@ -207,7 +207,7 @@ fn durability(points: usize, rounds: usize, breakdown_cycles: usize, disk: &Moun
         ),
         (
             &format!(
-                "durable queue on {}: the cycle sealed into one file + fdatasync + directory fsync",
+                "durable queue on {}: the cycle sealed and appended to the log + fdatasync",
                 disk.fstype
             ),
             "in-memory queue: buffer append",
