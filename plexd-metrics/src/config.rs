@@ -23,7 +23,7 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default bound of the retry queue, in points.
 pub const DEFAULT_QUEUE_MAX_POINTS: i64 = 10_000;
 /// Default bound of the durable queue's directory. While the control plane is away, a node
-/// with 100 peers at the default intervals adds about 20 MiB an hour
+/// with 100 peers at the default intervals adds about 17 MiB an hour
 /// (`cargo xtask bench --only queue`): 256 MiB rides out half a day of outage at that size
 /// and days for a small node, while staying a small share of the disk that holds
 /// `/var/lib` on a node. A larger mesh that must ride out longer raises it.

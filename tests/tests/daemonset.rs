@@ -248,6 +248,9 @@ fn under_the_daemonsets_constraints_the_agent_attaches_collects_reports_and_is_h
     let (status, body) = probe(&node.ns, health, "/readyz");
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["checks"]["ebpf"]["state"], "attached");
+    // The durable queue in the node's /var/lib/plexd-metrics, writable under a read-only root.
+    assert_eq!(body["checks"]["queue"]["kind"], "disk", "{body}");
+    assert_eq!(body["checks"]["queue"]["dir"], "/var/lib/plexd-metrics");
 
     // A report with every group, for this node, with the Secret's token.
     let peer = &mesh.nodes[1].keys.public;

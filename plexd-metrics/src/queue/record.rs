@@ -288,25 +288,48 @@ impl<'a> Payload<'a> {
 /// Where each record of a segment starts, by its header, until the bytes end or a header is
 /// cut short or damaged (the error says which).
 pub fn scan(bytes: &[u8]) -> (Vec<(usize, Header)>, Option<RecordError>) {
+    let read = |at: u64, buf: &mut [u8]| {
+        let at = at as usize;
+        buf.copy_from_slice(&bytes[at..at + buf.len()]);
+        Ok::<(), std::convert::Infallible>(())
+    };
+    let Ok((found, damage)) = scan_with(bytes.len() as u64, read);
+    let found = found.into_iter().map(|(at, h)| (at as usize, h)).collect();
+    (found, damage)
+}
+
+/// What [`scan_with`] found: each record's offset and header, and the damage that ended the
+/// walk early, if any.
+pub type Scanned = (Vec<(u64, Header)>, Option<RecordError>);
+
+/// [`scan`] over a segment of `len` bytes that is not in memory: `read(offset, buf)` fills
+/// `buf` from the segment. Only the headers are read, so start-up walks a full directory
+/// without reading the points.
+pub fn scan_with<E>(
+    len: u64,
+    mut read: impl FnMut(u64, &mut [u8]) -> Result<(), E>,
+) -> Result<Scanned, E> {
     let mut found = Vec::new();
     let mut at = 0;
-    while at < bytes.len() {
-        let header = match decode_header(&bytes[at..]) {
+    let mut buf = [0; HEADER];
+    while at < len {
+        let available = usize::try_from(len - at).unwrap_or(usize::MAX).min(HEADER);
+        read(at, &mut buf[..available])?;
+        let header = match decode_header(&buf[..available]) {
             Ok(header) => header,
-            Err(e) => return (found, Some(e)),
+            Err(e) => return Ok((found, Some(e))),
         };
-        let len = header.record_len() as usize;
-        if bytes.len() - at < len {
+        if len - at < header.record_len() {
             let e = RecordError::Truncated {
-                len: bytes.len() - at,
-                expected: len,
+                len: usize::try_from(len - at).unwrap_or(usize::MAX),
+                expected: header.record_len() as usize,
             };
-            return (found, Some(e));
+            return Ok((found, Some(e)));
         }
         found.push((at, header));
-        at += len;
+        at += header.record_len();
     }
-    (found, None)
+    Ok((found, None))
 }
 
 /// The cursor file: every batch below `ordinal` was delivered.

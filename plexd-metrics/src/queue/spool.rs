@@ -216,13 +216,15 @@ impl Spool {
         let mut points_records = Vec::new();
         let mut sealed_end = delivered;
         for (first, name) in names {
-            let bytes = std::fs::read(dir.join(&name)).map_err(io("read a segment"))?;
-            if bytes.is_empty() {
+            let file = File::open(dir.join(&name)).map_err(io("read a segment"))?;
+            let len = file.metadata().map_err(io("read a segment"))?.len();
+            if len == 0 {
                 // Created by a run that stopped before its first append.
                 std::fs::remove_file(dir.join(&name)).map_err(io("remove an empty segment"))?;
                 continue;
             }
-            let (found, damage) = record::scan(&bytes);
+            let (found, damage) = record::scan_with(len, |at, buf| file.read_exact_at(buf, at))
+                .map_err(io("read a segment"))?;
             if let (Some(damage), true) = (&damage, found.is_empty()) {
                 set_aside(dir, &name).map_err(io("set aside a damaged file"))?;
                 recovered
@@ -233,12 +235,10 @@ impl Spool {
             if let Some(damage) = damage {
                 // Whatever follows a damaged header cannot be found; a cut at the end is
                 // the write a crash interrupted.
+                let whole = found.last().map_or(0, |(at, h)| at + h.record_len());
                 recovered.damaged.push(format!(
                     "{name}: {} bytes after the last whole record skipped ({damage})",
-                    bytes.len() as u64
-                        - found
-                            .last()
-                            .map_or(0, |(at, h)| *at as u64 + h.record_len())
+                    len - whole
                 ));
             }
             let mut end = first;
@@ -250,31 +250,32 @@ impl Spool {
                         if header.end > delivered {
                             recovered.batches.push(Located {
                                 segment: first,
-                                offset: at as u64,
+                                offset: at,
                                 header,
                             });
                         }
                     }
-                    Kind::Points => {
-                        let record = &bytes[at..at + header.record_len() as usize];
-                        points_records.push((header, record.to_vec()));
-                    }
+                    // Read later, and only if no batch holds its points.
+                    Kind::Points => points_records.push(Located {
+                        segment: first,
+                        offset: at,
+                        header,
+                    }),
                 }
             }
-            segments.insert(
-                first,
-                Segment {
-                    bytes: bytes.len() as u64,
-                    end,
-                },
-            );
+            segments.insert(first, Segment { bytes: len, end });
         }
         recovered.batches.sort_by_key(|b| b.header.first);
         recovered.next = sealed_end;
-        for (header, record) in points_records {
+        for at in points_records {
+            let header = at.header;
             if header.end <= recovered.next {
                 continue;
             }
+            let mut record = vec![0; header.record_len() as usize];
+            File::open(dir.join(segment_name(at.segment)))
+                .and_then(|f| f.read_exact_at(&mut record, at.offset))
+                .map_err(io("read a segment"))?;
             match record::decode_points(&header, &record) {
                 Ok(points) => {
                     let skip = recovered.next.saturating_sub(header.first) as usize;
