@@ -27,7 +27,7 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -299,7 +299,7 @@ impl Spool {
                 .max(sealed_end);
         }
 
-        let cursor = OpenOptions::new()
+        let cursor = owner_only()
             .write(true)
             .create(true)
             .truncate(false)
@@ -461,7 +461,7 @@ impl Spool {
             None => first,
         };
         let name = segment_name(first);
-        let file = OpenOptions::new()
+        let file = owner_only()
             .write(true)
             .create_new(true)
             .open(self.dir.join(&name))
@@ -561,7 +561,7 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
 
 fn lock(dir: &Path) -> Result<Flock<File>, SpoolError> {
     let path = dir.join(LOCK);
-    let file = OpenOptions::new()
+    let file = owner_only()
         .read(true)
         .write(true)
         .create(true)
@@ -596,6 +596,14 @@ fn lock(dir: &Path) -> Result<Flock<File>, SpoolError> {
             source: errno.into(),
         }),
     }
+}
+
+/// Options for the files the agent creates in the directory: readable by the agent only, as
+/// the points name peers and their addresses.
+fn owner_only() -> OpenOptions {
+    let mut options = OpenOptions::new();
+    options.mode(0o600);
+    options
 }
 
 fn set_aside(dir: &Path, name: &str) -> io::Result<()> {
@@ -693,6 +701,21 @@ mod tests {
             len + 30,
             "never written over"
         );
+    }
+
+    #[test]
+    fn the_files_are_the_agents_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = TestDir::new();
+        let (mut spool, _) = Spool::open(&dir.0, SEGMENT_BYTES).unwrap();
+        spool.append_points(0, &points(0..1)).unwrap();
+        for name in [LOCK, CURSOR, &segment_name(0)] {
+            let mode = std::fs::metadata(dir.0.join(name))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{name}");
+        }
     }
 
     #[test]
