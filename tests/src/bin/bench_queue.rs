@@ -180,8 +180,10 @@ fn durability(points: usize, rounds: usize, breakdown_cycles: usize, disk: &Moun
             if side == Side::Agent {
                 seals.push(seal);
             }
-            deliver(queue);
         }
+        // A healthy control plane takes each batch as soon as it is sealed, as the Manager
+        // sends it: the next cycle finds the queue empty.
+        deliver(queue);
         if side == Side::Agent {
             durable_walls.push(ms(wall));
         }
