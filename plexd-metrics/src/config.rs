@@ -875,7 +875,7 @@ where
                 .any(|s| rest == s || rest.starts_with(&format!("{s}_"))) =>
             {
                 problems.push(format!(
-                    "environment: {name} names no config key; the variables are {ENV_PREFIX}<KEY PATH> such as {ENV_PREFIX}CONTROL_PLANE_URL (see the README)"
+                    "environment: {name} names no config key; the variables are {ENV_PREFIX}<KEY PATH> such as {ENV_PREFIX}CONTROL_PLANE_URL (see docs/configuration.md)"
                 ));
             }
             None => {}

@@ -248,7 +248,7 @@ fn check_config_reports_env_errors_and_prints_no_secret() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         stderr.lines().collect::<Vec<_>>(),
-        ["error: environment: PLEXD_METRICS_CONTROL_PLANE_TOKNE_FILE names no config key; the variables are PLEXD_METRICS_<KEY PATH> such as PLEXD_METRICS_CONTROL_PLANE_URL (see the README)"]
+        ["error: environment: PLEXD_METRICS_CONTROL_PLANE_TOKNE_FILE names no config key; the variables are PLEXD_METRICS_<KEY PATH> such as PLEXD_METRICS_CONTROL_PLANE_URL (see docs/configuration.md)"]
     );
 
     let out = Command::new(agent_binary())

@@ -17,6 +17,8 @@
 //! The queue does no networking; the Manager owns the one request in flight and tells the
 //! queue how it ended.
 
+#[cfg(test)]
+mod fixtures;
 pub mod record;
 pub mod spool;
 

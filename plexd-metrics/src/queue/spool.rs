@@ -612,55 +612,18 @@ fn set_aside(dir: &Path, name: &str) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::fixtures::{ns, numbered, TestDir};
     use super::*;
-
-    /// A directory under the system's temporary directory, removed on drop.
-    struct TestDir(PathBuf);
-
-    impl TestDir {
-        fn new() -> Self {
-            let dir = std::env::temp_dir().join(format!("plexd-spool-{}", Uuid::new_v4()));
-            std::fs::create_dir(&dir).unwrap();
-            Self(dir)
-        }
-    }
-
-    impl Drop for TestDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn points(range: std::ops::Range<u64>) -> Vec<MetricPoint> {
-        range
-            .map(|n| {
-                MetricPoint::new(
-                    chrono::Utc::now(),
-                    "system",
-                    "",
-                    &serde_json::json!({"n": n}),
-                )
-                .unwrap()
-            })
-            .collect()
-    }
-
-    fn ns(points: &[MetricPoint]) -> Vec<u64> {
-        points
-            .iter()
-            .map(|p| p.data.to_value()["n"].as_u64().unwrap())
-            .collect()
-    }
 
     #[test]
     fn points_sealed_after_they_were_journaled_come_back_once() {
         let dir = TestDir::new();
         let (mut spool, rec) = Spool::open(&dir.0, SEGMENT_BYTES).unwrap();
         assert_eq!((rec.next, rec.batches.len()), (0, 0));
-        spool.append_points(0, &points(0..3)).unwrap();
-        spool.append_points(3, &points(3..7)).unwrap();
+        spool.append_points(0, &numbered(0..=2)).unwrap();
+        spool.append_points(3, &numbered(3..=6)).unwrap();
         // A seal took the first five points, then the process died.
-        let p = points(0..5);
+        let p = numbered(0..=4);
         let at = spool
             .append_batches(0, &[(Uuid::new_v4(), &p[..2]), (Uuid::new_v4(), &p[2..])])
             .unwrap();
@@ -679,11 +642,11 @@ mod tests {
         let dir = TestDir::new();
         let (mut spool, _) = Spool::open(&dir.0, SEGMENT_BYTES).unwrap();
         spool
-            .append_batches(0, &[(Uuid::new_v4(), &points(0..2))])
+            .append_batches(0, &[(Uuid::new_v4(), &numbered(0..=1))])
             .unwrap();
         let segment = dir.0.join(segment_name(0));
         let len = std::fs::metadata(&segment).unwrap().len();
-        spool.append_points(2, &points(2..4)).unwrap();
+        spool.append_points(2, &numbered(2..=3)).unwrap();
         drop(spool);
         // The last append was cut short by a crash.
         let file = OpenOptions::new().write(true).open(&segment).unwrap();
@@ -694,7 +657,7 @@ mod tests {
         assert_eq!(rec.next, 2);
         assert_eq!(rec.damaged.len(), 1, "{:?}", rec.damaged);
         assert!(rec.damaged[0].contains("30 bytes"), "{:?}", rec.damaged);
-        spool.append_points(2, &points(2..3)).unwrap();
+        spool.append_points(2, &numbered(2..=2)).unwrap();
         assert_eq!(spool.current_segment(), Some(2));
         assert_eq!(
             std::fs::metadata(&segment).unwrap().len(),
@@ -708,7 +671,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = TestDir::new();
         let (mut spool, _) = Spool::open(&dir.0, SEGMENT_BYTES).unwrap();
-        spool.append_points(0, &points(0..1)).unwrap();
+        spool.append_points(0, &numbered(0..=0)).unwrap();
         for name in [LOCK, CURSOR, &segment_name(0)] {
             let mode = std::fs::metadata(dir.0.join(name))
                 .unwrap()

@@ -1,34 +1,8 @@
 //! The queue against a real directory (no privileges needed): restarts, damage, bounds.
 
+use super::fixtures::{ns, numbered, padded, TestDir};
 use super::*;
 use proptest::prelude::*;
-
-/// A directory under the system's temporary directory, removed on drop.
-struct TestDir(PathBuf);
-
-impl TestDir {
-    fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!("plexd-queue-{}", Uuid::new_v4()));
-        std::fs::create_dir(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn files(&self, suffix: &str) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(&self.0)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .filter(|n| n.ends_with(suffix))
-            .collect();
-        names.sort();
-        names
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn limits(batch_size: usize, max_points: usize) -> QueueLimits {
     QueueLimits {
@@ -36,27 +10,6 @@ fn limits(batch_size: usize, max_points: usize) -> QueueLimits {
         max_points,
         max_bytes: 1 << 30,
     }
-}
-
-fn numbered(range: std::ops::RangeInclusive<u64>) -> Vec<MetricPoint> {
-    range
-        .map(|n| {
-            MetricPoint::new(
-                chrono::Utc::now(),
-                "system",
-                "",
-                &serde_json::json!({"n": n}),
-            )
-            .unwrap()
-        })
-        .collect()
-}
-
-fn ns(points: &[MetricPoint]) -> Vec<u64> {
-    points
-        .iter()
-        .map(|p| p.data.to_value()["n"].as_u64().unwrap())
-        .collect()
 }
 
 /// Takes every batch from the head, as a destination that accepts all would.
@@ -249,19 +202,7 @@ fn beyond_max_bytes_the_oldest_segments_go_but_not_the_one_in_flight() {
         },
     )
     .unwrap();
-    let big = |range: std::ops::RangeInclusive<u64>| -> Vec<MetricPoint> {
-        range
-            .map(|n| {
-                MetricPoint::new(
-                    chrono::Utc::now(),
-                    "system",
-                    "",
-                    &serde_json::json!({"n": n, "pad": "x".repeat(900)}),
-                )
-                .unwrap()
-            })
-            .collect()
-    };
+    let big = |range| padded(range, 900);
     q.buffer = big(1..=50);
     q.seal(false);
     let head = q.head().unwrap();
