@@ -191,7 +191,12 @@ impl Agent {
 
     /// One collection cycle, returned as a batch instead of reported.
     pub async fn collect_once(&self) -> MetricBatch {
-        self.manager.collect_once(&CancellationToken::new()).await
+        self.manager
+            .collect_once(
+                crate::collector::Cycle::default(),
+                &CancellationToken::new(),
+            )
+            .await
     }
 
     /// Serves the health endpoint and runs until SIGTERM or SIGINT, then flushes what is

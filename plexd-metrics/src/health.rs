@@ -415,7 +415,11 @@ mod tests {
         fn group(&self) -> &'static str {
             "system"
         }
-        async fn collect(&self, _: &CancellationToken) -> Result<Vec<MetricPoint>, CollectError> {
+        async fn collect(
+            &self,
+            _: crate::collector::Cycle,
+            _: &CancellationToken,
+        ) -> Result<Vec<MetricPoint>, CollectError> {
             let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
             if n >= self.block_from {
                 let wait = self.gate.notified();

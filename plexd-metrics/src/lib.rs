@@ -6,6 +6,7 @@
 
 #![warn(missing_docs)]
 
+pub mod accounting;
 pub mod agent;
 pub mod api;
 pub mod collector;

@@ -24,7 +24,7 @@ use uuid::Uuid;
 
 use crate::api::MetricPoint;
 use crate::collector::{
-    BoxError, CollectError, Collector, DeliveryCounters, DeliveryTotals, ReconnectCounter,
+    BoxError, CollectError, Collector, Cycle, DeliveryCounters, DeliveryTotals, ReconnectCounter,
 };
 use crate::config::MetricsConfig;
 use crate::queue::{DeliveryQueue, QueueLimits, QueueState};
@@ -384,9 +384,16 @@ impl Manager {
                 () = sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {
                     retry_at = None;
                 }
-                _ = collect.tick() => {
+                due = collect.tick() => {
                     self.heartbeat.collect_fired();
-                    let points = self.collect_once(&cancel).await;
+                    let cycle = Cycle {
+                        ends_report_interval: ends_report_interval(
+                            due.saturating_duration_since(start),
+                            self.cfg.collect_interval,
+                            self.cfg.report_interval,
+                        ),
+                    };
+                    let points = self.collect_once(cycle, &cancel).await;
                     let collected = points.len();
                     // A buffer that reaches batch_size is sealed at once, before the tick.
                     let dropped = queue.collected(points, in_flight.is_some());
@@ -572,8 +579,8 @@ impl Manager {
 
     /// Runs every collector once, side by side, and returns their points. A failing
     /// collector is logged and skipped; a cancelled one contributes what it had.
-    pub async fn collect_once(&self, cancel: &CancellationToken) -> Vec<MetricPoint> {
-        let results = join_all(self.collectors.iter().map(|c| c.collect(cancel))).await;
+    pub async fn collect_once(&self, cycle: Cycle, cancel: &CancellationToken) -> Vec<MetricPoint> {
+        let results = join_all(self.collectors.iter().map(|c| c.collect(cycle, cancel))).await;
         let mut points = Vec::new();
         for result in results {
             match result {
@@ -590,6 +597,23 @@ impl Manager {
         }
         points
     }
+}
+
+/// Whether the collect tick due `since_start` after the loop began is the last before a
+/// report. Collect ticks fall at `n·collect` and report ticks at `k·report` (k ≥ 1) from
+/// the start, whatever ticks were skipped; a report takes the points of every cycle that
+/// began before it (the loop runs a due collection before a due report), so cycle `n` is the
+/// last before a report when one falls in `[n·collect, (n+1)·collect)`.
+fn ends_report_interval(since_start: Duration, collect: Duration, report: Duration) -> bool {
+    let collect = collect.as_nanos().max(1);
+    let report = report.as_nanos().max(1);
+    // The tick's own deadline, so exact; rounded all the same.
+    let n = (since_start.as_nanos() + collect / 2) / collect;
+    if n == 0 {
+        return false;
+    }
+    let reports_before = |t: u128| (t - 1) / report;
+    reports_before((n + 1) * collect) > reports_before(n * collect)
 }
 
 #[cfg(test)]
@@ -623,12 +647,70 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_last_cycle_before_each_report_is_found() {
+        let last = |collect: u64, report: u64| -> Vec<u64> {
+            (0..=135)
+                .step_by(collect as usize)
+                .filter(|t| {
+                    ends_report_interval(
+                        Duration::from_secs(*t),
+                        Duration::from_secs(collect),
+                        Duration::from_secs(report),
+                    )
+                })
+                .collect()
+        };
+        // The spec's defaults: reports at 60, 120: the cycles at 60 and 120 carry them.
+        assert_eq!(last(15, 60), [60, 120]);
+        // Not a multiple: reports at 40, 80, 120 take the cycles of 30, 75 and 120.
+        assert_eq!(last(15, 40), [30, 75, 120]);
+        // Equal intervals: every cycle but the start.
+        assert_eq!(last(15, 15), [15, 30, 45, 60, 75, 90, 105, 120, 135]);
+    }
+
+    /// Records the cycles it is told about.
+    struct CycleRecorder(std::sync::Mutex<Vec<bool>>);
+
+    #[async_trait]
+    impl Collector for CycleRecorder {
+        fn group(&self) -> &'static str {
+            "recorder"
+        }
+        async fn collect(
+            &self,
+            cycle: Cycle,
+            _: &CancellationToken,
+        ) -> Result<Vec<MetricPoint>, CollectError> {
+            self.0.lock().unwrap().push(cycle.ends_report_interval);
+            Ok(Vec::new())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn collectors_are_told_which_cycle_ends_a_report_interval() {
+        let recorder = Arc::new(CycleRecorder(std::sync::Mutex::new(Vec::new())));
+        let h = start(cfg(10, 30, 100), vec![recorder.clone()], 0);
+        tokio::time::sleep(Duration::from_secs(65)).await;
+        h.cancel.cancel();
+        h.task.await.unwrap();
+        // Cycles at 10 … 60 s; reports at 30 and 60 s.
+        assert_eq!(
+            *recorder.0.lock().unwrap(),
+            [false, false, true, false, false, true]
+        );
+    }
+
     #[async_trait]
     impl Collector for Counting {
         fn group(&self) -> &'static str {
             self.group
         }
-        async fn collect(&self, _: &CancellationToken) -> Result<Vec<MetricPoint>, CollectError> {
+        async fn collect(
+            &self,
+            _: Cycle,
+            _: &CancellationToken,
+        ) -> Result<Vec<MetricPoint>, CollectError> {
             let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
             if self.fail {
                 return Err(CollectError::source(self.group, "broken"));
@@ -654,7 +736,11 @@ mod tests {
         fn group(&self) -> &'static str {
             "latency"
         }
-        async fn collect(&self, _: &CancellationToken) -> Result<Vec<MetricPoint>, CollectError> {
+        async fn collect(
+            &self,
+            _: Cycle,
+            _: &CancellationToken,
+        ) -> Result<Vec<MetricPoint>, CollectError> {
             let p = MetricPoint::new(
                 chrono::Utc::now(),
                 "latency",

@@ -65,7 +65,6 @@ fn collector(
         timeout: Duration::from_secs(1),
         spread,
         collect_interval: Duration::from_secs(15),
-        report_interval: Duration::from_secs(60),
     };
     (LatencyCollector::new(mesh.clone(), peers, settings), mesh)
 }
@@ -94,7 +93,10 @@ fn every_target_answers(allow_datagram: bool, want: SocketKind) {
     let targets = named(&net.addresses);
     let (c, mesh) = collector(pinger, &targets, 3, Duration::from_millis(300));
     let points = rt
-        .block_on(c.collect(&CancellationToken::new()))
+        .block_on(c.collect(
+            plexd_metrics::collector::Cycle::default(),
+            &CancellationToken::new(),
+        ))
         .expect("collect");
     let mut got: Vec<&str> = points.iter().map(|p| p.peer_id.as_str()).collect();
     let mut want: Vec<&str> = targets.iter().map(|(n, _)| n.as_str()).collect();
@@ -249,7 +251,10 @@ fn an_unreachable_peer_gets_minus_one_quickly_and_the_others_are_measured() {
     let (c, _) = collector(pinger, &targets, 1, Duration::ZERO);
     let start = Instant::now();
     let points = rt
-        .block_on(c.collect(&CancellationToken::new()))
+        .block_on(c.collect(
+            plexd_metrics::collector::Cycle::default(),
+            &CancellationToken::new(),
+        ))
         .expect("collect");
     assert!(
         start.elapsed() < Duration::from_millis(500),
@@ -379,7 +384,10 @@ fn duplicates_and_strays_are_ignored(allow_datagram: bool, want: SocketKind) {
     let targets = named(&net.addresses);
     let (c, mesh) = collector(pinger, &targets, 3, Duration::from_millis(200));
     let points = rt
-        .block_on(c.collect(&CancellationToken::new()))
+        .block_on(c.collect(
+            plexd_metrics::collector::Cycle::default(),
+            &CancellationToken::new(),
+        ))
         .expect("collect");
     // Wait until the echoer's copies of the last probes have arrived too: both its replies
     // to every request are counted by the time it reports how many requests it saw.
@@ -513,7 +521,10 @@ fn another_pinger_at_the_same_time_does_not_disturb_either() {
     // fping runs for about 30 × 50 ms = 1.5 s, overlapping the whole collection.
     let other = fping(&net, &net.addresses, 30, 50, 1.0);
     let points = rt
-        .block_on(c.collect(&CancellationToken::new()))
+        .block_on(c.collect(
+            plexd_metrics::collector::Cycle::default(),
+            &CancellationToken::new(),
+        ))
         .expect("collect");
     let theirs = fping_results(other);
     for p in &points {
@@ -550,7 +561,10 @@ fn agrees_with_fping(allow_datagram: bool) {
     const SPREAD: Duration = Duration::from_millis(1_000);
     let (c, _) = collector(pinger, &targets, PROBES, SPREAD);
     let ours = rt
-        .block_on(c.collect(&CancellationToken::new()))
+        .block_on(c.collect(
+            plexd_metrics::collector::Cycle::default(),
+            &CancellationToken::new(),
+        ))
         .expect("collect");
     // fping paced like the collector (the same gap between a target's probes and between any
     // two probes): on a veth, a probe sent right after another one finds the network stack's

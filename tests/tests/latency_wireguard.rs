@@ -231,12 +231,14 @@ fn every_wireguard_peer_gets_an_rtt_a_down_one_gets_minus_one_and_one_without_ad
         timeout: Duration::from_secs(1),
         spread: Duration::from_millis(600),
         collect_interval: Duration::from_secs(15),
-        report_interval: Duration::from_secs(60),
     };
     let collector = LatencyCollector::new(pinger, peers.clone(), settings);
     let start = Instant::now();
     let points = rt
-        .block_on(collector.collect(&CancellationToken::new()))
+        .block_on(collector.collect(
+            plexd_metrics::collector::Cycle::default(),
+            &CancellationToken::new(),
+        ))
         .expect("collect");
     let took = start.elapsed();
 

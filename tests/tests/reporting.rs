@@ -281,7 +281,11 @@ impl Collector for Numbered {
     fn group(&self) -> &'static str {
         "system"
     }
-    async fn collect(&self, _: &CancellationToken) -> Result<Vec<MetricPoint>, CollectError> {
+    async fn collect(
+        &self,
+        _: plexd_metrics::collector::Cycle,
+        _: &CancellationToken,
+    ) -> Result<Vec<MetricPoint>, CollectError> {
         let first = self.next.fetch_add(self.per_cycle, Ordering::SeqCst) + 1;
         Ok((first..first + self.per_cycle)
             .map(|n| point("system", "", n))

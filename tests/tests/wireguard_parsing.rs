@@ -12,8 +12,9 @@ use std::os::fd::AsRawFd;
 use std::sync::Barrier;
 use std::time::Duration;
 
+use plexd_metrics::accounting::counters::EndpointCounters;
 use plexd_metrics::collector::KernelCounters as _;
-use plexd_metrics::source::counters::{EndpointCounterSource as _, EndpointCounters};
+use plexd_metrics::source::counters::EndpointCounterSource as _;
 use plexd_metrics::source::ebpf::{ProbeOptions, UnderlayProbe};
 use plexd_metrics_common::{session_slot, session_slot_shift, session_slots};
 use plexd_metrics_tests::wg::{

@@ -7,7 +7,7 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::{BoxError, CollectError, Collector};
+use super::{BoxError, CollectError, Collector, Cycle};
 use crate::api::{MetricPoint, GROUP_AGENT};
 use crate::memory;
 
@@ -191,7 +191,11 @@ impl Collector for AgentStatsCollector {
         GROUP_AGENT
     }
 
-    async fn collect(&self, _: &CancellationToken) -> Result<Vec<MetricPoint>, CollectError> {
+    async fn collect(
+        &self,
+        _: Cycle,
+        _: &CancellationToken,
+    ) -> Result<Vec<MetricPoint>, CollectError> {
         let stats = self
             .stats()
             .map_err(|e| CollectError::source(GROUP_AGENT, e))?;
@@ -225,7 +229,10 @@ mod tests {
         let started = Instant::now() - Duration::from_secs(3600);
         let c = AgentStatsCollector::new(started, Some(Arc::new(Reconnects(3))), None);
         // Collect from a spawned task, so that at least that one task is alive.
-        let points = tokio::spawn(async move { c.collect(&CancellationToken::new()).await })
+        let points =
+            tokio::spawn(
+                async move { c.collect(Cycle::default(), &CancellationToken::new()).await },
+            )
             .await
             .unwrap()
             .unwrap();
@@ -275,7 +282,10 @@ mod tests {
     async fn delivery_figures_are_extra_keys() {
         let c =
             AgentStatsCollector::new(Instant::now(), None, None).with_delivery(Arc::new(Delivery));
-        let d = c.collect(&CancellationToken::new()).await.unwrap()[0]
+        let d = c
+            .collect(Cycle::default(), &CancellationToken::new())
+            .await
+            .unwrap()[0]
             .data
             .to_value();
         assert_eq!(d["queued_points"], 40);
@@ -289,7 +299,10 @@ mod tests {
     #[tokio::test]
     async fn no_reconnect_counter_means_zero() {
         let c = AgentStatsCollector::new(Instant::now(), None, None);
-        let points = c.collect(&CancellationToken::new()).await.unwrap();
+        let points = c
+            .collect(Cycle::default(), &CancellationToken::new())
+            .await
+            .unwrap();
         assert_eq!(points[0].data.to_value()["reconnect_count"], 0);
     }
 
@@ -303,7 +316,10 @@ mod tests {
             egress_bytes: 700,
         };
         let c = AgentStatsCollector::new(Instant::now(), None, Some(Arc::new(Kernel(Ok(totals)))));
-        let d = c.collect(&CancellationToken::new()).await.unwrap()[0]
+        let d = c
+            .collect(Cycle::default(), &CancellationToken::new())
+            .await
+            .unwrap()[0]
             .data
             .to_value();
         assert_eq!(d["ebpf_programs_attached"], 2);
@@ -315,7 +331,10 @@ mod tests {
             None,
             Some(Arc::new(Kernel(Err("map gone".into())))),
         );
-        let err = c.collect(&CancellationToken::new()).await.unwrap_err();
+        let err = c
+            .collect(Cycle::default(), &CancellationToken::new())
+            .await
+            .unwrap_err();
         assert_eq!(err.to_string(), "metrics: agent: map gone");
     }
 }

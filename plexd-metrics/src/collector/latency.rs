@@ -6,20 +6,19 @@
 //! cycle's median, minimum, maximum and jitter; the last point before a report also carries
 //! the median and 99th percentile over the whole report interval.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use hdrhistogram::Histogram;
-use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::{BoxError, CollectError, Collector};
+use super::{BoxError, CollectError, Collector, Cycle};
+use crate::accounting::latency::IntervalPercentiles;
+pub use crate::accounting::latency::LatencyResult;
 use crate::api::{MetricPoint, GROUP_LATENCY};
 use crate::config::MetricsConfig;
 
@@ -64,74 +63,7 @@ impl<T: PeerLister + ?Sized> PeerLister for Arc<T> {
     }
 }
 
-/// One peer's round trips in one cycle: the spec's `LatencyResult` and this agent's extras.
-/// Every time is in nanoseconds; -1 means "not measured" (no reply, or too few replies).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LatencyResult {
-    /// The peer's public key (base64) or name.
-    pub peer_id: String,
-    /// Median of this cycle's answered probes; -1 when none was answered.
-    pub rtt_nano: i64,
-    /// Fastest answered probe of the cycle.
-    pub rtt_min_nano: i64,
-    /// Slowest answered probe of the cycle.
-    pub rtt_max_nano: i64,
-    /// Mean absolute difference between consecutive answered probes; -1 with fewer than two.
-    pub rtt_jitter_nano: i64,
-    /// Probes tried this cycle.
-    pub probes_sent: u32,
-    /// Probes answered this cycle.
-    pub probes_received: u32,
-    /// Median over the report interval; only in the last point before each report.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rtt_p50_nano: Option<i64>,
-    /// 99th percentile over the report interval; only in the last point before each report.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rtt_p99_nano: Option<i64>,
-}
-
-impl LatencyResult {
-    /// Summarises one peer's cycle from the round-trip times of its answered probes, in the
-    /// order they were sent.
-    pub fn from_samples(peer_id: impl Into<String>, sent: u32, rtts: &[Duration]) -> Self {
-        let nanos: Vec<i64> = rtts.iter().map(|d| duration_nanos(*d)).collect();
-        let jitter = if nanos.len() >= 2 {
-            let total: i64 = nanos.windows(2).map(|w| (w[1] - w[0]).abs()).sum();
-            total / (nanos.len() as i64 - 1)
-        } else {
-            -1
-        };
-        let mut sorted = nanos.clone();
-        sorted.sort_unstable();
-        Self {
-            peer_id: peer_id.into(),
-            rtt_nano: median(&sorted).unwrap_or(-1),
-            rtt_min_nano: sorted.first().copied().unwrap_or(-1),
-            rtt_max_nano: sorted.last().copied().unwrap_or(-1),
-            rtt_jitter_nano: jitter,
-            probes_sent: sent,
-            probes_received: u32::try_from(nanos.len()).unwrap_or(u32::MAX),
-            rtt_p50_nano: None,
-            rtt_p99_nano: None,
-        }
-    }
-}
-
-/// The median of sorted values; with an even count, the mean of the middle two.
-fn median(sorted: &[i64]) -> Option<i64> {
-    let n = sorted.len();
-    match n {
-        0 => None,
-        _ if n % 2 == 1 => Some(sorted[n / 2]),
-        _ => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2),
-    }
-}
-
-fn duration_nanos(d: Duration) -> i64 {
-    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
-}
-
-/// How the collector probes and when it adds the report interval's percentiles.
+/// How the collector probes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LatencySettings {
     /// Probes per peer and cycle (at least 1).
@@ -143,8 +75,6 @@ pub struct LatencySettings {
     pub spread: Duration,
     /// The Manager's collect interval.
     pub collect_interval: Duration,
-    /// The Manager's report interval.
-    pub report_interval: Duration,
 }
 
 impl LatencySettings {
@@ -158,95 +88,8 @@ impl LatencySettings {
             timeout: cfg.latency.timeout,
             spread: budget.saturating_sub(cfg.latency.timeout),
             collect_interval: cfg.collect_interval,
-            report_interval: cfg.report_interval,
         }
     }
-}
-
-/// Knows, from the Manager's two intervals, which cycle is the last one before a report.
-///
-/// The Manager starts both tickers together and the first tick of each comes one interval
-/// after the start, so cycle `n` runs at `n·collect` and reports at `k·report`. A report
-/// takes the points of every cycle that started before it (the Manager runs a due collection
-/// before a due report), so cycle `n` is the last before a report when one falls in
-/// `[n·collect, (n+1)·collect)`. The cycle number comes from the elapsed time rather than a
-/// counter, so a skipped tick does not shift the schedule.
-#[derive(Clone, Copy, Debug)]
-struct ReportSchedule {
-    started: Instant,
-    collect: Duration,
-    report: Duration,
-}
-
-impl ReportSchedule {
-    fn is_last_before_report(&self, now: Instant) -> bool {
-        let collect = self.collect.as_nanos().max(1);
-        let report = self.report.as_nanos().max(1);
-        let elapsed = now.saturating_duration_since(self.started).as_nanos();
-        // Round to the nearest cycle: the collector is built a moment before the Manager
-        // starts, and a tick is never early.
-        let n = (elapsed + collect / 2) / collect;
-        if n == 0 {
-            return false;
-        }
-        let reports_before = |t: u128| (t - 1) / report;
-        reports_before((n + 1) * collect) > reports_before(n * collect)
-    }
-}
-
-/// Round trips over one report interval, per peer.
-struct Percentiles {
-    per_peer: HashMap<String, Histogram<u32>>,
-}
-
-impl Percentiles {
-    fn record(&mut self, peer_id: &str, rtts: &[Duration]) {
-        if rtts.is_empty() && !self.per_peer.contains_key(peer_id) {
-            return;
-        }
-        let histogram = self
-            .per_peer
-            .entry(peer_id.to_owned())
-            .or_insert_with(new_histogram);
-        for rtt in rtts {
-            // Auto-resizing, so recording never fails for a positive value.
-            let _ = histogram.record(u64::try_from(rtt.as_nanos()).unwrap_or(u64::MAX).max(1));
-        }
-    }
-
-    /// p50 and p99 of `peer_id` over the interval (-1 when it had no answered probe).
-    fn take(&mut self, peer_id: &str) -> (i64, i64) {
-        match self.per_peer.get_mut(peer_id) {
-            Some(h) if !h.is_empty() => {
-                // The middle of the value's bucket rather than its top: unbiased within the
-                // histogram's 1 % resolution.
-                let q = |q: f64| {
-                    i64::try_from(h.median_equivalent(h.value_at_quantile(q))).unwrap_or(i64::MAX)
-                };
-                let out = (q(0.5), q(0.99));
-                h.reset();
-                out
-            }
-            _ => (-1, -1),
-        }
-    }
-
-    /// Forgets peers that are gone, so that a churning mesh does not grow the map.
-    fn retain(&mut self, peers: &[String]) {
-        if self.per_peer.len() > peers.len() {
-            let current: std::collections::HashSet<&str> =
-                peers.iter().map(String::as_str).collect();
-            self.per_peer.retain(|k, _| current.contains(k.as_str()));
-        }
-    }
-}
-
-/// Nanoseconds with two significant digits (1 % resolution) from 1 µs up; the counts array
-/// grows only as far as the largest value seen, which keeps a mesh of LAN peers small.
-fn new_histogram() -> Histogram<u32> {
-    let mut h = Histogram::new_with_bounds(1_000, 2_000, 2).expect("static bounds are valid");
-    h.auto(true);
-    h
 }
 
 /// Emits one `latency` point per peer from a [`Pinger`] and a [`PeerLister`].
@@ -254,8 +97,7 @@ pub struct LatencyCollector<P, L> {
     pinger: P,
     lister: L,
     settings: LatencySettings,
-    schedule: ReportSchedule,
-    percentiles: Mutex<Percentiles>,
+    percentiles: Mutex<IntervalPercentiles>,
 }
 
 impl<P: Pinger, L: PeerLister> LatencyCollector<P, L> {
@@ -266,14 +108,7 @@ impl<P: Pinger, L: PeerLister> LatencyCollector<P, L> {
             pinger,
             lister,
             settings,
-            schedule: ReportSchedule {
-                started: Instant::now(),
-                collect: settings.collect_interval,
-                report: settings.report_interval,
-            },
-            percentiles: Mutex::new(Percentiles {
-                per_peer: HashMap::new(),
-            }),
+            percentiles: Mutex::new(IntervalPercentiles::default()),
         }
     }
 
@@ -327,9 +162,13 @@ impl<P: Pinger, L: PeerLister> Collector for LatencyCollector<P, L> {
         GROUP_LATENCY
     }
 
-    async fn collect(&self, cancel: &CancellationToken) -> Result<Vec<MetricPoint>, CollectError> {
+    async fn collect(
+        &self,
+        cycle: Cycle,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<MetricPoint>, CollectError> {
         let started = Instant::now();
-        let add_percentiles = self.schedule.is_last_before_report(started);
+        let add_percentiles = cycle.ends_report_interval;
         let peers = self
             .lister
             .peer_ids(cancel)
@@ -442,6 +281,8 @@ async fn sleep_until(at: Option<Instant>) {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -456,78 +297,6 @@ mod tests {
         assert_eq!(send_tick(ms(10_250), 30_000), SEND_TICK_MIN);
         assert_eq!(send_tick(ms(10_250), 3), SEND_TICK_MAX);
         assert_eq!(send_tick(ms(10_250), 0), SEND_TICK_MAX);
-    }
-
-    #[test]
-    fn summary_of_samples() {
-        let r = LatencyResult::from_samples("p", 4, &[ms(10), ms(30), ms(20), ms(40)]);
-        assert_eq!(r.rtt_nano, 25_000_000, "mean of the middle two");
-        assert_eq!(r.rtt_min_nano, 10_000_000);
-        assert_eq!(r.rtt_max_nano, 40_000_000);
-        // |30-10| + |20-30| + |40-20| = 50 over 3 gaps.
-        assert_eq!(r.rtt_jitter_nano, 16_666_666);
-        assert_eq!((r.probes_sent, r.probes_received), (4, 4));
-
-        let r = LatencyResult::from_samples("p", 3, &[ms(7), ms(1), ms(3)]);
-        assert_eq!(r.rtt_nano, 3_000_000);
-
-        let one = LatencyResult::from_samples("p", 3, &[ms(5)]);
-        assert_eq!((one.rtt_nano, one.rtt_jitter_nano), (5_000_000, -1));
-        assert_eq!((one.probes_sent, one.probes_received), (3, 1));
-
-        let none = LatencyResult::from_samples("p", 3, &[]);
-        assert_eq!(
-            (
-                none.rtt_nano,
-                none.rtt_min_nano,
-                none.rtt_max_nano,
-                none.rtt_jitter_nano
-            ),
-            (-1, -1, -1, -1)
-        );
-    }
-
-    #[test]
-    fn spec_keys_serialise_first_and_percentiles_only_when_set() {
-        let r = LatencyResult::from_samples("peer-abc-123", 1, &[ms(15)]);
-        assert_eq!(
-            serde_json::to_string(&r).unwrap(),
-            r#"{"peer_id":"peer-abc-123","rtt_nano":15000000,"rtt_min_nano":15000000,"rtt_max_nano":15000000,"rtt_jitter_nano":-1,"probes_sent":1,"probes_received":1}"#
-        );
-    }
-
-    #[test]
-    fn the_last_cycle_before_each_report_is_found() {
-        let started = Instant::now();
-        let at = |secs: u64| started + Duration::from_secs(secs);
-        // The spec's defaults: reports at 60, 120: the cycles at 60 and 120 carry them.
-        let s = ReportSchedule {
-            started,
-            collect: Duration::from_secs(15),
-            report: Duration::from_secs(60),
-        };
-        let last: Vec<u64> = (0..=135)
-            .step_by(15)
-            .filter(|t| s.is_last_before_report(at(*t)))
-            .collect();
-        assert_eq!(last, [60, 120]);
-        // Not a multiple: reports at 40, 80, 120 take the cycles of 30, 75 and 120.
-        let s = ReportSchedule {
-            report: Duration::from_secs(40),
-            ..s
-        };
-        let last: Vec<u64> = (0..=135)
-            .step_by(15)
-            .filter(|t| s.is_last_before_report(at(*t)))
-            .collect();
-        assert_eq!(last, [30, 75, 120]);
-        // Equal intervals: every cycle; a tick a little late still counts as its cycle.
-        let s = ReportSchedule {
-            report: Duration::from_secs(15),
-            ..s
-        };
-        assert!(s.is_last_before_report(at(15) + ms(900)));
-        assert!(s.is_last_before_report(at(30)));
     }
 
     /// Answers from a table: a fixed RTT per peer (after that much virtual time), an error,
@@ -592,7 +361,6 @@ mod tests {
             timeout: Duration::from_secs(1),
             spread: Duration::from_secs(6),
             collect_interval: Duration::from_secs(10),
-            report_interval: Duration::from_secs(60),
         }
     }
 
@@ -616,7 +384,10 @@ mod tests {
             settings(3),
         );
         let start = Instant::now();
-        let points = c.collect(&CancellationToken::new()).await.unwrap();
+        let points = c
+            .collect(Cycle::default(), &CancellationToken::new())
+            .await
+            .unwrap();
         assert_eq!(points.len(), 3);
         assert!(points.iter().all(|p| p.group == "latency"));
         let d = by_peer(&points);
@@ -640,7 +411,9 @@ mod tests {
     async fn probes_are_spread_evenly_over_the_spread() {
         let pinger = Fake::new(&[("a", Ok(ms(1))), ("b", Ok(ms(1)))]);
         let c = LatencyCollector::new(pinger.clone(), Peers(Ok(vec!["a", "b"])), settings(3));
-        c.collect(&CancellationToken::new()).await.unwrap();
+        c.collect(Cycle::default(), &CancellationToken::new())
+            .await
+            .unwrap();
         let sends = pinger.sends.lock().unwrap().clone();
         let want: Vec<(String, Duration)> = [
             ("a", 0),
@@ -661,14 +434,17 @@ mod tests {
         let pinger = Fake::new(&[]);
         let c = LatencyCollector::new(pinger.clone(), Peers(Ok(vec![])), settings(3));
         assert!(c
-            .collect(&CancellationToken::new())
+            .collect(Cycle::default(), &CancellationToken::new())
             .await
             .unwrap()
             .is_empty());
         assert_eq!(pinger.calls.load(Ordering::SeqCst), 0);
 
         let c = LatencyCollector::new(pinger, Peers(Err("wg0: no such device")), settings(3));
-        let e = c.collect(&CancellationToken::new()).await.unwrap_err();
+        let e = c
+            .collect(Cycle::default(), &CancellationToken::new())
+            .await
+            .unwrap_err();
         assert_eq!(e.to_string(), "metrics: latency: wg0: no such device");
 
         let pinger = Arc::new(Fake {
@@ -676,7 +452,10 @@ mod tests {
             ..Arc::into_inner(Fake::new(&[])).unwrap()
         });
         let c = LatencyCollector::new(pinger.clone(), Peers(Ok(vec!["a"])), settings(3));
-        let e = c.collect(&CancellationToken::new()).await.unwrap_err();
+        let e = c
+            .collect(Cycle::default(), &CancellationToken::new())
+            .await
+            .unwrap_err();
         assert_eq!(
             e.to_string(),
             "metrics: latency: cannot open an ICMP socket"
@@ -697,7 +476,7 @@ mod tests {
                 cancel.cancel();
             }
         };
-        let (result, ()) = tokio::join!(c.collect(&cancel), stop);
+        let (result, ()) = tokio::join!(c.collect(Cycle::default(), &cancel), stop);
         match result {
             Err(CollectError::Cancelled { group, partial }) => {
                 assert_eq!(group, "latency");
@@ -710,20 +489,20 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn percentiles_cover_the_report_interval_and_come_before_each_report() {
-        // Collect every 10 s, report every 30 s: the cycles at 30 s and 60 s carry them.
+        // Collect every 10 s, report every 30 s: the Manager marks the cycles at 30 s and
+        // 60 s as the last of their report intervals.
         let pinger = Arc::new(Stepping {
             next: AtomicUsize::new(0),
         });
-        let s = LatencySettings {
-            report_interval: Duration::from_secs(30),
-            ..settings(1)
-        };
-        let c = LatencyCollector::new(pinger, Peers(Ok(vec!["a"])), s);
+        let c = LatencyCollector::new(pinger, Peers(Ok(vec!["a"])), settings(1));
         let start = Instant::now();
         let mut seen = Vec::new();
         for cycle in 1..=6u64 {
             tokio::time::sleep_until(start + Duration::from_secs(10 * cycle)).await;
-            let points = c.collect(&CancellationToken::new()).await.unwrap();
+            let cycle = Cycle {
+                ends_report_interval: cycle % 3 == 0,
+            };
+            let points = c.collect(cycle, &CancellationToken::new()).await.unwrap();
             let d = points[0].data.to_value();
             // To the histogram's resolution (1 %), in whole milliseconds.
             let in_ms = |k: &str| d[k].as_i64().map(|n| (n as f64 / 1e6).round() as i64);
@@ -754,23 +533,6 @@ mod tests {
             let n = self.next.fetch_add(1, Ordering::SeqCst) as u64 + 1;
             Ok(ms(n))
         }
-    }
-
-    #[test]
-    fn histograms_of_departed_peers_are_dropped() {
-        let mut p = Percentiles {
-            per_peer: HashMap::new(),
-        };
-        p.record("a", &[ms(1)]);
-        p.record("b", &[ms(2)]);
-        p.record("never-answered", &[]);
-        assert_eq!(p.per_peer.len(), 2, "no histogram without a sample");
-        p.retain(&["b".to_owned()]);
-        assert_eq!(p.per_peer.keys().collect::<Vec<_>>(), ["b"]);
-        let (p50, p99) = p.take("b");
-        assert_eq!(p50, p99);
-        assert!((p50 - 2_000_000).abs() <= 20_000, "within 1 %: {p50}");
-        assert_eq!(p.take("b"), (-1, -1), "taking resets the interval");
     }
 
     #[test]

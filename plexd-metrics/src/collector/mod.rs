@@ -56,13 +56,26 @@ impl CollectError {
     }
 }
 
+/// What the Manager tells every collector about the cycle it is running, from its own
+/// schedule: collectors never guess the Manager's timing from the clock.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cycle {
+    /// A report comes before the next cycle: this cycle's points are the last of the
+    /// report interval, so summaries over the whole interval belong in them.
+    pub ends_report_interval: bool,
+}
+
 /// One group's collection: the spec's `Collector` interface.
 #[async_trait]
 pub trait Collector: Send + Sync {
     /// The group this collector's points carry, for logs.
     fn group(&self) -> &'static str;
 
-    /// Collects this cycle's points. Long collections watch `cancel` and return
+    /// Collects the points of `cycle`. Long collections watch `cancel` and return
     /// [`CollectError::Cancelled`] with what they have when it fires.
-    async fn collect(&self, cancel: &CancellationToken) -> Result<Vec<MetricPoint>, CollectError>;
+    async fn collect(
+        &self,
+        cycle: Cycle,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<MetricPoint>, CollectError>;
 }

@@ -5,7 +5,7 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::{BoxError, CollectError, Collector};
+use super::{BoxError, CollectError, Collector, Cycle};
 use crate::api::{MetricPoint, GROUP_SYSTEM};
 
 /// The host's resource usage, with the spec's JSON keys.
@@ -58,7 +58,11 @@ impl<R: SystemReader> Collector for SystemCollector<R> {
         GROUP_SYSTEM
     }
 
-    async fn collect(&self, cancel: &CancellationToken) -> Result<Vec<MetricPoint>, CollectError> {
+    async fn collect(
+        &self,
+        _: Cycle,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<MetricPoint>, CollectError> {
         let stats = self
             .reader
             .read_stats(cancel)
@@ -98,7 +102,10 @@ mod tests {
             load_avg_15: 0.9,
         };
         let c = SystemCollector::new(Fixed(Ok(stats.clone())));
-        let points = c.collect(&CancellationToken::new()).await.unwrap();
+        let points = c
+            .collect(Cycle::default(), &CancellationToken::new())
+            .await
+            .unwrap();
         assert_eq!(points.len(), 1);
         assert_eq!(points[0].group, "system");
         assert!(points[0].peer_id.is_empty());
@@ -118,7 +125,10 @@ mod tests {
     #[tokio::test]
     async fn reader_error_is_prefixed_with_the_group() {
         let c = SystemCollector::new(Fixed(Err("read /proc/stat: gone".into())));
-        let err = c.collect(&CancellationToken::new()).await.unwrap_err();
+        let err = c
+            .collect(Cycle::default(), &CancellationToken::new())
+            .await
+            .unwrap_err();
         assert_eq!(err.to_string(), "metrics: system: read /proc/stat: gone");
     }
 }

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::{BoxError, CollectError, Collector};
+use super::{BoxError, CollectError, Collector, Cycle};
 use crate::api::{MetricPoint, GROUP_TUNNEL};
 
 /// One peer's tunnel health: the spec's `TunnelStats` and the extra keys this agent
@@ -116,7 +116,11 @@ impl<R: TunnelStatsReader> Collector for TunnelCollector<R> {
         GROUP_TUNNEL
     }
 
-    async fn collect(&self, cancel: &CancellationToken) -> Result<Vec<MetricPoint>, CollectError> {
+    async fn collect(
+        &self,
+        _: Cycle,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<MetricPoint>, CollectError> {
         let stats = self
             .reader
             .read_tunnel_stats(cancel)
@@ -166,7 +170,10 @@ mod tests {
             ..TunnelStats::default()
         };
         let c = TunnelCollector::new(Fixed(Ok(vec![peer, other])));
-        let points = c.collect(&CancellationToken::new()).await.unwrap();
+        let points = c
+            .collect(Cycle::default(), &CancellationToken::new())
+            .await
+            .unwrap();
         assert_eq!(points.len(), 2);
         assert_eq!(points[0].peer_id, "peer-abc-123");
         assert_eq!(points[0].group, "tunnel");
@@ -181,7 +188,7 @@ mod tests {
     async fn no_peers_is_an_empty_list() {
         let c = TunnelCollector::new(Fixed(Ok(vec![])));
         assert!(c
-            .collect(&CancellationToken::new())
+            .collect(Cycle::default(), &CancellationToken::new())
             .await
             .unwrap()
             .is_empty());
@@ -190,7 +197,10 @@ mod tests {
     #[tokio::test]
     async fn reader_error_is_prefixed_with_the_group() {
         let c = TunnelCollector::new(Fixed(Err("netlink: permission denied".into())));
-        let err = c.collect(&CancellationToken::new()).await.unwrap_err();
+        let err = c
+            .collect(Cycle::default(), &CancellationToken::new())
+            .await
+            .unwrap_err();
         assert_eq!(
             err.to_string(),
             "metrics: tunnel: netlink: permission denied"

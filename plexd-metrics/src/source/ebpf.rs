@@ -6,14 +6,13 @@
 //! as it found them.
 
 mod batch;
+mod clsact;
 mod endpoints;
 
 use std::collections::HashSet;
-use std::ffi::CStr;
 use std::fmt;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -31,9 +30,12 @@ use plexd_metrics_common::{
     PROG_INGRESS,
 };
 
+use crate::accounting::counters::CounterSnapshot;
+use crate::accounting::sessions::ProbeStats;
 use crate::collector::{BoxError, KernelCounters, KernelTotals};
-use crate::source::counters::{CounterSnapshot, EndpointCounterSource};
-pub use endpoints::ProbeStats;
+use crate::source::counters::EndpointCounterSource;
+use crate::source::netlink::NetlinkError;
+use clsact::ClsactNetlink;
 use endpoints::Reader;
 
 /// The kernel programs this agent was built with, as written by `cargo xtask build-ebpf`.
@@ -393,7 +395,7 @@ impl UnderlayProbe {
                 path: PathBuf::from(path),
                 source,
             })?,
-            state: endpoints::ReadState::default(),
+            ledger: crate::accounting::sessions::SessionLedger::default(),
             scratch: Default::default(),
         };
         for name in [PROG_INGRESS, PROG_EGRESS] {
@@ -681,14 +683,12 @@ fn remove_stale(interface: &str, ifindex: u32) -> Result<bool, EbpfError> {
     if !removed {
         return Ok(false);
     }
-    let nl = RouteNetlink::open().map_err(|e| EbpfError::Detach {
+    let mut nl = ClsactNetlink::open().map_err(|e| EbpfError::Detach {
         interface: interface.to_owned(),
         source: e.into(),
     })?;
-    let others = nl
-        .count_filters(ifindex, CLSACT_INGRESS)
-        .and_then(|i| Ok(i + nl.count_filters(ifindex, CLSACT_EGRESS)?))
-        .unwrap_or(1);
+    // Unknown counts as used: a qdisc of someone else's is never deleted.
+    let others = nl.filter_count(ifindex).unwrap_or(1);
     Ok(others == 0)
 }
 
@@ -818,10 +818,9 @@ fn raise_memlock_limit() {
 
 /// Removes the `clsact` qdisc this probe added, unless filters of other owners were attached
 /// to it meanwhile: deleting it would silently take theirs away too.
-fn remove_clsact_if_unused(ifindex: u32) -> io::Result<()> {
-    let nl = RouteNetlink::open()?;
-    let others =
-        nl.count_filters(ifindex, CLSACT_INGRESS)? + nl.count_filters(ifindex, CLSACT_EGRESS)?;
+fn remove_clsact_if_unused(ifindex: u32) -> Result<(), NetlinkError> {
+    let mut nl = ClsactNetlink::open()?;
+    let others = nl.filter_count(ifindex)?;
     if others > 0 {
         tracing::info!(
             component = "metrics",
@@ -833,345 +832,14 @@ fn remove_clsact_if_unused(ifindex: u32) -> io::Result<()> {
     }
     match nl.delete_clsact(ifindex) {
         // Gone already, with its interface or by someone's hand: nothing is left behind.
-        Err(e)
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::ENOENT | libc::ENODEV | libc::EINVAL)
-            ) =>
-        {
-            Ok(())
-        }
+        Err(e) if matches!(e.errno(), Some(libc::ENOENT | libc::ENODEV | libc::EINVAL)) => Ok(()),
         other => other,
     }
-}
-
-// rtnetlink constants from <linux/rtnetlink.h>, <linux/pkt_sched.h> and <linux/netlink.h>;
-// spelled out because the libc crate does not carry all of them on every target.
-const RTM_DELQDISC: u16 = 37;
-const RTM_NEWTFILTER: u16 = 44;
-const RTM_GETTFILTER: u16 = 46;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_DUMP: u16 = 0x300;
-const TCA_KIND: u16 = 1;
-const TC_H_CLSACT: u32 = 0xFFFF_FFF1;
-const CLSACT_HANDLE: u32 = 0xFFFF_0000;
-const CLSACT_INGRESS: u32 = 0xFFFF_FFF2;
-const CLSACT_EGRESS: u32 = 0xFFFF_FFF3;
-const NLMSG_HDRLEN: usize = 16;
-
-/// The few rtnetlink requests aya does not offer: listing filters and deleting a qdisc.
-struct RouteNetlink {
-    fd: OwnedFd,
-    seq: std::cell::Cell<u32>,
-}
-
-impl RouteNetlink {
-    fn open() -> io::Result<Self> {
-        // SAFETY: plain socket(2) call; the result is checked before use.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Self {
-            fd,
-            seq: std::cell::Cell::new(0),
-        })
-    }
-
-    /// A request carrying a `tcmsg` and optionally a TCA_KIND attribute.
-    fn request(
-        &self,
-        kind: u16,
-        flags: u16,
-        ifindex: u32,
-        handle: u32,
-        parent: u32,
-        tca_kind: Option<&CStr>,
-    ) -> Vec<u8> {
-        let seq = self.seq.get().wrapping_add(1);
-        self.seq.set(seq);
-        let mut msg = Vec::with_capacity(64);
-        msg.extend_from_slice(&0u32.to_ne_bytes()); // length, patched below
-        msg.extend_from_slice(&kind.to_ne_bytes());
-        msg.extend_from_slice(&(flags | NLM_F_REQUEST).to_ne_bytes());
-        msg.extend_from_slice(&seq.to_ne_bytes());
-        msg.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
-                                                    // struct tcmsg { u8 family, u8 pad, u16 pad, i32 ifindex, u32 handle, parent, info }
-        msg.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
-        msg.extend_from_slice(&ifindex.to_ne_bytes());
-        msg.extend_from_slice(&handle.to_ne_bytes());
-        msg.extend_from_slice(&parent.to_ne_bytes());
-        msg.extend_from_slice(&0u32.to_ne_bytes());
-        if let Some(value) = tca_kind {
-            let value = value.to_bytes_with_nul();
-            let len = 4 + value.len();
-            msg.extend_from_slice(&(len as u16).to_ne_bytes());
-            msg.extend_from_slice(&TCA_KIND.to_ne_bytes());
-            msg.extend_from_slice(value);
-            msg.resize(msg.len().next_multiple_of(4), 0);
-        }
-        let len = msg.len() as u32;
-        msg[..4].copy_from_slice(&len.to_ne_bytes());
-        msg
-    }
-
-    fn send(&self, msg: &[u8]) -> io::Result<()> {
-        // SAFETY: msg is a valid buffer of msg.len() bytes for the duration of the call.
-        let sent = unsafe { libc::send(self.fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
-        if sent < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// Receives replies until the request is done, calling `on_message` with the type of
-    /// each message that is not an error or the end of a dump.
-    fn receive(&self, mut on_message: impl FnMut(u16)) -> io::Result<()> {
-        let mut buf = vec![0u8; 32 * 1024];
-        loop {
-            // SAFETY: buf is a valid, writable buffer of buf.len() bytes.
-            let n =
-                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let mut rest = &buf[..n as usize];
-            while rest.len() >= NLMSG_HDRLEN {
-                let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-                let kind = u16::from_ne_bytes([rest[4], rest[5]]);
-                if len < NLMSG_HDRLEN || len > rest.len() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "truncated netlink message",
-                    ));
-                }
-                match kind {
-                    NLMSG_DONE => return Ok(()),
-                    NLMSG_ERROR => {
-                        let code = rest
-                            .get(NLMSG_HDRLEN..NLMSG_HDRLEN + 4)
-                            .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-                            .ok_or_else(|| {
-                                io::Error::new(io::ErrorKind::InvalidData, "short netlink error")
-                            })?;
-                        // An error message with code 0 is the acknowledgement.
-                        return if code == 0 {
-                            Ok(())
-                        } else {
-                            Err(io::Error::from_raw_os_error(-code))
-                        };
-                    }
-                    other => on_message(other),
-                }
-                rest = &rest[len.next_multiple_of(4).min(rest.len())..];
-            }
-        }
-    }
-
-    fn count_filters(&self, ifindex: u32, parent: u32) -> io::Result<usize> {
-        self.send(&self.request(RTM_GETTFILTER, NLM_F_DUMP, ifindex, 0, parent, None))?;
-        let mut count = 0;
-        self.receive(|kind| count += usize::from(kind == RTM_NEWTFILTER))?;
-        Ok(count)
-    }
-
-    fn delete_clsact(&self, ifindex: u32) -> io::Result<()> {
-        self.send(&self.request(
-            RTM_DELQDISC,
-            NLM_F_ACK,
-            ifindex,
-            CLSACT_HANDLE,
-            TC_H_CLSACT,
-            Some(c"clsact"),
-        ))?;
-        self.receive(|_| ())
-    }
-}
-
-/// Names of the interfaces that carry a default route, IPv4 first, without duplicates and
-/// without `lo`.
-///
-/// Reads `<proc_root>/net/route` and `<proc_root>/net/ipv6_route` (the latter may be missing
-/// when IPv6 is off). The agent attaches to these when `metrics.ebpf.interfaces` is empty,
-/// because WireGuard's encrypted traffic leaves through them.
-pub fn default_route_interfaces(proc_root: &Path) -> Result<Vec<String>, EbpfError> {
-    let read = |name: &str| -> Result<String, EbpfError> {
-        let path = proc_root.join("net").join(name);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Ok(text),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(String::new()),
-            Err(source) => Err(EbpfError::RouteTable { path, source }),
-        }
-    };
-    let mut names = ipv4_default_interfaces(&read("route")?);
-    names.extend(ipv6_default_interfaces(&read("ipv6_route")?));
-    let mut seen = HashSet::new();
-    names.retain(|name| name != "lo" && seen.insert(name.clone()));
-    if names.is_empty() {
-        return Err(EbpfError::NoDefaultRoute {
-            proc_root: proc_root.to_owned(),
-        });
-    }
-    Ok(names)
-}
-
-// Route flags from <linux/route.h>: a route must be up, and "reject" routes (unreachable,
-// prohibit) carry no traffic.
-const RTF_UP: u32 = 0x0001;
-const RTF_REJECT: u32 = 0x0200;
-
-/// `/proc/net/route`: a header line, then tab-separated `Iface Destination Gateway Flags
-/// RefCnt Use Metric Mask ...` with hexadecimal destination, flags and mask.
-fn ipv4_default_interfaces(text: &str) -> Vec<String> {
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let (iface, destination, flags, mask) = (
-                fields.first()?,
-                fields.get(1)?,
-                fields.get(3)?,
-                fields.get(7)?,
-            );
-            let flags = u32::from_str_radix(flags, 16).ok()?;
-            let is_default = u32::from_str_radix(destination, 16).ok()? == 0
-                && u32::from_str_radix(mask, 16).ok()? == 0;
-            (is_default && flags & RTF_UP != 0 && flags & RTF_REJECT == 0)
-                .then(|| (*iface).to_owned())
-        })
-        .collect()
-}
-
-/// `/proc/net/ipv6_route`: no header; space-separated `dest dest_len src src_len next_hop
-/// metric refcnt use flags iface`, all hexadecimal except the interface name.
-fn ipv6_default_interfaces(text: &str) -> Vec<String> {
-    text.lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            if fields.len() < 10 {
-                return None;
-            }
-            let is_default = fields[0].bytes().all(|b| b == b'0')
-                && u8::from_str_radix(fields[1], 16).ok()? == 0;
-            let flags = u32::from_str_radix(fields[8], 16).ok()?;
-            (is_default && flags & RTF_UP != 0 && flags & RTF_REJECT == 0)
-                .then(|| fields[9].to_owned())
-        })
-        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const ROUTE: &str = "\
-Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
-eth0\t00000000\t0102A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0
-eth0\t0002A8C0\t00000000\t0001\t0\t0\t100\t00FFFFFF\t0\t0\t0
-wg0\t0000640A\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0
-eth1\t00000000\t0101A8C0\t0003\t0\t0\t200\t00000000\t0\t0\t0
-down0\t00000000\t0103A8C0\t0002\t0\t0\t300\t00000000\t0\t0\t0
-";
-
-    const IPV6_ROUTE: &str = "\
-fe800000000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001     eth0
-00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe800000000000000000000000000001 00000400 00000001 00000000 00000003     eth2
-00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe800000000000000000000000000001 00000400 00000001 00000000 00000003     eth0
-00000000000000000000000000000001 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000000 00000003 00000000 80200001       lo
-00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 ffffffff 00000001 00000000 00200200       lo
-";
-
-    #[test]
-    fn ipv4_default_routes_that_are_up() {
-        assert_eq!(ipv4_default_interfaces(ROUTE), ["eth0", "eth1"]);
-    }
-
-    #[test]
-    fn ipv4_header_only_has_none() {
-        assert!(ipv4_default_interfaces(ROUTE.lines().next().unwrap()).is_empty());
-    }
-
-    #[test]
-    fn ipv6_default_routes_skip_prefixes_and_reject_routes() {
-        assert_eq!(ipv6_default_interfaces(IPV6_ROUTE), ["eth2", "eth0"]);
-    }
-
-    #[test]
-    fn garbage_lines_are_ignored() {
-        assert!(ipv4_default_interfaces("Iface\nnot a route\n\n").is_empty());
-        assert!(ipv6_default_interfaces("short line\nzz 00 a b c d e f g h\n").is_empty());
-    }
-
-    fn fixture(route: Option<&str>, ipv6_route: Option<&str>) -> PathBuf {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let root = std::env::temp_dir().join(format!(
-            "plexd-metrics-proc-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let net = root.join("net");
-        std::fs::create_dir_all(&net).unwrap();
-        if let Some(text) = route {
-            std::fs::write(net.join("route"), text).unwrap();
-        }
-        if let Some(text) = ipv6_route {
-            std::fs::write(net.join("ipv6_route"), text).unwrap();
-        }
-        root
-    }
-
-    #[test]
-    fn both_tables_merged_in_order_without_duplicates_or_lo() {
-        let root = fixture(Some(ROUTE), Some(IPV6_ROUTE));
-        assert_eq!(
-            default_route_interfaces(&root).unwrap(),
-            ["eth0", "eth1", "eth2"]
-        );
-        std::fs::remove_dir_all(root).unwrap();
-    }
-
-    #[test]
-    fn missing_ipv6_table_is_fine() {
-        let root = fixture(Some(ROUTE), None);
-        assert_eq!(default_route_interfaces(&root).unwrap(), ["eth0", "eth1"]);
-        std::fs::remove_dir_all(root).unwrap();
-    }
-
-    #[test]
-    fn no_default_route_says_what_to_set() {
-        let root = fixture(Some(ROUTE.lines().next().unwrap()), None);
-        let err = default_route_interfaces(&root).unwrap_err();
-        assert!(matches!(err, EbpfError::NoDefaultRoute { .. }));
-        assert!(
-            err.to_string().ends_with("set metrics.ebpf.interfaces"),
-            "{err}"
-        );
-        std::fs::remove_dir_all(root).unwrap();
-    }
-
-    #[test]
-    fn unreadable_table_names_the_file() {
-        // A directory where the file should be: read_to_string fails with something other
-        // than NotFound.
-        let root = fixture(None, None);
-        std::fs::create_dir_all(root.join("net").join("route")).unwrap();
-        let err = default_route_interfaces(&root).unwrap_err();
-        assert!(matches!(err, EbpfError::RouteTable { .. }), "{err:?}");
-        assert!(err.to_string().contains("net/route"), "{err}");
-        std::fs::remove_dir_all(root).unwrap();
-    }
 
     #[test]
     fn empty_object_and_unknown_interface_are_explained_before_any_syscall_to_bpf() {
@@ -1190,33 +858,5 @@ fe800000000000000000000000000000 40 00000000000000000000000000000000 00 00000000
         let none: [&str; 0] = [];
         let err = UnderlayProbe::attach_with(b"\x7fELF", &none, AttachMode::Auto).unwrap_err();
         assert!(matches!(err, EbpfError::NoInterfaces));
-    }
-
-    #[test]
-    fn netlink_requests_are_well_formed() {
-        // Building a request needs no socket; any descriptor will do.
-        let nl = RouteNetlink {
-            fd: std::fs::File::open("/dev/null").unwrap().into(),
-            seq: std::cell::Cell::new(0),
-        };
-        let msg = nl.request(
-            RTM_DELQDISC,
-            NLM_F_ACK,
-            7,
-            CLSACT_HANDLE,
-            TC_H_CLSACT,
-            Some(c"clsact"),
-        );
-        assert_eq!(msg.len(), 16 + 20 + 4 + 8);
-        assert_eq!(
-            u32::from_ne_bytes(msg[0..4].try_into().unwrap()) as usize,
-            msg.len()
-        );
-        assert_eq!(
-            u16::from_ne_bytes(msg[4..6].try_into().unwrap()),
-            RTM_DELQDISC
-        );
-        assert_eq!(i32::from_ne_bytes(msg[20..24].try_into().unwrap()), 7);
-        assert_eq!(&msg[40..47], b"clsact\0");
     }
 }

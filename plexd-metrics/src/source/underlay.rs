@@ -4,7 +4,7 @@
 //! firewall mark, because that is how WireGuard routes its own packets: with wg-quick's
 //! policy routing, a lookup without the mark would answer with the tunnel itself.
 
-use std::collections::HashSet;
+use std::io;
 use std::net::IpAddr;
 use std::path::Path;
 
@@ -13,7 +13,8 @@ use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::protocols::NETLINK_ROUTE;
 
-use crate::source::ebpf::{default_route_interfaces, EbpfError};
+use crate::accounting::routes;
+use crate::source::ebpf::EbpfError;
 use crate::source::netlink::{header, NetlinkError, NetlinkSocket};
 use crate::source::wireguard::Device;
 
@@ -128,41 +129,40 @@ pub fn underlay_interfaces(
         }
     }
     let tunnels: Vec<&str> = devices.iter().map(|d| d.name.as_str()).collect();
-    let chosen = choose(found, &tunnels);
+    let chosen = routes::underlay_of_lookups(found, &tunnels);
     if chosen.is_empty() {
         return Ok(default_route_interfaces(proc_root)?);
     }
     Ok(chosen)
 }
 
-/// The distinct interfaces of the lookups, in the order first seen, without the tunnels
-/// themselves (a route through the tunnel means the lookup missed WireGuard's own routing)
-/// and without `lo` (a peer on this very host sends nothing over the underlay).
-fn choose(lookups: Vec<Option<String>>, tunnels: &[&str]) -> Vec<String> {
-    let mut seen = HashSet::new();
-    lookups
-        .into_iter()
-        .flatten()
-        .filter(|name| name != "lo" && !tunnels.contains(&name.as_str()))
-        .filter(|name| seen.insert(name.clone()))
-        .collect()
+/// Names of the interfaces that carry a default route, IPv4 first, without duplicates and
+/// without `lo`.
+///
+/// Reads `<proc_root>/net/route` and `<proc_root>/net/ipv6_route` (the latter may be missing
+/// when IPv6 is off). The agent attaches to these when `metrics.ebpf.interfaces` is empty,
+/// because WireGuard's encrypted traffic leaves through them.
+pub fn default_route_interfaces(proc_root: &Path) -> Result<Vec<String>, EbpfError> {
+    let read = |name: &str| -> Result<String, EbpfError> {
+        let path = proc_root.join("net").join(name);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(text),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(String::new()),
+            Err(source) => Err(EbpfError::RouteTable { path, source }),
+        }
+    };
+    let names = routes::default_route_interfaces(&read("route")?, &read("ipv6_route")?);
+    if names.is_empty() {
+        return Err(EbpfError::NoDefaultRoute {
+            proc_root: proc_root.to_owned(),
+        });
+    }
+    Ok(names)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn some(names: &[&str]) -> Vec<Option<String>> {
-        names.iter().map(|n| Some((*n).to_owned())).collect()
-    }
-
-    #[test]
-    fn distinct_interfaces_in_order_without_tunnels_or_lo() {
-        let mut lookups = some(&["eth1", "eth0", "eth1", "wg0", "lo"]);
-        lookups.push(None);
-        assert_eq!(choose(lookups, &["wg0"]), ["eth1", "eth0"]);
-        assert!(choose(vec![None, None], &[]).is_empty());
-    }
 
     #[test]
     fn queries_carry_the_address_and_the_mark() {
@@ -205,5 +205,75 @@ mod tests {
         .unwrap();
         assert_eq!(underlay_interfaces(&[], &dir).unwrap(), ["eth9"]);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    const ROUTE: &str = "\
+Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
+eth0\t00000000\t0102A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0
+eth1\t00000000\t0101A8C0\t0003\t0\t0\t200\t00000000\t0\t0\t0
+";
+
+    fn fixture(route: Option<&str>, ipv6_route: Option<&str>) -> std::path::PathBuf {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let root = std::env::temp_dir().join(format!(
+            "plexd-metrics-proc-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let net = root.join("net");
+        std::fs::create_dir_all(&net).unwrap();
+        if let Some(text) = route {
+            std::fs::write(net.join("route"), text).unwrap();
+        }
+        if let Some(text) = ipv6_route {
+            std::fs::write(net.join("ipv6_route"), text).unwrap();
+        }
+        root
+    }
+
+    const IPV6_ROUTE: &str = "00000000000000000000000000000000 00 \
+        00000000000000000000000000000000 00 fe800000000000000000000000000001 00000400 00000001 \
+        00000000 00000003     eth2\n";
+
+    #[test]
+    fn both_tables_are_read() {
+        let root = fixture(Some(ROUTE), Some(IPV6_ROUTE));
+        assert_eq!(
+            default_route_interfaces(&root).unwrap(),
+            ["eth0", "eth1", "eth2"]
+        );
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn missing_ipv6_table_is_fine() {
+        let root = fixture(Some(ROUTE), None);
+        assert_eq!(default_route_interfaces(&root).unwrap(), ["eth0", "eth1"]);
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn no_default_route_says_what_to_set() {
+        let root = fixture(Some(ROUTE.lines().next().unwrap()), None);
+        let err = default_route_interfaces(&root).unwrap_err();
+        assert!(matches!(err, EbpfError::NoDefaultRoute { .. }));
+        assert!(
+            err.to_string().ends_with("set metrics.ebpf.interfaces"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn unreadable_table_names_the_file() {
+        // A directory where the file should be: read_to_string fails with something other
+        // than NotFound.
+        let root = fixture(None, None);
+        std::fs::create_dir_all(root.join("net").join("route")).unwrap();
+        let err = default_route_interfaces(&root).unwrap_err();
+        assert!(matches!(err, EbpfError::RouteTable { .. }), "{err:?}");
+        assert!(err.to_string().contains("net/route"), "{err}");
+        std::fs::remove_dir_all(root).unwrap();
     }
 }

@@ -201,7 +201,11 @@ fn main() -> ExitCode {
             let collector = SystemCollector::new(LinuxSystemReader::new("/proc", "/", None));
             let cancel = CancellationToken::new();
             let collect = || {
-                let points = rt.block_on(collector.collect(&cancel)).expect("collect");
+                let points = rt
+                    .block_on(
+                        collector.collect(plexd_metrics::collector::Cycle::default(), &cancel),
+                    )
+                    .expect("collect");
                 assert_eq!(points.len(), 1);
             };
             // The first collect has no earlier CPU sample; the first scrape warms up too.

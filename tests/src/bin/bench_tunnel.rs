@@ -11,9 +11,10 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use plexd_metrics::accounting::join::JoinState;
 use plexd_metrics::source::counters::EndpointCounterSource as _;
 use plexd_metrics::source::ebpf::ProbeOptions;
-use plexd_metrics::source::tunnel::{JoinState, WireGuardTunnelReader};
+use plexd_metrics::source::tunnel::WireGuardTunnelReader;
 use plexd_metrics::source::wireguard::{uapi, DeviceSource, SystemDevices};
 use plexd_metrics_tests::bench::{endpoints_on, ms, one_session_each, thread_cpu};
 use plexd_metrics_tests::wireguard::{peers_at, WireGuardGo, SOCKET_DIR};

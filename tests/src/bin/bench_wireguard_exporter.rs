@@ -94,7 +94,10 @@ fn compare(exporter_bin: &std::path::Path, peers: usize, rounds: usize) -> Row {
                 .build()
                 .expect("runtime");
             let cancel = CancellationToken::new();
-            let collect = || rt.block_on(collector.collect(&cancel)).expect("collect");
+            let collect = || {
+                rt.block_on(collector.collect(plexd_metrics::collector::Cycle::default(), &cancel))
+                    .expect("collect")
+            };
             let scrape = || {
                 let body = http_get(addr, "/metrics").expect("scrape the exporter");
                 String::from_utf8_lossy(&body)

@@ -196,7 +196,14 @@ fn compare(targets: usize, collect_secs: u64, rounds: usize) {
             let points = rt
                 .block_on(rt.spawn({
                     let collector = collector.clone();
-                    async move { collector.collect(&CancellationToken::new()).await }
+                    async move {
+                        collector
+                            .collect(
+                                plexd_metrics::collector::Cycle::default(),
+                                &CancellationToken::new(),
+                            )
+                            .await
+                    }
                 }))
                 .expect("collect task")
                 .expect("collect");
