@@ -272,7 +272,8 @@ fn backoff(
 pub struct ManagerOptions {
     /// Time between collection cycles.
     pub collect_interval: Duration,
-    /// Time between reports; also the longest wait before a retry.
+    /// Time between reports; also the cap of the retry backoff (a server's `Retry-After` may
+    /// ask for longer).
     pub report_interval: Duration,
     /// The bounds of the queue, in memory or durable.
     pub limits: QueueLimits,

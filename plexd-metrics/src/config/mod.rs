@@ -2,9 +2,9 @@
 //!
 //! This module holds the schema and its defaults, each stated once in a `Default` impl (the
 //! documented block in `docs/configuration.md` is tested against them), and the entry points
-//! that load it. [`env`] applies the `PLEXD_METRICS_*` variables over the file, [`validate`]
+//! that load it. `env` applies the `PLEXD_METRICS_*` variables over the file, `validate`
 //! checks the rules and turns a config into typed [`Settings`], the only form the agent runs
-//! from, and [`peer_names`] reads the peer names a config may point to.
+//! from, and `peer_names` reads the peer names a config may point to.
 //!
 //! Loading and validation report every problem at once, each on its own line, so that a user
 //! fixes a file in one pass. The metrics rules carry the Go agent's exact texts.
@@ -17,12 +17,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-pub mod env;
-pub mod peer_names;
-pub mod settings;
+mod env;
+mod peer_names;
+mod settings;
 #[cfg(test)]
 mod testing;
-pub mod validate;
+mod validate;
 
 pub use env::{EnvKey, CLI_ENV_VARIABLES, ENV_PREFIX};
 pub use peer_names::{read_peer_names_file, PeerNames};
