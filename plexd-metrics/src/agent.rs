@@ -1,9 +1,10 @@
-//! Wires sources, collectors, the Manager and a reporter together from a [`Config`].
+//! Wires sources, collectors, the Manager and a reporter together from [`Settings`].
 //!
 //! This is the one place that decides which parts run and the one place that spawns
 //! long-lived tasks, so shutdown has a single path: cancel the token, await the tasks.
 
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,10 +17,10 @@ use crate::collector::{
     AgentStatsCollector, Collector, KernelCounters, LatencyCollector, LatencySettings,
     ReconnectCounter, SystemCollector, TunnelCollector,
 };
-use crate::config::{AttachModeConfig, Config};
+use crate::config::{AttachModeConfig, Config, Settings};
 use crate::health::{EbpfState, HealthError, HealthServer, HealthState};
-use crate::manager::{DeliveryStats, Heartbeat, Manager, RunOutcome};
-use crate::queue::DeliveryQueue;
+use crate::manager::{DeliveryStats, Heartbeat, Manager, ManagerOptions, RunOutcome};
+use crate::queue::{DeliveryQueue, QueueLimits};
 use crate::reporter::{
     ControlPlaneReporter, LocalReporter, MetricReporter, MultiReporter, ReportError, StdoutReporter,
 };
@@ -69,8 +70,9 @@ impl AgentError {
 /// The assembled pipeline, ready to run.
 pub struct Agent {
     manager: Manager,
-    // Opened when the agent runs (not for `--once`, which must not take the directory's lock).
-    queue_dir: Option<PathBuf>,
+    // The durable queue's directory and bounds; opened when the agent runs (not for `--once`,
+    // which must not take the directory's lock).
+    queue: Option<(PathBuf, QueueLimits)>,
     // Keeps the kernel programs attached for as long as the agent lives; dropping it detaches.
     _probe: Option<Arc<UnderlayProbe>>,
     // Where and what the health endpoint serves, when it is on.
@@ -78,12 +80,14 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Builds the pipeline for `cfg`, which must have passed [`Config::validate`].
+    /// Builds the pipeline for `settings`.
     ///
     /// Attaching the kernel programs may fail (no privileges, no such interface); the agent
     /// then runs without them and says so, because the other groups are still worth having.
-    pub fn build(cfg: &Config) -> Result<Self, AgentError> {
+    pub fn build(settings: &Settings) -> Result<Self, AgentError> {
         let started = Instant::now();
+        let cfg = &settings.config;
+        let options = ManagerOptions::from_settings(settings);
         let system = &cfg.metrics.system;
         let net_interface = Some(system.net_interface.clone()).filter(|s| !s.is_empty());
         let reader = LinuxSystemReader::new(&system.proc_root, &system.mount_point, net_interface);
@@ -121,7 +125,8 @@ impl Agent {
                     .with_delivery(delivery.clone()),
             ),
         ];
-        if cfg.metrics.enabled && cfg.metrics.latency.enabled {
+        let metrics = settings.metrics.as_ref();
+        if let Some(targets) = metrics.and_then(|m| m.latency_targets.as_ref()) {
             // The WireGuard devices' peers are probed when the tunnel group reads them too.
             let device_peers = wireguard.enabled.then(|| {
                 Arc::new(WireGuardPeers::new(
@@ -129,7 +134,7 @@ impl Agent {
                     wireguard.peer_names.clone(),
                 )) as Arc<dyn DevicePeers>
             });
-            collectors.extend(latency_collector(cfg, device_peers));
+            collectors.extend(latency_collector(cfg, targets, device_peers));
         }
         if tunnel_on {
             let counters = endpoint_counters(probe.as_ref());
@@ -153,37 +158,22 @@ impl Agent {
         let reporter = build_reporter(cfg)?;
         let heartbeat = Arc::new(Heartbeat::default());
         // With metrics off the agent does nothing and exits, so there is nothing to probe.
-        // (The address always parses once the config passed validation.)
-        let health = cfg
-            .metrics
-            .health
-            .listen_addr()
-            .filter(|_| cfg.metrics.enabled && cfg.metrics.health.enabled)
-            .map(|addr| {
-                let state = HealthState::new(
-                    &cfg.metrics,
-                    heartbeat.clone(),
-                    delivery.clone(),
-                    ebpf_state,
-                );
+        let health = options
+            .zip(metrics.and_then(|m| m.health_listen))
+            .map(|(options, addr)| {
+                let state =
+                    HealthState::new(&options, heartbeat.clone(), delivery.clone(), ebpf_state);
                 (addr, state)
             });
+        let queue = options
+            .zip(cfg.metrics.queue.dir.clone())
+            .map(|(options, dir)| (dir, options.limits));
 
         Ok(Self {
-            manager: Manager::new(
-                cfg.metrics.clone(),
-                collectors,
-                reporter,
-                cfg.node_id.clone(),
-            )
-            .with_delivery_stats(delivery)
-            .with_heartbeat(heartbeat),
-            queue_dir: cfg
-                .metrics
-                .queue
-                .dir
-                .clone()
-                .filter(|_| cfg.metrics.enabled),
+            manager: Manager::new(options, collectors, reporter, cfg.node_id.clone())
+                .with_delivery_stats(delivery)
+                .with_heartbeat(heartbeat),
+            queue,
             _probe: probe,
             health,
         })
@@ -207,13 +197,12 @@ impl Agent {
             .map_err(AgentError::Signals)?;
         let Agent {
             mut manager,
-            queue_dir,
+            queue,
             _probe,
             health,
         } = self;
         // Before anything is served: a directory another agent holds stops this one at once.
-        if let Some(dir) = queue_dir {
-            let limits = Manager::queue_limits(manager.config());
+        if let Some((dir, limits)) = queue {
             manager = manager.with_queue(DeliveryQueue::open(&dir, limits)?);
         }
         // Bound before anything runs, so that a taken port stops the agent at once.
@@ -297,16 +286,17 @@ fn build_reporter(cfg: &Config) -> Result<Arc<dyn MetricReporter>, AgentError> {
 }
 
 /// The `latency` collector: the WireGuard devices' peers (when `device_peers` is given) and
-/// `metrics.latency.targets`, if there is a socket to probe them with.
+/// `targets` (`metrics.latency.targets`), if there is a socket to probe them with.
 ///
 /// Must run inside the runtime: the pinger starts its receive tasks, which live as long as
 /// the collector.
 fn latency_collector(
     cfg: &Config,
+    targets: &BTreeMap<String, IpAddr>,
     device_peers: Option<Arc<dyn DevicePeers>>,
 ) -> Option<Arc<dyn Collector>> {
     let latency = &cfg.metrics.latency;
-    if latency.targets.is_empty() && device_peers.is_none() {
+    if targets.is_empty() && device_peers.is_none() {
         debug!(
             component = "metrics",
             "no metrics.latency.targets and metrics.wireguard is off; the latency group is not collected"
@@ -328,11 +318,11 @@ fn latency_collector(
             return None;
         }
     };
-    let peers = Arc::new(MeshPeers::new(device_peers, latency.parsed_targets()));
+    let peers = Arc::new(MeshPeers::new(device_peers, targets.clone()));
     let pinger = Arc::new(MeshPinger::new(peers.clone(), icmp));
     info!(
         component = "metrics",
-        targets = latency.targets.len(),
+        targets = targets.len(),
         probes = latency.probes,
         "latency collector enabled"
     );

@@ -27,8 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::collector::DeliveryCounters;
-use crate::config::MetricsConfig;
-use crate::manager::{DeliveryStats, Heartbeat, LastReport};
+use crate::manager::{DeliveryStats, Heartbeat, LastReport, ManagerOptions};
 use crate::queue::QueueState;
 
 /// Connections served at once; probes come one at a time, so more than this is a client
@@ -87,9 +86,10 @@ pub struct Verdict {
 }
 
 impl HealthState {
-    /// State for a Manager running `cfg`, which publishes into `heartbeat` and `delivery`.
+    /// State for a Manager running with `options`, which publishes into `heartbeat` and
+    /// `delivery`.
     pub fn new(
-        cfg: &MetricsConfig,
+        options: &ManagerOptions,
         heartbeat: Arc<Heartbeat>,
         delivery: Arc<DeliveryStats>,
         ebpf: EbpfState,
@@ -98,9 +98,9 @@ impl HealthState {
             heartbeat,
             delivery,
             ebpf,
-            collect_interval: cfg.collect_interval,
-            report_interval: cfg.report_interval,
-            max_points: cfg.queue.limit() as u64,
+            collect_interval: options.collect_interval,
+            report_interval: options.report_interval,
+            max_points: options.limits.max_points as u64,
         }
     }
 
@@ -371,20 +371,22 @@ mod tests {
     use crate::api::MetricPoint;
     use crate::collector::{BoxError, CollectError, Collector};
     use crate::manager::Manager;
+    use crate::queue::QueueLimits;
     use crate::reporter::MetricReporter;
     use async_trait::async_trait;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use tokio::sync::{mpsc, Notify};
 
-    fn cfg(collect: u64, report: u64, batch: i64, max_points: i64) -> MetricsConfig {
-        let mut cfg = MetricsConfig {
+    fn cfg(collect: u64, report: u64, batch_size: usize, max_points: usize) -> ManagerOptions {
+        ManagerOptions {
             collect_interval: Duration::from_secs(collect),
             report_interval: Duration::from_secs(report),
-            batch_size: batch,
-            ..MetricsConfig::default()
-        };
-        cfg.queue.max_points = max_points;
-        cfg
+            limits: QueueLimits {
+                batch_size,
+                max_points,
+                max_bytes: crate::config::DEFAULT_QUEUE_MAX_BYTES,
+            },
+        }
     }
 
     /// One point per call; from call `block_from` on, waits until the gate is opened.
@@ -469,7 +471,7 @@ mod tests {
     }
 
     /// A Manager with `collector` and the health endpoint on a free loopback port.
-    fn start(cfg: MetricsConfig, collector: Arc<dyn Collector>, ebpf: EbpfState) -> Running {
+    fn start(cfg: ManagerOptions, collector: Arc<dyn Collector>, ebpf: EbpfState) -> Running {
         let (tx, accepted) = mpsc::unbounded_channel();
         let reporter = Arc::new(Switch {
             down: AtomicBool::new(false),
@@ -479,7 +481,7 @@ mod tests {
         let state = HealthState::new(&cfg, heartbeat.clone(), Arc::clone(&delivery), ebpf);
         let server = HealthServer::bind("127.0.0.1:0".parse().unwrap(), state).unwrap();
         let addr = server.local_addr().unwrap();
-        let manager = Manager::new(cfg, vec![collector], reporter.clone(), "node-1")
+        let manager = Manager::new(Some(cfg), vec![collector], reporter.clone(), "node-1")
             .with_heartbeat(heartbeat)
             .with_delivery_stats(Arc::clone(&delivery));
         let cancel = CancellationToken::new();

@@ -2,7 +2,8 @@
 //!
 //! The pipeline is the plexd spec's: sources (behind traits) feed [`collector`]s, whose
 //! points the [`manager::Manager`] buffers and hands to a [`reporter::MetricReporter`].
-//! [`agent`] wires these together from a [`config::Config`].
+//! [`agent`] wires these together from the [`config::Settings`] a validated
+//! [`config::Config`] gives.
 
 #![warn(missing_docs)]
 

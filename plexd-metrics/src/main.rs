@@ -60,8 +60,8 @@ fn main() -> ExitCode {
     }
 
     let loaded = Config::load_with_env(cli.config.as_deref(), std::env::vars_os());
-    let cfg = match loaded.and_then(|c| c.validate().map(|()| c)) {
-        Ok(cfg) => cfg,
+    let settings = match loaded.and_then(|c| c.validate()) {
+        Ok(settings) => settings,
         Err(e) => {
             for line in e.lines() {
                 eprintln!("error: {line}");
@@ -71,7 +71,7 @@ fn main() -> ExitCode {
     };
     if cli.check_config {
         println!("configuration is valid");
-        let queue = &cfg.metrics.queue;
+        let queue = &settings.config.metrics.queue;
         match &queue.dir {
             Some(dir) => println!(
                 "queue: durable, in {} (at most {}; the oldest batches go beyond it)",
@@ -98,7 +98,7 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let agent = match Agent::build(&cfg) {
+        let agent = match Agent::build(&settings) {
             Ok(agent) => agent,
             Err(e) => {
                 eprintln!("error: {e}");

@@ -26,7 +26,7 @@ use crate::api::MetricPoint;
 use crate::collector::{
     BoxError, CollectError, Collector, Cycle, DeliveryCounters, DeliveryTotals, ReconnectCounter,
 };
-use crate::config::MetricsConfig;
+use crate::config::Settings;
 use crate::queue::{DeliveryQueue, QueueLimits, QueueState};
 use crate::reporter::{classify, Failure, MetricReporter};
 
@@ -267,9 +267,39 @@ fn backoff(
     }
 }
 
+/// What the Manager runs by: its two intervals and the bounds of its queue.
+#[derive(Clone, Copy, Debug)]
+pub struct ManagerOptions {
+    /// Time between collection cycles.
+    pub collect_interval: Duration,
+    /// Time between reports; also the cap of the retry backoff (a server's `Retry-After` may
+    /// ask for longer).
+    pub report_interval: Duration,
+    /// The bounds of the queue, in memory or durable.
+    pub limits: QueueLimits,
+}
+
+impl ManagerOptions {
+    /// What `settings` ask for; `None` when metrics are disabled.
+    pub fn from_settings(settings: &Settings) -> Option<Self> {
+        let metrics = settings.metrics.as_ref()?;
+        let cfg = &settings.config.metrics;
+        Some(Self {
+            collect_interval: cfg.collect_interval,
+            report_interval: cfg.report_interval,
+            limits: QueueLimits {
+                batch_size: metrics.batch_limit.get(),
+                max_points: metrics.queue_max_points.get(),
+                max_bytes: cfg.queue.max_bytes.as_u64(),
+            },
+        })
+    }
+}
+
 /// Runs the collectors on the collect interval and hands their points to the reporter.
 pub struct Manager {
-    cfg: MetricsConfig,
+    /// `None` when metrics are disabled: [`Manager::run`] returns at once.
+    options: Option<ManagerOptions>,
     collectors: Vec<Arc<dyn Collector>>,
     reporter: Arc<dyn MetricReporter>,
     node_id: String,
@@ -280,16 +310,17 @@ pub struct Manager {
 }
 
 impl Manager {
-    /// A manager for `collectors`, reporting through `reporter` on behalf of `node_id`.
-    /// `cfg` must have passed validation.
+    /// A manager for `collectors`, reporting through `reporter` on behalf of `node_id`, on
+    /// the schedule of `options`; without options (metrics disabled) it only collects when
+    /// asked ([`Manager::collect_once`]).
     pub fn new(
-        cfg: MetricsConfig,
+        options: Option<ManagerOptions>,
         collectors: Vec<Arc<dyn Collector>>,
         reporter: Arc<dyn MetricReporter>,
         node_id: impl Into<String>,
     ) -> Self {
         Self {
-            cfg,
+            options,
             collectors,
             reporter,
             node_id: node_id.into(),
@@ -299,26 +330,12 @@ impl Manager {
         }
     }
 
-    /// The configuration the Manager runs.
-    pub fn config(&self) -> &MetricsConfig {
-        &self.cfg
-    }
-
     /// Queues through `queue` (a durable one, say) instead of one in memory. Its state is
     /// published at once, so that readiness tells it before the loop starts.
     pub fn with_queue(self, queue: DeliveryQueue) -> Self {
         self.stats.publish(&queue);
         *self.queue.lock().expect("not poisoned") = Some(queue);
         self
-    }
-
-    /// The bounds of the queue `cfg` asks for; `cfg` must have passed validation.
-    pub fn queue_limits(cfg: &MetricsConfig) -> QueueLimits {
-        QueueLimits {
-            batch_size: cfg.batch_limit(),
-            max_points: cfg.queue.limit(),
-            max_bytes: cfg.queue.max_bytes.as_u64(),
-        }
     }
 
     /// Records the tickers' firing times in `heartbeat` (which the liveness check reads).
@@ -335,14 +352,14 @@ impl Manager {
 
     /// Collects and reports until `cancel` fires, then flushes what is buffered.
     pub async fn run(&self, cancel: CancellationToken) -> RunOutcome {
-        if !self.cfg.enabled {
+        let Some(options) = self.options else {
             info!(component = "metrics", "metrics disabled");
             return RunOutcome::Disabled;
-        }
+        };
         // Like Go's time.NewTicker, the first tick comes one interval after the start.
         let start = Instant::now();
-        let mut collect = interval_at(start + self.cfg.collect_interval, self.cfg.collect_interval);
-        let mut report = interval_at(start + self.cfg.report_interval, self.cfg.report_interval);
+        let mut collect = interval_at(start + options.collect_interval, options.collect_interval);
+        let mut report = interval_at(start + options.report_interval, options.report_interval);
         collect.set_missed_tick_behavior(MissedTickBehavior::Skip);
         report.set_missed_tick_behavior(MissedTickBehavior::Skip);
         // The start counts as a beat of both, so that the loop is alive before its first tick.
@@ -355,7 +372,7 @@ impl Manager {
             .lock()
             .expect("not poisoned")
             .take()
-            .unwrap_or_else(|| DeliveryQueue::in_memory(Self::queue_limits(&self.cfg)));
+            .unwrap_or_else(|| DeliveryQueue::in_memory(options.limits));
         self.stats.publish(&queue);
         let mut in_flight: Option<BoxFuture<'static, Result<(), BoxError>>> = None;
         let mut retry_at: Option<Instant> = None;
@@ -374,7 +391,7 @@ impl Manager {
                     in_flight = None;
                     match self.settle(&mut queue, result, &mut failures) {
                         Some(after) => {
-                            let wait = backoff(failures, after, self.cfg.report_interval, &mut rng);
+                            let wait = backoff(failures, after, options.report_interval, &mut rng);
                             debug!(component = "metrics", retry_in = ?wait, failures, "retry scheduled");
                             retry_at = Some(Instant::now() + wait);
                         }
@@ -398,7 +415,7 @@ impl Manager {
                     // A buffer that reaches batch_size is sealed at once, before the tick.
                     let dropped = queue.collected(points, in_flight.is_some());
                     debug!(component = "metrics", points = collected, buffered = queue.buffered(), "collect cycle done");
-                    self.count_dropped(dropped);
+                    self.count_dropped(&queue, dropped);
                     self.stats.publish(&queue);
                     // The cycle's temporary allocations are gone by now.
                     crate::memory::release_free_memory();
@@ -554,11 +571,11 @@ impl Manager {
     /// Seals the buffer into batches and trims the queue, counting what the trim dropped.
     fn enqueue(&self, queue: &mut DeliveryQueue, head_in_flight: bool) {
         let dropped = queue.seal(head_in_flight);
-        self.count_dropped(dropped);
+        self.count_dropped(queue, dropped);
         self.stats.publish(queue);
     }
 
-    fn count_dropped(&self, dropped: usize) {
+    fn count_dropped(&self, queue: &DeliveryQueue, dropped: usize) {
         if dropped > 0 {
             self.stats.dropping.store(true, Ordering::Relaxed);
             let total = self
@@ -570,8 +587,8 @@ impl Manager {
                 component = "metrics",
                 dropped,
                 dropped_total = total,
-                max_points = self.cfg.queue.max_points,
-                max_bytes = self.cfg.queue.max_bytes.as_u64(),
+                max_points = queue.limits().max_points,
+                max_bytes = queue.limits().max_bytes,
                 "retry queue full; dropped the oldest points (raise metrics.queue.max_points, or metrics.queue.max_bytes with metrics.queue.dir, to keep more)"
             );
         }
@@ -830,16 +847,24 @@ mod tests {
         task: tokio::task::JoinHandle<RunOutcome>,
     }
 
-    fn cfg(collect: u64, report: u64, batch: i64) -> MetricsConfig {
-        MetricsConfig {
+    /// The intervals in seconds and the batch size, with the default queue bounds.
+    fn cfg(collect: u64, report: u64, batch: usize) -> ManagerOptions {
+        ManagerOptions {
             collect_interval: Duration::from_secs(collect),
             report_interval: Duration::from_secs(report),
-            batch_size: batch,
-            ..MetricsConfig::default()
+            limits: QueueLimits {
+                batch_size: batch,
+                max_points: crate::config::DEFAULT_QUEUE_MAX_POINTS as usize,
+                max_bytes: crate::config::DEFAULT_QUEUE_MAX_BYTES,
+            },
         }
     }
 
-    fn start(cfg: MetricsConfig, collectors: Vec<Arc<dyn Collector>>, failures: u32) -> Harness {
+    fn start(
+        cfg: impl Into<Option<ManagerOptions>>,
+        collectors: Vec<Arc<dyn Collector>>,
+        failures: u32,
+    ) -> Harness {
         start_scripted(
             cfg,
             collectors,
@@ -848,7 +873,7 @@ mod tests {
     }
 
     fn start_scripted(
-        cfg: MetricsConfig,
+        cfg: impl Into<Option<ManagerOptions>>,
         collectors: Vec<Arc<dyn Collector>>,
         script: Vec<Answer>,
     ) -> Harness {
@@ -861,8 +886,8 @@ mod tests {
             script: Mutex::new(script.into()),
         });
         let stats = Arc::new(DeliveryStats::default());
-        let manager =
-            Manager::new(cfg, collectors, reporter, "node-1").with_delivery_stats(stats.clone());
+        let manager = Manager::new(cfg.into(), collectors, reporter, "node-1")
+            .with_delivery_stats(stats.clone());
         let cancel = CancellationToken::new();
         let task = tokio::spawn({
             let cancel = cancel.clone();
@@ -892,14 +917,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn disabled_returns_at_once_without_collecting() {
         let c = Counting::new("system");
-        let mut h = start(
-            MetricsConfig {
-                enabled: false,
-                ..cfg(15, 60, 100)
-            },
-            vec![c.clone()],
-            0,
-        );
+        let mut h = start(None, vec![c.clone()], 0);
         assert_eq!((&mut h.task).await.unwrap(), RunOutcome::Disabled);
         assert_eq!(c.calls.load(Ordering::SeqCst), 0);
         assert!(h.batches.recv().await.is_none(), "no report was made");
@@ -1045,7 +1063,7 @@ mod tests {
     async fn a_full_queue_drops_the_oldest_points_and_counts_them() {
         let c = Counting::new("system");
         let mut config = cfg(5, 10, 2);
-        config.queue.max_points = 6;
+        config.limits.max_points = 6;
         // Fail long enough for 20 points to be collected (t = 100 s).
         let script = vec![Answer::Unavailable; 13];
         let mut h = start_scripted(config, vec![c], script);

@@ -4,6 +4,7 @@
 //! `systemd-analyze verify` and keeps its sandbox. No privileges needed.
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -222,7 +223,14 @@ fn the_daemonset_and_its_config_agree() {
     );
 
     // Probes at the port the agent listens on, on every address (hostNetwork).
-    let listen = cfg.metrics.health.listen_addr().expect("health.listen");
+    // Parsed here rather than validated: the config's files exist only in the pod.
+    let listen: SocketAddr = cfg
+        .metrics
+        .health
+        .listen
+        .trim()
+        .parse()
+        .expect("health.listen");
     assert!(listen.ip().is_unspecified(), "{listen}");
     assert_eq!(spec.port("health"), listen.port());
     for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {

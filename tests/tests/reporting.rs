@@ -11,8 +11,9 @@ use plexd_metrics::api::MetricPoint;
 use plexd_metrics::collector::{
     BoxError, CollectError, Collector, DeliveryCounters, ReconnectCounter,
 };
-use plexd_metrics::config::{ControlPlaneConfig, LocalEndpointConfig, MetricsConfig};
-use plexd_metrics::manager::{DeliveryStats, Manager};
+use plexd_metrics::config::{ControlPlaneConfig, LocalEndpointConfig};
+use plexd_metrics::manager::{DeliveryStats, Manager, ManagerOptions};
+use plexd_metrics::queue::QueueLimits;
 use plexd_metrics::reporter::{
     classify, ControlPlaneReporter, Failure, LocalReporter, MetricReporter, MultiReporter,
     SecretFetcher,
@@ -332,16 +333,18 @@ fn run_manager(
     reporter: Arc<dyn MetricReporter>,
     collect: Duration,
     report: Duration,
-    batch_size: i64,
+    batch_size: usize,
     per_cycle: u64,
 ) -> Running {
-    let mut cfg = MetricsConfig {
+    let options = ManagerOptions {
         collect_interval: collect,
         report_interval: report,
-        batch_size,
-        ..MetricsConfig::default()
+        limits: QueueLimits {
+            batch_size,
+            max_points: 10_000,
+            max_bytes: plexd_metrics::config::DEFAULT_QUEUE_MAX_BYTES,
+        },
     };
-    cfg.queue.max_points = 10_000;
     let (tx, outcomes) = mpsc::unbounded_channel();
     let observed = Arc::new(Observed {
         inner: reporter,
@@ -352,8 +355,8 @@ fn run_manager(
         next: AtomicU64::new(0),
         per_cycle,
     });
-    let manager =
-        Manager::new(cfg, vec![collector], observed, "node-1").with_delivery_stats(stats.clone());
+    let manager = Manager::new(Some(options), vec![collector], observed, "node-1")
+        .with_delivery_stats(stats.clone());
     let cancel = CancellationToken::new();
     let task = tokio::spawn({
         let cancel = cancel.clone();

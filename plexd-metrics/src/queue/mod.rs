@@ -192,6 +192,11 @@ impl DeliveryQueue {
         self.disk = Disk::Ready(spool);
     }
 
+    /// The bounds the queue keeps.
+    pub fn limits(&self) -> &QueueLimits {
+        &self.limits
+    }
+
     /// Where the batches are kept now.
     pub fn state(&self) -> QueueState {
         match &self.disk {

@@ -1,0 +1,838 @@
+//! Validation: every rule of the spec and of this agent, checked at once, and the typed
+//! [`Settings`] a config that keeps them all turns into.
+//!
+//! Paths that the sources need are checked here too, so that a bad one stops the agent
+//! before anything starts.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use super::{
+    Config, ConfigError, ControlPlaneConfig, EbpfConfig, HealthConfig, LatencyConfig,
+    LocalEndpointConfig, MetricsConfig, MetricsSettings, Settings, SystemConfig, WireGuardConfig,
+};
+use crate::secret::NodeSecretKey;
+
+/// Shortest collect interval the spec allows.
+pub const MIN_COLLECT_INTERVAL: Duration = Duration::from_secs(5);
+/// Shortest report interval the spec allows.
+pub const MIN_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The smallest `metrics.queue.max_bytes`: room for a few batches of the largest kind.
+pub const MIN_QUEUE_MAX_BYTES: u64 = 1024 * 1024;
+
+/// Most ICMP probes per peer and cycle `metrics.latency.probes` accepts.
+pub const MAX_LATENCY_PROBES: u32 = 100;
+
+/// Upper bound of `metrics.ebpf.max_peers`: keeps a mistyped value from asking the kernel
+/// for gigabytes of per-CPU memory.
+pub const MAX_PEERS_LIMIT: u32 = 1 << 20;
+/// Upper bound of `metrics.ebpf.max_sessions`, for the same reason.
+pub const MAX_SESSIONS_LIMIT: u32 = 1 << 22;
+
+/// A section broke at least one rule; its problems are in the list it was given.
+struct Broken;
+
+impl Config {
+    /// Checks every rule and returns all broken ones, or the settings the agent runs from.
+    /// As in the spec, a disabled pipeline (`metrics.enabled: false`) is not validated at all.
+    pub fn validate(&self) -> Result<Settings, ConfigError> {
+        let mut problems = Vec::new();
+        if self.control_plane.is_configured() {
+            if self.node_id.trim().is_empty() {
+                problems
+                    .push("config: node_id is required when control_plane.url is set".to_owned());
+            }
+            self.control_plane.validate_into(&mut problems);
+        }
+        let metrics = self.metrics.enabled.then(|| {
+            let metrics = self.metrics.validate_into(&mut problems);
+            if self.metrics.local_endpoint.is_configured() {
+                // The endpoint's credential is a secret fetched from the control plane and
+                // decrypted with the node's key: both must be there.
+                if !self.control_plane.is_configured() {
+                    problems.push(
+                        "metrics: config: local_endpoint: control_plane.url is required (the endpoint's credential is fetched from the control plane)"
+                            .to_owned(),
+                    );
+                } else if self.control_plane.node_secret_key_file.is_none() {
+                    problems.push(
+                        "metrics: config: local_endpoint: control_plane.node_secret_key_file is required (it decrypts the endpoint's credential)"
+                            .to_owned(),
+                    );
+                }
+            }
+            metrics
+        });
+        match metrics.transpose() {
+            Ok(metrics) if problems.is_empty() => Ok(Settings {
+                config: self.clone(),
+                metrics,
+            }),
+            _ => Err(ConfigError::Invalid(problems)),
+        }
+    }
+}
+
+impl ControlPlaneConfig {
+    fn validate_into(&self, problems: &mut Vec<String>) {
+        match url::Url::parse(&self.url) {
+            Err(e) => problems.push(format!(
+                "config: control_plane: invalid URL {:?}: {e}",
+                self.url
+            )),
+            Ok(u) => {
+                if !u.username().is_empty() || u.password().is_some() {
+                    // Never echo the URL here: it carries a credential.
+                    problems.push(
+                        "config: control_plane: URL must not carry credentials; put the token in control_plane.token_file"
+                            .to_owned(),
+                    );
+                } else if u.query().is_some() || u.fragment().is_some() {
+                    problems.push(format!(
+                        "config: control_plane: URL must be a base URL without query or fragment, got {:?}",
+                        self.url
+                    ));
+                }
+                match u.scheme() {
+                    "https" => {}
+                    "http" if is_loopback(&u) => {}
+                    "http" => problems.push(format!(
+                        "config: control_plane: URL must be HTTPS (plain http only to a loopback address), got {:?}",
+                        u.host_str().unwrap_or_default()
+                    )),
+                    other => problems.push(format!(
+                        "config: control_plane: URL must be HTTPS, got {other:?}"
+                    )),
+                }
+            }
+        }
+        match &self.token_file {
+            None => problems.push(
+                "config: control_plane.token_file is required when control_plane.url is set"
+                    .to_owned(),
+            ),
+            Some(path) => match std::fs::read_to_string(path) {
+                Err(e) => problems.push(format!(
+                    "config: control_plane.token_file: cannot read {}: {e}",
+                    path.display()
+                )),
+                Ok(text) if text.trim().is_empty() => problems.push(format!(
+                    "config: control_plane.token_file: {} is empty",
+                    path.display()
+                )),
+                Ok(_) => {}
+            },
+        }
+        for (key, file) in [
+            ("ca_file", &self.ca_file),
+            ("cert_file", &self.cert_file),
+            ("key_file", &self.key_file),
+        ] {
+            if let Some(path) = file {
+                if let Err(e) = std::fs::File::open(path) {
+                    problems.push(format!(
+                        "config: control_plane.{key}: cannot read {}: {e}",
+                        path.display()
+                    ));
+                }
+            }
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            problems.push(
+                "config: control_plane: cert_file and key_file must be set together".to_owned(),
+            );
+        }
+        if let Some(path) = &self.node_secret_key_file {
+            if let Err(e) = NodeSecretKey::load(path) {
+                problems.push(format!("config: control_plane.node_secret_key_file: {e}"));
+            }
+        }
+        if self.timeout.is_zero() {
+            problems.push("config: control_plane.timeout must be > 0".to_owned());
+        }
+    }
+}
+
+/// Plain http is allowed to this host only: a token in clear text never leaves the machine.
+fn is_loopback(u: &url::Url) -> bool {
+    match u.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        None => false,
+    }
+}
+
+impl MetricsConfig {
+    fn validate_into(&self, problems: &mut Vec<String>) -> Result<MetricsSettings, Broken> {
+        let before = problems.len();
+        if self.collect_interval < MIN_COLLECT_INTERVAL {
+            problems.push("metrics: config: CollectInterval must be at least 5s".to_owned());
+        }
+        if self.report_interval < MIN_REPORT_INTERVAL {
+            problems.push("metrics: config: ReportInterval must be at least 10s".to_owned());
+        }
+        if self.report_interval < self.collect_interval {
+            problems.push("metrics: config: ReportInterval must be >= CollectInterval".to_owned());
+        }
+        let batch_limit = count(self.batch_size);
+        if batch_limit.is_none() {
+            problems.push("metrics: config: BatchSize must be > 0".to_owned());
+        }
+        let queue_max_points = count(self.queue.max_points);
+        if queue_max_points.is_none() {
+            problems.push("metrics: config: queue.max_points must be > 0".to_owned());
+        } else if self.batch_size > 0 && self.queue.max_points < self.batch_size {
+            // A batch that cannot fit in the queue could never be retried whole.
+            problems.push("metrics: config: queue.max_points must be >= BatchSize".to_owned());
+        }
+        if self.queue.max_bytes.as_u64() < MIN_QUEUE_MAX_BYTES {
+            problems.push(format!(
+                "metrics: config: queue.max_bytes must be at least 1MiB, got {}",
+                self.queue.max_bytes.as_u64()
+            ));
+        }
+        if let Some(dir) = &self.queue.dir {
+            if dir.as_os_str().is_empty() || !dir.is_absolute() {
+                problems.push(format!(
+                    "metrics: config: queue.dir must be an absolute path, got {:?}",
+                    dir.display().to_string()
+                ));
+            }
+        }
+        self.local_endpoint.validate_into(problems);
+        self.system.validate_into(problems);
+        let latency_targets = self.latency.validate_into(self.collect_interval, problems);
+        let health_listen = self.health.validate_into(problems);
+        if self.wireguard.enabled {
+            self.wireguard.validate_into(problems);
+        }
+        self.ebpf.validate_into(self.collect_interval, problems);
+        match (
+            batch_limit,
+            queue_max_points,
+            health_listen,
+            latency_targets,
+        ) {
+            (Some(batch_limit), Some(queue_max_points), Ok(health_listen), Ok(latency_targets))
+                if problems.len() == before =>
+            {
+                Ok(MetricsSettings {
+                    batch_limit,
+                    queue_max_points,
+                    health_listen,
+                    latency_targets,
+                })
+            }
+            _ => Err(Broken),
+        }
+    }
+}
+
+/// A count the config writes as a signed number (so that a negative one meets its rule
+/// instead of a type error): `None` unless it is positive.
+fn count(value: i64) -> Option<NonZeroUsize> {
+    if value <= 0 {
+        return None;
+    }
+    // Positive and wider than the platform's counts: as many as there can be.
+    NonZeroUsize::new(usize::try_from(value).unwrap_or(usize::MAX))
+}
+
+impl EbpfConfig {
+    fn validate_into(&self, collect_interval: Duration, problems: &mut Vec<String>) {
+        for name in &self.interfaces {
+            if !valid_interface_name(name) {
+                problems.push(format!(
+                    "metrics: config: ebpf: invalid interface name {name:?}"
+                ));
+            }
+        }
+        if !self.enabled {
+            return;
+        }
+        if self.listen_ports.is_empty() {
+            problems
+                .push("metrics: config: ebpf.listen_ports must name at least one port".to_owned());
+        }
+        if self.listen_ports.contains(&0) {
+            problems.push("metrics: config: ebpf.listen_ports: 0 is not a port".to_owned());
+        }
+        if self.reorder_timeout.is_zero() {
+            problems.push("metrics: config: ebpf.reorder_timeout must be > 0".to_owned());
+        } else if self.reorder_timeout > collect_interval {
+            // A gap is settled by the collect after the one it happened in only if the
+            // timeout has passed by then.
+            problems.push(
+                "metrics: config: ebpf.reorder_timeout must be <= CollectInterval".to_owned(),
+            );
+        }
+        for (key, value, limit) in [
+            ("max_peers", self.max_peers, MAX_PEERS_LIMIT),
+            ("max_sessions", self.max_sessions, MAX_SESSIONS_LIMIT),
+        ] {
+            if value == 0 || value > limit {
+                problems.push(format!(
+                    "metrics: config: ebpf.{key} must be between 1 and {limit}, got {value}"
+                ));
+            }
+        }
+    }
+}
+
+impl WireGuardConfig {
+    fn validate_into(&self, problems: &mut Vec<String>) {
+        for name in &self.interfaces {
+            if !valid_interface_name(name) {
+                problems.push(format!(
+                    "metrics: config: wireguard: invalid interface name {name:?}"
+                ));
+            }
+        }
+        if self.stale_after.is_zero() {
+            problems.push("metrics: config: wireguard.stale_after must be > 0".to_owned());
+        }
+        if let Err(found) = self.peer_names.load() {
+            problems.extend(found);
+        }
+    }
+}
+
+impl LocalEndpointConfig {
+    fn validate_into(&self, problems: &mut Vec<String>) {
+        if !self.is_configured() {
+            return;
+        }
+        match url::Url::parse(&self.url) {
+            Err(_) => problems.push(format!(
+                "metrics: config: local_endpoint: invalid URL {:?}",
+                self.url
+            )),
+            Ok(u) if u.scheme() != "https" => problems.push(format!(
+                "metrics: config: local_endpoint: URL must be HTTPS, got {:?}",
+                u.scheme()
+            )),
+            Ok(_) => {}
+        }
+        if self.secret_key.is_empty() {
+            problems.push(
+                "metrics: config: local_endpoint: SecretKey is required when URL is set".to_owned(),
+            );
+        }
+        if let Some(path) = &self.ca_file {
+            if let Err(e) = std::fs::File::open(path) {
+                problems.push(format!(
+                    "metrics: config: local_endpoint.ca_file: cannot read {}: {e}",
+                    path.display()
+                ));
+            }
+        }
+    }
+}
+
+impl SystemConfig {
+    fn validate_into(&self, problems: &mut Vec<String>) {
+        if !self.proc_root.join("stat").is_file() {
+            problems.push(format!(
+                "metrics: config: system.proc_root: {} is not a proc filesystem (no stat file)",
+                self.proc_root.display()
+            ));
+        }
+        if !self.mount_point.is_dir() {
+            problems.push(format!(
+                "metrics: config: system.mount_point: {} is not a directory",
+                self.mount_point.display()
+            ));
+        }
+    }
+}
+
+impl HealthConfig {
+    /// The address to listen on; `None` when the endpoint is off.
+    fn validate_into(&self, problems: &mut Vec<String>) -> Result<Option<SocketAddr>, Broken> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        match self.listen.trim().parse() {
+            Ok(addr) => Ok(Some(addr)),
+            Err(_) => {
+                problems.push(format!(
+                    "metrics: config: health.listen: invalid address {:?}; write IP:PORT such as \
+                     127.0.0.1:9102 (0.0.0.0:9102 to answer probes from other hosts), or set \
+                     metrics.health.enabled: false",
+                    self.listen
+                ));
+                Err(Broken)
+            }
+        }
+    }
+}
+
+impl LatencyConfig {
+    /// The targets with their addresses parsed; `None` when the group is off.
+    fn validate_into(
+        &self,
+        collect_interval: Duration,
+        problems: &mut Vec<String>,
+    ) -> Result<Option<BTreeMap<String, IpAddr>>, Broken> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        let before = problems.len();
+        if !self.interface.is_empty() && !valid_interface_name(&self.interface) {
+            problems.push(format!(
+                "metrics: config: latency: invalid interface name {:?}",
+                self.interface
+            ));
+        }
+        if self.probes == 0 || self.probes > MAX_LATENCY_PROBES {
+            problems.push(format!(
+                "metrics: config: latency: probes must be between 1 and {MAX_LATENCY_PROBES}, got {}",
+                self.probes
+            ));
+        }
+        if self.timeout.is_zero() {
+            problems.push("metrics: config: latency: timeout must be greater than 0".to_owned());
+        } else if collect_interval >= MIN_COLLECT_INTERVAL && self.timeout > collect_interval / 2 {
+            // The probes of one cycle are spread over the first part of the cycle and the last
+            // one still needs its timeout before the next cycle starts. (A collect interval
+            // that is itself wrong has its own message; this one would only add noise.)
+            problems.push(format!(
+                "metrics: config: latency: timeout ({}) must be at most half of CollectInterval ({})",
+                humantime::format_duration(self.timeout),
+                humantime::format_duration(collect_interval)
+            ));
+        }
+        let mut targets = BTreeMap::new();
+        for (peer, address) in &self.targets {
+            if peer.trim().is_empty() {
+                problems.push(
+                    "metrics: config: latency: targets: an entry has an empty peer key or name"
+                        .to_owned(),
+                );
+                continue;
+            }
+            match address.trim().parse::<IpAddr>() {
+                Ok(ip) if ip.is_unspecified() || ip.is_multicast() => problems.push(format!(
+                    "metrics: config: latency: targets: {peer:?}: {address:?} is not a unicast address"
+                )),
+                Ok(ip) => {
+                    targets.insert(peer.clone(), ip);
+                }
+                Err(_) => problems.push(format!(
+                    "metrics: config: latency: targets: {peer:?}: invalid address {address:?}; \
+                     write an IPv4 or IPv6 address such as 10.100.0.2 or fd00::2"
+                )),
+            }
+        }
+        if problems.len() == before {
+            Ok(Some(targets))
+        } else {
+            Err(Broken)
+        }
+    }
+}
+
+/// IFNAMSIZ is 16 including the terminating NUL; the kernel also refuses `/` and whitespace.
+fn valid_interface_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 15 && !name.contains(['/', ' ', '\t', '\n', ':'])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::testing::*;
+
+    #[test]
+    fn each_interval_rule_has_the_spec_text() {
+        assert_eq!(
+            problems("metrics: { collect_interval: 4s }"),
+            ["metrics: config: CollectInterval must be at least 5s"]
+        );
+        assert_eq!(
+            problems("metrics: { collect_interval: 5s, report_interval: 9s }"),
+            ["metrics: config: ReportInterval must be at least 10s"]
+        );
+        assert_eq!(
+            problems("metrics: { collect_interval: 30s, report_interval: 20s }"),
+            ["metrics: config: ReportInterval must be >= CollectInterval"]
+        );
+        assert!(problems("metrics: { collect_interval: 5s, report_interval: 10s }").is_empty());
+        assert!(problems("metrics: { collect_interval: 20s, report_interval: 20s }").is_empty());
+    }
+
+    #[test]
+    fn batch_size_must_be_positive() {
+        for bad in ["0", "-1"] {
+            assert_eq!(
+                problems(&format!("metrics: {{ batch_size: {bad} }}")),
+                ["metrics: config: BatchSize must be > 0"]
+            );
+        }
+        assert!(problems("metrics: { batch_size: 1 }").is_empty());
+    }
+
+    #[test]
+    fn all_problems_are_reported_together() {
+        let p = problems("metrics: { collect_interval: 1s, report_interval: 2s, batch_size: 0 }");
+        assert_eq!(
+            p,
+            [
+                "metrics: config: CollectInterval must be at least 5s",
+                "metrics: config: ReportInterval must be at least 10s",
+                "metrics: config: BatchSize must be > 0",
+            ]
+        );
+    }
+
+    #[test]
+    fn disabled_metrics_skip_validation_entirely() {
+        assert!(problems(
+            "metrics: { enabled: false, collect_interval: 1s, batch_size: 0, local_endpoint: { url: 'http://x' } }"
+        )
+        .is_empty());
+    }
+
+    /// Problems other than the local endpoint's need for a control plane.
+    fn spec_problems(yaml: &str) -> Vec<String> {
+        problems(yaml)
+            .into_iter()
+            .filter(|p| !p.starts_with("metrics: config: local_endpoint: control_plane."))
+            .collect()
+    }
+
+    #[test]
+    fn local_endpoint_rules_have_the_spec_texts() {
+        assert_eq!(
+            spec_problems("metrics: { local_endpoint: { url: 'not a url', secret_key: k } }"),
+            [r#"metrics: config: local_endpoint: invalid URL "not a url""#]
+        );
+        assert_eq!(
+            spec_problems("metrics: { local_endpoint: { url: 'http://metrics.local:9090/ingest', secret_key: k } }"),
+            [r#"metrics: config: local_endpoint: URL must be HTTPS, got "http""#]
+        );
+        assert_eq!(
+            spec_problems(
+                "metrics: { local_endpoint: { url: 'https://metrics.local:9090/ingest' } }"
+            ),
+            ["metrics: config: local_endpoint: SecretKey is required when URL is set"]
+        );
+        assert!(spec_problems(
+            "metrics: { local_endpoint: { url: 'https://metrics.local:9090/ingest', secret_key: local-metrics-token } }"
+        )
+        .is_empty());
+        // The zero value means "not configured" and is valid.
+        assert!(
+            spec_problems("metrics: { local_endpoint: { url: '', secret_key: '' } }").is_empty()
+        );
+    }
+
+    #[test]
+    fn control_plane_needs_a_node_id_a_url_that_parses_and_a_token() {
+        let files = Files::new("cp-basics");
+        let token = files.path("token");
+        assert_eq!(
+            problems(&format!(
+                "control_plane: {{ url: 'https://cp.example', token_file: {token} }}"
+            )),
+            ["config: node_id is required when control_plane.url is set"]
+        );
+        let p = problems(&format!(
+            "node_id: n1\ncontrol_plane: {{ url: 'cp.example', token_file: {token} }}"
+        ));
+        assert_eq!(p.len(), 1);
+        assert!(
+            p[0].starts_with(r#"config: control_plane: invalid URL "cp.example""#),
+            "{p:?}"
+        );
+        assert_eq!(
+            problems("node_id: n1\ncontrol_plane: { url: 'https://cp.example' }"),
+            ["config: control_plane.token_file is required when control_plane.url is set"]
+        );
+        let p = problems("node_id: n1\ncontrol_plane: { url: 'https://cp.example', token_file: /nonexistent/token }");
+        assert_eq!(p.len(), 1);
+        assert!(
+            p[0].starts_with("config: control_plane.token_file: cannot read /nonexistent/token: "),
+            "{p:?}"
+        );
+        std::fs::write(files.0.join("empty"), " \n").unwrap();
+        assert_eq!(
+            problems(&format!(
+                "node_id: n1\ncontrol_plane: {{ url: 'https://cp.example', token_file: {} }}",
+                files.path("empty")
+            )),
+            [format!(
+                "config: control_plane.token_file: {} is empty",
+                files.path("empty")
+            )]
+        );
+    }
+
+    #[test]
+    fn plain_http_only_to_loopback_and_no_credentials_in_the_url() {
+        let files = Files::new("cp-scheme");
+        let cp = |url: &str| {
+            problems(&format!(
+                "node_id: n1\ncontrol_plane: {{ url: '{url}', token_file: {} }}",
+                files.path("token")
+            ))
+        };
+        for ok in [
+            "http://127.0.0.1:8080",
+            "http://127.8.0.1",
+            "http://[::1]:9000/base",
+            "http://localhost:1234",
+            "https://cp.example:8443/api",
+        ] {
+            assert!(cp(ok).is_empty(), "{ok}: {:?}", cp(ok));
+        }
+        assert_eq!(
+            cp("http://cp.example"),
+            [
+                r#"config: control_plane: URL must be HTTPS (plain http only to a loopback address), got "cp.example""#
+            ]
+        );
+        assert_eq!(
+            cp("ftp://cp.example"),
+            [r#"config: control_plane: URL must be HTTPS, got "ftp""#]
+        );
+        let p = cp("https://user:hunter2@cp.example");
+        assert_eq!(
+            p,
+            ["config: control_plane: URL must not carry credentials; put the token in control_plane.token_file"]
+        );
+        assert_eq!(
+            cp("https://cp.example/?a=b"),
+            [
+                r#"config: control_plane: URL must be a base URL without query or fragment, got "https://cp.example/?a=b""#
+            ]
+        );
+    }
+
+    #[test]
+    fn tls_files_secret_key_and_timeout_are_checked() {
+        let files = Files::new("cp-tls");
+        let base = format!(
+            "node_id: n1\ncontrol_plane: {{ url: 'https://cp', token_file: {}",
+            files.path("token")
+        );
+        assert_eq!(
+            problems(&format!("{base}, cert_file: {} }}", files.path("token"))),
+            ["config: control_plane: cert_file and key_file must be set together"]
+        );
+        let p = problems(&format!("{base}, ca_file: /nonexistent/ca.pem }}"));
+        assert_eq!(p.len(), 1);
+        assert!(
+            p[0].starts_with("config: control_plane.ca_file: cannot read /nonexistent/ca.pem: "),
+            "{p:?}"
+        );
+        std::fs::write(files.0.join("bad-nsk"), "secret-but-not-a-key").unwrap();
+        let p = problems(&format!(
+            "{base}, node_secret_key_file: {} }}",
+            files.path("bad-nsk")
+        ));
+        assert_eq!(
+            p,
+            [format!(
+                "config: control_plane.node_secret_key_file: {} does not hold a node secret key: expected 32 bytes written as 64 hex digits or as base64",
+                files.path("bad-nsk")
+            )]
+        );
+        assert!(problems(&format!(
+            "{base}, node_secret_key_file: {} }}",
+            files.path("nsk")
+        ))
+        .is_empty());
+        assert_eq!(
+            problems(&format!("{base}, timeout: 0s }}")),
+            ["config: control_plane.timeout must be > 0"]
+        );
+        let cfg = Config::parse(&format!("{base}, timeout: 2500ms }}")).unwrap();
+        assert_eq!(cfg.control_plane.timeout, Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn a_local_endpoint_needs_the_control_plane_and_the_node_key() {
+        let files = Files::new("local-needs");
+        let local =
+            "metrics: { local_endpoint: { url: 'https://metrics.local/ingest', secret_key: k } }";
+        assert_eq!(
+            problems(local),
+            ["metrics: config: local_endpoint: control_plane.url is required (the endpoint's credential is fetched from the control plane)"]
+        );
+        let cp = format!(
+            "node_id: n1\ncontrol_plane: {{ url: 'https://cp', token_file: {} }}\n",
+            files.path("token")
+        );
+        assert_eq!(
+            problems(&format!("{cp}{local}")),
+            ["metrics: config: local_endpoint: control_plane.node_secret_key_file is required (it decrypts the endpoint's credential)"]
+        );
+        let cp = format!(
+            "node_id: n1\ncontrol_plane: {{ url: 'https://cp', token_file: {}, node_secret_key_file: {} }}\n",
+            files.path("token"),
+            files.path("nsk")
+        );
+        assert!(problems(&format!("{cp}{local}")).is_empty());
+    }
+
+    #[test]
+    fn the_queue_bound_must_hold_a_batch() {
+        assert_eq!(
+            problems("metrics: { queue: { max_points: 0 } }"),
+            ["metrics: config: queue.max_points must be > 0"]
+        );
+        assert_eq!(
+            problems("metrics: { batch_size: 100, queue: { max_points: 99 } }"),
+            ["metrics: config: queue.max_points must be >= BatchSize"]
+        );
+        assert!(problems("metrics: { batch_size: 100, queue: { max_points: 100 } }").is_empty());
+    }
+
+    #[test]
+    fn absent_proc_root_and_mount_point_are_named() {
+        let p = problems(
+            "metrics: { system: { proc_root: /nonexistent/proc, mount_point: /nonexistent/mnt } }",
+        );
+        assert_eq!(
+            p,
+            [
+                "metrics: config: system.proc_root: /nonexistent/proc is not a proc filesystem (no stat file)",
+                "metrics: config: system.mount_point: /nonexistent/mnt is not a directory",
+            ]
+        );
+    }
+
+    #[test]
+    fn interface_names_are_checked() {
+        assert_eq!(
+            problems("metrics: { ebpf: { interfaces: [eth0, 'a-name-that-is-too-long'] } }"),
+            [r#"metrics: config: ebpf: invalid interface name "a-name-that-is-too-long""#]
+        );
+    }
+
+    #[test]
+    fn a_bad_health_address_says_what_to_write_unless_health_is_off() {
+        for bad in ["localhost:9102", "9102", "0.0.0.0", ""] {
+            assert_eq!(
+                problems(&format!("metrics: {{ health: {{ listen: '{bad}' }} }}")),
+                [format!(
+                    "metrics: config: health.listen: invalid address {bad:?}; write IP:PORT such as \
+                     127.0.0.1:9102 (0.0.0.0:9102 to answer probes from other hosts), or set \
+                     metrics.health.enabled: false"
+                )],
+            );
+        }
+        assert!(problems("metrics: { health: { enabled: false, listen: nope } }").is_empty());
+        assert_eq!(
+            Config::parse("metrics: { health: { port: 9102 } }").unwrap_err(),
+            "metrics.health.port: unknown field `port`, expected `enabled` or `listen` at line 1 column 22"
+        );
+    }
+
+    #[test]
+    fn wireguard_rules_have_clear_texts() {
+        assert_eq!(
+            problems("metrics: { wireguard: { stale_after: 0s, interfaces: ['wg 0'] } }"),
+            [
+                r#"metrics: config: wireguard: invalid interface name "wg 0""#,
+                "metrics: config: wireguard.stale_after must be > 0",
+            ]
+        );
+        assert_eq!(
+            problems(&format!(
+                "metrics: {{ wireguard: {{ peer_names: {{ not-a-key: a, {KEY}: '', {OTHER_KEY}: b }} }} }}"
+            )),
+            [
+                format!("metrics: config: wireguard.peer_names: the name of {KEY} is empty"),
+                r#"metrics: config: wireguard.peer_names: "not-a-key" is not a WireGuard public key (44 characters of base64, as `wg show` prints it)"#.to_owned(),
+            ]
+        );
+        assert_eq!(
+            problems(&format!(
+                "metrics: {{ wireguard: {{ peer_names: {{ {KEY}: gw, {OTHER_KEY}: gw }} }} }}"
+            )),
+            [format!(
+                r#"metrics: config: wireguard.peer_names: "gw" names both {KEY} and {OTHER_KEY}"#
+            )]
+        );
+        // A disabled tunnel group is not validated.
+        assert!(problems("metrics: { wireguard: { enabled: false, stale_after: 0s } }").is_empty());
+    }
+
+    #[test]
+    fn latency_rules_name_the_key_and_what_to_write() {
+        assert_eq!(
+            problems("metrics: { latency: { probes: 0 } }"),
+            ["metrics: config: latency: probes must be between 1 and 100, got 0"]
+        );
+        assert_eq!(
+            problems("metrics: { latency: { probes: 101 } }"),
+            ["metrics: config: latency: probes must be between 1 and 100, got 101"]
+        );
+        assert!(problems("metrics: { latency: { probes: 100 } }").is_empty());
+        assert_eq!(
+            problems("metrics: { latency: { timeout: 0s } }"),
+            ["metrics: config: latency: timeout must be greater than 0"]
+        );
+        assert_eq!(
+            problems("metrics: { latency: { timeout: 8s } }"),
+            ["metrics: config: latency: timeout (8s) must be at most half of CollectInterval (15s)"]
+        );
+        assert!(problems("metrics: { latency: { timeout: 7500ms } }").is_empty());
+        assert_eq!(
+            problems("metrics: { latency: { interface: 'wg0/x' } }"),
+            [r#"metrics: config: latency: invalid interface name "wg0/x""#]
+        );
+        assert_eq!(
+            problems("metrics: { latency: { targets: { peer-a: 10.0.0.300, peer-b: '0.0.0.0', peer-c: 'ff02::1', peer-d: 10.0.0.1 } } }"),
+            [
+                r#"metrics: config: latency: targets: "peer-a": invalid address "10.0.0.300"; write an IPv4 or IPv6 address such as 10.100.0.2 or fd00::2"#,
+                r#"metrics: config: latency: targets: "peer-b": "0.0.0.0" is not a unicast address"#,
+                r#"metrics: config: latency: targets: "peer-c": "ff02::1" is not a unicast address"#,
+            ]
+        );
+        assert_eq!(
+            problems("metrics: { latency: { targets: { '': 10.0.0.1 } } }"),
+            ["metrics: config: latency: targets: an entry has an empty peer key or name"]
+        );
+    }
+
+    #[test]
+    fn ebpf_rules() {
+        assert_eq!(
+            problems("metrics: { ebpf: { listen_ports: [] } }"),
+            ["metrics: config: ebpf.listen_ports must name at least one port"]
+        );
+        assert_eq!(
+            problems("metrics: { ebpf: { listen_ports: [51820, 0] } }"),
+            ["metrics: config: ebpf.listen_ports: 0 is not a port"]
+        );
+        assert_eq!(
+            problems("metrics: { ebpf: { reorder_timeout: 0s } }"),
+            ["metrics: config: ebpf.reorder_timeout must be > 0"]
+        );
+        assert_eq!(
+            problems("metrics: { collect_interval: 5s, ebpf: { reorder_timeout: 6s } }"),
+            ["metrics: config: ebpf.reorder_timeout must be <= CollectInterval"]
+        );
+        assert!(
+            problems("metrics: { collect_interval: 5s, ebpf: { reorder_timeout: 5s } }").is_empty()
+        );
+        assert_eq!(
+            problems("metrics: { ebpf: { max_peers: 0, max_sessions: 5000000 } }"),
+            [
+                "metrics: config: ebpf.max_peers must be between 1 and 1048576, got 0",
+                "metrics: config: ebpf.max_sessions must be between 1 and 4194304, got 5000000",
+            ]
+        );
+        // Nothing of the programs is checked when they are off.
+        assert!(
+            problems("metrics: { ebpf: { enabled: false, listen_ports: [], max_peers: 0 } }")
+                .is_empty()
+        );
+    }
+}
