@@ -406,8 +406,8 @@ impl Manager {
                     let cycle = Cycle {
                         ends_report_interval: ends_report_interval(
                             due.saturating_duration_since(start),
-                            self.cfg.collect_interval,
-                            self.cfg.report_interval,
+                            options.collect_interval,
+                            options.report_interval,
                         ),
                     };
                     let points = self.collect_once(cycle, &cancel).await;
