@@ -4,8 +4,10 @@
 //!
 //! Each benchmark is a binary of the tests crate (or, for the in-process encoding, a
 //! Criterion bench) that alternates both sides over rounds and appends its rows to a
-//! JSON-lines file (`PLEXD_BENCH_ROWS`); [`report`] turns those into the table.
+//! JSON-lines file (`PLEXD_BENCH_ROWS`); [`report`] turns those into the table, and with
+//! `--write-docs` [`docs`] puts it into `docs/benchmarks.md`.
 
+mod docs;
 mod report;
 mod vm;
 
@@ -32,6 +34,14 @@ pub struct Options {
     /// way).
     #[arg(long, value_name = "NAME")]
     only: Option<String>,
+    /// Also write the table, with the machine, date and load, into docs/benchmarks.md between
+    /// its `<!-- bench:begin -->` and `<!-- bench:end -->` lines; with --only, that
+    /// benchmark's rows alone. Not with --quick, and only when every benchmark ran.
+    //
+    // A flag rather than every full run: the document is the figures of one chosen machine,
+    // and a run on a laptop or a loaded CI host should not rewrite a tracked file unasked.
+    #[arg(long, conflicts_with = "quick")]
+    write_docs: bool,
 }
 
 /// What a benchmark runs.
@@ -179,6 +189,11 @@ pub fn run(o: &Options) -> Result<()> {
             .collect(),
     };
     let root = workspace_root();
+    let docs_path = root.join("docs/benchmarks.md");
+    if o.write_docs {
+        // Before the minutes of benchmarks, not after them.
+        docs::check(&docs_path, o.only.is_some())?;
+    }
     let out_dir = root.join("target/bench");
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create {}", out_dir.display()))?;
@@ -204,11 +219,12 @@ pub fn run(o: &Options) -> Result<()> {
     if !bins.is_empty() {
         build(&bins)?;
     }
-    let context = report::Context::now(o.quick, &std::env::args().skip(1).collect::<Vec<_>>());
+    let mut context = report::Context::now(o.quick, &std::env::args().skip(1).collect::<Vec<_>>());
 
     let started = Instant::now();
     let mut failed = Vec::new();
-    for bench in selected {
+    let mut tagged: Vec<serde_json::Value> = Vec::new();
+    for bench in &selected {
         eprintln!("\nxtask bench: {}", bench.name);
         let result = match &bench.kind {
             Kind::Binary { bin, full, quick } => {
@@ -220,9 +236,16 @@ pub fn run(o: &Options) -> Result<()> {
         if let Err(e) = result {
             failed.push(format!("{}: {e:#}", bench.name));
         }
+        // The rows this benchmark appended, tagged with its name: what `--write-docs
+        // --only NAME` replaces.
+        for mut row in report::read_rows(&rows)?.into_iter().skip(tagged.len()) {
+            row[report::BENCH] = bench.name.into();
+            tagged.push(row);
+        }
     }
     let wall = started.elapsed();
-    let table = report::write(&context, &rows, &out_dir, wall, &failed)?;
+    context.finish();
+    let table = report::write(&context, &tagged, &out_dir, wall, &failed)?;
     println!("\n{table}");
     println!(
         "xtask bench: {:.0} s of benchmarks; report in {} and {}",
@@ -231,8 +254,35 @@ pub fn run(o: &Options) -> Result<()> {
         out_dir.join("report.json").display()
     );
     if !failed.is_empty() {
+        if o.write_docs {
+            eprintln!("xtask bench: docs/benchmarks.md left as it was, as benchmarks failed");
+        }
         bail!("benchmarks failed:\n{}", failed.join("\n"));
     }
+    if o.write_docs {
+        write_docs(o, &context, &tagged, &docs_path)?;
+    }
+    Ok(())
+}
+
+/// Puts the rows of this run into `docs/benchmarks.md` (see [`docs`]).
+fn write_docs(
+    o: &Options,
+    context: &report::Context,
+    rows: &[serde_json::Value],
+    path: &Path,
+) -> Result<()> {
+    if rows.is_empty() {
+        bail!("--write-docs: this run wrote no rows (tunnel, footprint and vm print their figures only)");
+    }
+    let command = match &o.only {
+        Some(name) => format!("cargo xtask bench --only {name}"),
+        None => "cargo xtask bench".to_owned(),
+    };
+    let section = docs::Section::of(context.machine(), &command, &context.when(), rows);
+    let order: Vec<&str> = BENCHES.iter().map(|b| b.name).collect();
+    docs::write(path, section, o.only.as_deref(), &order)?;
+    println!("xtask bench: wrote the table into {}", path.display());
     Ok(())
 }
 

@@ -13,9 +13,11 @@ use serde_json::{json, Value};
 pub struct Context {
     command: String,
     started: String,
+    cpu: String,
     kernel: String,
     cpus: usize,
     load_at_start: String,
+    load_at_end: String,
     quick: bool,
 }
 
@@ -34,40 +36,87 @@ impl Context {
             command: format!("cargo xtask {}", args.join(" ")),
             started: output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
             kernel: output("uname", &["-r"]),
+            cpu: std::fs::read_to_string("/proc/cpuinfo")
+                .ok()
+                .and_then(|info| {
+                    info.lines()
+                        .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
+                        .map(|(_, model)| model.split_whitespace().collect::<Vec<_>>().join(" "))
+                })
+                .unwrap_or_else(|| "unknown CPU".to_owned()),
             cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
-            load_at_start: std::fs::read_to_string("/proc/loadavg")
-                .map(|l| l.split(' ').take(3).collect::<Vec<_>>().join(" "))
-                .unwrap_or_default(),
+            load_at_start: load_average(),
+            load_at_end: String::new(),
             quick,
         }
     }
+
+    /// Records the load average at the end of the run.
+    pub fn finish(&mut self) {
+        self.load_at_end = load_average();
+    }
+
+    /// The machine, for the line of `docs/benchmarks.md`: CPU model, cores and kernel.
+    pub fn machine(&self) -> String {
+        format!("{}, {} cores, Linux {}", self.cpu, self.cpus, self.kernel)
+    }
+
+    /// When the run started (UTC) and the 1-minute load average at its start and end.
+    pub fn when(&self) -> String {
+        let first = |l: &str| l.split(' ').next().unwrap_or("?").to_owned();
+        format!(
+            "{}, load {} → {}",
+            self.started,
+            first(&self.load_at_start),
+            first(&self.load_at_end)
+        )
+    }
 }
 
-/// Writes `report.md` and `report.json` into `out_dir` from the rows in `rows` and returns
-/// the Markdown.
-pub fn write(
-    ctx: &Context,
-    rows: &Path,
-    out_dir: &Path,
-    wall: Duration,
-    failed: &[String],
-) -> Result<String> {
+/// The 1-, 5- and 15-minute load averages, e.g. `0.52 0.61 0.70`.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split(' ').take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// The key of a row naming the benchmark that wrote it, added by xtask.
+pub const BENCH: &str = "bench";
+
+/// The rows in the JSON-lines file `rows` (none when it does not exist).
+pub fn read_rows(rows: &Path) -> Result<Vec<Value>> {
     let text = match std::fs::read_to_string(rows) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", rows.display())),
     };
-    let rows: Vec<Value> = text
-        .lines()
+    text.lines()
         .map(serde_json::from_str)
         .collect::<Result<_, _>>()
-        .with_context(|| format!("a line of {} is not a JSON row", rows.display()))?;
-    let markdown = markdown(ctx, &rows, wall, failed);
+        .with_context(|| format!("a line of {} is not a JSON row", rows.display()))
+}
+
+/// Writes `report.md` and `report.json` into `out_dir` from `rows` and returns the
+/// Markdown.
+pub fn write(
+    ctx: &Context,
+    rows: &[Value],
+    out_dir: &Path,
+    wall: Duration,
+    failed: &[String],
+) -> Result<String> {
+    let markdown = markdown(ctx, rows, wall, failed);
     let report = json!({
         "command": ctx.command,
         "started": ctx.started,
         "quick": ctx.quick,
-        "host": { "kernel": ctx.kernel, "cpus": ctx.cpus, "load_at_start": ctx.load_at_start },
+        "host": {
+            "cpu": ctx.cpu,
+            "kernel": ctx.kernel,
+            "cpus": ctx.cpus,
+            "load_at_start": ctx.load_at_start,
+            "load_at_end": ctx.load_at_end,
+        },
         "wall_seconds": wall.as_secs_f64(),
         "failed": failed,
         "rows": rows,
@@ -100,8 +149,26 @@ fn markdown(ctx: &Context, rows: &[Value], wall: Duration, failed: &[String]) ->
             ""
         }
     );
-    md.push_str("| what | plexd-metrics | baseline | ratio | goal | met |\n");
-    md.push_str("| --- | --- | --- | --- | --- | --- |\n");
+    md.push_str(&table(rows));
+    md.push_str("\nWhat each row compares, and further figures:\n\n");
+    md.push_str(&sides(rows));
+    if !failed.is_empty() {
+        md.push_str("\nBenchmarks that failed (no rows from them):\n\n");
+        for f in failed {
+            md.push_str(&format!("- {}\n", f.lines().next().unwrap_or(f)));
+        }
+    }
+    md
+}
+
+/// The header of [`table`], two lines.
+pub const TABLE_HEADER: &str = "| bench | what | plexd-metrics | baseline | ratio | goal | met |\n\
+                                | --- | --- | --- | --- | --- | --- | --- |\n";
+
+/// The rows as a Markdown table under [`TABLE_HEADER`], each line starting with the
+/// benchmark that wrote it (`cargo xtask bench --only NAME` reruns it).
+pub fn table(rows: &[Value]) -> String {
+    let mut md = TABLE_HEADER.to_owned();
     for row in rows {
         let unit = row["unit"].as_str().unwrap_or("");
         let baseline = if row["baseline"].is_null() {
@@ -127,46 +194,53 @@ fn markdown(ctx: &Context, rows: &[Value], wall: Duration, failed: &[String]) ->
                 mark(&check["met"])
             ));
         }
-        md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} |\n",
-            row["what"].as_str().unwrap_or(""),
+        let cells = [
+            row[BENCH].as_str().unwrap_or("").to_owned(),
+            row["what"].as_str().unwrap_or("").to_owned(),
             spread(&row["agent"], unit),
             baseline,
             ratio,
             goal,
-            mark(&row["met"])
-        ));
+            mark(&row["met"]).to_owned(),
+        ];
+        let cells: Vec<String> = cells.iter().map(|c| c.replace('|', "\\|")).collect();
+        md.push_str(&format!("| {} |\n", cells.join(" | ")));
     }
-    md.push_str("\nSides compared:\n\n");
+    md
+}
+
+/// One list item per row: the benchmark, the row's id, the sides it compares and its
+/// further figures (`- **bench** `id`: agent vs baseline; notes`).
+pub fn sides(rows: &[Value]) -> String {
+    let mut md = String::new();
     for row in rows {
         let baseline = row["baseline_label"].as_str().unwrap_or("");
+        let id = row["id"].as_str().unwrap_or("");
+        // Some benchmarks start a note with its row's id, which the item already names.
+        let own = format!("{id}: ");
+        let notes: Vec<&str> = row["notes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(|n| n.strip_prefix(&own).unwrap_or(n))
+            .collect();
         md.push_str(&format!(
-            "- {}: {}{}\n",
-            row["id"].as_str().unwrap_or(""),
+            "- **{}** `{}`: {}{}{}\n",
+            row[BENCH].as_str().unwrap_or(""),
+            id,
             row["agent_label"].as_str().unwrap_or(""),
             if baseline.is_empty() {
                 String::new()
             } else {
                 format!(" vs {baseline}")
+            },
+            if notes.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", notes.join("; "))
             }
         ));
-    }
-    let notes: Vec<&str> = rows
-        .iter()
-        .flat_map(|r| r["notes"].as_array().into_iter().flatten())
-        .filter_map(Value::as_str)
-        .collect();
-    if !notes.is_empty() {
-        md.push_str("\nFurther figures:\n\n");
-        for n in notes {
-            md.push_str(&format!("- {n}\n"));
-        }
-    }
-    if !failed.is_empty() {
-        md.push_str("\nBenchmarks that failed (no rows from them):\n\n");
-        for f in failed {
-            md.push_str(&format!("- {}\n", f.lines().next().unwrap_or(f)));
-        }
     }
     md
 }
@@ -238,20 +312,22 @@ mod tests {
     #[test]
     fn a_row_becomes_a_table_line_with_its_checks() {
         let row = json!({
-            "id": "latency-1000", "what": "ICMP latency", "agent_label": "collect",
+            "bench": "latency", "id": "latency-1000", "what": "ICMP latency", "agent_label": "collect",
             "baseline_label": "fping", "unit": "s",
             "agent": {"median": 0.1, "min": 0.09, "max": 0.2},
             "baseline": {"median": 0.2, "min": 0.1, "max": 0.3},
             "ratio": {"median": 0.5, "min": 0.4, "max": 0.9},
             "goal": "≤ 1×", "checks": [{"text": "medians agree", "met": false}],
-            "met": false, "notes": ["a note"],
+            "met": false, "notes": ["a note", "latency-1000: its own note"],
         });
         let ctx = Context::now(true, &["bench".to_owned(), "--quick".to_owned()]);
         let md = markdown(&ctx, &[row], Duration::from_secs(100), &[]);
         assert!(md.contains(
-            "| ICMP latency | 0.100 s (0.0900–0.200) | 0.200 s (0.100–0.300) | 0.500× (0.400–0.900) | ≤ 1×; medians agree ✗ | ✗ |"
+            "| latency | ICMP latency | 0.100 s (0.0900–0.200) | 0.200 s (0.100–0.300) | 0.500× (0.400–0.900) | ≤ 1×; medians agree ✗ | ✗ |"
         ), "{md}");
         assert!(md.contains("`cargo xtask bench --quick`"));
-        assert!(md.contains("- a note"));
+        assert!(
+            md.contains("- **latency** `latency-1000`: collect vs fping; a note; its own note\n")
+        );
     }
 }
