@@ -17,9 +17,12 @@ use crate::collector::{
     AgentStatsCollector, Collector, KernelCounters, LatencyCollector, LatencySettings,
     ReconnectCounter, SystemCollector, TunnelCollector,
 };
+use crate::config::PrometheusConfig;
 use crate::config::{AttachModeConfig, Config, Settings};
 use crate::health::{EbpfState, HealthError, HealthServer, HealthState};
 use crate::manager::{DeliveryStats, Heartbeat, Manager, ManagerOptions, RunOutcome};
+use crate::prometheus::exposition::{Exposition, ExpositionError, MetricsServer, Rendered};
+use crate::prometheus::series::SeriesBook;
 use crate::queue::{DeliveryQueue, QueueLimits};
 use crate::reporter::{
     ControlPlaneReporter, LocalReporter, MetricReporter, MultiReporter, ReportError, StdoutReporter,
@@ -54,6 +57,9 @@ pub enum AgentError {
     /// The durable queue's directory is held by another agent.
     #[error(transparent)]
     Queue(#[from] crate::queue::spool::SpoolError),
+    /// `/metrics` cannot start: its address, token file or certificate.
+    #[error(transparent)]
+    Prometheus(#[from] ExpositionError),
     /// SIGTERM and SIGINT cannot be caught, so the agent could not shut down cleanly.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
@@ -77,6 +83,17 @@ pub struct Agent {
     _probe: Option<Arc<UnderlayProbe>>,
     // Where and what the health endpoint serves, when it is on.
     health: Option<(SocketAddr, HealthState)>,
+    // The Prometheus exposition, when `metrics.prometheus.listen` is set.
+    prometheus: Option<PrometheusParts>,
+}
+
+/// What `/metrics` needs to start: the task that folds the points, where it listens and
+/// how it is protected.
+struct PrometheusParts {
+    exposition: Exposition,
+    rendered: tokio::sync::watch::Receiver<Arc<Rendered>>,
+    addr: SocketAddr,
+    cfg: PrometheusConfig,
 }
 
 impl Agent {
@@ -169,13 +186,32 @@ impl Agent {
             .zip(cfg.metrics.queue.dir.clone())
             .map(|(options, dir)| (dir, options.limits));
 
+        let mut manager = Manager::new(options, collectors, reporter, cfg.node_id.clone())
+            .with_delivery_stats(delivery)
+            .with_heartbeat(heartbeat);
+        let prometheus = metrics.and_then(|m| m.prometheus_listen).map(|addr| {
+            let destination = if cfg.control_plane.is_configured() {
+                "control_plane"
+            } else {
+                "stdout"
+            };
+            let book = SeriesBook::new(env!("CARGO_PKG_VERSION"), destination);
+            let (exposition, tap, rendered) = Exposition::new(book);
+            manager.set_points_tap(tap);
+            PrometheusParts {
+                exposition,
+                rendered,
+                addr,
+                cfg: cfg.metrics.prometheus.clone(),
+            }
+        });
+
         Ok(Self {
-            manager: Manager::new(options, collectors, reporter, cfg.node_id.clone())
-                .with_delivery_stats(delivery)
-                .with_heartbeat(heartbeat),
+            manager,
             queue,
             _probe: probe,
             health,
+            prometheus,
         })
     }
 
@@ -200,6 +236,7 @@ impl Agent {
             queue,
             _probe,
             health,
+            prometheus,
         } = self;
         // Before anything is served: a directory another agent holds stops this one at once.
         if let Some((dir, limits)) = queue {
@@ -210,6 +247,15 @@ impl Agent {
             Some((addr, state)) => {
                 let server = HealthServer::bind(addr, state)?;
                 Some(tokio::spawn(server.serve(cancel.clone())))
+            }
+            None => None,
+        };
+        let prometheus = match prometheus {
+            Some(parts) => {
+                let server = MetricsServer::bind(parts.addr, &parts.cfg, parts.rendered)?;
+                let exposition = tokio::spawn(parts.exposition.run(cancel.clone()));
+                let server = tokio::spawn(server.serve(cancel.clone()));
+                Some((exposition, server))
             }
             None => None,
         };
@@ -244,6 +290,10 @@ impl Agent {
         let _ = signals.await;
         if let Some(health) = health {
             let _ = health.await;
+        }
+        if let Some((exposition, server)) = prometheus {
+            let _ = exposition.await;
+            let _ = server.await;
         }
         Ok(outcome)
     }

@@ -9,7 +9,6 @@
 //! Both answer JSON, with the reason when the answer is no. There is deliberately no metrics
 //! exposition here: every point goes to the control plane, as in the spec.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,25 +17,15 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::info;
 
 use crate::collector::DeliveryCounters;
 use crate::manager::{DeliveryStats, Heartbeat, LastReport, ManagerOptions};
 use crate::queue::QueueState;
-
-/// Connections served at once; probes come one at a time, so more than this is a client
-/// gone wrong, and it must not cost the agent memory.
-const MAX_CONNECTIONS: usize = 32;
-/// Bound of one connection, from accepting it to the end of the answer.
-const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
-/// Wait after a failed `accept` (out of file descriptors, say) before the next one.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Why the health endpoint could not start.
 #[derive(Debug, thiserror::Error)]
@@ -300,12 +289,8 @@ pub struct HealthServer {
 impl HealthServer {
     /// Binds `addr`. Must run inside a tokio runtime.
     pub fn bind(addr: SocketAddr, state: HealthState) -> Result<Self, HealthError> {
-        let bind = || {
-            let listener = std::net::TcpListener::bind(addr)?;
-            listener.set_nonblocking(true)?;
-            TcpListener::from_std(listener)
-        };
-        let listener = bind().map_err(|source| HealthError::Bind { addr, source })?;
+        let listener =
+            crate::http_server::bind(addr).map_err(|source| HealthError::Bind { addr, source })?;
         Ok(Self {
             listener,
             state: Arc::new(state),
@@ -317,51 +302,14 @@ impl HealthServer {
         self.listener.local_addr()
     }
 
-    /// Answers probes until `cancel` fires.
-    ///
-    /// Each connection is served by a task of its own, held in a set that this future owns:
-    /// a slow client cannot hold up the next probe, and no connection outlives the server.
+    /// Answers probes until `cancel` fires (see [`crate::http_server`]).
     pub async fn serve(self, cancel: CancellationToken) {
         if let Ok(addr) = self.local_addr() {
             info!(component = "metrics", %addr, "health endpoint listening (/healthz, /readyz)");
         }
-        let mut connections = JoinSet::new();
-        loop {
-            tokio::select! {
-                () = cancel.cancelled() => break,
-                Some(_) = connections.join_next(), if !connections.is_empty() => {}
-                accepted = self.listener.accept() => {
-                    let stream = match accepted {
-                        Ok((stream, _)) => stream,
-                        Err(e) => {
-                            warn!(component = "metrics", error = %e, "health endpoint cannot accept a connection");
-                            tokio::time::sleep(ACCEPT_BACKOFF).await;
-                            continue;
-                        }
-                    };
-                    if connections.len() >= MAX_CONNECTIONS {
-                        debug!(component = "metrics", "health endpoint busy; connection closed");
-                        continue;
-                    }
-                    let state = self.state.clone();
-                    connections.spawn(async move {
-                        let service = hyper::service::service_fn(move |req| {
-                            let response = state.answer(&req);
-                            async move { Ok::<_, Infallible>(response) }
-                        });
-                        let connection = hyper::server::conn::http1::Builder::new()
-                            .keep_alive(false)
-                            .timer(TokioTimer::new())
-                            .header_read_timeout(CONNECTION_TIMEOUT)
-                            .serve_connection(TokioIo::new(stream), service);
-                        if let Ok(Err(e)) = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
-                            debug!(component = "metrics", error = %e, "health endpoint connection failed");
-                        }
-                    });
-                }
-            }
-        }
-        connections.shutdown().await;
+        let state = self.state;
+        let answer: crate::http_server::Answer = Arc::new(move |req| state.answer(req));
+        crate::http_server::serve("health", self.listener, None, answer, cancel).await;
     }
 }
 

@@ -27,6 +27,7 @@ use crate::collector::{
     BoxError, CollectError, Collector, Cycle, DeliveryCounters, DeliveryTotals, ReconnectCounter,
 };
 use crate::config::Settings;
+use crate::prometheus::exposition::PointsTap;
 use crate::queue::{DeliveryQueue, QueueLimits, QueueState};
 use crate::reporter::{classify, Failure, MetricReporter};
 
@@ -307,6 +308,8 @@ pub struct Manager {
     heartbeat: Arc<Heartbeat>,
     /// Taken by [`Manager::run`]; a queue in memory when none was given.
     queue: Mutex<Option<DeliveryQueue>>,
+    /// Where each cycle's points go besides the queue: the Prometheus exposition.
+    tap: Option<PointsTap>,
 }
 
 impl Manager {
@@ -327,6 +330,7 @@ impl Manager {
             stats: Arc::default(),
             heartbeat: Arc::default(),
             queue: Mutex::new(None),
+            tap: None,
         }
     }
 
@@ -336,6 +340,12 @@ impl Manager {
         self.stats.publish(&queue);
         *self.queue.lock().expect("not poisoned") = Some(queue);
         self
+    }
+
+    /// Hands a copy of every cycle's points to `tap` (the Prometheus exposition), which
+    /// never makes the loop wait.
+    pub fn set_points_tap(&mut self, tap: PointsTap) {
+        self.tap = Some(tap);
     }
 
     /// Records the tickers' firing times in `heartbeat` (which the liveness check reads).
@@ -411,6 +421,9 @@ impl Manager {
                         ),
                     };
                     let points = self.collect_once(cycle, &cancel).await;
+                    if let Some(tap) = &self.tap {
+                        tap.collected(&points);
+                    }
                     let collected = points.len();
                     // A buffer that reaches batch_size is sealed at once, before the tick.
                     let dropped = queue.collected(points, in_flight.is_some());

@@ -43,6 +43,8 @@ fn batch() -> Vec<MetricPoint> {
                 handshake_stale: false,
                 packet_loss_percent: (i % 7) as f64 * 0.01,
                 endpoint: format!("192.0.2.{}:{}", i % 250 + 1, 20_000 + i),
+                interface: "wg0".to_owned(),
+                public_key: String::new(),
                 rx_packets: Some(900 + i % 100),
                 tx_packets: Some(950 + i % 50),
                 lost_packets: Some(i % 3),

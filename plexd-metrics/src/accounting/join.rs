@@ -63,7 +63,7 @@ impl JoinState {
                         .endpoint
                         .map(|e| endpoint_key(e).to_string())
                         .unwrap_or_default();
-                    base_stats(p, text, now, names, stale_after)
+                    base_stats(&d.name, p, text, now, names, stale_after)
                 })
             }));
             return stats;
@@ -119,7 +119,7 @@ impl JoinState {
                 if let Some(previous) = previous.filter(|p| Some(*p) != now_at) {
                     moved.push((i, previous, sum));
                 }
-                let mut s = base_stats(peer, text, now, names, stale_after);
+                let mut s = base_stats(&device.name, peer, text, now, names, stale_after);
                 fill_measured(&mut s, &sum);
                 stats.push(s);
                 i += 1;
@@ -189,6 +189,7 @@ struct Baseline {
 
 /// The figures that come from the device alone.
 fn base_stats(
+    interface: &str,
     peer: &Peer,
     endpoint: String,
     now: SystemTime,
@@ -200,11 +201,9 @@ fn base_stats(
         // A handshake "in the future" (the clock was set back) is recent, not stale.
         Some(t) => now.duration_since(t).is_ok_and(|age| age > stale_after),
     };
+    let name = names.get(&peer.public_key);
     TunnelStats {
-        peer_id: names
-            .get(&peer.public_key)
-            .cloned()
-            .unwrap_or_else(|| peer.public_key.clone()),
+        peer_id: name.cloned().unwrap_or_else(|| peer.public_key.clone()),
         last_handshake_time: peer
             .last_handshake
             .map_or_else(no_handshake_time, DateTime::<Utc>::from),
@@ -214,6 +213,9 @@ fn base_stats(
         handshake_stale: stale,
         packet_loss_percent: -1.0,
         endpoint,
+        interface: interface.to_owned(),
+        // Only when `peer_id` is a name: otherwise it is the key already.
+        public_key: name.map(|_| peer.public_key.clone()).unwrap_or_default(),
         ..TunnelStats::default()
     }
 }

@@ -31,6 +31,10 @@ pub struct LatencyResult {
     /// 99th percentile over the report interval; only in the last point before each report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rtt_p99_nano: Option<i64>,
+    /// Every answered probe's round trip, in the order they were sent: what a histogram of
+    /// round trips (the Prometheus exposition's) is built from.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rtt_samples_nano: Vec<i64>,
 }
 
 impl LatencyResult {
@@ -56,6 +60,7 @@ impl LatencyResult {
             probes_received: u32::try_from(nanos.len()).unwrap_or(u32::MAX),
             rtt_p50_nano: None,
             rtt_p99_nano: None,
+            rtt_samples_nano: nanos,
         }
     }
 }
@@ -175,7 +180,7 @@ mod tests {
         let r = LatencyResult::from_samples("peer-abc-123", 1, &[ms(15)]);
         assert_eq!(
             serde_json::to_string(&r).unwrap(),
-            r#"{"peer_id":"peer-abc-123","rtt_nano":15000000,"rtt_min_nano":15000000,"rtt_max_nano":15000000,"rtt_jitter_nano":-1,"probes_sent":1,"probes_received":1}"#
+            r#"{"peer_id":"peer-abc-123","rtt_nano":15000000,"rtt_min_nano":15000000,"rtt_max_nano":15000000,"rtt_jitter_nano":-1,"probes_sent":1,"probes_received":1,"rtt_samples_nano":[15000000]}"#
         );
     }
 

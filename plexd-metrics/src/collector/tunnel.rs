@@ -31,6 +31,13 @@ pub struct TunnelStats {
     /// The peer's current endpoint (`addr:port`), empty when unknown.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub endpoint: String,
+    /// The WireGuard interface the peer belongs to.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub interface: String,
+    /// The peer's public key (base64) when `peer_id` is its configured name; empty when
+    /// `peer_id` is the key itself.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub public_key: String,
     /// Transport messages received from the peer (keepalives included).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rx_packets: Option<u64>,
@@ -66,6 +73,8 @@ impl Default for TunnelStats {
             handshake_stale: true,
             packet_loss_percent: -1.0,
             endpoint: String::new(),
+            interface: String::new(),
+            public_key: String::new(),
             rx_packets: None,
             tx_packets: None,
             lost_packets: None,

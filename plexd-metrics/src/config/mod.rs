@@ -134,6 +134,8 @@ pub struct MetricsConfig {
     pub wireguard: WireGuardConfig,
     /// The liveness and readiness endpoint.
     pub health: HealthConfig,
+    /// The Prometheus exposition (`/metrics`).
+    pub prometheus: PrometheusConfig,
 }
 
 impl Default for MetricsConfig {
@@ -150,6 +152,7 @@ impl Default for MetricsConfig {
             latency: LatencyConfig::default(),
             wireguard: WireGuardConfig::default(),
             health: HealthConfig::default(),
+            prometheus: PrometheusConfig::default(),
         }
     }
 }
@@ -211,6 +214,24 @@ impl Default for HealthConfig {
             listen: DEFAULT_HEALTH_LISTEN.to_owned(),
         }
     }
+}
+
+/// The Prometheus exposition: `/metrics` in the text format, or OpenMetrics when the
+/// scraper asks for it. Off unless `listen` is set: the plexd spec sends every point to the
+/// control plane, and a port a node opens should be one its operator chose.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrometheusConfig {
+    /// `IP:PORT` to serve `/metrics` on, e.g. `0.0.0.0:9103`; empty turns it off. Text, so
+    /// that validation can say what is wrong with it.
+    pub listen: String,
+    /// A file holding the bearer token scrapers must send; without it `/metrics` is open to
+    /// whoever reaches the port.
+    pub token_file: Option<PathBuf>,
+    /// PEM certificate chain to serve HTTPS with (with `key_file`).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
 }
 
 /// The spec's `LocalEndpointConfig`: an HTTPS endpoint that receives every batch too.

@@ -37,6 +37,8 @@ pub struct MetricsSettings {
     /// `metrics.latency.targets`, each address parsed and unicast; `None` when
     /// `metrics.latency.enabled` is false.
     pub latency_targets: Option<BTreeMap<String, IpAddr>>,
+    /// `metrics.prometheus.listen`; `None` when `/metrics` is off.
+    pub prometheus_listen: Option<SocketAddr>,
 }
 
 #[cfg(test)]

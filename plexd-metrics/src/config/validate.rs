@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use super::{
     Config, ConfigError, ControlPlaneConfig, EbpfConfig, HealthConfig, LatencyConfig,
-    LocalEndpointConfig, MetricsConfig, MetricsSettings, Settings, SystemConfig, WireGuardConfig,
+    LocalEndpointConfig, MetricsConfig, MetricsSettings, PrometheusConfig, Settings, SystemConfig,
+    WireGuardConfig,
 };
 use crate::secret::NodeSecretKey;
 
@@ -207,6 +208,7 @@ impl MetricsConfig {
         self.system.validate_into(problems);
         let latency_targets = self.latency.validate_into(self.collect_interval, problems);
         let health_listen = self.health.validate_into(problems);
+        let prometheus_listen = self.prometheus.validate_into(problems);
         if self.wireguard.enabled {
             self.wireguard.validate_into(problems);
         }
@@ -216,17 +218,21 @@ impl MetricsConfig {
             queue_max_points,
             health_listen,
             latency_targets,
+            prometheus_listen,
         ) {
-            (Some(batch_limit), Some(queue_max_points), Ok(health_listen), Ok(latency_targets))
-                if problems.len() == before =>
-            {
-                Ok(MetricsSettings {
-                    batch_limit,
-                    queue_max_points,
-                    health_listen,
-                    latency_targets,
-                })
-            }
+            (
+                Some(batch_limit),
+                Some(queue_max_points),
+                Ok(health_listen),
+                Ok(latency_targets),
+                Ok(prometheus_listen),
+            ) if problems.len() == before => Ok(MetricsSettings {
+                batch_limit,
+                queue_max_points,
+                health_listen,
+                latency_targets,
+                prometheus_listen,
+            }),
             _ => Err(Broken),
         }
     }
@@ -367,6 +373,49 @@ impl HealthConfig {
                 ));
                 Err(Broken)
             }
+        }
+    }
+}
+
+impl PrometheusConfig {
+    /// The address to serve `/metrics` on; `None` when the exposition is off.
+    fn validate_into(&self, problems: &mut Vec<String>) -> Result<Option<SocketAddr>, Broken> {
+        let before = problems.len();
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            problems.push(
+                "metrics: config: prometheus.cert_file and prometheus.key_file go together: set \
+                 both to serve /metrics over HTTPS, or neither"
+                    .to_owned(),
+            );
+        }
+        let listen = self.listen.trim();
+        let addr = if listen.is_empty() {
+            let set = [&self.token_file, &self.cert_file, &self.key_file];
+            if set.iter().any(|f| f.is_some()) {
+                problems.push(
+                    "metrics: config: prometheus.token_file, cert_file and key_file need \
+                     prometheus.listen (e.g. 0.0.0.0:9103), which turns /metrics on"
+                        .to_owned(),
+                );
+            }
+            None
+        } else {
+            match listen.parse() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    problems.push(format!(
+                        "metrics: config: prometheus.listen: invalid address {:?}; write IP:PORT \
+                         such as 0.0.0.0:9103, or leave it empty to turn /metrics off",
+                        self.listen
+                    ));
+                    None
+                }
+            }
+        };
+        if problems.len() == before {
+            Ok(addr)
+        } else {
+            Err(Broken)
         }
     }
 }

@@ -12,7 +12,7 @@ mod http;
 mod local;
 mod multi;
 mod stdout;
-mod token;
+pub(crate) mod token;
 
 pub use control_plane::{gzip_json, ControlPlaneReporter};
 pub use http::TlsSettings;

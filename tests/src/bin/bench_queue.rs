@@ -747,6 +747,8 @@ impl Node {
                     handshake_stale: false,
                     packet_loss_percent: lost as f64 / (received + lost) as f64 * 100.0,
                     endpoint: peer.endpoint.clone(),
+                    interface: "wg0".to_owned(),
+                    public_key: peer.id.clone(),
                     rx_packets: Some(received),
                     tx_packets: Some(1_211 + n % 89 + c % 7),
                     lost_packets: Some(lost),
@@ -781,6 +783,7 @@ impl Node {
                     probes_received: 3,
                     rtt_p50_nano: last.then_some(base + 45_871),
                     rtt_p99_nano: last.then_some(base + 402_337),
+                    rtt_samples_nano: vec![base + 41_233, base, base + 187_406],
                 };
                 MetricPoint::new(now, GROUP_LATENCY, peer.id.clone(), &result)
                     .expect("a latency point")
