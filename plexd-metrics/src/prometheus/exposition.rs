@@ -526,7 +526,10 @@ mod tests {
                 || text.contains("plexd_peer_rtt_seconds_bucket{peer=\"gw\",le=\"0.001\"} 1\n"),
             "{text}"
         );
-        assert!(text.contains("_bucket{le=\"+Inf\",peer=\"gw\"} 3\n"), "{text}");
+        assert!(
+            text.contains("_bucket{le=\"+Inf\",peer=\"gw\"} 3\n"),
+            "{text}"
+        );
         assert!(
             text.contains("plexd_peer_rtt_seconds_count{peer=\"gw\"} 3\n"),
             "{text}"

@@ -1,0 +1,181 @@
+//! A real Prometheus for the tests: started in a network namespace with a config of the
+//! test's own and a private TSDB directory, queried over its HTTP API, killed on drop.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::NetNs;
+
+/// How long Prometheus may take to become ready; it replays an empty WAL in well under a
+/// second, but a loaded CI machine is slow to start any Go binary.
+const READY_DEADLINE: Duration = Duration::from_secs(60);
+/// How long one HTTP exchange with it may take.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running Prometheus.
+pub struct Prometheus<'a> {
+    ns: &'a NetNs,
+    child: Child,
+    listen: SocketAddr,
+    dir: PathBuf,
+}
+
+impl<'a> Prometheus<'a> {
+    /// Starts `/usr/bin/prometheus` in `ns`, listening on `listen` (an address of `ns`), with
+    /// `config` as its YAML and `extra` flags (e.g. `--web.enable-remote-write-receiver`),
+    /// and waits until it is ready.
+    pub fn start(ns: &'a NetNs, listen: SocketAddr, config: &str, extra: &[&str]) -> Self {
+        assert!(
+            std::path::Path::new("/usr/bin/prometheus").exists(),
+            "prometheus is not installed: run `cargo xtask setup`"
+        );
+        let dir = std::env::temp_dir().join(format!(
+            "plexd-prometheus-{}-{}",
+            std::process::id(),
+            listen.port()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("data")).expect("prometheus dir");
+        std::fs::write(dir.join("prometheus.yml"), config).expect("prometheus config");
+        let log = std::fs::File::create(dir.join("prometheus.log")).expect("prometheus log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns.name(), "/usr/bin/prometheus"])
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={listen}"))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start prometheus");
+        let mut server = Self {
+            ns,
+            child,
+            listen,
+            dir,
+        };
+        let deadline = Instant::now() + READY_DEADLINE;
+        loop {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("prometheus exited with {status}: {}", server.log());
+            }
+            if matches!(server.get("/-/ready"), Ok((200, _))) {
+                return server;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "prometheus not ready within {READY_DEADLINE:?}: {}",
+                server.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Its log so far, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// `GET path` inside the namespace: the status and the body.
+    pub fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        let listen = self.listen;
+        let request = format!("GET {path} HTTP/1.0\r\nHost: {listen}\r\n\r\n");
+        self.ns.run(move || exchange(listen, request.as_bytes()))?
+    }
+
+    /// The result of an instant query: the API's `data.result` array. Panics on an error
+    /// answer, with Prometheus' reason.
+    pub fn query(&self, expr: &str) -> Vec<serde_json::Value> {
+        let path = format!("/api/v1/query?query={}", encode_query(expr));
+        let (status, body) = self.get(&path).expect("query prometheus");
+        let answer: serde_json::Value = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("prometheus answered {status} with no JSON ({e}): {body}"));
+        assert_eq!(answer["status"], "success", "query {expr}: {body}");
+        answer["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The single value `expr` gives (for a query that selects one series), or `None` while
+    /// it gives none.
+    pub fn value(&self, expr: &str) -> Option<f64> {
+        let result = self.query(expr);
+        assert!(
+            result.len() <= 1,
+            "{expr} selects {} series: {result:?}",
+            result.len()
+        );
+        result
+            .first()
+            .and_then(|r| r["value"][1].as_str())
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// Polls `expr` until `done` accepts its value, for at most `deadline`.
+    pub fn wait_for(&self, expr: &str, deadline: Duration, done: impl Fn(f64) -> bool) -> f64 {
+        let until = Instant::now() + deadline;
+        loop {
+            let value = self.value(expr);
+            if let Some(v) = value.filter(|v| done(*v)) {
+                return v;
+            }
+            assert!(
+                Instant::now() < until,
+                "{expr} is {value:?} after {deadline:?}; prometheus log: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Prometheus<'_> {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One HTTP/1.0 exchange: the status code and the body.
+pub fn exchange(addr: SocketAddr, request: &[u8]) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, HTTP_TIMEOUT)?;
+    stream.set_read_timeout(Some(HTTP_TIMEOUT))?;
+    stream.set_write_timeout(Some(HTTP_TIMEOUT))?;
+    stream.write_all(request)?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Percent-encodes a query for a URL.
+fn encode_query(expr: &str) -> String {
+    expr.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            b => format!("%{b:02X}"),
+        })
+        .collect()
+}

@@ -1,0 +1,146 @@
+//! The agent's `/metrics` scraped by a real Prometheus on a lossy wireguard-go mesh: the
+//! counters Prometheus stores for the lossy peer equal what the router dropped, the
+//! exposition passes `promtool check metrics`, and a scrape without the token is refused.
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use plexd_metrics_tests::agent::RunningAgent;
+use plexd_metrics_tests::mesh::Mesh;
+use plexd_metrics_tests::prometheus::{exchange, Prometheus};
+use plexd_metrics_tests::require_privileges;
+
+const LOSSY_PINGS: u32 = 300;
+const DROP_PERCENT: u8 = 10;
+const TOKEN: &str = "scrape-token-7f3a";
+
+#[test]
+fn prometheus_holds_the_routers_drops_and_the_token_is_required() {
+    if !require_privileges() {
+        return;
+    }
+    let mesh = Mesh::new(2, None).expect("build the mesh");
+    let (receiver, sender) = (&mesh.nodes[0], &mesh.nodes[1]);
+    let dir = std::env::temp_dir().join(format!("plexd-prom-scrape-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token");
+    let metrics: SocketAddr = "127.0.0.1:9103".parse().unwrap();
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "metrics:\n  collect_interval: 5s\n  report_interval: 10s\n  latency:\n    enabled: false\n  \
+             prometheus:\n    listen: {metrics}\n    token_file: {}\n",
+            token_file.display()
+        ),
+    )
+    .expect("write config");
+
+    mesh.handshake(1, 0).expect("handshake");
+    let agent = RunningAgent::start(&receiver.ns, &config);
+    agent.wait_for("kernel programs attached");
+    agent.wait_for("Prometheus endpoint listening (/metrics)");
+    let prometheus = Prometheus::start(
+        &receiver.ns,
+        "127.0.0.1:9090".parse().unwrap(),
+        &format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: plexd\n    \
+             authorization:\n      type: Bearer\n      credentials_file: {}\n    \
+             static_configs:\n      - targets: ['{metrics}']\n",
+            token_file.display()
+        ),
+        &[],
+    );
+    prometheus.wait_for("up{job=\"plexd\"}", Duration::from_secs(30), |v| v == 1.0);
+
+    // Clean echoes first, so that the window has its start before the loss begins.
+    assert_eq!(mesh.ping(1, 0, 3).expect("ping"), 3);
+    let rule = mesh
+        .drop_between(1, 0, DROP_PERCENT, true)
+        .expect("add the drop rule");
+    let answered = mesh.ping(1, 0, LOSSY_PINGS).expect("lossy ping");
+    let dropped = rule.dropped().expect("read the drop counter");
+    drop(rule);
+    assert!(
+        dropped > 0,
+        "the rule dropped nothing ({answered} answered)"
+    );
+    assert_eq!(mesh.ping(1, 0, 5).expect("ping"), 5);
+
+    let peer = format!("public_key=\"{}\"", sender.keys.public);
+    // Holes are settled within two collect cycles; the scrape follows within a second.
+    let lost = prometheus.wait_for(
+        &format!("plexd_peer_lost_packets_total{{{peer}}}"),
+        Duration::from_secs(40),
+        |v| v >= dropped as f64,
+    );
+    assert_eq!(
+        lost, dropped as f64,
+        "Prometheus holds exactly the router's drops"
+    );
+    let received = prometheus
+        .value(&format!("plexd_peer_receive_packets_total{{{peer}}}"))
+        .expect("received packets");
+    assert!(
+        received >= f64::from(answered + 8),
+        "{received} received, {answered} answered"
+    );
+    let bytes = prometheus
+        .value(&format!("plexd_peer_receive_bytes_total{{{peer}}}"))
+        .expect("received bytes");
+    assert!(bytes > 0.0);
+    assert_eq!(
+        prometheus.value(&format!(
+            "plexd_peer_up{{{peer},interface=\"{}\"}}",
+            receiver.wg.name
+        )),
+        Some(1.0)
+    );
+    let version = prometheus.query("plexd_agent_build_info");
+    assert_eq!(
+        version[0]["metric"]["version"],
+        env!("CARGO_PKG_VERSION"),
+        "{version:?}"
+    );
+
+    // Without the token, or with another: refused.
+    let get = |auth: &str| {
+        let request = format!("GET /metrics HTTP/1.0\r\nHost: {metrics}\r\n{auth}\r\n");
+        receiver
+            .ns
+            .run(move || exchange(metrics, request.as_bytes()))
+            .expect("enter the namespace")
+            .expect("GET /metrics")
+    };
+    assert_eq!(get("").0, 401);
+    assert_eq!(get("Authorization: Bearer nope\r\n").0, 401);
+    let (status, text) = get(&format!("Authorization: Bearer {TOKEN}\r\n"));
+    assert_eq!(status, 200);
+    // What promtool (Prometheus' own linter) says of the exposition.
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed by cargo xtask setup");
+    use std::io::Write as _;
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (code, _) = agent.stop();
+    assert_eq!(code, Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
