@@ -200,6 +200,40 @@ impl Mesh {
             .ok_or_else(|| io::Error::other(format!("unexpected ping output: {text}")))
     }
 
+    /// Echoes from node `from` to node `to` of which the router drops about `percent` %
+    /// (data messages only): a few clean ones first, so that a session the kernel programs
+    /// joined midway has its window's start before the loss, then `count` lossy ones, then
+    /// a few clean ones, which close every hole. Returns the lossy echoes answered and the
+    /// router's drop count, the truth a test compares with.
+    pub fn lossy_echoes(
+        &self,
+        from: usize,
+        to: usize,
+        percent: u8,
+        count: u32,
+    ) -> io::Result<(u32, u64)> {
+        if self.ping(from, to, 3)? != 3 {
+            return Err(io::Error::other(
+                "clean echoes before the loss went unanswered",
+            ));
+        }
+        let rule = self.drop_between(from, to, percent, true)?;
+        let answered = self.ping(from, to, count)?;
+        let dropped = rule.dropped()?;
+        drop(rule);
+        if dropped == 0 {
+            return Err(io::Error::other(format!(
+                "the rule dropped nothing ({answered} of {count} answered)"
+            )));
+        }
+        if self.ping(from, to, 5)? != 5 {
+            return Err(io::Error::other(
+                "clean echoes after the loss went unanswered",
+            ));
+        }
+        Ok((answered, dropped))
+    }
+
     /// Drops `percent` % of the UDP packets that node `from` sends to node `to`'s WireGuard
     /// port, in the router, at random; only transport data messages (type 4) when
     /// `data_only`. The rule's counter is the truth about what was dropped.

@@ -55,19 +55,9 @@ fn prometheus_holds_the_routers_drops_and_the_token_is_required() {
     );
     prometheus.wait_for("up{job=\"plexd\"}", Duration::from_secs(30), |v| v == 1.0);
 
-    // Clean echoes first, so that the window has its start before the loss begins.
-    assert_eq!(mesh.ping(1, 0, 3).expect("ping"), 3);
-    let rule = mesh
-        .drop_between(1, 0, DROP_PERCENT, true)
-        .expect("add the drop rule");
-    let answered = mesh.ping(1, 0, LOSSY_PINGS).expect("lossy ping");
-    let dropped = rule.dropped().expect("read the drop counter");
-    drop(rule);
-    assert!(
-        dropped > 0,
-        "the rule dropped nothing ({answered} answered)"
-    );
-    assert_eq!(mesh.ping(1, 0, 5).expect("ping"), 5);
+    let (answered, dropped) = mesh
+        .lossy_echoes(1, 0, DROP_PERCENT, LOSSY_PINGS)
+        .expect("lossy echoes");
 
     let peer = format!("public_key=\"{}\"", sender.keys.public);
     // Holes are settled within two collect cycles; the scrape follows within a second.
