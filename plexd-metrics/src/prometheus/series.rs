@@ -7,7 +7,7 @@
 //! figures that are cumulative already (WireGuard's byte counters, `/proc/net/dev`) as they
 //! are, and forgets a peer one cycle after it left its device.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
 
@@ -122,133 +122,138 @@ impl SeriesBook {
         self.unreadable
     }
 
+    /// Folds one point into the book and returns the series it changed, with their values
+    /// after it: what remote write sends, stamped with the point's time.
+    pub fn fold_point(&mut self, point: &MetricPoint) -> Vec<(FamilyDef, Sample)> {
+        match self.fold(point) {
+            Some(Entity::Peer(key)) => {
+                let series = &self.peers[&key];
+                peer_samples(&key, series)
+            }
+            Some(Entity::Probe(target)) => {
+                let labels = self.probe_labels(&target);
+                probe_samples(labels, &self.probes[&target])
+            }
+            Some(Entity::System) => self.system.as_ref().map(system_samples).unwrap_or_default(),
+            Some(Entity::Agent) => self.agent_samples(),
+            None => Vec::new(),
+        }
+    }
+
     /// Takes in the points of one collect cycle. A group with points in the cycle replaces
     /// what it said before: a peer missing from the cycle's `tunnel` points has left its
     /// device, a target missing from its `latency` points is no longer probed.
     pub fn observe_cycle(&mut self, points: &[MetricPoint]) {
-        let mut tunnel_seen = false;
-        let mut latency_seen = false;
-        let mut peers_now = BTreeMap::new();
-        let mut probes_now = BTreeMap::new();
+        let mut peers_now = BTreeSet::new();
+        let mut probes_now = BTreeSet::new();
+        let (mut tunnel_seen, mut latency_seen) = (false, false);
         for point in points {
-            match point.group.as_str() {
-                GROUP_TUNNEL => match point.data.decode::<TunnelStats>() {
-                    Ok(stats) => {
-                        tunnel_seen = true;
-                        let key = PeerKey {
-                            interface: stats.interface.clone(),
-                            public_key: if stats.public_key.is_empty() {
-                                stats.peer_id.clone()
-                            } else {
-                                stats.public_key.clone()
-                            },
-                        };
-                        let mut series = self.peers.remove(&key).unwrap_or_default();
-                        fold_tunnel(&mut series, &stats);
-                        peers_now.insert(key, series);
-                    }
-                    Err(_) => self.unreadable += 1,
-                },
-                GROUP_LATENCY => match point.data.decode::<LatencyResult>() {
-                    Ok(result) => {
-                        latency_seen = true;
-                        let mut series = self.probes.remove(&result.peer_id).unwrap_or_default();
-                        fold_latency(&mut series, &result);
-                        probes_now.insert(result.peer_id, series);
-                    }
-                    Err(_) => self.unreadable += 1,
-                },
-                GROUP_SYSTEM => match point.data.decode::<SystemStats>() {
-                    Ok(stats) => self.system = Some(stats),
-                    Err(_) => self.unreadable += 1,
-                },
-                GROUP_AGENT => match point.data.decode::<AgentStats>() {
-                    Ok(stats) => self.agent = Some(stats),
-                    Err(_) => self.unreadable += 1,
-                },
-                _ => self.unreadable += 1,
+            match self.fold(point) {
+                Some(Entity::Peer(key)) => {
+                    tunnel_seen = true;
+                    peers_now.insert(key);
+                }
+                Some(Entity::Probe(target)) => {
+                    latency_seen = true;
+                    probes_now.insert(target);
+                }
+                _ => {}
             }
         }
         if tunnel_seen {
-            self.peers = peers_now;
-        } else {
-            self.peers.append(&mut peers_now);
+            self.peers.retain(|k, _| peers_now.contains(k));
         }
         if latency_seen {
-            self.probes = probes_now;
-        } else {
-            self.probes.append(&mut probes_now);
+            self.probes.retain(|t, _| probes_now.contains(t));
         }
     }
 
-    /// Every family with its series now, in [`names::ALL`]'s order.
+    /// Folds one point; says which entity it was about, `None` when it could not be read.
+    fn fold(&mut self, point: &MetricPoint) -> Option<Entity> {
+        let entity = match point.group.as_str() {
+            GROUP_TUNNEL => point.data.decode::<TunnelStats>().ok().map(|stats| {
+                let key = PeerKey {
+                    interface: stats.interface.clone(),
+                    public_key: if stats.public_key.is_empty() {
+                        stats.peer_id.clone()
+                    } else {
+                        stats.public_key.clone()
+                    },
+                };
+                fold_tunnel(self.peers.entry(key.clone()).or_default(), &stats);
+                Entity::Peer(key)
+            }),
+            GROUP_LATENCY => point.data.decode::<LatencyResult>().ok().map(|result| {
+                fold_latency(
+                    self.probes.entry(result.peer_id.clone()).or_default(),
+                    &result,
+                );
+                Entity::Probe(result.peer_id)
+            }),
+            GROUP_SYSTEM => point.data.decode::<SystemStats>().ok().map(|stats| {
+                self.system = Some(stats);
+                Entity::System
+            }),
+            GROUP_AGENT => point.data.decode::<AgentStats>().ok().map(|stats| {
+                self.agent = Some(stats);
+                Entity::Agent
+            }),
+            _ => None,
+        };
+        if entity.is_none() {
+            self.unreadable += 1;
+        }
+        entity
+    }
+
+    /// A latency target's labels: those of the peer of that name, when there is one.
+    fn probe_labels(&self, target: &str) -> Vec<(&'static str, String)> {
+        let key = self
+            .peers
+            .iter()
+            .find(|(_, s)| s.peer == target)
+            .map(|(k, _)| k);
+        vec![
+            (
+                "interface",
+                key.map(|k| k.interface.clone()).unwrap_or_default(),
+            ),
+            (
+                "public_key",
+                key.map(|k| k.public_key.clone()).unwrap_or_default(),
+            ),
+            ("peer", target.to_owned()),
+        ]
+    }
+
+    fn agent_samples(&self) -> Vec<(FamilyDef, Sample)> {
+        let mut out = vec![sample(
+            names::AGENT_BUILD_INFO,
+            vec![("version", self.version.to_owned())],
+            1.0,
+        )];
+        if let Some(a) = &self.agent {
+            out.extend(agent_samples(a, self.destination));
+        }
+        out
+    }
+
+    /// Every family with its series now, in [`names::ALL`]'s order; families without a
+    /// series are left out.
     pub fn families(&self) -> Vec<Family> {
-        let mut out = Vec::with_capacity(names::ALL.len());
-        let peer_labels = |key: &PeerKey, s: &PeerSeries| -> Vec<(&'static str, String)> {
-            vec![
-                ("interface", key.interface.clone()),
-                ("public_key", key.public_key.clone()),
-                ("peer", s.peer.clone()),
-            ]
-        };
-        let per_peer = |def: FamilyDef, value: &dyn Fn(&PeerSeries) -> Option<f64>| Family {
-            def,
-            samples: self
-                .peers
-                .iter()
-                .filter_map(|(k, s)| {
-                    value(s).map(|v| Sample {
-                        labels: peer_labels(k, s),
-                        value: Value::Number(v),
-                    })
-                })
-                .collect(),
-        };
-        let measured =
-            |v: fn(&PeerSeries) -> u64| move |s: &PeerSeries| s.measured.then(|| v(s) as f64);
-        out.push(per_peer(names::PEER_RECEIVE_BYTES, &|s| {
-            Some(s.receive_bytes as f64)
-        }));
-        out.push(per_peer(names::PEER_TRANSMIT_BYTES, &|s| {
-            Some(s.transmit_bytes as f64)
-        }));
-        out.push(per_peer(
-            names::PEER_RECEIVE_PACKETS,
-            &measured(|s| s.receive_packets),
-        ));
-        out.push(per_peer(
-            names::PEER_TRANSMIT_PACKETS,
-            &measured(|s| s.transmit_packets),
-        ));
-        out.push(per_peer(
-            names::PEER_LOST_PACKETS,
-            &measured(|s| s.lost_packets),
-        ));
-        out.push(per_peer(
-            names::PEER_LATE_PACKETS,
-            &measured(|s| s.late_packets),
-        ));
-        out.push(per_peer(
-            names::PEER_DUPLICATE_PACKETS,
-            &measured(|s| s.duplicate_packets),
-        ));
-        out.push(per_peer(
-            names::PEER_HANDSHAKES_SENT,
-            &measured(|s| s.handshakes_sent),
-        ));
-        out.push(per_peer(
-            names::PEER_HANDSHAKES_RECEIVED,
-            &measured(|s| s.handshakes_received),
-        ));
-        // Latency targets carry the labels of the peer of that name, when there is one.
+        let mut all: Vec<(FamilyDef, Sample)> = Vec::new();
+        for (key, series) in &self.peers {
+            all.extend(peer_samples(key, series));
+        }
+        // A name lookup per target, not a walk of every peer per target.
         let by_name: BTreeMap<&str, &PeerKey> = self
             .peers
             .iter()
             .map(|(k, s)| (s.peer.as_str(), k))
             .collect();
-        let probe_labels = |target: &str| -> Vec<(&'static str, String)> {
-            let key = by_name.get(target);
-            vec![
+        for (target, series) in &self.probes {
+            let key = by_name.get(target.as_str());
+            let labels = vec![
                 (
                     "interface",
                     key.map(|k| k.interface.clone()).unwrap_or_default(),
@@ -257,202 +262,182 @@ impl SeriesBook {
                     "public_key",
                     key.map(|k| k.public_key.clone()).unwrap_or_default(),
                 ),
-                ("peer", target.to_owned()),
-            ]
-        };
-        let per_target = |def: FamilyDef, value: &dyn Fn(&ProbeSeries) -> Value| Family {
-            def,
-            samples: self
-                .probes
+                ("peer", target.clone()),
+            ];
+            all.extend(probe_samples(labels, series));
+        }
+        if let Some(system) = &self.system {
+            all.extend(system_samples(system));
+        }
+        all.extend(self.agent_samples());
+        let mut families: Vec<Family> = names::ALL
+            .iter()
+            .map(|def| Family {
+                def: *def,
+                samples: Vec::new(),
+            })
+            .collect();
+        for (def, sample) in all {
+            let i = names::ALL
                 .iter()
-                .map(|(t, s)| Sample {
-                    labels: probe_labels(t),
-                    value: value(s),
-                })
-                .collect(),
-        };
-        out.push(per_target(names::PEER_PROBES_SENT, &|s| {
-            Value::Number(s.sent as f64)
-        }));
-        out.push(per_target(names::PEER_PROBES_RECEIVED, &|s| {
-            Value::Number(s.received as f64)
-        }));
-        out.push(per_peer(names::PEER_LAST_HANDSHAKE, &|s| {
-            Some(s.last_handshake_seconds)
-        }));
-        out.push(per_peer(names::PEER_UP, &|s| {
-            Some(if s.up { 1.0 } else { 0.0 })
-        }));
-        out.push(Family {
-            def: names::PEER_INFO,
-            samples: self
-                .peers
-                .iter()
-                .map(|(k, s)| {
-                    let mut labels = peer_labels(k, s);
-                    labels.push(("endpoint", s.endpoint.clone()));
-                    Sample {
-                        labels,
-                        value: Value::Number(1.0),
-                    }
-                })
-                .collect(),
-        });
-        out.push(per_target(names::PEER_RTT, &|s| Value::Histogram {
-            buckets: s.buckets,
-            count: s.count,
-            sum: s.sum_seconds,
-        }));
-
-        let single = |def: FamilyDef, labels: Vec<(&'static str, String)>, v: Option<f64>| Family {
-            def,
-            samples: v
-                .map(|v| Sample {
-                    labels,
-                    value: Value::Number(v),
-                })
-                .into_iter()
-                .collect(),
-        };
-        let sys = self.system.as_ref();
-        let s = |f: fn(&SystemStats) -> f64| sys.map(f);
-        out.push(single(
-            names::NODE_CPU,
-            vec![],
-            s(|s| s.cpu_usage_percent / 100.0),
-        ));
-        out.push(single(
-            names::NODE_MEMORY_USED,
-            vec![],
-            s(|s| s.memory_used_bytes as f64),
-        ));
-        out.push(single(
-            names::NODE_MEMORY_TOTAL,
-            vec![],
-            s(|s| s.memory_total_bytes as f64),
-        ));
-        out.push(single(
-            names::NODE_DISK_USED,
-            vec![],
-            s(|s| s.disk_used_bytes as f64),
-        ));
-        out.push(single(
-            names::NODE_DISK_TOTAL,
-            vec![],
-            s(|s| s.disk_total_bytes as f64),
-        ));
-        out.push(single(
-            names::NODE_NETWORK_RECEIVE,
-            vec![],
-            s(|s| s.network_rx_bytes as f64),
-        ));
-        out.push(single(
-            names::NODE_NETWORK_TRANSMIT,
-            vec![],
-            s(|s| s.network_tx_bytes as f64),
-        ));
-        out.push(single(names::NODE_LOAD1, vec![], s(|s| s.load_avg_1)));
-        out.push(single(names::NODE_LOAD5, vec![], s(|s| s.load_avg_5)));
-        out.push(single(names::NODE_LOAD15, vec![], s(|s| s.load_avg_15)));
-
-        out.push(single(
-            names::AGENT_BUILD_INFO,
-            vec![("version", self.version.to_owned())],
-            Some(1.0),
-        ));
-        let agent = self.agent.as_ref();
-        let a = |f: fn(&AgentStats) -> Option<f64>| agent.and_then(f);
-        let dest = || vec![("destination", self.destination.to_owned())];
-        out.push(single(
-            names::AGENT_UPTIME,
-            vec![],
-            a(|a| Some(a.uptime_seconds)),
-        ));
-        out.push(single(
-            names::AGENT_TASKS,
-            vec![],
-            a(|a| Some(a.goroutine_count as f64)),
-        ));
-        out.push(single(
-            names::AGENT_HEAP,
-            vec![],
-            a(|a| Some(a.heap_alloc_bytes as f64)),
-        ));
-        out.push(single(
-            names::AGENT_RESIDENT,
-            vec![],
-            a(|a| Some(a.heap_sys_bytes as f64)),
-        ));
-        out.push(single(
-            names::AGENT_QUEUED,
-            dest(),
-            a(|a| n(a.queued_points)),
-        ));
-        out.push(single(
-            names::AGENT_DROPPED,
-            dest(),
-            a(|a| n(a.dropped_points)),
-        ));
-        out.push(single(
-            names::AGENT_REJECTED,
-            dest(),
-            a(|a| n(a.rejected_points)),
-        ));
-        out.push(single(
-            names::AGENT_RECONNECTS,
-            dest(),
-            a(|a| Some(a.reconnect_count as f64)),
-        ));
-        out.push(single(
-            names::AGENT_SPOOLED_POINTS,
-            vec![],
-            a(|a| n(a.spooled_points)),
-        ));
-        out.push(single(
-            names::AGENT_SPOOLED_BYTES,
-            vec![],
-            a(|a| n(a.spooled_bytes)),
-        ));
-        out.push(single(
-            names::AGENT_CORRUPT,
-            vec![],
-            a(|a| n(a.corrupt_batches)),
-        ));
-        out.push(single(
-            names::AGENT_EBPF_PROGRAMS,
-            vec![],
-            a(|a| n(a.ebpf_programs_attached)),
-        ));
-        let direction = |d: &str| vec![("direction", d.to_owned())];
-        let per_direction =
-            |def: FamilyDef,
-             ingress: fn(&AgentStats) -> Option<u64>,
-             egress: fn(&AgentStats) -> Option<u64>| Family {
-                def,
-                samples: [("ingress", ingress), ("egress", egress)]
-                    .into_iter()
-                    .filter_map(|(d, f)| {
-                        agent.and_then(f).map(|v| Sample {
-                            labels: direction(d),
-                            value: Value::Number(v as f64),
-                        })
-                    })
-                    .collect(),
-            };
-        out.push(per_direction(
-            names::AGENT_EBPF_PACKETS,
-            |a| a.ebpf_ingress_packets,
-            |a| a.ebpf_egress_packets,
-        ));
-        out.push(per_direction(
-            names::AGENT_EBPF_BYTES,
-            |a| a.ebpf_ingress_bytes,
-            |a| a.ebpf_egress_bytes,
-        ));
-        debug_assert!(out.iter().map(|f| f.def).eq(names::ALL));
-        out.retain(|f| !f.samples.is_empty());
-        out
+                .position(|d| d.name == def.name)
+                .expect("every family is in names::ALL");
+            families[i].samples.push(sample);
+        }
+        families.retain(|f| !f.samples.is_empty());
+        families
     }
+}
+
+/// What a point was about.
+enum Entity {
+    Peer(PeerKey),
+    Probe(String),
+    System,
+    Agent,
+}
+
+fn sample(def: FamilyDef, labels: Vec<(&'static str, String)>, value: f64) -> (FamilyDef, Sample) {
+    (
+        def,
+        Sample {
+            labels,
+            value: Value::Number(value),
+        },
+    )
+}
+
+fn peer_samples(key: &PeerKey, s: &PeerSeries) -> Vec<(FamilyDef, Sample)> {
+    let labels = || {
+        vec![
+            ("interface", key.interface.clone()),
+            ("public_key", key.public_key.clone()),
+            ("peer", s.peer.clone()),
+        ]
+    };
+    let mut out = vec![
+        sample(names::PEER_RECEIVE_BYTES, labels(), s.receive_bytes as f64),
+        sample(
+            names::PEER_TRANSMIT_BYTES,
+            labels(),
+            s.transmit_bytes as f64,
+        ),
+    ];
+    // Without the kernel programs the packet families have no series for the peer, rather
+    // than a misleading 0.
+    if s.measured {
+        for (def, v) in [
+            (names::PEER_RECEIVE_PACKETS, s.receive_packets),
+            (names::PEER_TRANSMIT_PACKETS, s.transmit_packets),
+            (names::PEER_LOST_PACKETS, s.lost_packets),
+            (names::PEER_LATE_PACKETS, s.late_packets),
+            (names::PEER_DUPLICATE_PACKETS, s.duplicate_packets),
+            (names::PEER_HANDSHAKES_SENT, s.handshakes_sent),
+            (names::PEER_HANDSHAKES_RECEIVED, s.handshakes_received),
+        ] {
+            out.push(sample(def, labels(), v as f64));
+        }
+    }
+    out.push(sample(
+        names::PEER_LAST_HANDSHAKE,
+        labels(),
+        s.last_handshake_seconds,
+    ));
+    out.push(sample(
+        names::PEER_UP,
+        labels(),
+        if s.up { 1.0 } else { 0.0 },
+    ));
+    let mut info = labels();
+    info.push(("endpoint", s.endpoint.clone()));
+    out.push(sample(names::PEER_INFO, info, 1.0));
+    out
+}
+
+fn probe_samples(labels: Vec<(&'static str, String)>, s: &ProbeSeries) -> Vec<(FamilyDef, Sample)> {
+    vec![
+        sample(names::PEER_PROBES_SENT, labels.clone(), s.sent as f64),
+        sample(
+            names::PEER_PROBES_RECEIVED,
+            labels.clone(),
+            s.received as f64,
+        ),
+        (
+            names::PEER_RTT,
+            Sample {
+                labels,
+                value: Value::Histogram {
+                    buckets: s.buckets,
+                    count: s.count,
+                    sum: s.sum_seconds,
+                },
+            },
+        ),
+    ]
+}
+
+fn system_samples(s: &SystemStats) -> Vec<(FamilyDef, Sample)> {
+    [
+        (names::NODE_CPU, s.cpu_usage_percent / 100.0),
+        (names::NODE_MEMORY_USED, s.memory_used_bytes as f64),
+        (names::NODE_MEMORY_TOTAL, s.memory_total_bytes as f64),
+        (names::NODE_DISK_USED, s.disk_used_bytes as f64),
+        (names::NODE_DISK_TOTAL, s.disk_total_bytes as f64),
+        (names::NODE_NETWORK_RECEIVE, s.network_rx_bytes as f64),
+        (names::NODE_NETWORK_TRANSMIT, s.network_tx_bytes as f64),
+        (names::NODE_LOAD1, s.load_avg_1),
+        (names::NODE_LOAD5, s.load_avg_5),
+        (names::NODE_LOAD15, s.load_avg_15),
+    ]
+    .into_iter()
+    .map(|(def, v)| sample(def, Vec::new(), v))
+    .collect()
+}
+
+fn agent_samples(a: &AgentStats, destination: &'static str) -> Vec<(FamilyDef, Sample)> {
+    let dest = || vec![("destination", destination.to_owned())];
+    let mut out = vec![
+        sample(names::AGENT_UPTIME, vec![], a.uptime_seconds),
+        sample(names::AGENT_TASKS, vec![], a.goroutine_count as f64),
+        sample(names::AGENT_HEAP, vec![], a.heap_alloc_bytes as f64),
+        sample(names::AGENT_RESIDENT, vec![], a.heap_sys_bytes as f64),
+        sample(names::AGENT_RECONNECTS, dest(), a.reconnect_count as f64),
+    ];
+    let optional = [
+        (names::AGENT_QUEUED, dest(), a.queued_points),
+        (names::AGENT_DROPPED, dest(), a.dropped_points),
+        (names::AGENT_REJECTED, dest(), a.rejected_points),
+        (names::AGENT_SPOOLED_POINTS, vec![], a.spooled_points),
+        (names::AGENT_SPOOLED_BYTES, vec![], a.spooled_bytes),
+        (names::AGENT_CORRUPT, vec![], a.corrupt_batches),
+        (names::AGENT_EBPF_PROGRAMS, vec![], a.ebpf_programs_attached),
+        (
+            names::AGENT_EBPF_PACKETS,
+            vec![("direction", "ingress".to_owned())],
+            a.ebpf_ingress_packets,
+        ),
+        (
+            names::AGENT_EBPF_PACKETS,
+            vec![("direction", "egress".to_owned())],
+            a.ebpf_egress_packets,
+        ),
+        (
+            names::AGENT_EBPF_BYTES,
+            vec![("direction", "ingress".to_owned())],
+            a.ebpf_ingress_bytes,
+        ),
+        (
+            names::AGENT_EBPF_BYTES,
+            vec![("direction", "egress".to_owned())],
+            a.ebpf_egress_bytes,
+        ),
+    ];
+    out.extend(
+        optional
+            .into_iter()
+            .filter_map(|(def, labels, v)| v.map(|v| sample(def, labels, v as f64))),
+    );
+    out
 }
 
 fn fold_tunnel(series: &mut PeerSeries, stats: &TunnelStats) {
@@ -492,10 +477,6 @@ fn fold_latency(series: &mut ProbeSeries, result: &LatencyResult) {
             }
         }
     }
-}
-
-fn n(v: Option<u64>) -> Option<f64> {
-    v.map(|v| v as f64)
 }
 
 /// Seconds since the epoch; 0 for Go's zero time, which stands for "never".
