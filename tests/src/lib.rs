@@ -14,6 +14,7 @@ pub mod control_plane;
 pub mod kernel_mesh;
 pub mod mesh;
 pub mod pod;
+pub mod prometheus_server;
 pub mod targets;
 pub mod wireguard;
 
