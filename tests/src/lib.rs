@@ -15,6 +15,7 @@ pub mod kernel_mesh;
 pub mod mesh;
 pub mod pod;
 pub mod prometheus;
+pub mod prometheus_server;
 pub mod targets;
 pub mod wireguard;
 

@@ -346,3 +346,156 @@ fn the_systemd_check_catches_a_misspelt_key() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("Unknown key 'NoNewPrivilege'"), "{said}");
 }
+
+/// The prometheus-scrape component's directory.
+fn scrape_component() -> PathBuf {
+    deploy_dir().join("kubernetes/components/prometheus-scrape")
+}
+
+/// A strategic merge patch as kustomize applies it, for what the component's patch holds:
+/// maps merge key by key, and lists of named entries (containers, env) merge by `name`,
+/// container ports by `containerPort`; anything else replaces.
+fn strategic_merge(base: &mut serde_json::Value, patch: &serde_json::Value) {
+    use serde_json::Value;
+    match (base, patch) {
+        (Value::Object(base), Value::Object(patch)) => {
+            for (key, value) in patch {
+                match base.get_mut(key) {
+                    Some(existing) => strategic_merge(existing, value),
+                    None => {
+                        base.insert(key.clone(), value.clone());
+                    }
+                }
+            }
+        }
+        (Value::Array(base), Value::Array(patch)) => {
+            for item in patch {
+                let key = ["name", "containerPort"]
+                    .into_iter()
+                    .find(|k| item.get(k).is_some())
+                    .expect("a list entry with a merge key");
+                match base.iter_mut().find(|b| b.get(key) == item.get(key)) {
+                    Some(existing) => strategic_merge(existing, item),
+                    None => base.insert(0, item.clone()),
+                }
+            }
+        }
+        (base, patch) => *base = patch.clone(),
+    }
+}
+
+#[test]
+fn the_prometheus_scrape_component_patches_the_daemonset_into_a_valid_one() {
+    let dir = scrape_component();
+    let kustomization = read_yaml(&dir.join("kustomization.yaml")).remove(0);
+    assert_eq!(kustomization["kind"], "Component");
+    assert_eq!(
+        kustomization["apiVersion"],
+        "kustomize.config.k8s.io/v1alpha1"
+    );
+    let listed: BTreeSet<String> = kustomization["patches"]
+        .as_array()
+        .expect("patches")
+        .iter()
+        .map(|p| p["path"].as_str().expect("a patch file").to_owned())
+        .collect();
+    let present: BTreeSet<String> = std::fs::read_dir(&dir)
+        .expect("the component")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|name| name != "kustomization.yaml")
+        .collect();
+    assert_eq!(
+        listed, present,
+        "every file of the component is a listed patch"
+    );
+
+    // Apply each patch to the base resource it names, then validate what comes out.
+    let tool = kubernetes_validate();
+    let spec = PodSpec::from_manifests();
+    let mut daemonset = spec.daemonset.clone();
+    for file in &listed {
+        let patch = read_yaml(&dir.join(file)).remove(0);
+        assert_eq!(patch["kind"], "DaemonSet", "{file}");
+        assert_eq!(patch["metadata"]["name"], daemonset["metadata"]["name"]);
+        assert_eq!(
+            patch["metadata"]["namespace"],
+            daemonset["metadata"]["namespace"]
+        );
+        strategic_merge(&mut daemonset, &patch);
+    }
+    // The YAML 1.2 reader keeps the base's octal `defaultMode: 0400` as the text "0400";
+    // Kubernetes reads YAML 1.1, where it is the number 256.
+    for volume in daemonset["spec"]["template"]["spec"]["volumes"]
+        .as_array_mut()
+        .expect("volumes")
+    {
+        if let Some(secret) = volume.get_mut("secret") {
+            if let Some(mode) = secret["defaultMode"].as_str() {
+                let mode = u64::from_str_radix(mode, 8).expect("an octal mode");
+                secret["defaultMode"] = mode.into();
+            }
+        }
+    }
+    let temp = TempDir::new("k8s-scrape");
+    let patched = temp.write(
+        "daemonset.yaml",
+        serde_yaml_ng::to_string(&daemonset).expect("YAML"),
+    );
+    for version in KUBERNETES_VERSIONS {
+        let (ok, text) = validate(&tool, version, &patched);
+        assert!(ok, "the patched DaemonSet against {version}: {text}");
+    }
+
+    // The annotations the scrape job keeps, the port they name, and the agent listening there.
+    let annotations = &daemonset["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/path"], "/metrics");
+    let container = &daemonset["spec"]["template"]["spec"]["containers"][0];
+    let ports = container["ports"].as_array().expect("ports");
+    let metrics = ports
+        .iter()
+        .find(|p| p["name"] == "metrics")
+        .expect("a port named metrics");
+    let port = metrics["containerPort"].as_u64().expect("containerPort");
+    assert_eq!(annotations["prometheus.io/port"], port.to_string());
+    assert!(
+        ports.iter().any(|p| p["name"] == "health"),
+        "the base's port stays"
+    );
+    let env = container["env"].as_array().expect("env");
+    assert!(
+        env.iter().any(|e| e["name"] == "PLEXD_METRICS_NODE_ID"),
+        "the base's environment stays"
+    );
+    // metrics.prometheus.listen, by its variable (the ConfigMap embeds the config as one
+    // string, which a patch could only replace whole).
+    let path = ["metrics", "prometheus", "listen"];
+    let variable = format!(
+        "{}{}",
+        plexd_metrics::config::ENV_PREFIX,
+        path.join("_").to_uppercase()
+    );
+    let listen = env
+        .iter()
+        .find(|e| e["name"] == variable.as_str())
+        .unwrap_or_else(|| panic!("{variable} in {env:?}"));
+    let listen: SocketAddr = listen["value"]
+        .as_str()
+        .expect("a value")
+        .parse()
+        .expect("a socket address");
+    assert!(listen.ip().is_unspecified(), "{listen}");
+    assert_eq!(u64::from(listen.port()), port);
+    // Once the agent's schema has metrics.prometheus, the variable must be one of its keys
+    // (until then the name follows the rule every key's variable follows).
+    let keys = Config::env_keys();
+    if keys
+        .iter()
+        .any(|k| k.path.len() > 2 && k.path[..2] == path[..2])
+    {
+        assert!(
+            keys.iter().any(|k| k.variable == variable),
+            "{variable} sets no config key"
+        );
+    }
+}

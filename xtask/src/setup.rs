@@ -18,10 +18,13 @@ pub struct Options {
     /// Only report what is missing; fail if anything is.
     #[arg(long)]
     check: bool,
+    /// Only these groups (repeatable), e.g. `--only prometheus`; every group by default.
+    #[arg(long, value_enum)]
+    only: Vec<Need>,
 }
 
 /// A group of prerequisites, so that a command installs only what it uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Need {
     /// Building the kernel programs on the Debian route: Debian's Rust with a prebuilt `core`
     /// for BPF, LLVM 22, and bpf-linker built against it.
@@ -39,6 +42,11 @@ pub enum Need {
     /// The baselines of `cargo xtask bench`: Prometheus' node_exporter (Debian) and
     /// `prometheus_wireguard_exporter` (crates.io, pinned, under `target/tools`).
     Bench,
+    /// The Prometheus ecosystem's receivers and checkers: `prometheus` (which brings
+    /// `promtool`, for the alert rules' unit tests and the dashboard's queries) and
+    /// `victoria-metrics`. The tests start their own servers on loopback; setup starts none
+    /// of the packages' services.
+    Prometheus,
 }
 
 /// Debian packages for building the kernel programs (see TESTBED.md).
@@ -67,6 +75,10 @@ const BACKPORTS_SOURCE: &str = "/etc/apt/sources.list.d/plexd-metrics-backports.
 const DEPLOY_PACKAGES: &[&str] = &["python3-venv", "systemd"];
 /// Debian packages the benchmarks compare the agent with.
 const BENCH_PACKAGES: &[&str] = &["prometheus-node-exporter"];
+/// Debian packages of the Prometheus receivers and `promtool`.
+const PROMETHEUS_PACKAGES: &[&str] = &["prometheus", "victoria-metrics"];
+/// Debian's hook that `invoke-rc.d` and `deb-systemd-invoke` ask before starting a service.
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 /// The per-peer WireGuard exporter the tunnel benchmark compares with, pinned so that runs
 /// compare with the same baseline.
 const WIREGUARD_EXPORTER: &str = "prometheus_wireguard_exporter";
@@ -101,6 +113,7 @@ impl Need {
             Need::Deploy => DEPLOY_PACKAGES,
             Need::Image => IMAGE_PACKAGES,
             Need::Bench => BENCH_PACKAGES,
+            Need::Prometheus => PROMETHEUS_PACKAGES,
         }
     }
 
@@ -111,14 +124,11 @@ impl Need {
 
 /// Installs everything, or with `--check` reports what is missing.
 pub fn run(o: &Options) -> Result<()> {
-    let needs = [
-        Need::EbpfBuild,
-        Need::Testbed,
-        Need::Deploy,
-        Need::Image,
-        Need::Vm,
-        Need::Bench,
-    ];
+    let needs = if o.only.is_empty() {
+        <Need as clap::ValueEnum>::value_variants().to_vec()
+    } else {
+        o.only.clone()
+    };
     if o.check {
         let missing = missing(&needs)?;
         if missing.is_empty() {
@@ -354,13 +364,55 @@ fn install(needs: &[Need]) -> Result<()> {
     Ok(())
 }
 
-/// Installs Debian packages without ever removing one.
+/// While it lives, Debian's maintainer scripts start no service: the packages installed here
+/// (prometheus, victoria-metrics, node_exporter) each come with one, which would hold the
+/// ports and disks of a shared machine for nothing, since the tests start their own servers.
+/// It writes a `policy-rc.d` that denies every action (exit 101, the documented "forbidden"
+/// answer, which both `invoke-rc.d` and `deb-systemd-invoke` obey) and removes it on drop;
+/// a `policy-rc.d` that is already there (container images ship one) is left as it is.
+struct NoServiceStarts {
+    written: bool,
+}
+
+impl NoServiceStarts {
+    fn new() -> Result<Self> {
+        let path = std::path::Path::new(POLICY_RC_D);
+        if path.exists() || !is_root() {
+            // Through sudo the file cannot be written here; apt-get then runs as it would by
+            // hand, and the tests still use servers of their own on free ports.
+            return Ok(NoServiceStarts { written: false });
+        }
+        std::fs::write(
+            path,
+            "#!/bin/sh\n# Written by `cargo xtask setup` (plexd-metrics) for the time of one \
+             install: no service starts.\nexit 101\n",
+        )
+        .with_context(|| format!("cannot write {POLICY_RC_D}"))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("cannot make {POLICY_RC_D} executable"))?;
+        Ok(NoServiceStarts { written: true })
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        if self.written {
+            if let Err(e) = std::fs::remove_file(POLICY_RC_D) {
+                eprintln!("xtask setup: cannot remove {POLICY_RC_D}: {e}; remove it by hand");
+            }
+        }
+    }
+}
+
+/// Installs Debian packages without ever removing one, and without starting their services.
 ///
 /// A machine may carry a newer build of a package's siblings than its base suite has (such a
 /// machine here has qemu-utils from bookworm-backports, which the base suite's
 /// qemu-system-x86 would remove). When the base suite cannot install without removals, the
 /// release's backports suite is added (and said so) and the packages come from there.
 fn install_packages(packages: &[&str]) -> Result<()> {
+    let _no_services = NoServiceStarts::new()?;
     let install = |suite: Option<&str>| {
         let mut args = vec!["install", "-y", "--no-install-recommends", "--no-remove"];
         if let Some(suite) = suite {
@@ -489,6 +541,13 @@ fn print_manual_steps(needs: &[Need]) {
             "  # benchmarks: Prometheus' node_exporter at /usr/bin/prometheus-node-exporter\n\
              \x20 # (Debian's path; link yours there), e.g. on Fedora:\n\
              \x20 dnf install golang-github-prometheus-node-exporter\n"
+        );
+    }
+    if needs.contains(&Need::Prometheus) {
+        eprintln!(
+            "  # Prometheus receivers: prometheus, promtool and victoria-metrics on PATH, from your\n\
+             \x20 # distribution or the projects' releases, e.g. on Fedora:\n\
+             \x20 dnf install golang-github-prometheus  # victoria-metrics: its release binary\n"
         );
     }
     if needs.contains(&Need::Vm) {

@@ -27,8 +27,9 @@ pub struct Options {
 /// Runs the unit tests, then the privileged tests.
 pub fn run(o: &Options) -> Result<()> {
     // The privileged tests drive ip, tc, bpftool and the WireGuard tools; the deployment
-    // tests kubernetes-validate and systemd-analyze.
-    setup::ensure(&[Need::Testbed, Need::Deploy])?;
+    // tests kubernetes-validate and systemd-analyze; the alert rules' and dashboard's tests
+    // promtool and prometheus.
+    setup::ensure(&[Need::Testbed, Need::Deploy, Need::Prometheus])?;
     // The agent embeds the kernel object, and the privileged tests load it.
     build_ebpf::build(false)?;
     let root = workspace_root();
