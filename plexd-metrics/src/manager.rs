@@ -12,8 +12,11 @@
 //! queue ([`crate::queue`]) holds at most `metrics.queue.max_points` in memory, or
 //! `metrics.queue.max_bytes` in `metrics.queue.dir`; beyond that the oldest points go, counted.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::future::{join_all, BoxFuture};
@@ -297,19 +300,27 @@ impl ManagerOptions {
     }
 }
 
-/// Runs the collectors on the collect interval and hands their points to the reporter.
+/// Runs the collectors on the collect interval and hands their points to each destination.
 pub struct Manager {
     /// `None` when metrics are disabled: [`Manager::run`] returns at once.
     options: Option<ManagerOptions>,
     collectors: Vec<Arc<dyn Collector>>,
-    reporter: Arc<dyn MetricReporter>,
     node_id: String,
-    stats: Arc<DeliveryStats>,
     heartbeat: Arc<Heartbeat>,
-    /// Taken by [`Manager::run`]; a queue in memory when none was given.
-    queue: Mutex<Option<DeliveryQueue>>,
-    /// Where each cycle's points go besides the queue: the Prometheus exposition.
+    /// The first is the primary destination (the control plane, or stdout): its figures
+    /// are the `agent` group's and readiness'.
+    destinations: Vec<Destination>,
+    /// Where each cycle's points go besides the queues: the Prometheus exposition.
     tap: Option<PointsTap>,
+}
+
+/// A destination before the loop runs: its reporter, its figures and, when given, its
+/// queue (taken by [`Manager::run`]; one in memory when none was given).
+struct Destination {
+    name: &'static str,
+    reporter: Arc<dyn MetricReporter>,
+    stats: Arc<DeliveryStats>,
+    queue: Mutex<Option<DeliveryQueue>>,
 }
 
 impl Manager {
@@ -325,21 +336,53 @@ impl Manager {
         Self {
             options,
             collectors,
-            reporter,
             node_id: node_id.into(),
-            stats: Arc::default(),
             heartbeat: Arc::default(),
-            queue: Mutex::new(None),
+            destinations: vec![Destination {
+                name: PRIMARY,
+                reporter,
+                stats: Arc::default(),
+                queue: Mutex::new(None),
+            }],
             tap: None,
         }
     }
 
-    /// Queues through `queue` (a durable one, say) instead of one in memory. Its state is
-    /// published at once, so that readiness tells it before the loop starts.
-    pub fn with_queue(self, queue: DeliveryQueue) -> Self {
-        self.stats.publish(&queue);
-        *self.queue.lock().expect("not poisoned") = Some(queue);
+    /// Names the primary destination in logs (`control_plane` unless said otherwise).
+    pub fn with_primary_name(mut self, name: &'static str) -> Self {
+        self.destinations[0].name = name;
         self
+    }
+
+    /// Queues the primary destination's batches through `queue` (a durable one, say)
+    /// instead of one in memory. Its state is published at once, so that readiness tells it
+    /// before the loop starts.
+    pub fn with_queue(self, queue: DeliveryQueue) -> Self {
+        let primary = &self.destinations[0];
+        primary.stats.publish(&queue);
+        *primary.queue.lock().expect("not poisoned") = Some(queue);
+        self
+    }
+
+    /// Adds a destination with a queue of its own (`None`: in memory), whose figures go to
+    /// `stats`: it gets every point, in order, and its delivery neither waits for nor holds
+    /// back the others'.
+    pub fn add_destination(
+        &mut self,
+        name: &'static str,
+        reporter: Arc<dyn MetricReporter>,
+        queue: Option<DeliveryQueue>,
+        stats: Arc<DeliveryStats>,
+    ) {
+        if let Some(queue) = &queue {
+            stats.publish(queue);
+        }
+        self.destinations.push(Destination {
+            name,
+            reporter,
+            stats,
+            queue: Mutex::new(queue),
+        });
     }
 
     /// Hands a copy of every cycle's points to `tap` (the Prometheus exposition), which
@@ -354,9 +397,10 @@ impl Manager {
         self
     }
 
-    /// Publishes the delivery figures into `stats` (which the `agent` collector reads).
+    /// Publishes the primary destination's delivery figures into `stats` (which the
+    /// `agent` collector and readiness read).
     pub fn with_delivery_stats(mut self, stats: Arc<DeliveryStats>) -> Self {
-        self.stats = stats;
+        self.destinations[0].stats = stats;
         self
     }
 
@@ -377,19 +421,31 @@ impl Manager {
         self.heartbeat.report_fired();
 
         let mut rng = fastrand::Rng::new();
-        let mut queue = self
-            .queue
-            .lock()
-            .expect("not poisoned")
-            .take()
-            .unwrap_or_else(|| DeliveryQueue::in_memory(options.limits));
-        self.stats.publish(&queue);
-        let mut in_flight: Option<BoxFuture<'static, Result<(), BoxError>>> = None;
-        let mut retry_at: Option<Instant> = None;
-        let mut failures: u32 = 0;
+        let mut lanes: Vec<Lane> = self
+            .destinations
+            .iter()
+            .map(|d| {
+                let queue = d
+                    .queue
+                    .lock()
+                    .expect("not poisoned")
+                    .take()
+                    .unwrap_or_else(|| DeliveryQueue::in_memory(options.limits));
+                d.stats.publish(&queue);
+                Lane {
+                    name: d.name,
+                    reporter: d.reporter.clone(),
+                    stats: d.stats.clone(),
+                    queue,
+                    in_flight: None,
+                    retry: None,
+                    failures: 0,
+                }
+            })
+            .collect();
         loop {
-            if in_flight.is_none() && retry_at.is_none() {
-                in_flight = queue.head().map(|(key, points)| self.send(key, points));
+            for lane in &mut lanes {
+                lane.send_head(&self.node_id);
             }
             // Biased: cancellation first; then a finished request, so the next batch goes
             // out at once; when both tickers fire together, the points just collected go out
@@ -397,20 +453,17 @@ impl Manager {
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
-                result = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
-                    in_flight = None;
-                    match self.settle(&mut queue, result, &mut failures) {
-                        Some(after) => {
-                            let wait = backoff(failures, after, options.report_interval, &mut rng);
-                            debug!(component = "metrics", retry_in = ?wait, failures, "retry scheduled");
-                            retry_at = Some(Instant::now() + wait);
+                event = next_event(&mut lanes) => match event {
+                    LaneEvent::Answered(i, result) => {
+                        let lane = &mut lanes[i];
+                        if let Some(after) = lane.settle(result) {
+                            let wait = backoff(lane.failures, after, options.report_interval, &mut rng);
+                            debug!(component = "metrics", destination = lane.name, retry_in = ?wait, failures = lane.failures, "retry scheduled");
+                            lane.retry = Some(Box::pin(sleep_until(Instant::now() + wait)));
                         }
-                        None => retry_at = None,
                     }
-                }
-                () = sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {
-                    retry_at = None;
-                }
+                    LaneEvent::RetryDue => {}
+                },
                 due = collect.tick() => {
                     self.heartbeat.collect_fired();
                     let cycle = Cycle {
@@ -425,186 +478,34 @@ impl Manager {
                         tap.collected(&points);
                     }
                     let collected = points.len();
-                    // A buffer that reaches batch_size is sealed at once, before the tick.
-                    let dropped = queue.collected(points, in_flight.is_some());
-                    debug!(component = "metrics", points = collected, buffered = queue.buffered(), "collect cycle done");
-                    self.count_dropped(&queue, dropped);
-                    self.stats.publish(&queue);
+                    // Every lane but the last gets a copy; the last takes the points.
+                    let mut points = Some(points);
+                    let count = lanes.len();
+                    for (i, lane) in lanes.iter_mut().enumerate() {
+                        let mine = if i + 1 == count {
+                            points.take().unwrap_or_default()
+                        } else {
+                            points.clone().unwrap_or_default()
+                        };
+                        // A buffer that reaches batch_size is sealed at once, before the tick.
+                        let dropped = lane.queue.collected(mine, lane.in_flight.is_some());
+                        lane.count_dropped(dropped);
+                        lane.stats.publish(&lane.queue);
+                    }
+                    debug!(component = "metrics", points = collected, buffered = lanes[0].queue.buffered(), "collect cycle done");
                     // The cycle's temporary allocations are gone by now.
                     crate::memory::release_free_memory();
                 }
                 _ = report.tick() => {
                     self.heartbeat.report_fired();
-                    self.enqueue(&mut queue, in_flight.is_some());
+                    for lane in &mut lanes {
+                        lane.enqueue();
+                    }
                 }
             }
         }
-        self.flush(queue, in_flight).await;
+        join_all(lanes.into_iter().map(|lane| lane.flush(&self.node_id))).await;
         RunOutcome::Cancelled
-    }
-
-    /// Best effort at shutdown: the request in flight, then each queued batch once, in
-    /// order, stopping at the first failure, within [`SHUTDOWN_FLUSH_TIMEOUT`] (or, with a
-    /// durable queue, [`DURABLE_SHUTDOWN_FLUSH_TIMEOUT`], since what is left stays on disk).
-    async fn flush(
-        &self,
-        mut queue: DeliveryQueue,
-        in_flight: Option<BoxFuture<'static, Result<(), BoxError>>>,
-    ) {
-        self.enqueue(&mut queue, in_flight.is_some());
-        let limit = if queue.is_durable() {
-            DURABLE_SHUTDOWN_FLUSH_TIMEOUT
-        } else {
-            SHUTDOWN_FLUSH_TIMEOUT
-        };
-        let deadline = Instant::now() + limit;
-        let mut failures = 0;
-        let sent = tokio::time::timeout_at(deadline, async {
-            if let Some(request) = in_flight {
-                let result = request.await;
-                if self.settle(&mut queue, result, &mut failures).is_some() {
-                    return;
-                }
-            }
-            while let Some((key, points)) = queue.head() {
-                let result = self.send(key, points).await;
-                if self.settle(&mut queue, result, &mut failures).is_some() {
-                    return;
-                }
-            }
-        })
-        .await;
-        if sent.is_err() && !queue.is_durable() {
-            warn!(component = "metrics", timeout = ?limit, "final metrics flush timed out");
-        }
-        if !queue.is_empty() {
-            match queue.state() {
-                QueueState::Disk(dir) => info!(
-                    component = "metrics",
-                    points = queue.queued_points(),
-                    bytes = queue.spooled_bytes(),
-                    dir = %dir.display(),
-                    "shutting down with points not yet delivered; they stay in the durable queue and are sent first at the next start"
-                ),
-                _ => warn!(
-                    component = "metrics",
-                    points = queue.queued_points(),
-                    "shutting down with points the control plane has not accepted; they are lost"
-                ),
-            }
-        }
-        // Whatever time is left goes to the reporter's own background work.
-        if tokio::time::timeout_at(deadline, self.reporter.close())
-            .await
-            .is_err()
-        {
-            warn!(
-                component = "metrics",
-                "reporter did not finish its background deliveries before shutdown"
-            );
-        }
-    }
-
-    /// A request for the head batch, owning what it needs so that it can be polled from
-    /// the loop while the tickers go on.
-    fn send(
-        &self,
-        key: Uuid,
-        points: Arc<Vec<MetricPoint>>,
-    ) -> BoxFuture<'static, Result<(), BoxError>> {
-        let reporter = self.reporter.clone();
-        let node_id = self.node_id.clone();
-        Box::pin(async move { reporter.report_batch(&node_id, key, &points).await })
-    }
-
-    /// Applies the head batch's result to the queue and the counters. Returns `Some` with the
-    /// server's requested wait when the batch stays for a retry.
-    fn settle(
-        &self,
-        queue: &mut DeliveryQueue,
-        result: Result<(), BoxError>,
-        failures: &mut u32,
-    ) -> Option<Option<Duration>> {
-        let outcome = match result {
-            Ok(()) => {
-                self.stats.set_last_report(LastReport::Accepted);
-                self.stats.dropping.store(false, Ordering::Relaxed);
-                let sent = queue.pop();
-                if *failures > 0 {
-                    let n = self.stats.reconnects.fetch_add(1, Ordering::Relaxed) + 1;
-                    info!(
-                        component = "metrics",
-                        failed_attempts = *failures,
-                        reconnect_count = n,
-                        queued_points = queue.queued_points(),
-                        "metrics delivery recovered"
-                    );
-                }
-                debug!(
-                    component = "metrics",
-                    points = sent,
-                    queued_points = queue.queued_points(),
-                    "batch accepted"
-                );
-                *failures = 0;
-                None
-            }
-            Err(e) => match classify(&e) {
-                Failure::Rejected => {
-                    self.stats.set_last_report(LastReport::Rejected);
-                    let n = queue.pop();
-                    self.stats.rejected.fetch_add(n as u64, Ordering::Relaxed);
-                    warn!(
-                        component = "metrics",
-                        error = %e,
-                        points = n,
-                        "metrics batch rejected by the control plane; not retried"
-                    );
-                    None
-                }
-                Failure::Retry { after } => {
-                    self.stats.set_last_report(LastReport::Failed);
-                    *failures += 1;
-                    warn!(
-                        component = "metrics",
-                        error = %e,
-                        points = queue.head_points(),
-                        queued_points = queue.queued_points(),
-                        failures = *failures,
-                        "metrics report failed"
-                    );
-                    Some(after)
-                }
-            },
-        };
-        self.stats.publish(queue);
-        outcome
-    }
-
-    /// Seals the buffer into batches and trims the queue, counting what the trim dropped.
-    fn enqueue(&self, queue: &mut DeliveryQueue, head_in_flight: bool) {
-        let dropped = queue.seal(head_in_flight);
-        self.count_dropped(queue, dropped);
-        self.stats.publish(queue);
-    }
-
-    fn count_dropped(&self, queue: &DeliveryQueue, dropped: usize) {
-        if dropped > 0 {
-            self.stats.dropping.store(true, Ordering::Relaxed);
-            let total = self
-                .stats
-                .dropped
-                .fetch_add(dropped as u64, Ordering::Relaxed)
-                + dropped as u64;
-            warn!(
-                component = "metrics",
-                dropped,
-                dropped_total = total,
-                max_points = queue.limits().max_points,
-                max_bytes = queue.limits().max_bytes,
-                "retry queue full; dropped the oldest points (raise metrics.queue.max_points, or metrics.queue.max_bytes with metrics.queue.dir, to keep more)"
-            );
-        }
     }
 
     /// Runs every collector once, side by side, and returns their points. A failing
@@ -626,6 +527,229 @@ impl Manager {
             }
         }
         points
+    }
+}
+
+/// The name of the primary destination unless the agent says otherwise.
+const PRIMARY: &str = "control_plane";
+
+/// One destination while the loop runs: its queue, its request in flight and its retry
+/// schedule. A slow or absent destination holds back only its own lane.
+struct Lane {
+    name: &'static str,
+    reporter: Arc<dyn MetricReporter>,
+    stats: Arc<DeliveryStats>,
+    queue: DeliveryQueue,
+    in_flight: Option<BoxFuture<'static, Result<(), BoxError>>>,
+    retry: Option<Pin<Box<tokio::time::Sleep>>>,
+    failures: u32,
+}
+
+/// What happened on some lane.
+enum LaneEvent {
+    /// Lane `.0`'s request finished.
+    Answered(usize, Result<(), BoxError>),
+    /// A lane's retry is due.
+    RetryDue,
+}
+
+/// The next request that finishes or retry that comes due, on any lane.
+fn next_event(lanes: &mut [Lane]) -> impl Future<Output = LaneEvent> + '_ {
+    std::future::poll_fn(move |cx| {
+        for (i, lane) in lanes.iter_mut().enumerate() {
+            if let Some(request) = lane.in_flight.as_mut() {
+                if let Poll::Ready(result) = request.as_mut().poll(cx) {
+                    lane.in_flight = None;
+                    return Poll::Ready(LaneEvent::Answered(i, result));
+                }
+            }
+            if let Some(retry) = lane.retry.as_mut() {
+                if retry.as_mut().poll(cx).is_ready() {
+                    lane.retry = None;
+                    return Poll::Ready(LaneEvent::RetryDue);
+                }
+            }
+        }
+        Poll::Pending
+    })
+}
+
+impl Lane {
+    /// Starts a request for the head batch, unless one is in flight or a retry is pending.
+    fn send_head(&mut self, node_id: &str) {
+        if self.in_flight.is_none() && self.retry.is_none() {
+            self.in_flight = self
+                .queue
+                .head()
+                .map(|(key, points)| self.send(node_id, key, points));
+        }
+    }
+
+    /// Best effort at shutdown: the request in flight, then each queued batch once, in
+    /// order, stopping at the first failure, within [`SHUTDOWN_FLUSH_TIMEOUT`] (or, with a
+    /// durable queue, [`DURABLE_SHUTDOWN_FLUSH_TIMEOUT`], since what is left stays on disk).
+    async fn flush(mut self, node_id: &str) {
+        self.enqueue();
+        let in_flight = self.in_flight.take();
+        let limit = if self.queue.is_durable() {
+            DURABLE_SHUTDOWN_FLUSH_TIMEOUT
+        } else {
+            SHUTDOWN_FLUSH_TIMEOUT
+        };
+        let deadline = Instant::now() + limit;
+        self.failures = 0;
+        let sent = tokio::time::timeout_at(deadline, async {
+            if let Some(request) = in_flight {
+                let result = request.await;
+                if self.settle(result).is_some() {
+                    return;
+                }
+            }
+            while let Some((key, points)) = self.queue.head() {
+                let result = self.send(node_id, key, points).await;
+                if self.settle(result).is_some() {
+                    return;
+                }
+            }
+        })
+        .await;
+        let queue = &self.queue;
+        if sent.is_err() && !queue.is_durable() {
+            warn!(component = "metrics", destination = self.name, timeout = ?limit, "final metrics flush timed out");
+        }
+        if !queue.is_empty() {
+            match queue.state() {
+                QueueState::Disk(dir) => info!(
+                    component = "metrics",
+                    destination = self.name,
+                    points = queue.queued_points(),
+                    bytes = queue.spooled_bytes(),
+                    dir = %dir.display(),
+                    "shutting down with points not yet delivered; they stay in the durable queue and are sent first at the next start"
+                ),
+                _ => warn!(
+                    component = "metrics",
+                    destination = self.name,
+                    points = queue.queued_points(),
+                    "shutting down with points the destination has not accepted; they are lost"
+                ),
+            }
+        }
+        // Whatever time is left goes to the reporter's own background work.
+        if tokio::time::timeout_at(deadline, self.reporter.close())
+            .await
+            .is_err()
+        {
+            warn!(
+                component = "metrics",
+                destination = self.name,
+                "reporter did not finish its background deliveries before shutdown"
+            );
+        }
+    }
+
+    /// A request for the head batch, owning what it needs so that it can be polled from
+    /// the loop while the tickers go on.
+    fn send(
+        &self,
+        node_id: &str,
+        key: Uuid,
+        points: Arc<Vec<MetricPoint>>,
+    ) -> BoxFuture<'static, Result<(), BoxError>> {
+        let reporter = self.reporter.clone();
+        let node_id = node_id.to_owned();
+        Box::pin(async move { reporter.report_batch(&node_id, key, &points).await })
+    }
+
+    /// Applies the head batch's result to the queue and the counters. Returns `Some` with the
+    /// server's requested wait when the batch stays for a retry.
+    fn settle(&mut self, result: Result<(), BoxError>) -> Option<Option<Duration>> {
+        let (queue, stats, name) = (&mut self.queue, &self.stats, self.name);
+        let outcome = match result {
+            Ok(()) => {
+                stats.set_last_report(LastReport::Accepted);
+                stats.dropping.store(false, Ordering::Relaxed);
+                let sent = queue.pop();
+                if self.failures > 0 {
+                    let n = stats.reconnects.fetch_add(1, Ordering::Relaxed) + 1;
+                    info!(
+                        component = "metrics",
+                        destination = name,
+                        failed_attempts = self.failures,
+                        reconnect_count = n,
+                        queued_points = queue.queued_points(),
+                        "metrics delivery recovered"
+                    );
+                }
+                debug!(
+                    component = "metrics",
+                    destination = name,
+                    points = sent,
+                    queued_points = queue.queued_points(),
+                    "batch accepted"
+                );
+                self.failures = 0;
+                None
+            }
+            Err(e) => match classify(&e) {
+                Failure::Rejected => {
+                    stats.set_last_report(LastReport::Rejected);
+                    let n = queue.pop();
+                    stats.rejected.fetch_add(n as u64, Ordering::Relaxed);
+                    warn!(
+                        component = "metrics",
+                        destination = name,
+                        error = %e,
+                        points = n,
+                        "metrics batch rejected by the destination; not retried"
+                    );
+                    None
+                }
+                Failure::Retry { after } => {
+                    stats.set_last_report(LastReport::Failed);
+                    self.failures += 1;
+                    warn!(
+                        component = "metrics",
+                        destination = name,
+                        error = %e,
+                        points = queue.head_points(),
+                        queued_points = queue.queued_points(),
+                        failures = self.failures,
+                        "metrics report failed"
+                    );
+                    Some(after)
+                }
+            },
+        };
+        stats.publish(queue);
+        outcome
+    }
+
+    /// Seals the buffer into batches and trims the queue, counting what the trim dropped.
+    fn enqueue(&mut self) {
+        let dropped = self.queue.seal(self.in_flight.is_some());
+        self.count_dropped(dropped);
+        self.stats.publish(&self.queue);
+    }
+
+    fn count_dropped(&self, dropped: usize) {
+        if dropped > 0 {
+            self.stats.dropping.store(true, Ordering::Relaxed);
+            let total = self
+                .stats
+                .dropped
+                .fetch_add(dropped as u64, Ordering::Relaxed)
+                + dropped as u64;
+            warn!(
+                component = "metrics",
+                destination = self.name,
+                dropped,
+                dropped_total = total,
+                max_points = self.queue.limits().max_points,
+                max_bytes = self.queue.limits().max_bytes,
+                "retry queue full; dropped the oldest points (raise metrics.queue.max_points, or metrics.queue.max_bytes with metrics.queue.dir, to keep more)"
+            );
+        }
     }
 }
 
@@ -1070,6 +1194,57 @@ mod tests {
         assert!(saw_backlog, "the outage built up a queue");
         assert_eq!(h.stats.reconnect_count(), 1);
         assert_eq!(h.stats.delivery_totals().dropped_points, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_destination_that_is_away_holds_back_only_itself() {
+        // The primary accepts everything; the second destination is away for about two
+        // minutes, then takes everything it missed, in order.
+        let (tx, _second) = mpsc::unbounded_channel();
+        let (attempts_tx, mut second_attempts) = mpsc::unbounded_channel();
+        let reporter = Arc::new(Recorder {
+            tx,
+            attempts: attempts_tx,
+            start: Instant::now(),
+            script: Mutex::new(vec![Answer::Unavailable; 18].into()),
+        });
+        let stats = Arc::new(DeliveryStats::default());
+        let (primary_tx, mut primary) = mpsc::unbounded_channel();
+        let (primary_attempts, _keep) = mpsc::unbounded_channel();
+        let mut manager = Manager::new(
+            Some(cfg(5, 10, 4)),
+            vec![Counting::new("system") as Arc<dyn Collector>],
+            Arc::new(Recorder {
+                tx: primary_tx,
+                attempts: primary_attempts,
+                start: Instant::now(),
+                script: Mutex::new(VecDeque::new()),
+            }),
+            "node-1",
+        );
+        manager.add_destination("remote_write", reporter, None, stats.clone());
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn({
+            let cancel = cancel.clone();
+            async move { manager.run(cancel).await }
+        });
+        // While the second destination is away, the primary's batches come on schedule.
+        for report in 1..=8u64 {
+            let (at, batch) = primary.recv().await.unwrap();
+            assert_eq!(at, Duration::from_secs(10 * report), "{batch:?}");
+        }
+        let mut delivered = Vec::new();
+        while delivered.len() < 40 {
+            let a = second_attempts.recv().await.unwrap();
+            if a.accepted {
+                delivered.extend(ns(&a.batch));
+            }
+        }
+        assert_eq!(delivered, (1..=delivered.len() as u64).collect::<Vec<_>>());
+        assert_eq!(stats.reconnect_count(), 1);
+        assert_eq!(stats.delivery_totals().dropped_points, 0);
+        cancel.cancel();
+        task.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

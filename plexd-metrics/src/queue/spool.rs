@@ -36,6 +36,11 @@ use uuid::Uuid;
 use super::record::{self, Header, Kind, RecordError};
 use crate::api::MetricPoint;
 
+/// Subdirectories that hold the queues of the destinations besides the primary one, each a
+/// queue directory of its own.
+pub const DESTINATION_DIRS: [&str; 1] = [REMOTE_WRITE_DIR];
+/// The remote-write destination's queue, under the primary's directory.
+pub const REMOTE_WRITE_DIR: &str = "remote_write";
 const LOCK: &str = "lock";
 const CURSOR: &str = "cursor";
 const SEGMENT_SUFFIX: &str = ".log";
@@ -175,6 +180,10 @@ impl Spool {
                 continue;
             };
             if name == LOCK || name == CURSOR || name.ends_with(CORRUPT_SUFFIX) {
+                continue;
+            }
+            // A destination other than the primary keeps its queue in a subdirectory.
+            if DESTINATION_DIRS.contains(&name) {
                 continue;
             }
             match name
