@@ -29,7 +29,7 @@ pub struct Options {
     /// built, for use while developing; its figures say less about the goals.
     #[arg(long)]
     quick: bool,
-    /// Run only this benchmark: node-exporter, wireguard-exporter, latency, kernel,
+    /// Run only this benchmark: node-exporter, wireguard-exporter, exposition, latency, kernel,
     /// packet-rate, encode, queue, tunnel, footprint or vm (the VM tests' budget, only this
     /// way).
     #[arg(long, value_name = "NAME")]
@@ -81,6 +81,16 @@ const BENCHES: &[Bench] = &[
         name: "wireguard-exporter",
         kind: Kind::Binary {
             bin: "bench_wireguard_exporter",
+            full: &[],
+            quick: &["--quick"],
+        },
+        default: true,
+        quick: true,
+    },
+    Bench {
+        name: "exposition",
+        kind: Kind::Binary {
+            bin: "bench_exposition",
             full: &[],
             quick: &["--quick"],
         },
