@@ -90,6 +90,18 @@ impl TestPki {
         )
     }
 
+    /// The same as [`TestPki::server_cert`], as PEM for an agent's config.
+    pub fn server_pem(&self) -> PemPair {
+        let (cert, key) = self.leaf(vec![
+            SanType::DnsName("localhost".try_into().expect("DNS name")),
+            SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        ]);
+        PemPair {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        }
+    }
+
     /// A client certificate, for mutual TLS.
     pub fn client_cert(&self) -> PemPair {
         let (cert, key) = self.leaf(vec![SanType::DnsName(

@@ -134,3 +134,69 @@ fn prometheus_holds_the_routers_drops_and_the_token_is_required() {
     assert_eq!(code, Some(0));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn prometheus_scrapes_over_https_with_the_agents_certificate() {
+    if !require_privileges() {
+        return;
+    }
+    let ns = plexd_metrics_tests::NetNs::new("pms").expect("namespace");
+    ns.ip(&["link", "set", "lo", "up"]).expect("lo up");
+    let pki = plexd_metrics_tests::control_plane::TestPki::new("metrics");
+    let server = pki.server_pem();
+    let dir = std::env::temp_dir().join(format!("plexd-prom-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (cert, key, ca) = (dir.join("tls.crt"), dir.join("tls.key"), dir.join("ca.crt"));
+    std::fs::write(&cert, &server.cert).unwrap();
+    std::fs::write(&key, &server.key).unwrap();
+    std::fs::write(&ca, pki.ca_pem()).unwrap();
+    let metrics: SocketAddr = "127.0.0.1:9103".parse().unwrap();
+    let config = dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "metrics:\n  collect_interval: 5s\n  report_interval: 10s\n  ebpf: {{ enabled: false }}\n  \
+             latency: {{ enabled: false }}\n  wireguard: {{ enabled: false }}\n  \
+             prometheus:\n    listen: {metrics}\n    cert_file: {}\n    key_file: {}\n",
+            cert.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    let agent = RunningAgent::start(&ns, &config);
+    agent.wait_for("Prometheus endpoint listening (/metrics)");
+    let prometheus = Prometheus::start(
+        &ns,
+        "127.0.0.1:9090".parse().unwrap(),
+        &format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: plexd\n    \
+             scheme: https\n    tls_config:\n      ca_file: {}\n    \
+             static_configs:\n      - targets: ['{metrics}']\n",
+            ca.display()
+        ),
+        &[],
+    );
+    prometheus.wait_for("up{job=\"plexd\"}", Duration::from_secs(30), |v| v == 1.0);
+    // The node's memory as the kernel states it, after the agent's first collect.
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let total_kib: f64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("MemTotal");
+    let total = prometheus.wait_for(
+        "plexd_node_memory_total_bytes",
+        Duration::from_secs(30),
+        |v| v > 0.0,
+    );
+    assert_eq!(total, total_kib * 1024.0);
+    // Plain HTTP to the TLS port gets no metrics.
+    let plain = ns
+        .run(move || exchange(metrics, b"GET /metrics HTTP/1.0\r\n\r\n"))
+        .expect("namespace");
+    assert!(!matches!(plain, Ok((200, _))), "{plain:?}");
+    let (code, _) = agent.stop();
+    assert_eq!(code, Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
