@@ -1,5 +1,6 @@
-//! A real Prometheus for the tests: started in a network namespace with a config of the
-//! test's own and a private TSDB directory, queried over its HTTP API, killed on drop.
+//! Real receivers for the tests, in a network namespace: Prometheus (with a config of the
+//! test's own) and VictoriaMetrics, each with a private storage directory, queried over the
+//! Prometheus query API they share, killed on drop.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -9,54 +10,80 @@ use std::time::{Duration, Instant};
 
 use crate::NetNs;
 
-/// How long Prometheus may take to become ready; it replays an empty WAL in well under a
+/// How long a receiver may take to become ready; an empty store opens in well under a
 /// second, but a loaded CI machine is slow to start any Go binary.
 const READY_DEADLINE: Duration = Duration::from_secs(60);
 /// How long one HTTP exchange with it may take.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A running Prometheus.
-pub struct Prometheus<'a> {
+/// A running receiver: Prometheus or VictoriaMetrics.
+pub struct Receiver<'a> {
     ns: &'a NetNs,
     child: Child,
     listen: SocketAddr,
     dir: PathBuf,
 }
 
-impl<'a> Prometheus<'a> {
+/// Prometheus, as tests start it.
+pub type Prometheus<'a> = Receiver<'a>;
+
+impl<'a> Receiver<'a> {
     /// Starts `/usr/bin/prometheus` in `ns`, listening on `listen` (an address of `ns`), with
     /// `config` as its YAML and `extra` flags (e.g. `--web.enable-remote-write-receiver`),
     /// and waits until it is ready.
     pub fn start(ns: &'a NetNs, listen: SocketAddr, config: &str, extra: &[&str]) -> Self {
-        assert!(
-            std::path::Path::new("/usr/bin/prometheus").exists(),
-            "prometheus is not installed: run `cargo xtask setup`"
-        );
-        let dir = std::env::temp_dir().join(format!(
-            "plexd-prometheus-{}-{}",
-            std::process::id(),
-            listen.port()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("data")).expect("prometheus dir");
+        let dir = private_dir("prometheus", listen);
         std::fs::write(dir.join("prometheus.yml"), config).expect("prometheus config");
-        let log = std::fs::File::create(dir.join("prometheus.log")).expect("prometheus log");
+        let mut args = vec![
+            format!("--config.file={}", dir.join("prometheus.yml").display()),
+            format!("--storage.tsdb.path={}", dir.join("data").display()),
+            format!("--web.listen-address={listen}"),
+        ];
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        Self::spawn(ns, "/usr/bin/prometheus", &args, listen, dir, "/-/ready")
+    }
+
+    /// Starts `/usr/bin/victoria-metrics` (single node) in `ns`, listening on `listen`; it
+    /// takes remote write at `/api/v1/write`.
+    pub fn victoria_metrics(ns: &'a NetNs, listen: SocketAddr) -> Self {
+        let dir = private_dir("victoria-metrics", listen);
+        let args = [
+            format!("-storageDataPath={}", dir.join("data").display()),
+            format!("-httpListenAddr={listen}"),
+            // Samples are queryable at once instead of after the default cache delay.
+            "-search.latencyOffset=0s".to_owned(),
+            "-search.disableCache".to_owned(),
+        ];
+        Self::spawn(
+            ns,
+            "/usr/bin/victoria-metrics",
+            &args,
+            listen,
+            dir,
+            "/health",
+        )
+    }
+
+    fn spawn(
+        ns: &'a NetNs,
+        program: &str,
+        args: &[String],
+        listen: SocketAddr,
+        dir: PathBuf,
+        ready: &str,
+    ) -> Self {
+        assert!(
+            std::path::Path::new(program).exists(),
+            "{program} is not installed: run `cargo xtask setup`"
+        );
+        let log = std::fs::File::create(dir.join("log")).expect("receiver log");
         let child = Command::new("ip")
-            .args(["netns", "exec", ns.name(), "/usr/bin/prometheus"])
-            .arg(format!(
-                "--config.file={}",
-                dir.join("prometheus.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address={listen}"))
-            .args(extra)
+            .args(["netns", "exec", ns.name(), program])
+            .args(args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("start prometheus");
+            .unwrap_or_else(|e| panic!("start {program}: {e}"));
         let mut server = Self {
             ns,
             child,
@@ -66,14 +93,14 @@ impl<'a> Prometheus<'a> {
         let deadline = Instant::now() + READY_DEADLINE;
         loop {
             if let Ok(Some(status)) = server.child.try_wait() {
-                panic!("prometheus exited with {status}: {}", server.log());
+                panic!("{program} exited with {status}: {}", server.log());
             }
-            if matches!(server.get("/-/ready"), Ok((200, _))) {
+            if matches!(server.get(ready), Ok((200, _))) {
                 return server;
             }
             assert!(
                 Instant::now() < deadline,
-                "prometheus not ready within {READY_DEADLINE:?}: {}",
+                "{program} not ready within {READY_DEADLINE:?}: {}",
                 server.log()
             );
             std::thread::sleep(Duration::from_millis(100));
@@ -82,7 +109,7 @@ impl<'a> Prometheus<'a> {
 
     /// Its log so far, for failure messages.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
     }
 
     /// `GET path` inside the namespace: the status and the body.
@@ -139,12 +166,24 @@ impl<'a> Prometheus<'a> {
     }
 }
 
-impl Drop for Prometheus<'_> {
+impl Drop for Receiver<'_> {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A fresh storage directory for a receiver listening on `listen`.
+fn private_dir(what: &str, listen: SocketAddr) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "plexd-{what}-{}-{}",
+        std::process::id(),
+        listen.port()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("data")).expect("receiver dir");
+    dir
 }
 
 /// One HTTP/1.0 exchange: the status code and the body.
