@@ -27,6 +27,7 @@ mod validate;
 pub use env::{EnvKey, CLI_ENV_VARIABLES, ENV_PREFIX};
 pub use peer_names::{read_peer_names_file, PeerNames};
 pub use settings::{MetricsSettings, Settings};
+pub(crate) use validate::is_loopback;
 pub use validate::{
     MAX_LATENCY_PROBES, MAX_PEERS_LIMIT, MAX_SESSIONS_LIMIT, MIN_COLLECT_INTERVAL,
     MIN_QUEUE_MAX_BYTES, MIN_REPORT_INTERVAL, REMOTE_WRITE_RESERVED_HEADERS,

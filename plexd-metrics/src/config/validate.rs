@@ -158,7 +158,7 @@ impl ControlPlaneConfig {
 }
 
 /// Plain http is allowed to this host only: a token in clear text never leaves the machine.
-fn is_loopback(u: &url::Url) -> bool {
+pub(crate) fn is_loopback(u: &url::Url) -> bool {
     match u.host() {
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
         Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
