@@ -92,21 +92,8 @@ impl Prometheus {
     }
 
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + READY_DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("poll prometheus") {
-                panic!("prometheus exited with {status}: {}", self.log());
-            }
-            if matches!(self.get("/-/ready"), Ok((200, _))) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "prometheus not ready after {READY_DEADLINE:?}: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let log = self._dir.path().join("prometheus.log");
+        wait_ready(&mut self.child, "prometheus", self.addr, "/-/ready", &log);
     }
 
     /// What the server has logged so far.
@@ -165,21 +152,9 @@ impl VictoriaMetrics {
             .spawn()
             .expect("start victoria-metrics");
         let mut server = Self { child, addr, dir };
-        let deadline = Instant::now() + READY_DEADLINE;
-        loop {
-            if let Some(status) = server.child.try_wait().expect("poll victoria-metrics") {
-                panic!("victoria-metrics exited with {status}: {}", server.log());
-            }
-            if matches!(server.get("/health"), Ok((200, _))) {
-                return server;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "victoria-metrics not ready after {READY_DEADLINE:?}: {}",
-                server.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let log = server.dir.path().join("victoria-metrics.log");
+        wait_ready(&mut server.child, "victoria-metrics", addr, "/health", &log);
+        server
     }
 
     /// What the server has logged so far.
@@ -213,6 +188,27 @@ impl Drop for VictoriaMetrics {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Waits until `GET path` answers 200, with a deadline; fails with the server's log when it
+/// exits or the deadline passes.
+fn wait_ready(child: &mut Child, name: &str, addr: SocketAddr, path: &str, log: &Path) {
+    let said = || std::fs::read_to_string(log).unwrap_or_default();
+    let deadline = Instant::now() + READY_DEADLINE;
+    loop {
+        if let Some(status) = child.try_wait().expect("poll the server") {
+            panic!("{name} exited with {status}: {}", said());
+        }
+        if matches!(get(addr, path), Ok((200, _))) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} not ready after {READY_DEADLINE:?}: {}",
+            said()
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

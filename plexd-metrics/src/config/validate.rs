@@ -115,32 +115,17 @@ impl ControlPlaneConfig {
                 "config: control_plane.token_file is required when control_plane.url is set"
                     .to_owned(),
             ),
-            Some(path) => match std::fs::read_to_string(path) {
-                Err(e) => problems.push(format!(
-                    "config: control_plane.token_file: cannot read {}: {e}",
-                    path.display()
-                )),
-                Ok(text) if text.trim().is_empty() => problems.push(format!(
-                    "config: control_plane.token_file: {} is empty",
-                    path.display()
-                )),
-                Ok(_) => {}
-            },
+            Some(path) => check_secret_file("config: control_plane.token_file", path, problems),
         }
-        for (key, file) in [
-            ("ca_file", &self.ca_file),
-            ("cert_file", &self.cert_file),
-            ("key_file", &self.key_file),
-        ] {
-            if let Some(path) = file {
-                if let Err(e) = std::fs::File::open(path) {
-                    problems.push(format!(
-                        "config: control_plane.{key}: cannot read {}: {e}",
-                        path.display()
-                    ));
-                }
-            }
-        }
+        check_readable(
+            "config: control_plane",
+            [
+                ("ca_file", &self.ca_file),
+                ("cert_file", &self.cert_file),
+                ("key_file", &self.key_file),
+            ],
+            problems,
+        );
         if self.cert_file.is_some() != self.key_file.is_some() {
             problems.push(
                 "config: control_plane: cert_file and key_file must be set together".to_owned(),
@@ -153,6 +138,36 @@ impl ControlPlaneConfig {
         }
         if self.timeout.is_zero() {
             problems.push("config: control_plane.timeout must be > 0".to_owned());
+        }
+    }
+}
+
+/// A file holding a token or password: readable and not blank. `key` prefixes the messages.
+fn check_secret_file(key: &str, path: &std::path::Path, problems: &mut Vec<String>) {
+    match std::fs::read_to_string(path) {
+        Err(e) => problems.push(format!("{key}: cannot read {}: {e}", path.display())),
+        Ok(text) if text.trim().is_empty() => {
+            problems.push(format!("{key}: {} is empty", path.display()))
+        }
+        Ok(_) => {}
+    }
+}
+
+/// Files a section names (CA, certificate, key) that must be readable; `section` prefixes
+/// each key in the messages.
+fn check_readable<const N: usize>(
+    section: &str,
+    files: [(&str, &Option<std::path::PathBuf>); N],
+    problems: &mut Vec<String>,
+) {
+    for (key, file) in files {
+        if let Some(path) = file {
+            if let Err(e) = std::fs::File::open(path) {
+                problems.push(format!(
+                    "{section}.{key}: cannot read {}: {e}",
+                    path.display()
+                ));
+            }
         }
     }
 }
@@ -506,28 +521,18 @@ impl RemoteWriteConfig {
             ("password_file", &self.password_file),
         ] {
             if let Some(path) = file {
-                match std::fs::read_to_string(path) {
-                    Err(e) => {
-                        problems.push(format!("{P}.{key}: cannot read {}: {e}", path.display()))
-                    }
-                    Ok(text) if text.trim().is_empty() => {
-                        problems.push(format!("{P}.{key}: {} is empty", path.display()))
-                    }
-                    Ok(_) => {}
-                }
+                check_secret_file(&format!("{P}.{key}"), path, problems);
             }
         }
-        for (key, file) in [
-            ("ca_file", &self.ca_file),
-            ("cert_file", &self.cert_file),
-            ("key_file", &self.key_file),
-        ] {
-            if let Some(path) = file {
-                if let Err(e) = std::fs::File::open(path) {
-                    problems.push(format!("{P}.{key}: cannot read {}: {e}", path.display()));
-                }
-            }
-        }
+        check_readable(
+            P,
+            [
+                ("ca_file", &self.ca_file),
+                ("cert_file", &self.cert_file),
+                ("key_file", &self.key_file),
+            ],
+            problems,
+        );
         if self.cert_file.is_some() != self.key_file.is_some() {
             problems.push(format!(
                 "{P}: cert_file and key_file go together (mutual TLS); set both or neither"

@@ -280,50 +280,30 @@ fn shown(url: &Url) -> String {
 }
 
 /// Adds the config key to check to an error whose cause is likely in the config.
-fn hint(e: ReportError) -> ReportError {
-    match e {
-        ReportError::Status {
-            what,
-            url,
-            status,
-            body,
-            retry_after,
-        } => {
+fn hint(mut e: ReportError) -> ReportError {
+    match &mut e {
+        ReportError::Status { status, body, .. } => {
             let key = match status.as_u16() {
-                401 | 403 => Some(
-                    "check metrics.remote_write.token_file, or username and password_file",
-                ),
-                404 | 405 => Some(
+                401 | 403 => "check metrics.remote_write.token_file, or username and password_file",
+                404 | 405 => {
                     "check metrics.remote_write.url: the receiver's write path, e.g. /api/v1/write; \
-                     Prometheus needs --web.enable-remote-write-receiver",
-                ),
-                413 => Some("the batch is too large for the receiver: lower metrics.batch_size"),
-                _ => None,
+                     Prometheus needs --web.enable-remote-write-receiver"
+                }
+                413 => "the batch is too large for the receiver: lower metrics.batch_size",
+                _ => return e,
             };
-            let body = match key {
-                Some(key) if body.is_empty() => format!("({key})"),
-                Some(key) => format!("{body} ({key})"),
-                None => body,
+            *body = if body.is_empty() {
+                format!("({key})")
+            } else {
+                format!("{body} ({key})")
             };
-            ReportError::Status {
-                what,
-                url,
-                status,
-                body,
-                retry_after,
-            }
         }
-        ReportError::Transport { what, url, detail } if !detail.contains("(TLS:") => {
-            ReportError::Transport {
-                what,
-                url,
-                detail: format!(
-                    "{detail} (check metrics.remote_write.url and that the receiver is up)"
-                ),
-            }
+        ReportError::Transport { detail, .. } if !detail.contains("(TLS:") => {
+            detail.push_str(" (check metrics.remote_write.url and that the receiver is up)");
         }
-        other => other,
+        _ => {}
     }
+    e
 }
 
 #[async_trait]
