@@ -27,13 +27,16 @@ mod validate;
 pub use env::{EnvKey, CLI_ENV_VARIABLES, ENV_PREFIX};
 pub use peer_names::{read_peer_names_file, PeerNames};
 pub use settings::{MetricsSettings, Settings};
+pub(crate) use validate::is_loopback;
 pub use validate::{
     MAX_LATENCY_PROBES, MAX_PEERS_LIMIT, MAX_SESSIONS_LIMIT, MIN_COLLECT_INTERVAL,
-    MIN_QUEUE_MAX_BYTES, MIN_REPORT_INTERVAL,
+    MIN_QUEUE_MAX_BYTES, MIN_REPORT_INTERVAL, REMOTE_WRITE_RESERVED_HEADERS,
 };
 
 /// Default bound of one HTTP request to the control plane.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default bound of one remote-write request: as Prometheus' own `remote_timeout`.
+pub const DEFAULT_REMOTE_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default bound of the retry queue, in points.
 pub const DEFAULT_QUEUE_MAX_POINTS: i64 = 10_000;
 /// Default bound of the durable queue's directory. While the control plane is away, a node
@@ -136,6 +139,8 @@ pub struct MetricsConfig {
     pub health: HealthConfig,
     /// The Prometheus exposition (`/metrics`).
     pub prometheus: PrometheusConfig,
+    /// Prometheus remote write: a destination beside (or instead of) the control plane.
+    pub remote_write: RemoteWriteConfig,
 }
 
 impl Default for MetricsConfig {
@@ -153,6 +158,7 @@ impl Default for MetricsConfig {
             wireguard: WireGuardConfig::default(),
             health: HealthConfig::default(),
             prometheus: PrometheusConfig::default(),
+            remote_write: RemoteWriteConfig::default(),
         }
     }
 }
@@ -232,6 +238,78 @@ pub struct PrometheusConfig {
     pub cert_file: Option<PathBuf>,
     /// PEM private key of `cert_file`.
     pub key_file: Option<PathBuf>,
+}
+
+/// Prometheus remote write 1.0 to a receiver: Prometheus
+/// (`--web.enable-remote-write-receiver`), Grafana Mimir, Thanos Receive, VictoriaMetrics.
+/// Off unless `url` is set.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RemoteWriteConfig {
+    /// The receiver's write endpoint, e.g. `https://mimir.example/api/v1/push`; empty turns
+    /// remote write off.
+    pub url: String,
+    /// File holding a bearer token; read again whenever it changes. Not with `username`.
+    pub token_file: Option<PathBuf>,
+    /// Basic auth user name, with `password_file`.
+    pub username: String,
+    /// File holding the basic auth password; read again whenever it changes.
+    pub password_file: Option<PathBuf>,
+    /// Extra request headers, e.g. `X-Scope-OrgID` for a Mimir tenant. Not for secrets
+    /// (`token_file` and `password_file` are): a config dump shows them.
+    pub headers: BTreeMap<String, String>,
+    /// PEM file with CA certificates trusted in addition to the system's and Mozilla's roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) for mutual TLS; needs `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+    /// Accept any server certificate. Only for testing; the agent warns at start.
+    pub tls_insecure_skip_verify: bool,
+    /// Bound of one request, from connecting to the end of the response.
+    #[serde(deserialize_with = "duration", serialize_with = "duration_text")]
+    pub timeout: Duration,
+    /// Labels added to every series that has no label of that name itself. `node` is added
+    /// with the value of `node_id` when `node_id` is set and this map has no `node`.
+    pub external_labels: BTreeMap<String, String>,
+}
+
+impl Default for RemoteWriteConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            token_file: None,
+            username: String::new(),
+            password_file: None,
+            headers: BTreeMap::new(),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            tls_insecure_skip_verify: false,
+            timeout: DEFAULT_REMOTE_WRITE_TIMEOUT,
+            external_labels: BTreeMap::new(),
+        }
+    }
+}
+
+impl RemoteWriteConfig {
+    /// Whether points are written to a remote-write receiver.
+    pub fn is_configured(&self) -> bool {
+        !self.url.trim().is_empty()
+    }
+
+    /// The external labels the agent writes with: `external_labels`, and `node="<node_id>"`
+    /// when `node_id` is set and `external_labels` has no `node`. Sorted by name.
+    pub fn labels_for(&self, node_id: &str) -> Vec<(String, String)> {
+        let mut labels = self.external_labels.clone();
+        let node_id = node_id.trim();
+        if !node_id.is_empty() {
+            labels
+                .entry("node".to_owned())
+                .or_insert_with(|| node_id.to_owned());
+        }
+        labels.into_iter().collect()
+    }
 }
 
 /// The spec's `LocalEndpointConfig`: an HTTPS endpoint that receives every batch too.

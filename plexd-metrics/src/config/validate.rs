@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use super::{
     Config, ConfigError, ControlPlaneConfig, EbpfConfig, HealthConfig, LatencyConfig,
-    LocalEndpointConfig, MetricsConfig, MetricsSettings, PrometheusConfig, Settings, SystemConfig,
-    WireGuardConfig,
+    LocalEndpointConfig, MetricsConfig, MetricsSettings, PrometheusConfig, RemoteWriteConfig,
+    Settings, SystemConfig, WireGuardConfig,
 };
 use crate::secret::NodeSecretKey;
 
@@ -115,32 +115,17 @@ impl ControlPlaneConfig {
                 "config: control_plane.token_file is required when control_plane.url is set"
                     .to_owned(),
             ),
-            Some(path) => match std::fs::read_to_string(path) {
-                Err(e) => problems.push(format!(
-                    "config: control_plane.token_file: cannot read {}: {e}",
-                    path.display()
-                )),
-                Ok(text) if text.trim().is_empty() => problems.push(format!(
-                    "config: control_plane.token_file: {} is empty",
-                    path.display()
-                )),
-                Ok(_) => {}
-            },
+            Some(path) => check_secret_file("config: control_plane.token_file", path, problems),
         }
-        for (key, file) in [
-            ("ca_file", &self.ca_file),
-            ("cert_file", &self.cert_file),
-            ("key_file", &self.key_file),
-        ] {
-            if let Some(path) = file {
-                if let Err(e) = std::fs::File::open(path) {
-                    problems.push(format!(
-                        "config: control_plane.{key}: cannot read {}: {e}",
-                        path.display()
-                    ));
-                }
-            }
-        }
+        check_readable(
+            "config: control_plane",
+            [
+                ("ca_file", &self.ca_file),
+                ("cert_file", &self.cert_file),
+                ("key_file", &self.key_file),
+            ],
+            problems,
+        );
         if self.cert_file.is_some() != self.key_file.is_some() {
             problems.push(
                 "config: control_plane: cert_file and key_file must be set together".to_owned(),
@@ -157,8 +142,38 @@ impl ControlPlaneConfig {
     }
 }
 
+/// A file holding a token or password: readable and not blank. `key` prefixes the messages.
+fn check_secret_file(key: &str, path: &std::path::Path, problems: &mut Vec<String>) {
+    match std::fs::read_to_string(path) {
+        Err(e) => problems.push(format!("{key}: cannot read {}: {e}", path.display())),
+        Ok(text) if text.trim().is_empty() => {
+            problems.push(format!("{key}: {} is empty", path.display()))
+        }
+        Ok(_) => {}
+    }
+}
+
+/// Files a section names (CA, certificate, key) that must be readable; `section` prefixes
+/// each key in the messages.
+fn check_readable<const N: usize>(
+    section: &str,
+    files: [(&str, &Option<std::path::PathBuf>); N],
+    problems: &mut Vec<String>,
+) {
+    for (key, file) in files {
+        if let Some(path) = file {
+            if let Err(e) = std::fs::File::open(path) {
+                problems.push(format!(
+                    "{section}.{key}: cannot read {}: {e}",
+                    path.display()
+                ));
+            }
+        }
+    }
+}
+
 /// Plain http is allowed to this host only: a token in clear text never leaves the machine.
-fn is_loopback(u: &url::Url) -> bool {
+pub(crate) fn is_loopback(u: &url::Url) -> bool {
     match u.host() {
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
         Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
@@ -209,6 +224,7 @@ impl MetricsConfig {
         let latency_targets = self.latency.validate_into(self.collect_interval, problems);
         let health_listen = self.health.validate_into(problems);
         let prometheus_listen = self.prometheus.validate_into(problems);
+        self.remote_write.validate_into(problems);
         if self.wireguard.enabled {
             self.wireguard.validate_into(problems);
         }
@@ -420,6 +436,150 @@ impl PrometheusConfig {
     }
 }
 
+/// Headers `metrics.remote_write.headers` may not set: the agent sets them (the protocol's,
+/// the credentials of `token_file` or `username`), or HTTP itself does. Prometheus refuses
+/// the same ones in its `remote_write.headers`.
+pub const REMOTE_WRITE_RESERVED_HEADERS: [&str; 13] = [
+    "authorization",
+    "content-type",
+    "content-encoding",
+    "content-length",
+    "x-prometheus-remote-write-version",
+    "user-agent",
+    "host",
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "www-authenticate",
+];
+
+impl RemoteWriteConfig {
+    fn validate_into(&self, problems: &mut Vec<String>) {
+        const P: &str = "metrics: config: remote_write";
+        if !self.is_configured() {
+            let set: Vec<&str> = [
+                ("token_file", self.token_file.is_some()),
+                ("username", !self.username.is_empty()),
+                ("password_file", self.password_file.is_some()),
+                ("headers", !self.headers.is_empty()),
+                ("ca_file", self.ca_file.is_some()),
+                ("cert_file", self.cert_file.is_some()),
+                ("key_file", self.key_file.is_some()),
+                ("external_labels", !self.external_labels.is_empty()),
+            ]
+            .into_iter()
+            .filter_map(|(key, set)| set.then_some(key))
+            .collect();
+            if !set.is_empty() {
+                problems.push(format!(
+                    "{P}: {} set without remote_write.url; set the receiver's write URL (e.g. \
+                     https://prometheus.example/api/v1/write) or remove them",
+                    set.join(", ")
+                ));
+            }
+            return;
+        }
+        match url::Url::parse(self.url.trim()) {
+            Err(e) => problems.push(format!(
+                "{P}.url: invalid URL {:?}: {e}; write the receiver's write endpoint, e.g. \
+                 https://prometheus.example/api/v1/write",
+                self.url
+            )),
+            Ok(u) => {
+                if !u.username().is_empty() || u.password().is_some() {
+                    // Never echo the URL here: it carries a credential.
+                    problems.push(format!(
+                        "{P}.url must not carry credentials; use remote_write.username and \
+                         password_file, or token_file"
+                    ));
+                } else if !matches!(u.scheme(), "http" | "https") {
+                    problems.push(format!(
+                        "{P}.url must be http or https, got {:?}",
+                        u.scheme()
+                    ));
+                } else if u.host_str().is_none_or(str::is_empty) {
+                    problems.push(format!("{P}.url has no host: {:?}", self.url));
+                }
+            }
+        }
+        let basic = !self.username.is_empty() || self.password_file.is_some();
+        if self.token_file.is_some() && basic {
+            problems.push(format!(
+                "{P}: token_file (bearer) and username/password_file (basic auth) exclude each \
+                 other; keep the one the receiver expects"
+            ));
+        }
+        if self.username.is_empty() != self.password_file.is_none() {
+            problems.push(format!(
+                "{P}: username and password_file go together (basic auth); set both or neither"
+            ));
+        }
+        for (key, file) in [
+            ("token_file", &self.token_file),
+            ("password_file", &self.password_file),
+        ] {
+            if let Some(path) = file {
+                check_secret_file(&format!("{P}.{key}"), path, problems);
+            }
+        }
+        check_readable(
+            P,
+            [
+                ("ca_file", &self.ca_file),
+                ("cert_file", &self.cert_file),
+                ("key_file", &self.key_file),
+            ],
+            problems,
+        );
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            problems.push(format!(
+                "{P}: cert_file and key_file go together (mutual TLS); set both or neither"
+            ));
+        }
+        for (name, value) in &self.headers {
+            if REMOTE_WRITE_RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+                problems.push(format!(
+                    "{P}.headers: {name:?} is set by the agent; use token_file or \
+                     username/password_file for credentials"
+                ));
+            } else if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                problems.push(format!("{P}.headers: {name:?} is not an HTTP header name"));
+            } else if reqwest::header::HeaderValue::from_str(value).is_err() {
+                problems.push(format!(
+                    "{P}.headers: the value of {name:?} holds characters an HTTP header cannot carry"
+                ));
+            }
+        }
+        if self.timeout.is_zero() {
+            problems.push(format!("{P}.timeout must be > 0"));
+        }
+        for (name, value) in &self.external_labels {
+            if !valid_label_name(name) || name.starts_with("__") {
+                problems.push(format!(
+                    "{P}.external_labels: {name:?} is not a label name: letters, digits and \
+                     _, not starting with a digit or with __"
+                ));
+            } else if value.is_empty() {
+                problems.push(format!(
+                    "{P}.external_labels: {name:?} has an empty value, which Prometheus reads \
+                     as no label; remove it or give it a value"
+                ));
+            }
+        }
+    }
+}
+
+/// A Prometheus label name: `[a-zA-Z_][a-zA-Z0-9_]*`.
+fn valid_label_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 impl LatencyConfig {
     /// The targets with their addresses parsed; `None` when the group is off.
     fn validate_into(
@@ -494,6 +654,111 @@ fn valid_interface_name(name: &str) -> bool {
 mod tests {
     use super::*;
     use crate::config::testing::*;
+
+    #[test]
+    fn remote_write_is_off_by_default_and_a_full_example_passes() {
+        let rw = Config::default().metrics.remote_write;
+        assert!(!rw.is_configured());
+        assert_eq!(rw.timeout, Duration::from_secs(30));
+        let files = Files::new("rw-ok");
+        std::fs::write(files.0.join("ca.pem"), "x").unwrap();
+        let cfg = Config::parse(&format!(
+            "node_id: n1\nmetrics:\n  remote_write:\n    url: https://mimir.example/api/v1/push\n    \
+             username: agent\n    password_file: {}\n    headers: {{ X-Scope-OrgID: tenant-1 }}\n    \
+             ca_file: {}\n    timeout: 5s\n    external_labels: {{ cluster: eu-1 }}\n",
+            files.path("token"),
+            files.path("ca.pem")
+        ))
+        .unwrap();
+        cfg.validate().unwrap();
+        let rw = &cfg.metrics.remote_write;
+        assert_eq!(rw.timeout, Duration::from_secs(5));
+        assert_eq!(
+            rw.labels_for(&cfg.node_id),
+            [
+                ("cluster".to_owned(), "eu-1".to_owned()),
+                ("node".to_owned(), "n1".to_owned())
+            ]
+        );
+        // A node label of the user's wins over node_id; no node_id, no node label.
+        let mut own = rw.clone();
+        own.external_labels.insert("node".into(), "mine".into());
+        assert_eq!(
+            own.labels_for("n1")[1],
+            ("node".to_owned(), "mine".to_owned())
+        );
+        assert_eq!(rw.labels_for("").len(), 1);
+        // Plain http to any host: in-cluster receivers often have no TLS.
+        assert!(problems(
+            "metrics: { remote_write: { url: 'http://vm.monitoring:8428/api/v1/write' } }"
+        )
+        .is_empty());
+    }
+
+    #[test]
+    fn remote_write_rules_name_the_key_and_what_to_set() {
+        let files = Files::new("rw-bad");
+        let token = files.path("token");
+        let rw = |body: &str| problems(&format!("metrics: {{ remote_write: {{ {body} }} }}"));
+        assert_eq!(
+            rw(&format!("token_file: {token}, external_labels: {{ a: b }}")),
+            ["metrics: config: remote_write: token_file, external_labels set without remote_write.url; set the receiver's write URL (e.g. https://prometheus.example/api/v1/write) or remove them"]
+        );
+        assert_eq!(
+            rw("url: 'ftp://x/'"),
+            [r#"metrics: config: remote_write.url must be http or https, got "ftp""#]
+        );
+        assert!(rw("url: 'not a url'")[0]
+            .starts_with(r#"metrics: config: remote_write.url: invalid URL "not a url": "#));
+        let p = rw("url: 'https://user:hunter2@x/'");
+        assert_eq!(p, ["metrics: config: remote_write.url must not carry credentials; use remote_write.username and password_file, or token_file"]);
+        assert!(!p[0].contains("hunter2"));
+        assert_eq!(
+            rw(&format!("url: 'https://x/', token_file: {token}, username: u, password_file: {token}")),
+            ["metrics: config: remote_write: token_file (bearer) and username/password_file (basic auth) exclude each other; keep the one the receiver expects"]
+        );
+        assert_eq!(
+            rw("url: 'https://x/', username: u"),
+            ["metrics: config: remote_write: username and password_file go together (basic auth); set both or neither"]
+        );
+        let p = rw("url: 'https://x/', token_file: /nonexistent/t, cert_file: /nonexistent/c");
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert!(
+            p[0].starts_with(
+                "metrics: config: remote_write.token_file: cannot read /nonexistent/t: "
+            ),
+            "{p:?}"
+        );
+        assert!(
+            p[1].starts_with(
+                "metrics: config: remote_write.cert_file: cannot read /nonexistent/c: "
+            ),
+            "{p:?}"
+        );
+        assert_eq!(p[2], "metrics: config: remote_write: cert_file and key_file go together (mutual TLS); set both or neither");
+        assert_eq!(
+            rw("url: 'https://x/', headers: { Authorization: 'Bearer x', 'bad name': v, X-Ok: \"a\\nb\" }, timeout: 0s"),
+            [
+                r#"metrics: config: remote_write.headers: "Authorization" is set by the agent; use token_file or username/password_file for credentials"#,
+                r#"metrics: config: remote_write.headers: the value of "X-Ok" holds characters an HTTP header cannot carry"#,
+                r#"metrics: config: remote_write.headers: "bad name" is not an HTTP header name"#,
+                "metrics: config: remote_write.timeout must be > 0",
+            ]
+        );
+        assert_eq!(
+            rw("url: 'https://x/', external_labels: { 1x: a, __x: b, ok: '' }"),
+            [
+                r#"metrics: config: remote_write.external_labels: "1x" is not a label name: letters, digits and _, not starting with a digit or with __"#,
+                r#"metrics: config: remote_write.external_labels: "__x" is not a label name: letters, digits and _, not starting with a digit or with __"#,
+                r#"metrics: config: remote_write.external_labels: "ok" has an empty value, which Prometheus reads as no label; remove it or give it a value"#,
+            ]
+        );
+        // Content-Type and Content-Encoding are the protocol's, in any spelling.
+        assert_eq!(
+            rw("url: 'https://x/', headers: { content-type: a, CONTENT-ENCODING: b }").len(),
+            2
+        );
+    }
 
     #[test]
     fn each_interval_rule_has_the_spec_text() {

@@ -101,7 +101,7 @@ impl ControlPlaneReporter {
         let url = self.metrics_url(node_id);
         let body = gzip_json(batch)
             .map_err(|e| ReportError::Setup(format!("cannot encode the batch: {e}")))?;
-        let mut token = self.token.current().map_err(ReportError::Token)?;
+        let mut token = self.token.current().map_err(token_error)?;
         let mut retried_new_token = false;
         loop {
             let sent = self
@@ -135,6 +135,13 @@ impl ControlPlaneReporter {
             }
             return result.map(drop);
         }
+    }
+}
+
+fn token_error(source: crate::secret::SecretError) -> ReportError {
+    ReportError::Token {
+        key: "control_plane.token_file",
+        source,
     }
 }
 
@@ -179,7 +186,7 @@ impl MetricReporter for ControlPlaneReporter {
 impl SecretFetcher for ControlPlaneReporter {
     async fn fetch_secret(&self, node_id: &str, key: &str) -> Result<SecretResponse, BoxError> {
         let url = self.endpoint(&["v1", "nodes", node_id, "secrets", key]);
-        let token = self.token.current().map_err(ReportError::Token)?;
+        let token = self.token.current().map_err(token_error)?;
         let response = self
             .client
             .get(url.clone())

@@ -63,7 +63,8 @@ pub(crate) fn build_client(
         for (name, path) in [("cert_file", cert), ("key_file", key)] {
             let bytes = std::fs::read(path).map_err(|e| {
                 ReportError::Setup(format!(
-                    "control_plane.{name}: cannot read {}: {e}",
+                    "{}.{name}: cannot read {}: {e}",
+                    keys.section,
                     path.display()
                 ))
             })?;
@@ -72,7 +73,8 @@ pub(crate) fn build_client(
         }
         let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
             ReportError::Setup(format!(
-                "control_plane.cert_file/key_file: {} and {} are not a PEM certificate and private key: {}",
+                "{}.cert_file/key_file: {} and {} are not a PEM certificate and private key: {}",
+                keys.section,
                 cert.display(),
                 key.display(),
                 chain(&e)
@@ -94,18 +96,29 @@ pub(crate) struct TlsKeys {
     pub what: &'static str,
     /// The key that adds a CA for this client.
     pub ca: &'static str,
+    /// The config section of this client's other keys (`cert_file`, `key_file`).
+    pub section: &'static str,
 }
 
 /// The control plane client's keys.
 pub(crate) const CONTROL_PLANE: TlsKeys = TlsKeys {
     what: "control plane",
     ca: "control_plane.ca_file",
+    section: "control_plane",
 };
 
 /// The local endpoint client's keys.
 pub(crate) const LOCAL_ENDPOINT: TlsKeys = TlsKeys {
     what: "local endpoint",
     ca: "metrics.local_endpoint.ca_file",
+    section: "metrics.local_endpoint",
+};
+
+/// The remote-write client's keys.
+pub(crate) const REMOTE_WRITE: TlsKeys = TlsKeys {
+    what: "remote write",
+    ca: "metrics.remote_write.ca_file",
+    section: "metrics.remote_write",
 };
 
 /// Turns a failed request into an error naming the URL (never the token) and the cause.

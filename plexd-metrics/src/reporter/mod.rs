@@ -5,12 +5,15 @@
 //! - [`LocalReporter`]: an optional local HTTPS endpoint with its own TLS settings and a
 //!   credential fetched from the control plane and decrypted with the node's key.
 //! - [`MultiReporter`]: both at once; only the control plane's result counts.
+//! - [`RemoteWriteReporter`]: Prometheus remote write 1.0 (snappy protobuf) to a receiver
+//!   such as Prometheus, Mimir, Thanos or VictoriaMetrics.
 //! - [`StdoutReporter`]: one JSON line per batch when no control plane is configured.
 
 mod control_plane;
 mod http;
 mod local;
 mod multi;
+mod remote_write;
 mod stdout;
 pub(crate) mod token;
 
@@ -18,6 +21,7 @@ pub use control_plane::{gzip_json, ControlPlaneReporter};
 pub use http::TlsSettings;
 pub use local::{LocalReporter, SecretFetcher, CREDENTIAL_TTL, LOCAL_TIMEOUT};
 pub use multi::{MultiReporter, LOCAL_BACKLOG};
+pub use remote_write::{RemoteWriteReporter, REMOTE_WRITE_VERSION, REMOTE_WRITE_VERSION_HEADER};
 pub use stdout::StdoutReporter;
 pub use token::TokenFile;
 
@@ -95,9 +99,14 @@ pub enum ReportError {
         /// How long the server asked us to wait (`Retry-After`), if it said.
         retry_after: Option<Duration>,
     },
-    /// The bearer token file could not be read.
-    #[error("control_plane.token_file: {0}")]
-    Token(SecretError),
+    /// A credential file (bearer token, password) could not be read.
+    #[error("{key}: {source}")]
+    Token {
+        /// The config key naming the file, e.g. `control_plane.token_file`.
+        key: &'static str,
+        /// Why it could not be read.
+        source: SecretError,
+    },
     /// The local endpoint has no credential: it could not be fetched or decrypted and none
     /// is cached. No request was made.
     #[error("local endpoint: no credential for secret {key:?}: {cause}")]
