@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,7 +26,8 @@ use crate::prometheus::exposition::{Exposition, ExpositionError, MetricsServer, 
 use crate::prometheus::series::SeriesBook;
 use crate::queue::{DeliveryQueue, QueueLimits};
 use crate::reporter::{
-    ControlPlaneReporter, LocalReporter, MetricReporter, MultiReporter, ReportError, StdoutReporter,
+    ControlPlaneReporter, LocalReporter, MetricReporter, MultiReporter, RemoteWriteReporter,
+    ReportError, StdoutReporter,
 };
 use crate::secret::{NodeSecretKey, SecretError};
 use crate::source::counters::EndpointCounterSource;
@@ -85,6 +87,9 @@ pub struct Agent {
     health: Option<(SocketAddr, HealthState)>,
     // The Prometheus exposition, when `metrics.prometheus.listen` is set.
     prometheus: Option<PrometheusParts>,
+    // Remote write beside the control plane: a destination with a queue of its own (in
+    // `metrics.queue.dir`/remote_write when the queue is durable).
+    remote_write: Option<Arc<dyn MetricReporter>>,
 }
 
 /// What `/metrics` needs to start: the task that folds the points, where it listens and
@@ -172,7 +177,7 @@ impl Agent {
             tunnel.hand_listen_ports(&found);
             collectors.push(Arc::new(TunnelCollector::new(tunnel)));
         }
-        let reporter = build_reporter(cfg)?;
+        let destinations = build_destinations(cfg)?;
         let heartbeat = Arc::new(Heartbeat::default());
         // With metrics off the agent does nothing and exits, so there is nothing to probe.
         let health = options
@@ -186,16 +191,18 @@ impl Agent {
             .zip(cfg.metrics.queue.dir.clone())
             .map(|(options, dir)| (dir, options.limits));
 
-        let mut manager = Manager::new(options, collectors, reporter, cfg.node_id.clone())
-            .with_delivery_stats(delivery)
-            .with_heartbeat(heartbeat);
+        let mut manager = Manager::new(
+            options,
+            collectors,
+            destinations.primary,
+            cfg.node_id.clone(),
+        )
+        .with_primary_name(destinations.primary_name)
+        .with_delivery_stats(delivery)
+        .with_heartbeat(heartbeat);
+        let remote_write = destinations.remote_write;
         let prometheus = metrics.and_then(|m| m.prometheus_listen).map(|addr| {
-            let destination = if cfg.control_plane.is_configured() {
-                "control_plane"
-            } else {
-                "stdout"
-            };
-            let book = SeriesBook::new(env!("CARGO_PKG_VERSION"), destination);
+            let book = SeriesBook::new(env!("CARGO_PKG_VERSION"), destinations.primary_name);
             let (exposition, tap, rendered) = Exposition::new(book);
             manager.set_points_tap(tap);
             PrometheusParts {
@@ -209,6 +216,7 @@ impl Agent {
         Ok(Self {
             manager,
             queue,
+            remote_write,
             _probe: probe,
             health,
             prometheus,
@@ -234,13 +242,38 @@ impl Agent {
         let Agent {
             mut manager,
             queue,
+            remote_write,
             _probe,
             health,
             prometheus,
         } = self;
         // Before anything is served: a directory another agent holds stops this one at once.
+        let remote_write_queue = match &queue {
+            Some((dir, limits)) if remote_write.is_some() => {
+                let own = dir.join(crate::queue::spool::REMOTE_WRITE_DIR);
+                // Readable by the agent alone, like the queue's files: points name peers.
+                // Should this fail, opening the queue says why and it runs in memory.
+                let _ = std::fs::DirBuilder::new()
+                    .mode(0o700)
+                    .create(&own)
+                    .or_else(|e| match e.kind() {
+                        std::io::ErrorKind::AlreadyExists => Ok(()),
+                        _ => Err(e),
+                    });
+                Some(DeliveryQueue::open(&own, *limits)?)
+            }
+            _ => None,
+        };
         if let Some((dir, limits)) = queue {
             manager = manager.with_queue(DeliveryQueue::open(&dir, limits)?);
+        }
+        if let Some(reporter) = remote_write {
+            manager.add_destination(
+                "remote_write",
+                reporter,
+                remote_write_queue,
+                Arc::new(DeliveryStats::default()),
+            );
         }
         // Bound before anything runs, so that a taken port stops the agent at once.
         let health = match health {
@@ -301,10 +334,49 @@ impl Agent {
 
 /// The control plane when one is configured (with the local endpoint beside it when that is
 /// configured too), stdout otherwise.
-fn build_reporter(cfg: &Config) -> Result<Arc<dyn MetricReporter>, AgentError> {
-    if !cfg.control_plane.is_configured() {
-        return Ok(Arc::new(StdoutReporter::new()));
+/// The destinations: the primary one (whose figures are the `agent` group's and
+/// readiness'), named, and remote write beside it when both it and the control plane are
+/// configured. Remote write alone is the primary; stdout is the primary only when nothing
+/// else is configured.
+fn build_destinations(cfg: &Config) -> Result<Destinations, AgentError> {
+    let remote_write = if cfg.metrics.enabled && cfg.metrics.remote_write.is_configured() {
+        let reporter = RemoteWriteReporter::new(&cfg.metrics.remote_write, &cfg.node_id)?;
+        info!(component = "metrics", url = %reporter.url(), "remote write enabled");
+        Some(Arc::new(reporter) as Arc<dyn MetricReporter>)
+    } else {
+        None
+    };
+    if cfg.control_plane.is_configured() {
+        return Ok(Destinations {
+            primary: build_reporter(cfg)?,
+            primary_name: "control_plane",
+            remote_write,
+        });
     }
+    Ok(match remote_write {
+        Some(remote_write) => Destinations {
+            primary: remote_write,
+            primary_name: "remote_write",
+            remote_write: None,
+        },
+        None => Destinations {
+            primary: Arc::new(StdoutReporter::new()),
+            primary_name: "stdout",
+            remote_write: None,
+        },
+    })
+}
+
+/// Where batches go.
+struct Destinations {
+    primary: Arc<dyn MetricReporter>,
+    primary_name: &'static str,
+    /// Remote write beside the control plane, in a lane of its own.
+    remote_write: Option<Arc<dyn MetricReporter>>,
+}
+
+/// The control plane's reporter, with the local endpoint beside it when that is configured.
+fn build_reporter(cfg: &Config) -> Result<Arc<dyn MetricReporter>, AgentError> {
     let control_plane = Arc::new(ControlPlaneReporter::new(&cfg.control_plane)?);
     info!(
         component = "metrics",
