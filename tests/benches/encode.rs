@@ -16,6 +16,8 @@ use flate2::write::GzEncoder;
 use flate2::Compression;
 use plexd_metrics::api::{MetricPoint, GROUP_TUNNEL};
 use plexd_metrics::collector::TunnelStats;
+use plexd_metrics::prometheus::remote_write;
+use plexd_metrics::prometheus::series::SeriesBook;
 use plexd_metrics::reporter::gzip_json;
 use plexd_metrics_tests::bench::{emit, median, thousands, Goal, Row};
 use plexd_metrics_tests::wireguard::random_public_key;
@@ -26,6 +28,8 @@ const ID: &str = "encode_batch_10000";
 const JSON_ID: &str = "encode_json_only_10000";
 /// The same body at gzip's default level, to tell what the agent's fastest level saves.
 const DEFAULT_LEVEL_ID: &str = "encode_gzip_default_10000";
+/// The same points as a Prometheus remote-write request (protobuf, snappy).
+const REMOTE_WRITE_ID: &str = "encode_remote_write_10000";
 
 fn batch() -> Vec<MetricPoint> {
     let now = Utc
@@ -118,6 +122,16 @@ fn main() {
             default_len = gz.finish().expect("compress").len();
         })
     });
+    // The remote-write book folds the points in as the reporter does; folding the same
+    // batch again is the steady state of a running agent (every peer known, totals grow).
+    let mut book = SeriesBook::new("bench", "remote_write");
+    let external = [("node".to_owned(), "node-1".to_owned())];
+    let mut remote_write_len = 0;
+    c.bench_function(REMOTE_WRITE_ID, |b| {
+        b.iter(|| {
+            remote_write_len = remote_write::encode(&mut book, black_box(&points), &external).len();
+        })
+    });
     c.final_summary();
     // `cargo bench` runs benches with `--bench`; under `cargo test` Criterion runs each once
     // and saves nothing to read back.
@@ -152,4 +166,24 @@ fn main() {
         json as f64 / gz as f64
     ));
     emit(&row).expect("write the row");
+
+    let remote_write_row = Row::alone(
+        "encode",
+        format!(
+            "encoding a remote-write request of {} peers' samples",
+            thousands(POINTS)
+        ),
+        "prometheus::remote_write::encode (protobuf, snappy)",
+        "ms",
+        &samples_ms(REMOTE_WRITE_ID),
+        Goal::Below(5.0),
+    )
+    .note(format!(
+        "encode: the remote-write request of the same {} tunnel points is {:.2} MiB; their \
+         JSON + gzip for the control plane took {:.1} ms in the same run",
+        thousands(POINTS),
+        remote_write_len as f64 / (1024.0 * 1024.0),
+        median(&samples_ms(ID))
+    ));
+    emit(&remote_write_row).expect("write the row");
 }
