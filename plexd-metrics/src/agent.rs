@@ -89,7 +89,7 @@ pub struct Agent {
     prometheus: Option<PrometheusParts>,
     // Remote write beside the control plane: a destination with a queue of its own (in
     // `metrics.queue.dir`/remote_write when the queue is durable).
-    remote_write: Option<Arc<dyn MetricReporter>>,
+    remote_write: Option<(Arc<dyn MetricReporter>, Arc<DeliveryStats>)>,
 }
 
 /// What `/metrics` needs to start: the task that folds the points, where it listens and
@@ -139,13 +139,23 @@ impl Agent {
         };
         let kernel = probe.clone().map(|p| p as Arc<dyn KernelCounters>);
         let delivery = Arc::new(DeliveryStats::default());
+        let destinations = build_destinations(cfg)?;
+        // Remote write beside the control plane reports its figures in the agent group too.
+        let remote_write_stats = destinations
+            .remote_write
+            .as_ref()
+            .map(|_| Arc::new(DeliveryStats::default()));
         let reconnects = delivery.clone() as Arc<dyn ReconnectCounter>;
         let mut collectors: Vec<Arc<dyn Collector>> = vec![
             Arc::new(SystemCollector::new(reader)),
-            Arc::new(
-                AgentStatsCollector::new(started, Some(reconnects), kernel)
-                    .with_delivery(delivery.clone()),
-            ),
+            Arc::new({
+                let collector = AgentStatsCollector::new(started, Some(reconnects), kernel)
+                    .with_delivery(delivery.clone());
+                match &remote_write_stats {
+                    Some(stats) => collector.with_destination("remote_write", stats.clone()),
+                    None => collector,
+                }
+            }),
         ];
         let metrics = settings.metrics.as_ref();
         if let Some(targets) = metrics.and_then(|m| m.latency_targets.as_ref()) {
@@ -177,7 +187,6 @@ impl Agent {
             tunnel.hand_listen_ports(&found);
             collectors.push(Arc::new(TunnelCollector::new(tunnel)));
         }
-        let destinations = build_destinations(cfg)?;
         let heartbeat = Arc::new(Heartbeat::default());
         // With metrics off the agent does nothing and exits, so there is nothing to probe.
         let health = options
@@ -200,7 +209,7 @@ impl Agent {
         .with_primary_name(destinations.primary_name)
         .with_delivery_stats(delivery)
         .with_heartbeat(heartbeat);
-        let remote_write = destinations.remote_write;
+        let remote_write = destinations.remote_write.zip(remote_write_stats);
         let prometheus = metrics.and_then(|m| m.prometheus_listen).map(|addr| {
             let book = SeriesBook::new(env!("CARGO_PKG_VERSION"), destinations.primary_name);
             let (exposition, tap, rendered) = Exposition::new(book);
@@ -267,13 +276,8 @@ impl Agent {
         if let Some((dir, limits)) = queue {
             manager = manager.with_queue(DeliveryQueue::open(&dir, limits)?);
         }
-        if let Some(reporter) = remote_write {
-            manager.add_destination(
-                "remote_write",
-                reporter,
-                remote_write_queue,
-                Arc::new(DeliveryStats::default()),
-            );
+        if let Some((reporter, stats)) = remote_write {
+            manager.add_destination("remote_write", reporter, remote_write_queue, stats);
         }
         // Bound before anything runs, so that a taken port stops the agent at once.
         let health = match health {

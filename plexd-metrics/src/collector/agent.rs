@@ -1,6 +1,8 @@
 //! The `agent` group: the agent's own health, with the Go agent's JSON keys.
 
-use std::{sync::Arc, time::Instant};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
 
 use async_trait::async_trait;
 use chrono::Utc;
@@ -117,7 +119,29 @@ pub struct AgentStats {
     /// Damaged or foreign files the durable queue set aside or skipped since start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub corrupt_batches: Option<u64>,
+    /// The delivery figures of each destination besides the primary one (whose figures are
+    /// the keys above), by name: `remote_write` beside a control plane.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub destinations: BTreeMap<String, DestinationFigures>,
 }
+
+/// The delivery figures of one destination besides the primary.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DestinationFigures {
+    /// Points waiting for it.
+    pub queued_points: u64,
+    /// Points dropped because its queue was full, since start.
+    pub dropped_points: u64,
+    /// Points it refused, since start.
+    pub rejected_points: u64,
+    /// Recoveries after failed deliveries to it.
+    pub reconnect_count: u64,
+}
+
+/// A destination's figures, as [`AgentStatsCollector::with_destination`] takes them.
+pub trait DestinationCounters: DeliveryCounters + ReconnectCounter {}
+
+impl<T: DeliveryCounters + ReconnectCounter> DestinationCounters for T {}
 
 /// Emits one `agent` point per cycle.
 pub struct AgentStatsCollector {
@@ -125,6 +149,7 @@ pub struct AgentStatsCollector {
     reconnects: Option<Arc<dyn ReconnectCounter>>,
     kernel: Option<Arc<dyn KernelCounters>>,
     delivery: Option<Arc<dyn DeliveryCounters>>,
+    destinations: Vec<(&'static str, Arc<dyn DestinationCounters>)>,
 }
 
 impl AgentStatsCollector {
@@ -140,7 +165,18 @@ impl AgentStatsCollector {
             reconnects,
             kernel,
             delivery: None,
+            destinations: Vec::new(),
         }
+    }
+
+    /// Adds the figures of destination `name` besides the primary (under `destinations`).
+    pub fn with_destination(
+        mut self,
+        name: &'static str,
+        counters: Arc<dyn DestinationCounters>,
+    ) -> Self {
+        self.destinations.push((name, counters));
+        self
     }
 
     /// Adds `dropped_points`, `queued_points`, `rejected_points`, `spooled_points`,
@@ -180,6 +216,18 @@ impl AgentStatsCollector {
             stats.spooled_points = Some(d.spooled_points);
             stats.spooled_bytes = Some(d.spooled_bytes);
             stats.corrupt_batches = Some(d.corrupt_batches);
+        }
+        for (name, counters) in &self.destinations {
+            let d = counters.delivery_totals();
+            stats.destinations.insert(
+                (*name).to_owned(),
+                DestinationFigures {
+                    queued_points: d.queued_points,
+                    dropped_points: d.dropped_points,
+                    rejected_points: d.rejected_points,
+                    reconnect_count: counters.reconnect_count(),
+                },
+            );
         }
         Ok(stats)
     }

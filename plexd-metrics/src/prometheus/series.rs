@@ -437,6 +437,25 @@ fn agent_samples(a: &AgentStats, destination: &'static str) -> Vec<(FamilyDef, S
             .into_iter()
             .filter_map(|(def, labels, v)| v.map(|v| sample(def, labels, v as f64))),
     );
+    for (name, d) in &a.destinations {
+        let dest = || vec![("destination", name.clone())];
+        out.push(sample(names::AGENT_QUEUED, dest(), d.queued_points as f64));
+        out.push(sample(
+            names::AGENT_DROPPED,
+            dest(),
+            d.dropped_points as f64,
+        ));
+        out.push(sample(
+            names::AGENT_REJECTED,
+            dest(),
+            d.rejected_points as f64,
+        ));
+        out.push(sample(
+            names::AGENT_RECONNECTS,
+            dest(),
+            d.reconnect_count as f64,
+        ));
+    }
     out
 }
 
@@ -597,6 +616,41 @@ mod tests {
         assert!((sum - 0.0037).abs() < 1e-9);
         assert_eq!(value(&f, "plexd_peer_probes_sent", "gw"), Some(3.0));
         assert_eq!(value(&f, "plexd_peer_probes_received", "gw"), Some(2.0));
+    }
+
+    #[test]
+    fn each_destination_has_its_delivery_figures() {
+        use crate::collector::DestinationFigures;
+        let mut book = SeriesBook::new("1", "control_plane");
+        let mut stats = AgentStats {
+            queued_points: Some(3),
+            ..AgentStats::default()
+        };
+        stats.destinations.insert(
+            "remote_write".into(),
+            DestinationFigures {
+                queued_points: 40,
+                ..DestinationFigures::default()
+            },
+        );
+        book.observe_cycle(&[MetricPoint::new(Utc::now(), GROUP_AGENT, "", &stats).unwrap()]);
+        let f = book.families();
+        let queued = f
+            .iter()
+            .find(|f| f.def.name == "plexd_agent_queued_points")
+            .unwrap();
+        let by_destination: Vec<(String, Value)> = queued
+            .samples
+            .iter()
+            .map(|s| (s.labels[0].1.clone(), s.value.clone()))
+            .collect();
+        assert_eq!(
+            by_destination,
+            [
+                ("control_plane".to_owned(), Value::Number(3.0)),
+                ("remote_write".to_owned(), Value::Number(40.0))
+            ]
+        );
     }
 
     #[test]

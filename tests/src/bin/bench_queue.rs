@@ -833,6 +833,7 @@ fn agent(cycle: usize) -> MetricPoint {
         spooled_points: Some(0),
         spooled_bytes: Some(8),
         corrupt_batches: Some(0),
+        destinations: Default::default(),
     };
     MetricPoint::new(Utc::now(), GROUP_AGENT, "", &stats).expect("an agent point")
 }
