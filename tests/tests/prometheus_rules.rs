@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
 use plexd_metrics_tests::control_plane::TempDir;
+use plexd_metrics_tests::dashboard::{dashboard, dashboard_queries, substitute};
 use plexd_metrics_tests::pod::{deploy_dir, read_yaml};
 use plexd_metrics_tests::prometheus_server::{backfill, promtool, require_tool, said, Prometheus};
 use serde_json::Value;
@@ -116,38 +117,6 @@ fn the_scrape_config_parses_and_labels_the_node() {
     assert!(relabel.iter().any(|r| r["action"] == "keep"
         && r["source_labels"]
             == serde_json::json!(["__meta_kubernetes_pod_annotation_prometheus_io_scrape"])));
-}
-
-fn dashboard() -> Value {
-    let path = deploy_dir().join("grafana/plexd-metrics.json");
-    serde_json::from_str(&std::fs::read_to_string(&path).expect("the dashboard"))
-        .expect("the dashboard is JSON")
-}
-
-/// Every panel's targets' expressions, with the panel's title.
-fn dashboard_queries(dashboard: &Value) -> Vec<(String, String)> {
-    dashboard["panels"]
-        .as_array()
-        .expect("panels")
-        .iter()
-        .filter(|p| p["type"] != "row")
-        .flat_map(|p| {
-            let title = p["title"].as_str().expect("title").to_owned();
-            p["targets"]
-                .as_array()
-                .expect("targets")
-                .iter()
-                .map(move |t| (title.clone(), t["expr"].as_str().expect("expr").to_owned()))
-        })
-        .collect()
-}
-
-/// The query Prometheus gets for a Grafana expression: the variables replaced by what
-/// "All" and a one-minute rate interval would give.
-fn substitute(expr: &str) -> String {
-    expr.replace("$__rate_interval", "1m")
-        .replace("$node", ".*")
-        .replace("$peer", ".*")
 }
 
 #[test]

@@ -7,6 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use plexd_metrics_tests::agent::RunningAgent;
+use plexd_metrics_tests::dashboard::{dashboard, dashboard_queries, substitute};
 use plexd_metrics_tests::mesh::Mesh;
 use plexd_metrics_tests::prometheus::{exchange, Prometheus};
 use plexd_metrics_tests::require_privileges;
@@ -88,6 +89,20 @@ fn prometheus_holds_the_routers_drops_and_the_token_is_required() {
         )),
         Some(1.0)
     );
+    // The dashboard's panels on what this Prometheus holds: every query runs, and the loss
+    // panels show the lossy peer's loss.
+    let board = dashboard();
+    for (title, expr) in dashboard_queries(&board) {
+        let result = prometheus.query(&substitute(&expr));
+        if title.contains("loss") {
+            let lossy = result
+                .iter()
+                .find(|r| r["metric"]["peer"] == sender.keys.public.as_str())
+                .unwrap_or_else(|| panic!("{title}: no series of the lossy peer: {result:?}"));
+            let value: f64 = lossy["value"][1].as_str().unwrap().parse().unwrap();
+            assert!(value > 0.0, "{title}: {lossy}");
+        }
+    }
     let version = prometheus.query("plexd_agent_build_info");
     assert_eq!(
         version[0]["metric"]["version"],
