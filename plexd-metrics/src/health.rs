@@ -580,7 +580,8 @@ mod tests {
         let (status, body) = get(run.addr, "/readyz").await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["checks"]["delivery"]["last_report"], "accepted");
-        assert_eq!(run.delivery.delivery_totals().dropped_points, 0);
+        // Whether the collect at 25 s dropped points depends on the retries' jitter (the
+        // retry after the outage may come before it or after); readiness does not.
     }
 
     #[tokio::test(start_paused = true)]
