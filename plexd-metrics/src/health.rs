@@ -409,7 +409,6 @@ mod tests {
         cancel: CancellationToken,
         reporter: Arc<Switch>,
         accepted: mpsc::UnboundedReceiver<usize>,
-        delivery: Arc<DeliveryStats>,
     }
 
     impl Drop for Running {
@@ -443,7 +442,6 @@ mod tests {
             cancel,
             reporter,
             accepted,
-            delivery,
         }
     }
 

@@ -555,6 +555,13 @@ impl RemoteWriteConfig {
         if self.timeout.is_zero() {
             problems.push(format!("{P}.timeout must be > 0"));
         }
+        if self.external_labels.len() > crate::prometheus::remote_write::MAX_EXTERNAL_LABELS {
+            problems.push(format!(
+                "{P}.external_labels: {} labels, at most {} are written with each series",
+                self.external_labels.len(),
+                crate::prometheus::remote_write::MAX_EXTERNAL_LABELS
+            ));
+        }
         for (name, value) in &self.external_labels {
             if !valid_label_name(name) || name.starts_with("__") {
                 problems.push(format!(

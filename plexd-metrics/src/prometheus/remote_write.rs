@@ -11,12 +11,10 @@
 //! The body is the protobuf compressed with snappy's *block* format (not its framed
 //! format), as the specification requires.
 
-use std::collections::HashMap;
-
 use prost::Message as _;
 
 use super::names::{FamilyDef, Kind, RTT_BUCKETS};
-use super::series::{Sample as SeriesSample, SeriesBook, Value};
+use super::series::{SeriesBook, Value};
 use crate::api::MetricPoint;
 
 /// `prometheus.WriteRequest`: the whole body, before compression.
@@ -66,9 +64,11 @@ pub struct Sample {
 /// Counters are `_total`; the round-trip histogram is written as its `_bucket` (with `le`),
 /// `_sum` and `_count` series. `external` labels are added to every series that has no label
 /// of that name already: as in Prometheus' own `external_labels`, a series' own label wins.
-/// Samples of one series are merged into one `TimeSeries` in time order; two samples of one
-/// series at the same millisecond keep the later-folded value, since a receiver refuses a
-/// second value at a timestamp it holds.
+/// Labels with an empty value are left out, as Prometheus treats them as absent.
+///
+/// Each sample is a `TimeSeries` of its own, in the order the points were collected, as
+/// Prometheus' own sender writes them: a series that several cycles of the batch touch
+/// appears once per cycle, each time later than the last.
 ///
 /// Points the book cannot read add nothing (the book counts them).
 pub fn encode(
@@ -76,81 +76,35 @@ pub fn encode(
     points: &[MetricPoint],
     external: &[(String, String)],
 ) -> Vec<u8> {
-    let request = write_request(book, points, external);
-    compress(&request.encode_to_vec())
-}
-
-/// What [`encode`] compresses: the request of `points`, folding them into `book`.
-pub fn write_request(
-    book: &mut SeriesBook,
-    points: &[MetricPoint],
-    external: &[(String, String)],
-) -> WriteRequest {
-    let mut series: Vec<TimeSeries> = Vec::new();
-    // Labels (sorted, `__name__` included) → the series' index in `series`.
-    let mut index: HashMap<Vec<Label>, usize> = HashMap::new();
+    let mut raw = Vec::with_capacity(points.len() * 2048);
     for point in points {
         let timestamp = point.timestamp.timestamp_millis();
-        for (def, sample) in book.fold_point(point) {
-            for (labels, value) in flatten(&def, &sample, external) {
-                let at = *index.entry(labels).or_insert_with_key(|labels| {
-                    series.push(TimeSeries {
-                        labels: labels.clone(),
-                        samples: Vec::new(),
-                    });
-                    series.len() - 1
-                });
-                series[at].samples.push(Sample { value, timestamp });
-            }
-        }
+        book.visit_point(point, &mut |def, labels, value| {
+            write_series(&mut raw, def, labels, &value, external, timestamp);
+        });
     }
-    for s in &mut series {
-        in_time_order(&mut s.samples);
-    }
-    WriteRequest { timeseries: series }
+    compress(&raw)
 }
 
-/// Sorts samples by time, keeping the later-pushed one of two at the same millisecond.
-fn in_time_order(samples: &mut Vec<Sample>) {
-    // Points arrive in collect order, so this is almost always sorted already; the stable
-    // sort keeps the fold order of equal timestamps.
-    if !samples.is_sorted_by_key(|s| s.timestamp) {
-        samples.sort_by_key(|s| s.timestamp);
-    }
-    let mut kept: Vec<Sample> = Vec::with_capacity(samples.len());
-    for s in samples.drain(..) {
-        match kept.last_mut() {
-            Some(last) if last.timestamp == s.timestamp => *last = s,
-            _ => kept.push(s),
-        }
-    }
-    *samples = kept;
-}
-
-/// One family's sample as the remote-write series it becomes: one for a number, the
-/// buckets, sum and count for a histogram. Each with its labels sorted by name.
-fn flatten(
+/// The request's bytes are written straight from the book's labels: building the prost
+/// messages first costs an owned string per label of every series and as much again to free
+/// them, several times the writing itself at ten thousand peers.
+fn write_series(
+    out: &mut Vec<u8>,
     def: &FamilyDef,
-    sample: &SeriesSample,
+    labels: &[(&'static str, &str)],
+    value: &Value,
     external: &[(String, String)],
-) -> Vec<(Vec<Label>, f64)> {
-    let labels = |name: String, extra: Option<(&str, String)>| {
-        let mut out: Vec<Label> = Vec::with_capacity(sample.labels.len() + external.len() + 2);
-        out.push(label("__name__", name));
-        out.extend(sample.labels.iter().map(|(k, v)| label(k, v.clone())));
-        if let Some((k, v)) = extra {
-            out.push(label(k, v));
+    timestamp: i64,
+) {
+    match (value, def.kind) {
+        (Value::Number(v), Kind::Counter) => {
+            let name = [def.name, "_total"];
+            write_time_series(out, &name, labels, None, external, *v, timestamp);
         }
-        for (k, v) in external {
-            if !out.iter().any(|l| l.name == *k) {
-                out.push(label(k, v.clone()));
-            }
+        (Value::Number(v), _) => {
+            write_time_series(out, &[def.name], labels, None, external, *v, timestamp);
         }
-        out.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-        out
-    };
-    match (&sample.value, def.kind) {
-        (Value::Number(v), _) => vec![(labels(def.sample_name(), None), *v)],
         (
             Value::Histogram {
                 buckets,
@@ -159,33 +113,168 @@ fn flatten(
             },
             _,
         ) => {
-            let bucket = format!("{}_bucket", def.name);
-            let mut out: Vec<(Vec<Label>, f64)> = RTT_BUCKETS
-                .iter()
-                .zip(buckets)
-                .map(|(bound, n)| {
-                    (
-                        labels(bucket.clone(), Some(("le", format_le(*bound)))),
-                        *n as f64,
-                    )
-                })
-                .collect();
-            out.push((
-                labels(bucket, Some(("le", format_le(f64::INFINITY)))),
+            let bucket = [def.name, "_bucket"];
+            for (le, n) in RTT_LE.iter().zip(buckets) {
+                let extra = Some(("le", *le));
+                write_time_series(out, &bucket, labels, extra, external, *n as f64, timestamp);
+            }
+            let inf = Some(("le", "+Inf"));
+            write_time_series(
+                out,
+                &bucket,
+                labels,
+                inf,
+                external,
                 *count as f64,
-            ));
-            out.push((labels(format!("{}_sum", def.name), None), *sum));
-            out.push((labels(format!("{}_count", def.name), None), *count as f64));
-            debug_assert_eq!(def.kind, Kind::Histogram);
-            out
+                timestamp,
+            );
+            let sum_name = [def.name, "_sum"];
+            write_time_series(out, &sum_name, labels, None, external, *sum, timestamp);
+            let count_name = [def.name, "_count"];
+            write_time_series(
+                out,
+                &count_name,
+                labels,
+                None,
+                external,
+                *count as f64,
+                timestamp,
+            );
         }
     }
 }
 
-fn label(name: &str, value: String) -> Label {
-    Label {
-        name: name.to_owned(),
-        value,
+/// The `le` of each of [`RTT_BUCKETS`], as [`format_le`] writes them (a test checks).
+const RTT_LE: [&str; RTT_BUCKETS.len()] = [
+    "0.0005", "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1", "2.5",
+];
+
+/// Protobuf field keys: (field number << 3) | wire type.
+const KEY_TIMESERIES: u8 = 1 << 3 | 2;
+const KEY_LABELS: u8 = 1 << 3 | 2;
+const KEY_SAMPLES: u8 = 2 << 3 | 2;
+const KEY_LABEL_NAME: u8 = 1 << 3 | 2;
+const KEY_LABEL_VALUE: u8 = 2 << 3 | 2;
+const KEY_SAMPLE_VALUE: u8 = 1 << 3 | 1;
+const KEY_SAMPLE_TIMESTAMP: u8 = 2 << 3;
+
+/// Writes one `TimeSeries` (field 1 of the request) with one sample. `name` is the metric
+/// name in parts (the family's and a suffix), written without joining them.
+fn write_time_series(
+    out: &mut Vec<u8>,
+    name: &[&str],
+    labels: &[(&'static str, &str)],
+    extra: Option<(&'static str, &str)>,
+    external: &[(String, String)],
+    value: f64,
+    timestamp: i64,
+) {
+    // `__name__`, the family's labels (four at most), one extra and the external ones, on
+    // the stack: a heap list per series would cost more than writing it.
+    let mut list = LabelList {
+        all: [("", Part::Text("")); MAX_LABELS],
+        n: 0,
+    };
+    list.push("__name__", Part::Name(name));
+    for (k, v) in labels {
+        list.push(k, Part::Text(v));
+    }
+    if let Some((k, v)) = extra {
+        list.push(k, Part::Text(v));
+    }
+    for (k, v) in external {
+        list.push(k.as_str(), Part::Text(v.as_str()));
+    }
+    let all = &mut list.all[..list.n];
+    all.sort_unstable_by(|a, b| a.0.cmp(b.0));
+
+    let label_len = |k: &str, v: &Part<'_>| field_len(k.len()) + field_len(v.len());
+    let labels_len: usize = all.iter().map(|(k, v)| field_len(label_len(k, v))).sum();
+    let timestamp_len = if timestamp == 0 {
+        0
+    } else {
+        1 + prost::encoding::encoded_len_varint(timestamp as u64)
+    };
+    let sample_len = 9 + timestamp_len;
+    let series_len = labels_len + field_len(sample_len);
+
+    out.push(KEY_TIMESERIES);
+    prost::encoding::encode_varint(series_len as u64, out);
+    for (k, v) in all.iter() {
+        out.push(KEY_LABELS);
+        prost::encoding::encode_varint(label_len(k, v) as u64, out);
+        out.push(KEY_LABEL_NAME);
+        prost::encoding::encode_varint(k.len() as u64, out);
+        out.extend_from_slice(k.as_bytes());
+        out.push(KEY_LABEL_VALUE);
+        prost::encoding::encode_varint(v.len() as u64, out);
+        v.write(out);
+    }
+    out.push(KEY_SAMPLES);
+    prost::encoding::encode_varint(sample_len as u64, out);
+    out.push(KEY_SAMPLE_VALUE);
+    out.extend_from_slice(&value.to_le_bytes());
+    if timestamp != 0 {
+        out.push(KEY_SAMPLE_TIMESTAMP);
+        prost::encoding::encode_varint(timestamp as u64, out);
+    }
+}
+
+/// A length-delimited field of `len` bytes: key, length, bytes.
+fn field_len(len: usize) -> usize {
+    1 + prost::encoding::encoded_len_varint(len as u64) + len
+}
+
+/// External labels a series can carry besides its own (`metrics.remote_write.external_labels`
+/// is refused beyond this, and `node` may be added to it).
+pub const MAX_EXTERNAL_LABELS: usize = 9;
+
+/// Labels a series can have: `__name__`, four of the family's, one extra (`le`), the
+/// external ones and `node`.
+const MAX_LABELS: usize = 1 + 4 + 1 + MAX_EXTERNAL_LABELS + 1;
+
+/// A series' labels while they are written.
+struct LabelList<'a> {
+    all: [(&'a str, Part<'a>); MAX_LABELS],
+    n: usize,
+}
+
+impl<'a> LabelList<'a> {
+    /// Adds a label unless its value is empty or one of that name is there already (the
+    /// series' own labels come before the external ones, and win).
+    fn push(&mut self, name: &'a str, value: Part<'a>) {
+        let taken = self.all[..self.n].iter().any(|(k, _)| *k == name);
+        if value.len() > 0 && !taken && self.n < MAX_LABELS {
+            self.all[self.n] = (name, value);
+            self.n += 1;
+        }
+    }
+}
+
+/// A label value: text, or the metric name in parts.
+#[derive(Clone, Copy)]
+enum Part<'a> {
+    Text(&'a str),
+    Name(&'a [&'a str]),
+}
+
+impl Part<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Part::Text(t) => t.len(),
+            Part::Name(parts) => parts.iter().map(|p| p.len()).sum(),
+        }
+    }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            Part::Text(t) => out.extend_from_slice(t.as_bytes()),
+            Part::Name(parts) => {
+                for p in *parts {
+                    out.extend_from_slice(p.as_bytes());
+                }
+            }
+        }
     }
 }
 
@@ -264,11 +353,29 @@ mod tests {
         ]
     }
 
-    fn find<'a>(req: &'a WriteRequest, name: &str, peer: &str) -> &'a TimeSeries {
-        req.timeseries
+    fn label(name: &str, value: String) -> Label {
+        Label {
+            name: name.to_owned(),
+            value,
+        }
+    }
+
+    /// The series `name{peer}` with the samples of every `TimeSeries` that carries it, in
+    /// the order they were written.
+    fn find(req: &WriteRequest, name: &str, peer: &str) -> TimeSeries {
+        let mut all = req
+            .timeseries
             .iter()
-            .find(|s| s.label("__name__") == Some(name) && s.label("peer") == Some(peer))
+            .filter(|s| s.label("__name__") == Some(name) && s.label("peer") == Some(peer));
+        let mut merged = all
+            .next()
             .unwrap_or_else(|| panic!("no series {name}{{peer={peer:?}}}"))
+            .clone();
+        for s in all {
+            assert_eq!(s.labels, merged.labels);
+            merged.samples.extend(s.samples.iter().cloned());
+        }
+        merged
     }
 
     fn values(s: &TimeSeries) -> Vec<(i64, f64)> {
@@ -276,7 +383,7 @@ mod tests {
     }
 
     #[test]
-    fn decodes_to_sorted_labels_cumulative_counters_and_merged_series() {
+    fn decodes_to_sorted_labels_cumulative_counters_in_collect_order() {
         let mut book = SeriesBook::new("1.2.3", "remote_write");
         let batch = [
             tunnel(0, "gw", "K1", 2, 100, 1_000),
@@ -298,7 +405,7 @@ mod tests {
         }
         let lost = find(&req, "plexd_peer_lost_packets_total", "gw");
         let t0 = at(0).timestamp_millis();
-        assert_eq!(values(lost), [(t0, 2.0), (t0 + 15_000, 5.0)]);
+        assert_eq!(values(&lost), [(t0, 2.0), (t0 + 15_000, 5.0)]);
         assert_eq!(
             lost.labels,
             [
@@ -311,10 +418,10 @@ mod tests {
         );
         // WireGuard's byte counter is cumulative already: passed through.
         let bytes = find(&req, "plexd_peer_receive_bytes_total", "gw");
-        assert_eq!(values(bytes), [(t0, 1_000.0), (t0 + 15_000, 1_500.0)]);
+        assert_eq!(values(&bytes), [(t0, 1_000.0), (t0 + 15_000, 1_500.0)]);
         let info = find(&req, "plexd_peer_info", "db");
         assert_eq!(info.label("endpoint"), Some("192.0.2.1:51820"));
-        assert_eq!(values(find(&req, "plexd_peer_up", "db")), [(t0, 1.0)]);
+        assert_eq!(values(&find(&req, "plexd_peer_up", "db")), [(t0, 1.0)]);
 
         // The next batch continues the totals.
         let req = decode(&encode(
@@ -324,15 +431,21 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(
-            values(find(&req, "plexd_peer_lost_packets_total", "gw")),
+            values(&find(&req, "plexd_peer_lost_packets_total", "gw")),
             [(t0 + 30_000, 9.0)]
         );
         assert_eq!(
-            values(find(&req, "plexd_peer_receive_packets_total", "gw")),
+            values(&find(&req, "plexd_peer_receive_packets_total", "gw")),
             [(t0 + 30_000, 160.0)]
         );
         // Only what the batch changed is written.
         assert!(req.timeseries.iter().all(|s| s.label("peer") != Some("db")));
+    }
+
+    #[test]
+    fn the_bucket_bounds_are_written_as_prometheus_writes_them() {
+        let formatted: Vec<String> = RTT_BUCKETS.iter().map(|b| format_le(*b)).collect();
+        assert_eq!(formatted, RTT_LE);
     }
 
     #[test]
@@ -380,7 +493,7 @@ mod tests {
     }
 
     #[test]
-    fn node_and_agent_groups_and_equal_timestamps() {
+    fn node_and_agent_groups() {
         let mut book = SeriesBook::new("9.9.9", "remote_write");
         let system = |load: f64| SystemStats {
             load_avg_1: load,
@@ -394,8 +507,7 @@ mod tests {
         };
         let batch = [
             MetricPoint::new(at(0), GROUP_SYSTEM, "", &system(1.0)).unwrap(),
-            // Same millisecond: the later value is kept, once.
-            MetricPoint::new(at(0), GROUP_SYSTEM, "", &system(2.0)).unwrap(),
+            MetricPoint::new(at(1), GROUP_SYSTEM, "", &system(2.0)).unwrap(),
             MetricPoint::new(at(5), GROUP_AGENT, "", &agent).unwrap(),
         ];
         let req = decode(&encode(&mut book, &batch, &[])).unwrap();
@@ -405,10 +517,14 @@ mod tests {
                 .find(|s| s.label("__name__") == Some(name))
                 .unwrap_or_else(|| panic!("no {name}"))
         };
-        assert_eq!(
-            values(one("plexd_node_load1")),
-            [(at(0).timestamp_millis(), 2.0)]
-        );
+        let load: Vec<(i64, f64)> = req
+            .timeseries
+            .iter()
+            .filter(|s| s.label("__name__") == Some("plexd_node_load1"))
+            .flat_map(values)
+            .collect();
+        let t0 = at(0).timestamp_millis();
+        assert_eq!(load, [(t0, 1.0), (t0 + 1, 2.0)]);
         assert_eq!(one("plexd_node_cpu_usage_ratio").samples[0].value, 0.5);
         let dropped = one("plexd_agent_dropped_points_total");
         assert_eq!(dropped.label("destination"), Some("remote_write"));

@@ -7,7 +7,7 @@
 //! figures that are cumulative already (WireGuard's byte counters, `/proc/net/dev`) as they
 //! are, and forgets a peer one cycle after it left its device.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 
@@ -95,6 +95,8 @@ pub struct SeriesBook {
     /// The `destination` label of the delivery figures the `agent` group carries.
     destination: &'static str,
     peers: BTreeMap<PeerKey, PeerSeries>,
+    /// Each peer's key by its name (`peer` label), for the latency targets' labels.
+    peer_by_name: HashMap<String, PeerKey>,
     probes: BTreeMap<String, ProbeSeries>,
     system: Option<SystemStats>,
     agent: Option<AgentStats>,
@@ -110,6 +112,7 @@ impl SeriesBook {
             version,
             destination,
             peers: BTreeMap::new(),
+            peer_by_name: HashMap::new(),
             probes: BTreeMap::new(),
             system: None,
             agent: None,
@@ -122,22 +125,42 @@ impl SeriesBook {
         self.unreadable
     }
 
-    /// Folds one point into the book and returns the series it changed, with their values
-    /// after it: what remote write sends, stamped with the point's time.
-    pub fn fold_point(&mut self, point: &MetricPoint) -> Vec<(FamilyDef, Sample)> {
+    /// Folds one point into the book and hands each series it changed to `visit`, with its
+    /// value after it and labels borrowed from the book: what remote write sends, stamped
+    /// with the point's time, without a copy of a label. Returns whether the point could be
+    /// read.
+    pub fn visit_point(&mut self, point: &MetricPoint, visit: &mut Visit<'_>) -> bool {
         match self.fold(point) {
             Some(Entity::Peer(key)) => {
-                let series = &self.peers[&key];
-                peer_samples(&key, series)
+                visit_peer(&key, &self.peers[&key], visit);
+                true
             }
             Some(Entity::Probe(target)) => {
-                let labels = self.probe_labels(&target);
-                probe_samples(labels, &self.probes[&target])
+                let key = self.peer_by_name.get(&target);
+                visit_probe(key, &target, &self.probes[&target], visit);
+                true
             }
-            Some(Entity::System) => self.system.as_ref().map(system_samples).unwrap_or_default(),
-            Some(Entity::Agent) => self.agent_samples(),
-            None => Vec::new(),
+            Some(Entity::System) => {
+                if let Some(system) = &self.system {
+                    visit_system(system, visit);
+                }
+                true
+            }
+            Some(Entity::Agent) => {
+                self.visit_agent(visit);
+                true
+            }
+            None => false,
         }
+    }
+
+    /// Like [`SeriesBook::visit_point`], with the series returned as owned samples.
+    pub fn fold_point(&mut self, point: &MetricPoint) -> Vec<(FamilyDef, Sample)> {
+        let mut out = Vec::new();
+        self.visit_point(point, &mut |def, labels, value| {
+            out.push((*def, owned(labels, value)));
+        });
+        out
     }
 
     /// Takes in the points of one collect cycle. A group with points in the cycle replaces
@@ -162,6 +185,7 @@ impl SeriesBook {
         }
         if tunnel_seen {
             self.peers.retain(|k, _| peers_now.contains(k));
+            self.peer_by_name.retain(|_, k| peers_now.contains(k));
         }
         if latency_seen {
             self.probes.retain(|t, _| probes_now.contains(t));
@@ -180,7 +204,12 @@ impl SeriesBook {
                         stats.public_key.clone()
                     },
                 };
-                fold_tunnel(self.peers.entry(key.clone()).or_default(), &stats);
+                let series = self.peers.entry(key.clone()).or_default();
+                if series.peer != stats.peer_id {
+                    self.peer_by_name.remove(&series.peer);
+                    self.peer_by_name.insert(stats.peer_id.clone(), key.clone());
+                }
+                fold_tunnel(series, &stats);
                 Entity::Peer(key)
             }),
             GROUP_LATENCY => point.data.decode::<LatencyResult>().ok().map(|result| {
@@ -206,70 +235,20 @@ impl SeriesBook {
         entity
     }
 
-    /// A latency target's labels: those of the peer of that name, when there is one.
-    fn probe_labels(&self, target: &str) -> Vec<(&'static str, String)> {
-        let key = self
-            .peers
-            .iter()
-            .find(|(_, s)| s.peer == target)
-            .map(|(k, _)| k);
-        vec![
-            (
-                "interface",
-                key.map(|k| k.interface.clone()).unwrap_or_default(),
-            ),
-            (
-                "public_key",
-                key.map(|k| k.public_key.clone()).unwrap_or_default(),
-            ),
-            ("peer", target.to_owned()),
-        ]
-    }
-
-    fn agent_samples(&self) -> Vec<(FamilyDef, Sample)> {
-        let mut out = vec![sample(
-            names::AGENT_BUILD_INFO,
-            vec![("version", self.version.to_owned())],
-            1.0,
-        )];
+    fn visit_agent(&self, visit: &mut Visit<'_>) {
+        visit(
+            &names::AGENT_BUILD_INFO,
+            &[("version", self.version)],
+            Value::Number(1.0),
+        );
         if let Some(a) = &self.agent {
-            out.extend(agent_samples(a, self.destination));
+            visit_agent(a, self.destination, visit);
         }
-        out
     }
 
     /// Every family with its series now, in [`names::ALL`]'s order; families without a
     /// series are left out.
     pub fn families(&self) -> Vec<Family> {
-        let mut all: Vec<(FamilyDef, Sample)> = Vec::new();
-        for (key, series) in &self.peers {
-            all.extend(peer_samples(key, series));
-        }
-        // A name lookup per target, not a walk of every peer per target.
-        let by_name: BTreeMap<&str, &PeerKey> = self
-            .peers
-            .iter()
-            .map(|(k, s)| (s.peer.as_str(), k))
-            .collect();
-        for (target, series) in &self.probes {
-            let key = by_name.get(target.as_str());
-            let labels = vec![
-                (
-                    "interface",
-                    key.map(|k| k.interface.clone()).unwrap_or_default(),
-                ),
-                (
-                    "public_key",
-                    key.map(|k| k.public_key.clone()).unwrap_or_default(),
-                ),
-                ("peer", target.clone()),
-            ];
-            all.extend(probe_samples(labels, series));
-        }
-        if let Some(system) = &self.system {
-            all.extend(system_samples(system));
-        }
-        all.extend(self.agent_samples());
         let mut families: Vec<Family> = names::ALL
             .iter()
             .map(|def| Family {
@@ -277,15 +256,38 @@ impl SeriesBook {
                 samples: Vec::new(),
             })
             .collect();
-        for (def, sample) in all {
+        let mut collect = |def: &FamilyDef, labels: &Labels<'_>, value: Value| {
             let i = names::ALL
                 .iter()
                 .position(|d| d.name == def.name)
                 .expect("every family is in names::ALL");
-            families[i].samples.push(sample);
+            families[i].samples.push(owned(labels, value));
+        };
+        for (key, series) in &self.peers {
+            visit_peer(key, series, &mut collect);
         }
+        for (target, series) in &self.probes {
+            visit_probe(self.peer_by_name.get(target), target, series, &mut collect);
+        }
+        if let Some(system) = &self.system {
+            visit_system(system, &mut collect);
+        }
+        self.visit_agent(&mut collect);
         families.retain(|f| !f.samples.is_empty());
         families
+    }
+}
+
+/// The labels of one series, borrowed from the book.
+pub type Labels<'a> = [(&'static str, &'a str)];
+
+/// What receives each series of an entity: its family, labels and value.
+pub type Visit<'v> = dyn FnMut(&FamilyDef, &Labels<'_>, Value) + 'v;
+
+fn owned(labels: &Labels<'_>, value: Value) -> Sample {
+    Sample {
+        labels: labels.iter().map(|(k, v)| (*k, (*v).to_owned())).collect(),
+        value,
     }
 }
 
@@ -297,166 +299,122 @@ enum Entity {
     Agent,
 }
 
-fn sample(def: FamilyDef, labels: Vec<(&'static str, String)>, value: f64) -> (FamilyDef, Sample) {
-    (
-        def,
-        Sample {
-            labels,
-            value: Value::Number(value),
-        },
-    )
-}
-
-fn peer_samples(key: &PeerKey, s: &PeerSeries) -> Vec<(FamilyDef, Sample)> {
-    let labels = || {
-        vec![
-            ("interface", key.interface.clone()),
-            ("public_key", key.public_key.clone()),
-            ("peer", s.peer.clone()),
-        ]
-    };
-    let mut out = vec![
-        sample(names::PEER_RECEIVE_BYTES, labels(), s.receive_bytes as f64),
-        sample(
-            names::PEER_TRANSMIT_BYTES,
-            labels(),
-            s.transmit_bytes as f64,
-        ),
+fn visit_peer(key: &PeerKey, s: &PeerSeries, visit: &mut Visit<'_>) {
+    let labels = [
+        ("interface", key.interface.as_str()),
+        ("public_key", key.public_key.as_str()),
+        ("peer", s.peer.as_str()),
     ];
+    let mut number = |def: &FamilyDef, v: f64| visit(def, &labels, Value::Number(v));
+    number(&names::PEER_RECEIVE_BYTES, s.receive_bytes as f64);
+    number(&names::PEER_TRANSMIT_BYTES, s.transmit_bytes as f64);
     // Without the kernel programs the packet families have no series for the peer, rather
     // than a misleading 0.
     if s.measured {
         for (def, v) in [
-            (names::PEER_RECEIVE_PACKETS, s.receive_packets),
-            (names::PEER_TRANSMIT_PACKETS, s.transmit_packets),
-            (names::PEER_LOST_PACKETS, s.lost_packets),
-            (names::PEER_LATE_PACKETS, s.late_packets),
-            (names::PEER_DUPLICATE_PACKETS, s.duplicate_packets),
-            (names::PEER_HANDSHAKES_SENT, s.handshakes_sent),
-            (names::PEER_HANDSHAKES_RECEIVED, s.handshakes_received),
+            (&names::PEER_RECEIVE_PACKETS, s.receive_packets),
+            (&names::PEER_TRANSMIT_PACKETS, s.transmit_packets),
+            (&names::PEER_LOST_PACKETS, s.lost_packets),
+            (&names::PEER_LATE_PACKETS, s.late_packets),
+            (&names::PEER_DUPLICATE_PACKETS, s.duplicate_packets),
+            (&names::PEER_HANDSHAKES_SENT, s.handshakes_sent),
+            (&names::PEER_HANDSHAKES_RECEIVED, s.handshakes_received),
         ] {
-            out.push(sample(def, labels(), v as f64));
+            number(def, v as f64);
         }
     }
-    out.push(sample(
-        names::PEER_LAST_HANDSHAKE,
-        labels(),
-        s.last_handshake_seconds,
-    ));
-    out.push(sample(
-        names::PEER_UP,
-        labels(),
-        if s.up { 1.0 } else { 0.0 },
-    ));
-    let mut info = labels();
-    info.push(("endpoint", s.endpoint.clone()));
-    out.push(sample(names::PEER_INFO, info, 1.0));
-    out
-}
-
-fn probe_samples(labels: Vec<(&'static str, String)>, s: &ProbeSeries) -> Vec<(FamilyDef, Sample)> {
-    vec![
-        sample(names::PEER_PROBES_SENT, labels.clone(), s.sent as f64),
-        sample(
-            names::PEER_PROBES_RECEIVED,
-            labels.clone(),
-            s.received as f64,
-        ),
-        (
-            names::PEER_RTT,
-            Sample {
-                labels,
-                value: Value::Histogram {
-                    buckets: s.buckets,
-                    count: s.count,
-                    sum: s.sum_seconds,
-                },
-            },
-        ),
-    ]
-}
-
-fn system_samples(s: &SystemStats) -> Vec<(FamilyDef, Sample)> {
-    [
-        (names::NODE_CPU, s.cpu_usage_percent / 100.0),
-        (names::NODE_MEMORY_USED, s.memory_used_bytes as f64),
-        (names::NODE_MEMORY_TOTAL, s.memory_total_bytes as f64),
-        (names::NODE_DISK_USED, s.disk_used_bytes as f64),
-        (names::NODE_DISK_TOTAL, s.disk_total_bytes as f64),
-        (names::NODE_NETWORK_RECEIVE, s.network_rx_bytes as f64),
-        (names::NODE_NETWORK_TRANSMIT, s.network_tx_bytes as f64),
-        (names::NODE_LOAD1, s.load_avg_1),
-        (names::NODE_LOAD5, s.load_avg_5),
-        (names::NODE_LOAD15, s.load_avg_15),
-    ]
-    .into_iter()
-    .map(|(def, v)| sample(def, Vec::new(), v))
-    .collect()
-}
-
-fn agent_samples(a: &AgentStats, destination: &'static str) -> Vec<(FamilyDef, Sample)> {
-    let dest = || vec![("destination", destination.to_owned())];
-    let mut out = vec![
-        sample(names::AGENT_UPTIME, vec![], a.uptime_seconds),
-        sample(names::AGENT_TASKS, vec![], a.goroutine_count as f64),
-        sample(names::AGENT_HEAP, vec![], a.heap_alloc_bytes as f64),
-        sample(names::AGENT_RESIDENT, vec![], a.heap_sys_bytes as f64),
-        sample(names::AGENT_RECONNECTS, dest(), a.reconnect_count as f64),
+    number(&names::PEER_LAST_HANDSHAKE, s.last_handshake_seconds);
+    number(&names::PEER_UP, if s.up { 1.0 } else { 0.0 });
+    let info = [
+        labels[0],
+        labels[1],
+        labels[2],
+        ("endpoint", s.endpoint.as_str()),
     ];
-    let optional = [
-        (names::AGENT_QUEUED, dest(), a.queued_points),
-        (names::AGENT_DROPPED, dest(), a.dropped_points),
-        (names::AGENT_REJECTED, dest(), a.rejected_points),
-        (names::AGENT_SPOOLED_POINTS, vec![], a.spooled_points),
-        (names::AGENT_SPOOLED_BYTES, vec![], a.spooled_bytes),
-        (names::AGENT_CORRUPT, vec![], a.corrupt_batches),
-        (names::AGENT_EBPF_PROGRAMS, vec![], a.ebpf_programs_attached),
-        (
-            names::AGENT_EBPF_PACKETS,
-            vec![("direction", "ingress".to_owned())],
-            a.ebpf_ingress_packets,
-        ),
-        (
-            names::AGENT_EBPF_PACKETS,
-            vec![("direction", "egress".to_owned())],
-            a.ebpf_egress_packets,
-        ),
-        (
-            names::AGENT_EBPF_BYTES,
-            vec![("direction", "ingress".to_owned())],
-            a.ebpf_ingress_bytes,
-        ),
-        (
-            names::AGENT_EBPF_BYTES,
-            vec![("direction", "egress".to_owned())],
-            a.ebpf_egress_bytes,
-        ),
+    visit(&names::PEER_INFO, &info, Value::Number(1.0));
+}
+
+/// A latency target's series, with the labels of the peer of that name when there is one.
+fn visit_probe(key: Option<&PeerKey>, target: &str, s: &ProbeSeries, visit: &mut Visit<'_>) {
+    let labels = [
+        ("interface", key.map_or("", |k| k.interface.as_str())),
+        ("public_key", key.map_or("", |k| k.public_key.as_str())),
+        ("peer", target),
     ];
-    out.extend(
-        optional
-            .into_iter()
-            .filter_map(|(def, labels, v)| v.map(|v| sample(def, labels, v as f64))),
+    visit(
+        &names::PEER_PROBES_SENT,
+        &labels,
+        Value::Number(s.sent as f64),
     );
-    for (name, d) in &a.destinations {
-        let dest = || vec![("destination", name.clone())];
-        out.push(sample(names::AGENT_QUEUED, dest(), d.queued_points as f64));
-        out.push(sample(
-            names::AGENT_DROPPED,
-            dest(),
-            d.dropped_points as f64,
-        ));
-        out.push(sample(
-            names::AGENT_REJECTED,
-            dest(),
-            d.rejected_points as f64,
-        ));
-        out.push(sample(
-            names::AGENT_RECONNECTS,
-            dest(),
-            d.reconnect_count as f64,
-        ));
+    visit(
+        &names::PEER_PROBES_RECEIVED,
+        &labels,
+        Value::Number(s.received as f64),
+    );
+    visit(
+        &names::PEER_RTT,
+        &labels,
+        Value::Histogram {
+            buckets: s.buckets,
+            count: s.count,
+            sum: s.sum_seconds,
+        },
+    );
+}
+
+fn visit_system(s: &SystemStats, visit: &mut Visit<'_>) {
+    for (def, v) in [
+        (&names::NODE_CPU, s.cpu_usage_percent / 100.0),
+        (&names::NODE_MEMORY_USED, s.memory_used_bytes as f64),
+        (&names::NODE_MEMORY_TOTAL, s.memory_total_bytes as f64),
+        (&names::NODE_DISK_USED, s.disk_used_bytes as f64),
+        (&names::NODE_DISK_TOTAL, s.disk_total_bytes as f64),
+        (&names::NODE_NETWORK_RECEIVE, s.network_rx_bytes as f64),
+        (&names::NODE_NETWORK_TRANSMIT, s.network_tx_bytes as f64),
+        (&names::NODE_LOAD1, s.load_avg_1),
+        (&names::NODE_LOAD5, s.load_avg_5),
+        (&names::NODE_LOAD15, s.load_avg_15),
+    ] {
+        visit(def, &[], Value::Number(v));
     }
-    out
+}
+
+fn visit_agent(a: &AgentStats, destination: &str, visit: &mut Visit<'_>) {
+    let dest = [("destination", destination)];
+    let mut number = |def: &FamilyDef, labels: &Labels<'_>, v: f64| {
+        visit(def, labels, Value::Number(v));
+    };
+    number(&names::AGENT_UPTIME, &[], a.uptime_seconds);
+    number(&names::AGENT_TASKS, &[], a.goroutine_count as f64);
+    number(&names::AGENT_HEAP, &[], a.heap_alloc_bytes as f64);
+    number(&names::AGENT_RESIDENT, &[], a.heap_sys_bytes as f64);
+    number(&names::AGENT_RECONNECTS, &dest, a.reconnect_count as f64);
+    let (ingress, egress) = ([("direction", "ingress")], [("direction", "egress")]);
+    let optional: [(&FamilyDef, &Labels<'_>, Option<u64>); 11] = [
+        (&names::AGENT_QUEUED, &dest, a.queued_points),
+        (&names::AGENT_DROPPED, &dest, a.dropped_points),
+        (&names::AGENT_REJECTED, &dest, a.rejected_points),
+        (&names::AGENT_SPOOLED_POINTS, &[], a.spooled_points),
+        (&names::AGENT_SPOOLED_BYTES, &[], a.spooled_bytes),
+        (&names::AGENT_CORRUPT, &[], a.corrupt_batches),
+        (&names::AGENT_EBPF_PROGRAMS, &[], a.ebpf_programs_attached),
+        (&names::AGENT_EBPF_PACKETS, &ingress, a.ebpf_ingress_packets),
+        (&names::AGENT_EBPF_PACKETS, &egress, a.ebpf_egress_packets),
+        (&names::AGENT_EBPF_BYTES, &ingress, a.ebpf_ingress_bytes),
+        (&names::AGENT_EBPF_BYTES, &egress, a.ebpf_egress_bytes),
+    ];
+    for (def, labels, v) in optional {
+        if let Some(v) = v {
+            number(def, labels, v as f64);
+        }
+    }
+    for (name, d) in &a.destinations {
+        let dest = [("destination", name.as_str())];
+        number(&names::AGENT_QUEUED, &dest, d.queued_points as f64);
+        number(&names::AGENT_DROPPED, &dest, d.dropped_points as f64);
+        number(&names::AGENT_REJECTED, &dest, d.rejected_points as f64);
+        number(&names::AGENT_RECONNECTS, &dest, d.reconnect_count as f64);
+    }
 }
 
 fn fold_tunnel(series: &mut PeerSeries, stats: &TunnelStats) {
