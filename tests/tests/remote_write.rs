@@ -346,11 +346,10 @@ async fn refusals_throttling_and_retries_are_classified_and_a_retry_sends_the_sa
     let lost = req
         .timeseries
         .iter()
-        .filter(|t| {
+        .rfind(|t| {
             t.label("__name__") == Some("plexd_peer_lost_packets_total")
                 && t.label("peer") == Some("gw")
         })
-        .last()
         .expect("the gw lost series");
     let want = s.after[2].1["gw"].lost as f64;
     assert_eq!(lost.samples.last().unwrap().value, want);

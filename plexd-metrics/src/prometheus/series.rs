@@ -60,6 +60,8 @@ struct PeerKey {
 /// What the book keeps of one peer.
 #[derive(Clone, Debug, Default)]
 struct PeerSeries {
+    /// When a point last spoke of the peer (ms since the epoch).
+    seen_ms: i64,
     peer: String,
     endpoint: String,
     receive_bytes: u64,
@@ -81,6 +83,8 @@ struct PeerSeries {
 /// What the book keeps of one latency target.
 #[derive(Clone, Debug, Default)]
 struct ProbeSeries {
+    /// When a point last spoke of the target (ms since the epoch).
+    seen_ms: i64,
     sent: u64,
     received: u64,
     buckets: [u64; RTT_BUCKETS.len()],
@@ -192,6 +196,17 @@ impl SeriesBook {
         }
     }
 
+    /// Forgets the peers and targets no point spoke of since `cutoff_ms` (ms since the
+    /// epoch): a book fed point by point (remote write) sees no cycle end to tell who left,
+    /// and would otherwise keep every peer a churning mesh ever had. One that comes back
+    /// counts from zero, which Prometheus reads as a counter reset.
+    pub fn forget_before(&mut self, cutoff_ms: i64) {
+        self.peers.retain(|_, s| s.seen_ms >= cutoff_ms);
+        let peers = &self.peers;
+        self.peer_by_name.retain(|_, k| peers.contains_key(k));
+        self.probes.retain(|_, s| s.seen_ms >= cutoff_ms);
+    }
+
     /// Folds one point; says which entity it was about, `None` when it could not be read.
     fn fold(&mut self, point: &MetricPoint) -> Option<Entity> {
         let entity = match point.group.as_str() {
@@ -210,13 +225,13 @@ impl SeriesBook {
                     self.peer_by_name.insert(stats.peer_id.clone(), key.clone());
                 }
                 fold_tunnel(series, &stats);
+                series.seen_ms = point.timestamp.timestamp_millis();
                 Entity::Peer(key)
             }),
             GROUP_LATENCY => point.data.decode::<LatencyResult>().ok().map(|result| {
-                fold_latency(
-                    self.probes.entry(result.peer_id.clone()).or_default(),
-                    &result,
-                );
+                let series = self.probes.entry(result.peer_id.clone()).or_default();
+                fold_latency(series, &result);
+                series.seen_ms = point.timestamp.timestamp_millis();
                 Entity::Probe(result.peer_id)
             }),
             GROUP_SYSTEM => point.data.decode::<SystemStats>().ok().map(|stats| {
@@ -609,6 +624,21 @@ mod tests {
                 ("remote_write".to_owned(), Value::Number(40.0))
             ]
         );
+    }
+
+    #[test]
+    fn peers_no_point_spoke_of_are_forgotten() {
+        let mut book = SeriesBook::new("1", "remote_write");
+        let old = tunnel("gone", "KG", 1, 1, 1);
+        let cutoff = old.timestamp.timestamp_millis() + 1;
+        book.fold_point(&old);
+        let mut fresh = tunnel("here", "KH", 1, 1, 1);
+        fresh.timestamp += chrono::TimeDelta::milliseconds(5);
+        book.fold_point(&fresh);
+        book.forget_before(cutoff);
+        let f = book.families();
+        assert_eq!(value(&f, "plexd_peer_up", "gone"), None);
+        assert_eq!(value(&f, "plexd_peer_up", "here"), Some(0.0));
     }
 
     #[test]

@@ -29,6 +29,10 @@ use crate::prometheus::remote_write::encode;
 use crate::prometheus::series::SeriesBook;
 use crate::secret::SecretString;
 
+/// How long the series book keeps a peer or target no point speaks of: longer than any
+/// collect interval, so only those that left are forgotten.
+const FORGET_AFTER: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
 /// The header that names the protocol version of a remote-write request.
 pub const REMOTE_WRITE_VERSION_HEADER: &str = "X-Prometheus-Remote-Write-Version";
 /// Remote write 1.0's version string.
@@ -170,6 +174,12 @@ impl RemoteWriteReporter {
             return pending.body.clone();
         }
         let body = Bytes::from(encode(&mut state.book, batch, &self.external));
+        // Peers that left stop being spoken of; their totals go after a while.
+        if let Some(latest) = batch.iter().map(|p| p.timestamp.timestamp_millis()).max() {
+            state
+                .book
+                .forget_before(latest - FORGET_AFTER.as_millis() as i64);
+        }
         state.pending = Some(Pending {
             key,
             body: body.clone(),
