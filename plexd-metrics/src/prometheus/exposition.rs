@@ -82,39 +82,59 @@ impl Collector for Snapshot {
             };
             let mut metric =
                 encoder.encode_descriptor(family.def.name, family.def.help, None, kind)?;
+            // A family without labels has its one sample written bare (`name 1`, not
+            // `name{} 1`).
+            if let [sample] = family.samples.as_slice() {
+                if sample.labels.is_empty() {
+                    encode_value(metric, &sample.value, family.def.kind)?;
+                    continue;
+                }
+            }
             for sample in &family.samples {
                 let labels: Vec<(&str, std::borrow::Cow<'_, str>)> = sample
                     .labels
                     .iter()
                     .map(|(k, v)| (*k, escape_label_value(v)))
                     .collect();
-                let mut encoder = metric.encode_family(&labels)?;
-                match (&sample.value, family.def.kind) {
-                    (Value::Number(v), Kind::Counter) => ConstCounter::new(*v).encode(encoder)?,
-                    (Value::Number(v), _) => ConstGauge::new(*v).encode(encoder)?,
-                    (
-                        Value::Histogram {
-                            buckets,
-                            count,
-                            sum,
-                        },
-                        _,
-                    ) => {
-                        let mut with_inf: Vec<(f64, u64)> = Vec::with_capacity(buckets.len() + 1);
-                        // prometheus-client wants each bucket's own count; the book keeps
-                        // them cumulative, as Prometheus writes them.
-                        let mut below = 0;
-                        for (bound, cumulative) in RTT_BUCKETS.iter().zip(buckets) {
-                            with_inf.push((*bound, cumulative - below));
-                            below = *cumulative;
-                        }
-                        with_inf.push((f64::INFINITY, count - below));
-                        encoder.encode_histogram::<NoLabelSet>(*sum, *count, &with_inf, None)?;
-                    }
-                }
+                encode_value(
+                    metric.encode_family(&labels)?,
+                    &sample.value,
+                    family.def.kind,
+                )?;
             }
         }
         Ok(())
+    }
+}
+
+/// Writes one sample's value: a counter, a gauge or a histogram.
+fn encode_value(
+    mut encoder: prometheus_client::encoding::MetricEncoder<'_>,
+    value: &Value,
+    kind: Kind,
+) -> Result<(), std::fmt::Error> {
+    match (value, kind) {
+        (Value::Number(v), Kind::Counter) => ConstCounter::new(*v).encode(encoder),
+        (Value::Number(v), _) => ConstGauge::new(*v).encode(encoder),
+        (
+            Value::Histogram {
+                buckets,
+                count,
+                sum,
+            },
+            _,
+        ) => {
+            // prometheus-client wants each bucket's own count; the book keeps them
+            // cumulative, as Prometheus writes them.
+            let mut own: Vec<(f64, u64)> = Vec::with_capacity(buckets.len() + 1);
+            let mut below = 0;
+            for (bound, cumulative) in RTT_BUCKETS.iter().zip(buckets) {
+                own.push((*bound, cumulative - below));
+                below = *cumulative;
+            }
+            own.push((f64::INFINITY, count - below));
+            encoder.encode_histogram::<NoLabelSet>(*sum, *count, &own, None)
+        }
     }
 }
 
@@ -519,6 +539,15 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("# TYPE plexd_peer_up gauge\n"));
+        let bare = Rendered::of(vec![Family {
+            def: names::NODE_LOAD1,
+            samples: vec![Sample {
+                labels: vec![],
+                value: Value::Number(0.5),
+            }],
+        }]);
+        let bare = std::str::from_utf8(&bare.text).unwrap();
+        assert!(bare.contains("\nplexd_node_load1 0.5\n"), "{bare}");
         assert!(!text.contains("# EOF"));
         // Buckets are cumulative, as Prometheus reads them; +Inf holds every observation.
         assert!(
