@@ -66,11 +66,16 @@ impl Prometheus {
     /// Like [`Prometheus::start`], with `extra` arguments (e.g.
     /// `--web.enable-remote-write-receiver`).
     pub fn start_with(dir: TempDir, extra: &[&str]) -> Self {
+        // A port the kernel chose free a moment ago; Prometheus binds it right after.
+        Self::start_on(dir, free_port(), extra)
+    }
+
+    /// Like [`Prometheus::start_with`], on `addr`: for a test whose agent writes to it before
+    /// it runs.
+    pub fn start_on(dir: TempDir, addr: SocketAddr, extra: &[&str]) -> Self {
         let config = dir.write("prometheus.yml", "global:\n  scrape_interval: 15s\n");
         let data = dir.path().join("data");
         std::fs::create_dir_all(&data).expect("create the storage directory");
-        // A port the kernel chose free a moment ago; Prometheus binds it right after.
-        let addr = free_port();
         let log = std::fs::File::create(dir.path().join("prometheus.log")).expect("log file");
         let child = Command::new(require_tool("prometheus"))
             .arg(format!("--config.file={}", config.display()))
@@ -213,7 +218,7 @@ fn wait_ready(child: &mut Child, name: &str, addr: SocketAddr, path: &str, log: 
 }
 
 /// A loopback port the kernel chose free a moment ago; the server binds it right after.
-fn free_port() -> SocketAddr {
+pub fn free_port() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free loopback port")

@@ -19,6 +19,7 @@ use plexd_metrics::api::MetricPoint;
 use plexd_metrics::queue::{record, DeliveryQueue, QueueLimits};
 use plexd_metrics_tests::agent::json_log_events;
 use plexd_metrics_tests::control_plane::{Recorded, TempDir, TestControlPlane};
+use plexd_metrics_tests::prometheus_server::{free_port, Prometheus};
 use plexd_metrics_tests::{agent_binary, require_privileges};
 
 /// Longest wait for one log line or one request.
@@ -644,4 +645,69 @@ fn a_second_agent_on_the_same_directory_refuses_to_start() {
     first.wait_for("collect cycle done");
     let (code, _) = first.terminate();
     assert_eq!(code, Some(0));
+}
+
+#[test]
+fn remote_write_beside_the_control_plane_keeps_its_own_queue_across_a_kill() {
+    let server = TestControlPlane::http();
+    let dir = TempDir::new("durable-remote-write");
+    let queue = dir.path().join("queue");
+    std::fs::create_dir(&queue).unwrap();
+    // Prometheus' address is chosen now; it runs only after the agent was killed.
+    let receiver = free_port();
+    let config = config(
+        &dir,
+        &server,
+        &queue,
+        &format!("{NO_HEALTH}  remote_write: {{ url: 'http://{receiver}/api/v1/write' }}\n"),
+    );
+
+    let mut agent = Agent::start(&config);
+    // The control plane takes batches while remote write fails and keeps its points.
+    for _ in 0..2 {
+        agent.wait_until("metrics report failed", |e| {
+            e["destination"] == "remote_write"
+        });
+    }
+    let accepted = server.next_blocking(DEADLINE);
+    assert!(accepted.accepted(), "the control plane is not held back");
+    let own = queue.join("remote_write");
+    assert!(
+        !files(&own, ".log").is_empty(),
+        "remote write's queue is on disk in {}",
+        own.display()
+    );
+    agent.kill();
+
+    let mut again = Agent::start(&config);
+    again.wait_for("durable queue opened; what it holds is sent first");
+    let prometheus = Prometheus::start_on(
+        TempDir::new("durable-remote-write-prometheus"),
+        receiver,
+        &["--web.enable-remote-write-receiver"],
+    );
+    // The first run's samples arrive too: its uptime, then the second run's from zero, is a
+    // drop that only both runs' samples together make.
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let answer = prometheus.query("resets(plexd_agent_uptime_seconds[1h])", now);
+        let resets = answer["data"]["result"][0]["value"][1]
+            .as_str()
+            .and_then(|v| v.parse::<f64>().ok());
+        if resets.is_some_and(|r| r >= 1.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the first run's samples never arrived: {answer}; agent log:\n{}",
+            again.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (code, _) = again.terminate();
+    assert_eq!(code, Some(0), "{}", again.log_text());
 }
