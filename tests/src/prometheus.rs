@@ -2,19 +2,17 @@
 //! test's own) and VictoriaMetrics, each with a private storage directory, queried over the
 //! Prometheus query API they share, killed on drop.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::prometheus_server::{get, url_encode};
 use crate::NetNs;
 
 /// How long a receiver may take to become ready; an empty store opens in well under a
 /// second, but a loaded CI machine is slow to start any Go binary.
 const READY_DEADLINE: Duration = Duration::from_secs(60);
-/// How long one HTTP exchange with it may take.
-const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A running receiver: Prometheus or VictoriaMetrics.
 pub struct Receiver<'a> {
@@ -115,14 +113,13 @@ impl<'a> Receiver<'a> {
     /// `GET path` inside the namespace: the status and the body.
     pub fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
         let listen = self.listen;
-        let request = format!("GET {path} HTTP/1.0\r\nHost: {listen}\r\n\r\n");
-        self.ns.run(move || exchange(listen, request.as_bytes()))?
+        self.ns.run(move || get(listen, path))?
     }
 
     /// The result of an instant query: the API's `data.result` array. Panics on an error
     /// answer, with Prometheus' reason.
     pub fn query(&self, expr: &str) -> Vec<serde_json::Value> {
-        let path = format!("/api/v1/query?query={}", encode_query(expr));
+        let path = format!("/api/v1/query?query={}", url_encode(expr));
         let (status, body) = self.get(&path).expect("query prometheus");
         let answer: serde_json::Value = serde_json::from_str(&body)
             .unwrap_or_else(|e| panic!("prometheus answered {status} with no JSON ({e}): {body}"));
@@ -184,37 +181,4 @@ fn private_dir(what: &str, listen: SocketAddr) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("data")).expect("receiver dir");
     dir
-}
-
-/// One HTTP/1.0 exchange: the status code and the body.
-pub fn exchange(addr: SocketAddr, request: &[u8]) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, HTTP_TIMEOUT)?;
-    stream.set_read_timeout(Some(HTTP_TIMEOUT))?;
-    stream.set_write_timeout(Some(HTTP_TIMEOUT))?;
-    stream.write_all(request)?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response)?;
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
-/// Percent-encodes a query for a URL.
-fn encode_query(expr: &str) -> String {
-    expr.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            b => format!("%{b:02X}"),
-        })
-        .collect()
 }

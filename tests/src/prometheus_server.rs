@@ -225,16 +225,21 @@ pub fn free_port() -> SocketAddr {
 }
 
 /// `GET path` from `addr` over HTTP/1.0, with a deadline: the status and the body.
-fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    exchange(addr, request.as_bytes())
+}
+
+/// One HTTP/1.0 exchange of `request` with `addr`, with a deadline: the status and the
+/// body.
+pub fn exchange(addr: SocketAddr, request: &[u8]) -> std::io::Result<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, HTTP_TIMEOUT)?;
     stream.set_read_timeout(Some(HTTP_TIMEOUT))?;
     stream.set_write_timeout(Some(HTTP_TIMEOUT))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
+    stream.write_all(request)?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let response = String::from_utf8_lossy(&response);
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
     let status = head
         .split_whitespace()

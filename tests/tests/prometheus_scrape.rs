@@ -9,7 +9,8 @@ use std::time::Duration;
 use plexd_metrics_tests::agent::RunningAgent;
 use plexd_metrics_tests::dashboard::{dashboard, dashboard_queries, substitute};
 use plexd_metrics_tests::mesh::Mesh;
-use plexd_metrics_tests::prometheus::{exchange, Prometheus};
+use plexd_metrics_tests::prometheus::Prometheus;
+use plexd_metrics_tests::prometheus_server::exchange;
 use plexd_metrics_tests::require_privileges;
 
 const LOSSY_PINGS: u32 = 300;
