@@ -32,6 +32,8 @@ use crate::secret::SecretString;
 /// How long the series book keeps a peer or target no point speaks of: longer than any
 /// collect interval, so only those that left are forgotten.
 const FORGET_AFTER: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+/// How often, in the points' time, the book looks for them.
+const FORGET_EVERY_MS: i64 = 60_000;
 
 /// The header that names the protocol version of a remote-write request.
 pub const REMOTE_WRITE_VERSION_HEADER: &str = "X-Prometheus-Remote-Write-Version";
@@ -63,6 +65,9 @@ struct Pending {
 struct State {
     book: SeriesBook,
     pending: Option<Pending>,
+    /// When the book last forgot quiet peers (ms of the batch's latest point): a walk over
+    /// every peer, worth doing once a minute, not once per batch.
+    forgot_at_ms: i64,
 }
 
 /// Writes batches to a Prometheus remote-write receiver (remote write 1.0: protobuf, snappy
@@ -148,6 +153,7 @@ impl RemoteWriteReporter {
             state: Mutex::new(State {
                 book: SeriesBook::new(env!("CARGO_PKG_VERSION"), DESTINATION),
                 pending: None,
+                forgot_at_ms: 0,
             }),
         })
     }
@@ -176,9 +182,12 @@ impl RemoteWriteReporter {
         let body = Bytes::from(encode(&mut state.book, batch, &self.external));
         // Peers that left stop being spoken of; their totals go after a while.
         if let Some(latest) = batch.iter().map(|p| p.timestamp.timestamp_millis()).max() {
-            state
-                .book
-                .forget_before(latest - FORGET_AFTER.as_millis() as i64);
+            if latest - state.forgot_at_ms >= FORGET_EVERY_MS {
+                state
+                    .book
+                    .forget_before(latest - FORGET_AFTER.as_millis() as i64);
+                state.forgot_at_ms = latest;
+            }
         }
         state.pending = Some(Pending {
             key,
