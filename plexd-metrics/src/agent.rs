@@ -21,7 +21,9 @@ use crate::collector::{
 use crate::config::PrometheusConfig;
 use crate::config::{AttachModeConfig, Config, Settings};
 use crate::health::{EbpfState, HealthError, HealthServer, HealthState};
-use crate::manager::{DeliveryStats, Heartbeat, Manager, ManagerOptions, RunOutcome};
+use crate::manager::{
+    CollectionStats, DeliveryStats, Heartbeat, Manager, ManagerOptions, RunOutcome,
+};
 use crate::prometheus::exposition::{Exposition, ExpositionError, MetricsServer, Rendered};
 use crate::prometheus::series::SeriesBook;
 use crate::queue::{DeliveryQueue, QueueLimits};
@@ -146,11 +148,13 @@ impl Agent {
             .as_ref()
             .map(|_| Arc::new(DeliveryStats::default()));
         let reconnects = delivery.clone() as Arc<dyn ReconnectCounter>;
+        let collection = Arc::new(CollectionStats::default());
         let mut collectors: Vec<Arc<dyn Collector>> = vec![
             Arc::new(SystemCollector::new(reader)),
             Arc::new({
                 let collector = AgentStatsCollector::new(started, Some(reconnects), kernel)
-                    .with_delivery(delivery.clone());
+                    .with_delivery(delivery.clone())
+                    .with_abandoned(collection.clone());
                 match &remote_write_stats {
                     Some(stats) => collector.with_destination("remote_write", stats.clone()),
                     None => collector,
@@ -208,6 +212,7 @@ impl Agent {
         )
         .with_primary_name(destinations.primary_name)
         .with_delivery_stats(delivery)
+        .with_collection_stats(collection)
         .with_heartbeat(heartbeat);
         let remote_write = destinations.remote_write.zip(remote_write_stats);
         let prometheus = metrics.and_then(|m| m.prometheus_listen).map(|addr| {

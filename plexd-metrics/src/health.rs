@@ -482,7 +482,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_stuck_collect_fails_liveness_after_twice_its_interval_and_recovers() {
+    async fn a_stuck_collector_holds_back_neither_tickers_nor_liveness() {
         let t0 = Instant::now();
         let gated = Gated::new(3);
         let mut run = start(cfg(5, 10, 100, 1000), gated.clone(), EbpfState::Disabled);
@@ -492,48 +492,40 @@ mod tests {
         assert_eq!(body["status"], "ok");
         assert_eq!(body["checks"]["collect"]["limit_seconds"], 10.0);
         assert_eq!(body["checks"]["report"]["limit_seconds"], 20.0);
-
-        // The third collect (t = 15 s) hangs. Its tick still counts until t = 25 s.
-        sleep_until_secs(t0, 24).await;
-        let (status, body) = get(run.addr, "/healthz").await;
-        assert_eq!(status, 200, "{body}");
-        assert_eq!(body["checks"]["collect"]["last_tick_seconds_ago"], 9.0);
-
-        sleep_until_secs(t0, 26).await;
-        let (status, body) = get(run.addr, "/healthz").await;
-        assert_eq!(status, 503, "{body}");
-        assert_eq!(body["status"], "fail");
         assert_eq!(
-            body["reason"],
-            "the collect loop is stuck: its ticker last fired 11s ago, more than twice \
-             metrics.collect_interval (5s)"
-        );
-        assert_eq!(body["checks"]["collect"]["ok"], false);
-        assert_eq!(body["checks"]["report"]["ok"], true, "{body}");
-        assert_eq!(body["checks"]["report"]["last_tick_seconds_ago"], 16.0);
-
-        // The report ticker cannot fire either while the loop hangs.
-        sleep_until_secs(t0, 31).await;
-        let (status, body) = get(run.addr, "/healthz").await;
-        assert_eq!(status, 503);
-        assert_eq!(body["checks"]["report"]["ok"], false, "{body}");
-        assert!(
-            body["reason"]
-                .as_str()
-                .unwrap()
-                .contains("the report loop is stuck"),
-            "{body}"
+            run.accepted.recv().await,
+            Some(2),
+            "the cycles at 5 and 10 s"
         );
 
-        // Once the collector returns, both tickers fire again.
+        // From the third collect (t = 15 s) on, every collection hangs: each is abandoned
+        // at the next tick, and the tickers go on.
+        for secs in [26, 31, 44] {
+            sleep_until_secs(t0, secs).await;
+            let (status, body) = get(run.addr, "/healthz").await;
+            assert_eq!(status, 200, "at {secs} s: {body}");
+            assert!(
+                body["checks"]["collect"]["last_tick_seconds_ago"]
+                    .as_f64()
+                    .unwrap()
+                    < 5.0,
+                "at {secs} s: {body}"
+            );
+            assert!(
+                body["checks"]["report"]["last_tick_seconds_ago"]
+                    .as_f64()
+                    .unwrap()
+                    < 10.0,
+                "at {secs} s: {body}"
+            );
+        }
+
+        // Once the source answers again, its points flow.
         gated.open();
         assert!(
             run.accepted.recv().await.is_some(),
-            "the buffered points went out"
+            "points after the source recovered went out"
         );
-        let (status, body) = get(run.addr, "/healthz").await;
-        assert_eq!(status, 200, "{body}");
-        assert!(body.get("reason").is_none());
     }
 
     #[tokio::test(start_paused = true)]

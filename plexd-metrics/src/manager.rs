@@ -12,6 +12,7 @@
 //! queue ([`crate::queue`]) holds at most `metrics.queue.max_points` in memory, or
 //! `metrics.queue.max_bytes` in `metrics.queue.dir`; beyond that the oldest points go, counted.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -20,6 +21,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::future::{join_all, BoxFuture};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::time::{interval_at, sleep_until, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -27,7 +29,8 @@ use uuid::Uuid;
 
 use crate::api::MetricPoint;
 use crate::collector::{
-    BoxError, CollectError, Collector, Cycle, DeliveryCounters, DeliveryTotals, ReconnectCounter,
+    AbandonedCollections, BoxError, CollectError, Collector, Cycle, DeliveryCounters,
+    DeliveryTotals, ReconnectCounter,
 };
 use crate::config::Settings;
 use crate::prometheus::exposition::PointsTap;
@@ -312,6 +315,8 @@ pub struct Manager {
     destinations: Vec<Destination>,
     /// Where each cycle's points go besides the queues: the Prometheus exposition.
     tap: Option<PointsTap>,
+    /// Collections abandoned because they ran past their cycle.
+    collection: Arc<CollectionStats>,
 }
 
 /// A destination before the loop runs: its reporter, its figures and, when given, its
@@ -345,7 +350,14 @@ impl Manager {
                 queue: Mutex::new(None),
             }],
             tap: None,
+            collection: Arc::default(),
         }
+    }
+
+    /// Counts abandoned collections into `stats` (which the `agent` collector reads).
+    pub fn with_collection_stats(mut self, stats: Arc<CollectionStats>) -> Self {
+        self.collection = stats;
+        self
     }
 
     /// Names the primary destination in logs (`control_plane` unless said otherwise).
@@ -443,6 +455,7 @@ impl Manager {
                 }
             })
             .collect();
+        let mut cycle = RunningCycle::default();
         loop {
             for lane in &mut lanes {
                 lane.send_head(&self.node_id);
@@ -464,69 +477,230 @@ impl Manager {
                     }
                     LaneEvent::RetryDue => {}
                 },
+                Some((group, result)) = cycle.next(), if cycle.is_running() => {
+                    let points = cycle.finished(group, result);
+                    self.deliver(points, &mut lanes);
+                    if !cycle.is_running() {
+                        self.cycle_done(&mut cycle, &mut lanes);
+                    }
+                }
                 due = collect.tick() => {
                     self.heartbeat.collect_fired();
-                    let cycle = Cycle {
-                        ends_report_interval: ends_report_interval(
-                            due.saturating_duration_since(start),
-                            options.collect_interval,
-                            options.report_interval,
-                        ),
-                    };
-                    let points = self.collect_once(cycle, &cancel).await;
-                    if let Some(tap) = &self.tap {
-                        tap.collected(&points);
+                    if cycle.is_running() {
+                        cycle.abandon(&self.collection);
+                        self.cycle_done(&mut cycle, &mut lanes);
                     }
-                    let collected = points.len();
-                    // Every lane but the last gets a copy; the last takes the points.
-                    let mut points = Some(points);
-                    let count = lanes.len();
-                    for (i, lane) in lanes.iter_mut().enumerate() {
-                        let mine = if i + 1 == count {
-                            points.take().unwrap_or_default()
-                        } else {
-                            points.clone().unwrap_or_default()
-                        };
-                        // A buffer that reaches batch_size is sealed at once, before the tick.
-                        let dropped = lane.queue.collected(mine, lane.in_flight.is_some());
-                        lane.count_dropped(dropped);
-                        lane.stats.publish(&lane.queue);
-                    }
-                    debug!(component = "metrics", points = collected, buffered = lanes[0].queue.buffered(), "collect cycle done");
-                    // The cycle's temporary allocations are gone by now.
-                    crate::memory::release_free_memory();
+                    cycle.start(
+                        &self.collectors,
+                        Cycle {
+                            ends_report_interval: ends_report_interval(
+                                due.saturating_duration_since(start),
+                                options.collect_interval,
+                                options.report_interval,
+                            ),
+                        },
+                        &cancel,
+                    );
                 }
                 _ = report.tick() => {
                     self.heartbeat.report_fired();
-                    for lane in &mut lanes {
-                        lane.enqueue();
+                    // A report due while a cycle runs waits for its points, as it would
+                    // behind a collection that ran in the loop; never past the next tick.
+                    if cycle.is_running() {
+                        cycle.report_due = true;
+                    } else {
+                        for lane in &mut lanes {
+                            lane.enqueue();
+                        }
                     }
                 }
+            }
+        }
+        // The cancellation reached the collectors still running too: what they return
+        // promptly goes out with the flush.
+        if cycle.is_running() {
+            let drained = tokio::time::timeout(CANCELLED_COLLECT_GRACE, async {
+                while let Some((group, result)) = cycle.next().await {
+                    let points = cycle.finished(group, result);
+                    self.deliver(points, &mut lanes);
+                }
+            })
+            .await;
+            if drained.is_err() {
+                cycle.abandon(&self.collection);
             }
         }
         join_all(lanes.into_iter().map(|lane| lane.flush(&self.node_id))).await;
         RunOutcome::Cancelled
     }
 
+    /// Hands one collector's points to the exposition and to every lane. A buffer that
+    /// reaches batch_size is sealed at once, before the tick.
+    fn deliver(&self, points: Vec<MetricPoint>, lanes: &mut [Lane]) {
+        if points.is_empty() {
+            return;
+        }
+        if let Some(tap) = &self.tap {
+            tap.collected(&points);
+        }
+        // Every lane but the last gets a copy; the last takes the points.
+        let mut points = Some(points);
+        let count = lanes.len();
+        for (i, lane) in lanes.iter_mut().enumerate() {
+            let mine = if i + 1 == count {
+                points.take().unwrap_or_default()
+            } else {
+                points.clone().unwrap_or_default()
+            };
+            let dropped = lane.queue.collected(mine, lane.in_flight.is_some());
+            lane.count_dropped(dropped);
+            lane.stats.publish(&lane.queue);
+        }
+    }
+
+    /// Ends a cycle whose collectors all finished or were abandoned: a report that came due
+    /// meanwhile goes out now.
+    fn cycle_done(&self, cycle: &mut RunningCycle, lanes: &mut [Lane]) {
+        debug!(
+            component = "metrics",
+            points = cycle.points,
+            buffered = lanes[0].queue.buffered(),
+            "collect cycle done"
+        );
+        if std::mem::take(&mut cycle.report_due) {
+            for lane in lanes.iter_mut() {
+                lane.enqueue();
+            }
+        }
+        // The cycle's temporary allocations are gone by now.
+        crate::memory::release_free_memory();
+    }
+
     /// Runs every collector once, side by side, and returns their points. A failing
     /// collector is logged and skipped; a cancelled one contributes what it had.
     pub async fn collect_once(&self, cycle: Cycle, cancel: &CancellationToken) -> Vec<MetricPoint> {
         let results = join_all(self.collectors.iter().map(|c| c.collect(cycle, cancel))).await;
-        let mut points = Vec::new();
-        for result in results {
-            match result {
-                Ok(p) => points.extend(p),
-                Err(CollectError::Cancelled { group, partial }) => {
-                    warn!(
-                        component = "metrics",
-                        group, "collection cancelled; keeping partial results"
-                    );
-                    points.extend(partial);
-                }
-                Err(e) => warn!(component = "metrics", error = %e, "collector failed"),
-            }
+        results.into_iter().flat_map(points_of).collect()
+    }
+}
+
+/// How long collectors still running at shutdown may take to hand in what they have.
+const CANCELLED_COLLECT_GRACE: Duration = Duration::from_secs(1);
+
+/// One collector's work in a cycle: its group and what it returned.
+type Collecting = BoxFuture<'static, (&'static str, Result<Vec<MetricPoint>, CollectError>)>;
+
+/// The collectors of the cycle in progress. The loop polls them beside its tickers and
+/// lanes, so a slow source holds back neither the report tick, the other groups, nor the
+/// heartbeat that liveness reads; one still running at the next tick is abandoned.
+#[derive(Default)]
+struct RunningCycle {
+    collecting: FuturesUnordered<Collecting>,
+    /// The groups that have not finished yet, to name what is abandoned.
+    pending: Vec<&'static str>,
+    /// Points delivered in this cycle so far.
+    points: usize,
+    /// A report tick fired while the cycle ran.
+    report_due: bool,
+}
+
+impl RunningCycle {
+    fn is_running(&self) -> bool {
+        !self.collecting.is_empty()
+    }
+
+    /// Starts every collector on `cycle`.
+    fn start(
+        &mut self,
+        collectors: &[Arc<dyn Collector>],
+        cycle: Cycle,
+        cancel: &CancellationToken,
+    ) {
+        self.points = 0;
+        for collector in collectors {
+            let (collector, cancel) = (collector.clone(), cancel.clone());
+            let group = collector.group();
+            self.pending.push(group);
+            self.collecting.push(Box::pin(async move {
+                (group, collector.collect(cycle, &cancel).await)
+            }));
         }
+    }
+
+    /// The next collector to finish.
+    fn next(
+        &mut self,
+    ) -> impl Future<Output = Option<(&'static str, Result<Vec<MetricPoint>, CollectError>)>> + '_
+    {
+        self.collecting.next()
+    }
+
+    /// Records that `group` finished with `result`; returns its points.
+    fn finished(
+        &mut self,
+        group: &'static str,
+        result: Result<Vec<MetricPoint>, CollectError>,
+    ) -> Vec<MetricPoint> {
+        if let Some(i) = self.pending.iter().position(|g| *g == group) {
+            self.pending.swap_remove(i);
+        }
+        let points = points_of(result);
+        self.points += points.len();
         points
+    }
+
+    /// Drops the collectors still running, with a warning and a count for each.
+    fn abandon(&mut self, stats: &CollectionStats) {
+        self.collecting = FuturesUnordered::new();
+        for group in self.pending.drain(..) {
+            let total = stats.abandoned(group);
+            warn!(
+                component = "metrics",
+                group,
+                abandoned_total = total,
+                "collector still running when its cycle ended; abandoned it for this cycle"
+            );
+        }
+    }
+}
+
+/// A collector's points: all of them, what it had when cancelled, none when it failed.
+fn points_of(result: Result<Vec<MetricPoint>, CollectError>) -> Vec<MetricPoint> {
+    match result {
+        Ok(points) => points,
+        Err(CollectError::Cancelled { group, partial }) => {
+            warn!(
+                component = "metrics",
+                group, "collection cancelled; keeping partial results"
+            );
+            partial
+        }
+        Err(e) => {
+            warn!(component = "metrics", error = %e, "collector failed");
+            Vec::new()
+        }
+    }
+}
+
+/// How often each group's collector was abandoned, shared with the `agent` group.
+#[derive(Debug, Default)]
+pub struct CollectionStats {
+    abandoned: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl CollectionStats {
+    /// Counts one abandoned collection of `group`; returns its total.
+    fn abandoned(&self, group: &'static str) -> u64 {
+        let mut counts = self.abandoned.lock().expect("not poisoned");
+        let n = counts.entry(group).or_default();
+        *n += 1;
+        *n
+    }
+}
+
+impl AbandonedCollections for CollectionStats {
+    fn abandoned_collections(&self) -> BTreeMap<&'static str, u64> {
+        self.abandoned.lock().expect("not poisoned").clone()
     }
 }
 
@@ -980,6 +1154,7 @@ mod tests {
         batches: mpsc::UnboundedReceiver<(Duration, Vec<MetricPoint>)>,
         attempts: mpsc::UnboundedReceiver<Attempt>,
         stats: Arc<DeliveryStats>,
+        collection: Arc<CollectionStats>,
         cancel: CancellationToken,
         task: tokio::task::JoinHandle<RunOutcome>,
     }
@@ -1023,8 +1198,10 @@ mod tests {
             script: Mutex::new(script.into()),
         });
         let stats = Arc::new(DeliveryStats::default());
+        let collection = Arc::new(CollectionStats::default());
         let manager = Manager::new(cfg.into(), collectors, reporter, "node-1")
-            .with_delivery_stats(stats.clone());
+            .with_delivery_stats(stats.clone())
+            .with_collection_stats(collection.clone());
         let cancel = CancellationToken::new();
         let task = tokio::spawn({
             let cancel = cancel.clone();
@@ -1034,6 +1211,7 @@ mod tests {
             batches,
             attempts,
             stats,
+            collection,
             cancel,
             task,
         }
@@ -1058,6 +1236,79 @@ mod tests {
         assert_eq!((&mut h.task).await.unwrap(), RunOutcome::Disabled);
         assert_eq!(c.calls.load(Ordering::SeqCst), 0);
         assert!(h.batches.recv().await.is_none(), "no report was made");
+    }
+
+    /// Takes `takes` of virtual time per call (forever when `None`), then returns one point.
+    struct Slow {
+        group: &'static str,
+        takes: Option<Duration>,
+    }
+
+    #[async_trait]
+    impl Collector for Slow {
+        fn group(&self) -> &'static str {
+            self.group
+        }
+        async fn collect(
+            &self,
+            _: Cycle,
+            _: &CancellationToken,
+        ) -> Result<Vec<MetricPoint>, CollectError> {
+            match self.takes {
+                Some(takes) => tokio::time::sleep(takes).await,
+                None => std::future::pending().await,
+            }
+            let point = serde_json::json!({});
+            Ok(vec![MetricPoint::new(
+                chrono::Utc::now(),
+                self.group,
+                "",
+                &point,
+            )
+            .unwrap()])
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_collector_past_its_cycle_is_abandoned_counted_and_holds_back_no_other_group() {
+        let system = Counting::new("system");
+        let hung = Arc::new(Slow {
+            group: "app",
+            takes: None,
+        });
+        let mut h = start(cfg(5, 10, 100), vec![system.clone(), hung], 0);
+        // The report at 10 s waits for the cycle that started then, which is abandoned at
+        // 15 s; the next one goes at 25 s for the same reason.
+        let (at, batch) = h.batches.recv().await.unwrap();
+        assert_eq!(at, Duration::from_secs(15));
+        assert_eq!(seqs(&batch), [("system".into(), 1), ("system".into(), 2)]);
+        let (at, batch) = h.batches.recv().await.unwrap();
+        assert_eq!(at, Duration::from_secs(25));
+        assert_eq!(seqs(&batch), [("system".into(), 3), ("system".into(), 4)]);
+        // Cycles at 5, 10, 15 and 20 s ran past their end.
+        assert_eq!(
+            h.collection.abandoned_collections(),
+            BTreeMap::from([("app", 4)])
+        );
+        h.cancel.cancel();
+        assert_eq!(h.task.await.unwrap(), RunOutcome::Cancelled);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_report_due_during_a_cycle_takes_that_cycle_s_points() {
+        let slow = Arc::new(Slow {
+            group: "latency",
+            takes: Some(Duration::from_secs(3)),
+        });
+        let mut h = start(cfg(5, 10, 100), vec![slow], 0);
+        let (at, batch) = h.batches.recv().await.unwrap();
+        assert_eq!(
+            at,
+            Duration::from_secs(13),
+            "the report waited for the cycle"
+        );
+        assert_eq!(batch.len(), 2, "the cycles of 5 and 10 s");
+        assert!(h.collection.abandoned_collections().is_empty());
     }
 
     #[tokio::test(start_paused = true)]

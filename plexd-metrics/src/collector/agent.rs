@@ -44,6 +44,12 @@ pub struct DeliveryTotals {
     pub corrupt_batches: u64,
 }
 
+/// How often each group's collector ran past its cycle and was abandoned.
+pub trait AbandonedCollections: Send + Sync {
+    /// Abandoned collections since start, by group; groups never abandoned are absent.
+    fn abandoned_collections(&self) -> BTreeMap<&'static str, u64>;
+}
+
 /// Totals of the agent's kernel programs, reported beside the agent's own figures.
 pub trait KernelCounters: Send + Sync {
     /// Reads the current totals.
@@ -123,6 +129,10 @@ pub struct AgentStats {
     /// the keys above), by name: `remote_write` beside a control plane.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub destinations: BTreeMap<String, DestinationFigures>,
+    /// Collections abandoned since start because they ran past their cycle, by group; absent
+    /// until one is.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub abandoned_collections: BTreeMap<String, u64>,
 }
 
 /// The delivery figures of one destination besides the primary.
@@ -150,6 +160,7 @@ pub struct AgentStatsCollector {
     kernel: Option<Arc<dyn KernelCounters>>,
     delivery: Option<Arc<dyn DeliveryCounters>>,
     destinations: Vec<(&'static str, Arc<dyn DestinationCounters>)>,
+    abandoned: Option<Arc<dyn AbandonedCollections>>,
 }
 
 impl AgentStatsCollector {
@@ -166,6 +177,7 @@ impl AgentStatsCollector {
             kernel,
             delivery: None,
             destinations: Vec::new(),
+            abandoned: None,
         }
     }
 
@@ -183,6 +195,12 @@ impl AgentStatsCollector {
     /// `spooled_bytes` and `corrupt_batches` from `delivery`.
     pub fn with_delivery(mut self, delivery: Arc<dyn DeliveryCounters>) -> Self {
         self.delivery = Some(delivery);
+        self
+    }
+
+    /// Adds `abandoned_collections` from `abandoned`.
+    pub fn with_abandoned(mut self, abandoned: Arc<dyn AbandonedCollections>) -> Self {
+        self.abandoned = Some(abandoned);
         self
     }
 
@@ -228,6 +246,13 @@ impl AgentStatsCollector {
                     reconnect_count: counters.reconnect_count(),
                 },
             );
+        }
+        if let Some(abandoned) = &self.abandoned {
+            stats.abandoned_collections = abandoned
+                .abandoned_collections()
+                .into_iter()
+                .map(|(group, n)| (group.to_owned(), n))
+                .collect();
         }
         Ok(stats)
     }

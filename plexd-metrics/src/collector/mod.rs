@@ -10,8 +10,8 @@ mod system;
 mod tunnel;
 
 pub use agent::{
-    AgentStats, AgentStatsCollector, DeliveryCounters, DeliveryTotals, DestinationCounters,
-    DestinationFigures, KernelCounters, KernelTotals, ReconnectCounter,
+    AbandonedCollections, AgentStats, AgentStatsCollector, DeliveryCounters, DeliveryTotals,
+    DestinationCounters, DestinationFigures, KernelCounters, KernelTotals, ReconnectCounter,
 };
 pub use latency::{LatencyCollector, LatencyResult, LatencySettings, PeerLister, Pinger};
 pub use system::{SystemCollector, SystemReader, SystemStats};

@@ -253,9 +253,14 @@ pub const AGENT_EBPF_BYTES: FamilyDef = counter(
     "plexd_agent_ebpf_bytes",
     "Bytes the kernel programs saw on the underlay, per direction.",
 );
+/// Collections that ran past their cycle.
+pub const AGENT_ABANDONED: FamilyDef = counter(
+    "plexd_agent_collections_abandoned",
+    "Collections abandoned because they ran past their cycle, per group.",
+);
 
 /// Every family, in the order they are written.
-pub const ALL: [FamilyDef; 40] = [
+pub const ALL: [FamilyDef; 41] = [
     PEER_RECEIVE_BYTES,
     PEER_TRANSMIT_BYTES,
     PEER_RECEIVE_PACKETS,
@@ -296,4 +301,5 @@ pub const ALL: [FamilyDef; 40] = [
     AGENT_EBPF_PROGRAMS,
     AGENT_EBPF_PACKETS,
     AGENT_EBPF_BYTES,
+    AGENT_ABANDONED,
 ];

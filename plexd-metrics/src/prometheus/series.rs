@@ -271,7 +271,7 @@ impl SeriesBook {
                 samples: Vec::new(),
             })
             .collect();
-        // A lookup by name per sample, not a walk of the 40 names: a rendering at ten
+        // A lookup by name per sample, not a walk of every name: a rendering at ten
         // thousand peers places some 130,000 samples.
         let index: HashMap<&str, usize> = names::ALL
             .iter()
@@ -433,6 +433,13 @@ fn visit_agent(a: &AgentStats, destination: &str, visit: &mut Visit<'_>) {
         number(&names::AGENT_DROPPED, &dest, d.dropped_points as f64);
         number(&names::AGENT_REJECTED, &dest, d.rejected_points as f64);
         number(&names::AGENT_RECONNECTS, &dest, d.reconnect_count as f64);
+    }
+    for (group, n) in &a.abandoned_collections {
+        number(
+            &names::AGENT_ABANDONED,
+            &[("group", group.as_str())],
+            *n as f64,
+        );
     }
 }
 

@@ -834,6 +834,7 @@ fn agent(cycle: usize) -> MetricPoint {
         spooled_bytes: Some(8),
         corrupt_batches: Some(0),
         destinations: Default::default(),
+        abandoned_collections: Default::default(),
     };
     MetricPoint::new(Utc::now(), GROUP_AGENT, "", &stats).expect("an agent point")
 }
