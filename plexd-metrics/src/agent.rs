@@ -15,11 +15,11 @@ use tracing::{debug, error, info, warn};
 
 use crate::api::MetricBatch;
 use crate::collector::{
-    AgentStatsCollector, Collector, KernelCounters, LatencyCollector, LatencySettings,
-    ReconnectCounter, SystemCollector, TunnelCollector,
+    AgentStatsCollector, Collector, GpuCollector, KernelCounters, LatencyCollector,
+    LatencySettings, ReconnectCounter, SystemCollector, TunnelCollector,
 };
-use crate::config::PrometheusConfig;
 use crate::config::{AttachModeConfig, Config, Settings};
+use crate::config::{GpuConfig, PrometheusConfig};
 use crate::health::{EbpfState, HealthError, HealthServer, HealthState};
 use crate::manager::{
     CollectionStats, DeliveryStats, Heartbeat, Manager, ManagerOptions, RunOutcome,
@@ -34,6 +34,7 @@ use crate::reporter::{
 use crate::secret::{NodeSecretKey, SecretError};
 use crate::source::counters::EndpointCounterSource;
 use crate::source::ebpf::{embedded_object, AttachMode, ProbeOptions, UnderlayProbe};
+use crate::source::gpu::NvmlGpus;
 use crate::source::icmp::{IcmpOptions, IcmpPinger};
 use crate::source::peers::{DevicePeers, MeshPeers, MeshPinger, WireGuardPeers};
 use crate::source::proc::LinuxSystemReader;
@@ -171,6 +172,9 @@ impl Agent {
                 )) as Arc<dyn DevicePeers>
             });
             collectors.extend(latency_collector(cfg, targets, device_peers));
+        }
+        if cfg.metrics.enabled && cfg.metrics.gpu.enabled {
+            collectors.extend(gpu_collector(&cfg.metrics.gpu));
         }
         if tunnel_on {
             let counters = endpoint_counters(probe.as_ref());
@@ -421,6 +425,25 @@ fn build_reporter(cfg: &Config) -> Result<Arc<dyn MetricReporter>, AgentError> {
 ///
 /// Must run inside the runtime: the pinger starts its receive tasks, which live as long as
 /// the collector.
+/// The `gpu` group's collector, or `None` with a warning when NVML or a GPU is missing:
+/// the other groups are worth having on such a node too.
+fn gpu_collector(cfg: &GpuConfig) -> Option<Arc<dyn Collector>> {
+    match NvmlGpus::open(cfg.library.as_deref()) {
+        Ok((gpus, count)) => {
+            info!(
+                component = "metrics",
+                gpus = count,
+                "reporting NVIDIA GPUs through NVML"
+            );
+            Some(Arc::new(GpuCollector::new(Arc::new(gpus))))
+        }
+        Err(why) => {
+            warn!(component = "metrics", "the gpu group is off: {why}");
+            None
+        }
+    }
+}
+
 fn latency_collector(
     cfg: &Config,
     targets: &BTreeMap<String, IpAddr>,

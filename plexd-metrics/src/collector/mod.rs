@@ -5,6 +5,7 @@
 //! [`crate::manager::Manager`] are tested with fakes and without privileges.
 
 mod agent;
+mod gpu;
 mod latency;
 mod system;
 mod tunnel;
@@ -13,6 +14,7 @@ pub use agent::{
     AbandonedCollections, AgentStats, AgentStatsCollector, DeliveryCounters, DeliveryTotals,
     DestinationCounters, DestinationFigures, KernelCounters, KernelTotals, ReconnectCounter,
 };
+pub use gpu::{GpuCollector, GpuReader, GpuStats};
 pub use latency::{LatencyCollector, LatencyResult, LatencySettings, PeerLister, Pinger};
 pub use system::{SystemCollector, SystemReader, SystemStats};
 pub use tunnel::{no_handshake_time, TunnelCollector, TunnelStats, TunnelStatsReader};

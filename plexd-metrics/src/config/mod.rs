@@ -141,6 +141,8 @@ pub struct MetricsConfig {
     pub prometheus: PrometheusConfig,
     /// Prometheus remote write: a destination beside (or instead of) the control plane.
     pub remote_write: RemoteWriteConfig,
+    /// NVIDIA GPUs through NVML.
+    pub gpu: GpuConfig,
 }
 
 impl Default for MetricsConfig {
@@ -159,6 +161,7 @@ impl Default for MetricsConfig {
             health: HealthConfig::default(),
             prometheus: PrometheusConfig::default(),
             remote_write: RemoteWriteConfig::default(),
+            gpu: GpuConfig::default(),
         }
     }
 }
@@ -374,6 +377,18 @@ impl Default for SystemConfig {
             net_interface: String::new(),
         }
     }
+}
+
+/// The `gpu` group: NVIDIA GPUs read through NVML. Off by default: most mesh nodes have no
+/// GPU, and on those the group would only add a warning.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GpuConfig {
+    /// Report one `gpu` point per GPU each cycle. Without NVML or without a GPU the agent
+    /// warns once at start and runs without the group.
+    pub enabled: bool,
+    /// Where NVML is; unset: `libnvidia-ml.so.1` on the loader's search path.
+    pub library: Option<PathBuf>,
 }
 
 /// The kernel programs on the underlay interfaces.

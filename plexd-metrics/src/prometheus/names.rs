@@ -259,8 +259,57 @@ pub const AGENT_ABANDONED: FamilyDef = counter(
     "Collections abandoned because they ran past their cycle, per group.",
 );
 
+/// A GPU's identity.
+pub const GPU_INFO: FamilyDef = gauge(
+    "plexd_gpu_info",
+    "An NVIDIA GPU the agent reads through NVML, with its product name; always 1.",
+);
+/// GPU busy share.
+pub const GPU_UTILIZATION: FamilyDef = gauge(
+    "plexd_gpu_utilization_ratio",
+    "Share of NVML's last sample period in which a kernel ran on the GPU, 0 to 1.",
+);
+/// GPU memory busy share.
+pub const GPU_MEMORY_UTILIZATION: FamilyDef = gauge(
+    "plexd_gpu_memory_utilization_ratio",
+    "Share of NVML's last sample period in which device memory was read or written, 0 to 1.",
+);
+/// GPU memory size.
+pub const GPU_MEMORY_TOTAL: FamilyDef =
+    gauge("plexd_gpu_memory_total_bytes", "Device memory of the GPU.");
+/// GPU memory allocated.
+pub const GPU_MEMORY_USED: FamilyDef =
+    gauge("plexd_gpu_memory_used_bytes", "Device memory allocated.");
+/// GPU memory free.
+pub const GPU_MEMORY_FREE: FamilyDef = gauge(
+    "plexd_gpu_memory_free_bytes",
+    "Device memory not allocated.",
+);
+/// GPU temperature.
+pub const GPU_TEMPERATURE: FamilyDef = gauge(
+    "plexd_gpu_temperature_celsius",
+    "Core temperature of the GPU.",
+);
+/// GPU power draw.
+pub const GPU_POWER: FamilyDef = gauge("plexd_gpu_power_watts", "Power draw of the GPU board.");
+/// GPU fan.
+pub const GPU_FAN: FamilyDef = gauge(
+    "plexd_gpu_fan_speed_ratio",
+    "Speed the GPU's first fan is driven at, as a share of its maximum.",
+);
+/// SM clock.
+pub const GPU_CLOCK_SM: FamilyDef = gauge(
+    "plexd_gpu_clock_sm_hertz",
+    "Current clock of the GPU's streaming multiprocessors.",
+);
+/// Memory clock.
+pub const GPU_CLOCK_MEMORY: FamilyDef = gauge(
+    "plexd_gpu_clock_memory_hertz",
+    "Current memory clock of the GPU.",
+);
+
 /// Every family, in the order they are written.
-pub const ALL: [FamilyDef; 41] = [
+pub const ALL: [FamilyDef; 52] = [
     PEER_RECEIVE_BYTES,
     PEER_TRANSMIT_BYTES,
     PEER_RECEIVE_PACKETS,
@@ -302,4 +351,15 @@ pub const ALL: [FamilyDef; 41] = [
     AGENT_EBPF_PACKETS,
     AGENT_EBPF_BYTES,
     AGENT_ABANDONED,
+    GPU_INFO,
+    GPU_UTILIZATION,
+    GPU_MEMORY_UTILIZATION,
+    GPU_MEMORY_TOTAL,
+    GPU_MEMORY_USED,
+    GPU_MEMORY_FREE,
+    GPU_TEMPERATURE,
+    GPU_POWER,
+    GPU_FAN,
+    GPU_CLOCK_SM,
+    GPU_CLOCK_MEMORY,
 ];

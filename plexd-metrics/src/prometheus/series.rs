@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use chrono::{DateTime, Utc};
 
 use super::names::{self, FamilyDef, RTT_BUCKETS};
-use crate::api::{MetricPoint, GROUP_AGENT, GROUP_LATENCY, GROUP_SYSTEM, GROUP_TUNNEL};
-use crate::collector::{AgentStats, LatencyResult, SystemStats, TunnelStats};
+use crate::api::{MetricPoint, GROUP_AGENT, GROUP_GPU, GROUP_LATENCY, GROUP_SYSTEM, GROUP_TUNNEL};
+use crate::collector::{AgentStats, GpuStats, LatencyResult, SystemStats, TunnelStats};
 
 /// A sample's value.
 #[derive(Clone, Debug, PartialEq)]
@@ -103,6 +103,8 @@ pub struct SeriesBook {
     peer_by_name: HashMap<String, PeerKey>,
     probes: BTreeMap<String, ProbeSeries>,
     system: Option<SystemStats>,
+    /// Each GPU by its index.
+    gpus: BTreeMap<u32, GpuSeries>,
     agent: Option<AgentStats>,
     /// Points of a group this book could not read (a newer agent's data in a durable
     /// queue, say); counted, not fatal.
@@ -119,6 +121,7 @@ impl SeriesBook {
             peer_by_name: HashMap::new(),
             probes: BTreeMap::new(),
             system: None,
+            gpus: BTreeMap::new(),
             agent: None,
             unreadable: 0,
         }
@@ -154,6 +157,10 @@ impl SeriesBook {
                 self.visit_agent(visit);
                 true
             }
+            Some(Entity::Gpu(index)) => {
+                visit_gpu(&self.gpus[&index], visit);
+                true
+            }
             None => false,
         }
     }
@@ -173,6 +180,7 @@ impl SeriesBook {
     pub fn observe_cycle(&mut self, points: &[MetricPoint]) {
         let mut peers_now = BTreeSet::new();
         let mut probes_now = BTreeSet::new();
+        let mut gpus_now = BTreeSet::new();
         let (mut tunnel_seen, mut latency_seen) = (false, false);
         for point in points {
             match self.fold(point) {
@@ -184,6 +192,9 @@ impl SeriesBook {
                     latency_seen = true;
                     probes_now.insert(target);
                 }
+                Some(Entity::Gpu(index)) => {
+                    gpus_now.insert(index);
+                }
                 _ => {}
             }
         }
@@ -193,6 +204,9 @@ impl SeriesBook {
         }
         if latency_seen {
             self.probes.retain(|t, _| probes_now.contains(t));
+        }
+        if !gpus_now.is_empty() {
+            self.gpus.retain(|i, _| gpus_now.contains(i));
         }
     }
 
@@ -205,6 +219,7 @@ impl SeriesBook {
         let peers = &self.peers;
         self.peer_by_name.retain(|_, k| peers.contains_key(k));
         self.probes.retain(|_, s| s.seen_ms >= cutoff_ms);
+        self.gpus.retain(|_, s| s.seen_ms >= cutoff_ms);
     }
 
     /// Folds one point; says which entity it was about, `None` when it could not be read.
@@ -241,6 +256,16 @@ impl SeriesBook {
             GROUP_AGENT => point.data.decode::<AgentStats>().ok().map(|stats| {
                 self.agent = Some(stats);
                 Entity::Agent
+            }),
+            GROUP_GPU => point.data.decode::<GpuStats>().ok().map(|stats| {
+                let index = stats.index;
+                let series = GpuSeries {
+                    index: index.to_string(),
+                    stats,
+                    seen_ms: point.timestamp.timestamp_millis(),
+                };
+                self.gpus.insert(index, series);
+                Entity::Gpu(index)
             }),
             _ => None,
         };
@@ -291,6 +316,9 @@ impl SeriesBook {
         if let Some(system) = &self.system {
             visit_system(system, &mut collect);
         }
+        for gpu in self.gpus.values() {
+            visit_gpu(gpu, &mut collect);
+        }
         self.visit_agent(&mut collect);
         families.retain(|f| !f.samples.is_empty());
         families
@@ -316,6 +344,54 @@ enum Entity {
     Probe(String),
     System,
     Agent,
+    Gpu(u32),
+}
+
+/// One GPU's last state, with its index as label text.
+#[derive(Debug)]
+struct GpuSeries {
+    index: String,
+    stats: GpuStats,
+    seen_ms: i64,
+}
+
+fn visit_gpu(g: &GpuSeries, visit: &mut Visit<'_>) {
+    let s = &g.stats;
+    let labels = [("gpu", g.index.as_str()), ("uuid", s.uuid.as_str())];
+    let info = [
+        ("gpu", g.index.as_str()),
+        ("uuid", s.uuid.as_str()),
+        ("name", s.name.as_str()),
+    ];
+    visit(&names::GPU_INFO, &info, Value::Number(1.0));
+    let percent = |v: Option<u32>| v.map(|v| f64::from(v) / 100.0);
+    let bytes = |v: Option<u64>| v.map(|v| v as f64);
+    let mhz = |v: Option<u32>| v.map(|v| f64::from(v) * 1e6);
+    for (def, v) in [
+        (&names::GPU_UTILIZATION, percent(s.utilization_percent)),
+        (
+            &names::GPU_MEMORY_UTILIZATION,
+            percent(s.memory_utilization_percent),
+        ),
+        (&names::GPU_MEMORY_TOTAL, bytes(s.memory_total_bytes)),
+        (&names::GPU_MEMORY_USED, bytes(s.memory_used_bytes)),
+        (&names::GPU_MEMORY_FREE, bytes(s.memory_free_bytes)),
+        (
+            &names::GPU_TEMPERATURE,
+            s.temperature_celsius.map(f64::from),
+        ),
+        (
+            &names::GPU_POWER,
+            s.power_usage_milliwatts.map(|mw| f64::from(mw) / 1000.0),
+        ),
+        (&names::GPU_FAN, percent(s.fan_speed_percent)),
+        (&names::GPU_CLOCK_SM, mhz(s.clock_sm_mhz)),
+        (&names::GPU_CLOCK_MEMORY, mhz(s.clock_memory_mhz)),
+    ] {
+        if let Some(v) = v {
+            visit(def, &labels, Value::Number(v));
+        }
+    }
 }
 
 fn visit_peer(key: &PeerKey, s: &PeerSeries, visit: &mut Visit<'_>) {
@@ -635,6 +711,75 @@ mod tests {
                 ("remote_write".to_owned(), Value::Number(40.0))
             ]
         );
+    }
+
+    /// The number of family `name` in the series whose labels include `label`.
+    fn labelled(families: &[Family], name: &str, label: (&str, &str)) -> Option<f64> {
+        let family = families.iter().find(|f| f.def.name == name)?;
+        family
+            .samples
+            .iter()
+            .find(|s| s.labels.iter().any(|(k, v)| *k == label.0 && v == label.1))
+            .map(|s| match s.value {
+                Value::Number(v) => v,
+                Value::Histogram { count, .. } => count as f64,
+            })
+    }
+
+    #[test]
+    fn gpus_are_series_in_base_units_and_a_gpu_that_left_is_dropped() {
+        let gpu = |index: u32, fan: Option<u32>| GpuStats {
+            index,
+            name: "NVIDIA L4".into(),
+            uuid: format!("GPU-{index}"),
+            utilization_percent: Some(45),
+            memory_total_bytes: Some(24 << 30),
+            power_usage_milliwatts: Some(72_500),
+            fan_speed_percent: fan,
+            clock_sm_mhz: Some(2_040),
+            ..GpuStats::default()
+        };
+        let point = |g: &GpuStats| MetricPoint::new(Utc::now(), GROUP_GPU, "", g).unwrap();
+        let mut book = SeriesBook::new("1", "stdout");
+        book.observe_cycle(&[point(&gpu(0, Some(40))), point(&gpu(1, None))]);
+        let f = book.families();
+        let first = ("uuid", "GPU-0");
+        assert_eq!(
+            labelled(&f, "plexd_gpu_utilization_ratio", first),
+            Some(0.45)
+        );
+        assert_eq!(labelled(&f, "plexd_gpu_power_watts", first), Some(72.5));
+        assert_eq!(
+            labelled(&f, "plexd_gpu_clock_sm_hertz", first),
+            Some(2.04e9)
+        );
+        assert_eq!(labelled(&f, "plexd_gpu_fan_speed_ratio", first), Some(0.4));
+        assert_eq!(
+            labelled(&f, "plexd_gpu_info", ("name", "NVIDIA L4")),
+            Some(1.0)
+        );
+        let second = ("uuid", "GPU-1");
+        assert_eq!(labelled(&f, "plexd_gpu_fan_speed_ratio", second), None);
+        assert_eq!(labelled(&f, "plexd_gpu_temperature_celsius", first), None);
+
+        book.observe_cycle(&[point(&gpu(0, Some(40)))]);
+        let f = book.families();
+        assert_eq!(labelled(&f, "plexd_gpu_utilization_ratio", second), None);
+        assert_eq!(
+            labelled(&f, "plexd_gpu_utilization_ratio", first),
+            Some(0.45)
+        );
+    }
+
+    #[test]
+    fn abandoned_collections_are_counted_per_group() {
+        let mut book = SeriesBook::new("1", "stdout");
+        let mut stats = AgentStats::default();
+        stats.abandoned_collections.insert("tunnel".into(), 3);
+        book.observe_cycle(&[MetricPoint::new(Utc::now(), GROUP_AGENT, "", &stats).unwrap()]);
+        let f = book.families();
+        let name = "plexd_agent_collections_abandoned";
+        assert_eq!(labelled(&f, name, ("group", "tunnel")), Some(3.0));
     }
 
     #[test]

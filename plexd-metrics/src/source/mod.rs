@@ -3,6 +3,7 @@
 
 pub mod counters;
 pub mod ebpf;
+pub mod gpu;
 pub mod icmp;
 pub mod netlink;
 pub mod peer_names;
