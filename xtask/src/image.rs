@@ -48,8 +48,9 @@ pub fn run(o: &Options) -> Result<()> {
         std::fs::remove_dir_all(&staging).context("clear target/image/rootfs")?;
     }
     install(&agent, &staging.join(AGENT_PATH))?;
-    for lib in shared_libraries(&agent)? {
-        install(&lib, &staging.join(lib.strip_prefix("/").unwrap_or(&lib)))?;
+    let libraries = shared_libraries(&agent)?;
+    for lib in libraries.iter().chain(&nvml_libraries(&libraries)) {
+        install(lib, &staging.join(lib.strip_prefix("/").unwrap_or(lib)))?;
     }
     check_rootfs(&staging)?;
 
@@ -176,6 +177,28 @@ fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
             path.starts_with('/').then(|| PathBuf::from(path))
         })
         .collect())
+}
+
+/// C libraries that NVIDIA's `libnvidia-ml.so.1` links and the agent itself does not. The
+/// NVIDIA container runtime adds NVML to a GPU node's container, but not these glibc
+/// libraries (stubs since glibc 2.34, a few KiB each): without them the `gpu` group could
+/// not load NVML from this image.
+const NVML_NEEDS: [&str; 3] = ["libdl.so.2", "libpthread.so.0", "librt.so.1"];
+
+/// [`NVML_NEEDS`], from the directory of the C library among `libraries`.
+fn nvml_libraries(libraries: &[PathBuf]) -> Vec<PathBuf> {
+    let Some(dir) = libraries
+        .iter()
+        .find(|l| l.file_name().is_some_and(|n| n == "libc.so.6"))
+        .and_then(|libc| libc.parent())
+    else {
+        return Vec::new();
+    };
+    NVML_NEEDS
+        .iter()
+        .map(|name| dir.join(name))
+        .filter(|path| path.exists())
+        .collect()
 }
 
 /// Copies `from` (following symlinks, as the loader would) to `to`, keeping its mode.
