@@ -143,6 +143,30 @@ impl RunningAgent {
         }
         (status.code(), stdout)
     }
+
+    /// Sends SIGTERM, waits for the exit and returns the exit code and the agent's whole
+    /// log, one JSON event per entry, up to the end of its stderr.
+    pub fn stop_with_log(mut self) -> (Option<i32>, Vec<String>) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("send SIGTERM");
+        let status = self.child.wait().expect("wait for the agent");
+        let deadline = std::time::Instant::now() + LOG_DEADLINE;
+        let mut log = std::mem::take(&mut *self.seen.borrow_mut());
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.logs.recv_timeout(left) {
+                Ok(event) => log.push(event.to_string()),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("the agent's stderr stayed open {LOG_DEADLINE:?} after it exited")
+                }
+            }
+        }
+        (status.code(), log)
+    }
 }
 
 /// What `plexd-metrics --once` left behind: its one batch and its log.

@@ -12,6 +12,7 @@ pub mod agent;
 pub mod bench;
 pub mod control_plane;
 pub mod dashboard;
+pub mod go_control_plane;
 pub mod kernel_mesh;
 pub mod mesh;
 pub mod pod;

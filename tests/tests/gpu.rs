@@ -31,7 +31,14 @@ fn run_once(gpu: &str) -> Once {
     );
     std::fs::write(&config, yaml).unwrap();
     let mut child = Command::new(agent_binary())
-        .args(["--once", "--log-format", "json", "--log-level", "debug", "--config"])
+        .args([
+            "--once",
+            "--log-format",
+            "json",
+            "--log-level",
+            "debug",
+            "--config",
+        ])
         .arg(&config)
         .env_remove("RUST_LOG")
         .stdout(Stdio::piped())
@@ -138,7 +145,11 @@ fn gpus_are_reported_or_their_absence_is_said_once() {
         );
         return;
     }
-    assert!(gpu_messages(&run.events, "WARN").is_empty(), "{:#?}", run.events);
+    assert!(
+        gpu_messages(&run.events, "WARN").is_empty(),
+        "{:#?}",
+        run.events
+    );
     let Some(smi) = nvidia_smi() else {
         eprintln!(
             "NOTE: NVML reported {} GPUs but nvidia-smi is not available; their figures were \

@@ -65,6 +65,8 @@ const TESTBED_PACKAGES: &[&str] = &[
     "iputils-ping",
     "fping",
     "bpftool",
+    // The Go control plane that judges the wire contract (tests/go/controlplane).
+    "golang-go",
 ];
 /// Debian packages for the VM tests (`cargo xtask integration-test vm`).
 const VM_PACKAGES: &[&str] = &["qemu-system-x86", "binutils"];
@@ -102,6 +104,7 @@ const TESTBED_COMMANDS: &[&str] = &[
     "ping",
     "fping",
     "bpftool",
+    "go",
 ];
 
 impl Need {
