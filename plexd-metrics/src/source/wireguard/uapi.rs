@@ -11,13 +11,16 @@ use std::io::{self, Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr, SocketAddrV6};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::{key_to_base64, AllowedIp, Device, Implementation, Peer, WireGuardError};
 
-/// How long a userspace implementation may take to answer; thousands of peers take
-/// milliseconds, so only a hung process reaches this.
+/// How long a userspace implementation may take to answer, in all; thousands of peers
+/// take milliseconds, so only a hung or stalling process reaches this.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most bytes an answer may have: a device with 100,000 peers and a few allowed IPs each
+/// writes about 16 MB. Whatever writes more is not a WireGuard implementation to trust.
+const MAX_ANSWER_BYTES: usize = 32 << 20;
 
 /// Why a UAPI exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +44,27 @@ pub enum UapiError {
     Truncated {
         /// Lines read.
         lines: usize,
+    },
+    /// No complete answer within the time allowed.
+    #[error(
+        "no complete answer within {limit:?} ({bytes} bytes so far); is the process behind \
+         the socket hung?"
+    )]
+    TimedOut {
+        /// The time allowed.
+        limit: Duration,
+        /// What had arrived by then.
+        bytes: usize,
+    },
+    /// The answer outgrew the bound.
+    #[error(
+        "the answer is larger than {} MiB, far more than any device's state; is something \
+         else listening on the socket?",
+        limit >> 20
+    )]
+    TooLarge {
+        /// The bound, in bytes.
+        limit: usize,
     },
 }
 
@@ -82,20 +106,52 @@ pub fn socket_names(dir: &Path) -> Result<Vec<String>, WireGuardError> {
     Ok(names)
 }
 
-/// Asks the implementation behind `socket` for device `name`'s full state.
+/// Asks the implementation behind `socket` for device `name`'s full state, within
+/// [`ANSWER_TIMEOUT`] and [`MAX_ANSWER_BYTES`].
 pub fn read_device(name: &str, socket: &Path) -> Result<Device, UapiError> {
+    read_device_within(name, socket, ANSWER_TIMEOUT, MAX_ANSWER_BYTES)
+}
+
+fn read_device_within(
+    name: &str,
+    socket: &Path,
+    limit: Duration,
+    max_bytes: usize,
+) -> Result<Device, UapiError> {
+    let deadline = Instant::now() + limit;
     let mut stream = UnixStream::connect(socket)?;
-    stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
-    stream.set_write_timeout(Some(ANSWER_TIMEOUT))?;
+    stream.set_write_timeout(Some(limit))?;
     stream.write_all(b"get=1\n\n")?;
     // The answer ends with an empty line; the connection stays open for more requests.
-    // Read whole, then parsed in place: ten thousand peers are about 1.5 MB.
+    // Read whole, then parsed in place: ten thousand peers are about 1.5 MB. The bound is
+    // on the whole answer, so that a writer trickling a byte at a time cannot hold the
+    // collector past it.
     let mut answer = Vec::with_capacity(64 * 1024);
     let mut chunk = vec![0u8; 256 * 1024];
+    let timed_out = |bytes| UapiError::TimedOut { limit, bytes };
     while !answer.ends_with(b"\n\n") {
-        let n = stream.read(&mut chunk)?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(timed_out(answer.len()));
+        }
+        stream.set_read_timeout(Some(left))?;
+        let n = match stream.read(&mut chunk) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(timed_out(answer.len()))
+            }
+            Err(e) => return Err(e.into()),
+        };
         if n == 0 {
             break;
+        }
+        if answer.len() + n > max_bytes {
+            return Err(UapiError::TooLarge { limit: max_bytes });
         }
         answer.extend_from_slice(&chunk[..n]);
     }
@@ -229,6 +285,7 @@ fn parse_allowed_ip(value: &str) -> Option<AllowedIp> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     const KEY_A: &str = "58402e695ba1772b1cc9309755f043251ea77fdcf10fbe63989ceae8e7a2b5c0";
     const KEY_B: &str = "662e14fd594556f522604703340351258903b64f35553763f19426ab2a515c58";
@@ -349,6 +406,189 @@ mod tests {
         assert_eq!(socket_names(&dir).unwrap(), ["wga", "wgb"]);
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(socket_names(&dir).unwrap().is_empty(), "missing dir: none");
+    }
+
+    /// A UAPI socket in a fresh directory whose server answers each connection with
+    /// `answer`, written in pieces of `piece` bytes `pause` apart.
+    fn serving(
+        tag: &str,
+        answer: Vec<u8>,
+        piece: usize,
+        pause: Duration,
+    ) -> (PathBuf, std::thread::JoinHandle<()>) {
+        let dir = std::env::temp_dir().join(format!("plexd-uapi-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = socket_path(&dir, "wgs");
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = [0u8; 7];
+            stream.read_exact(&mut request).unwrap();
+            for part in answer.chunks(piece) {
+                // The reader gives up at its deadline; a broken pipe ends this side.
+                if stream.write_all(part).is_err() {
+                    return;
+                }
+                std::thread::sleep(pause);
+            }
+        });
+        (path, server)
+    }
+
+    #[test]
+    fn a_trickling_answer_ends_at_the_deadline_for_the_whole_answer() {
+        // Each byte arrives well within the bound, the whole answer never does.
+        let (path, server) = serving("slow", answer().into_bytes(), 1, Duration::from_millis(20));
+        let started = Instant::now();
+        let err =
+            read_device_within("wgs", &path, Duration::from_millis(300), 1 << 20).unwrap_err();
+        let took = started.elapsed();
+        assert!(matches!(err, UapiError::TimedOut { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("no complete answer within 300ms ("),
+            "{err}"
+        );
+        assert!(took < Duration::from_secs(2), "took {took:?}");
+        server.join().unwrap();
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn an_endless_answer_is_cut_at_the_size_bound() {
+        // Valid lines without end, as fast as the socket takes them.
+        let line = format!("public_key={KEY_A}\n");
+        let flood = line.repeat((4 << 20) / line.len()).into_bytes();
+        let (path, server) = serving("big", flood, 64 * 1024, Duration::ZERO);
+        let err = read_device_within("wgs", &path, Duration::from_secs(10), 1 << 20).unwrap_err();
+        assert!(
+            matches!(err, UapiError::TooLarge { limit } if limit == 1 << 20),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .starts_with("the answer is larger than 1 MiB"),
+            "{err}"
+        );
+        drop(err);
+        server.join().unwrap();
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    /// One peer as a test writes it in an answer.
+    #[derive(Clone, Debug)]
+    struct PeerText {
+        key: [u8; 32],
+        endpoint: Option<SocketAddr>,
+        allowed: Vec<(IpAddr, u8)>,
+        handshake: (u64, u32),
+        rx: u64,
+        tx: u64,
+        keepalive: u16,
+    }
+
+    fn peer_text() -> impl Strategy<Value = PeerText> {
+        let ip = prop_oneof![
+            any::<[u8; 4]>().prop_map(|o| (IpAddr::from(o), 32u8)),
+            any::<[u8; 16]>().prop_map(|o| (IpAddr::from(o), 128u8)),
+        ]
+        .prop_flat_map(|(addr, max)| (Just(addr), 0..=max));
+        (
+            any::<[u8; 32]>(),
+            proptest::option::of(
+                (ip.clone(), any::<u16>()).prop_map(|((a, _), p)| SocketAddr::new(a, p)),
+            ),
+            proptest::collection::vec(ip, 0..4),
+            (0u64..1 << 40, 0u32..1_000_000_000),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u16>(),
+        )
+            .prop_map(
+                |(key, endpoint, allowed, handshake, rx, tx, keepalive)| PeerText {
+                    key,
+                    endpoint,
+                    allowed,
+                    handshake,
+                    rx,
+                    tx,
+                    keepalive,
+                },
+            )
+    }
+
+    /// The answer an implementation writes for these peers.
+    fn render(port: u16, peers: &[PeerText]) -> String {
+        let mut text = format!("private_key={}\nlisten_port={port}\n", "11".repeat(32));
+        for p in peers {
+            text += &format!("public_key={}\nprotocol_version=1\n", hex::encode(p.key));
+            if let Some(e) = p.endpoint {
+                text += &format!("endpoint={e}\n");
+            }
+            text += &format!(
+                "last_handshake_time_sec={}\nlast_handshake_time_nsec={}\ntx_bytes={}\n\
+                 rx_bytes={}\npersistent_keepalive_interval={}\n",
+                p.handshake.0, p.handshake.1, p.tx, p.rx, p.keepalive
+            );
+            for (addr, len) in &p.allowed {
+                text += &format!("allowed_ip={addr}/{len}\n");
+            }
+        }
+        text + "errno=0\n\n"
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+        #[test]
+        fn every_peer_written_is_read_back(
+            port in any::<u16>(),
+            peers in proptest::collection::vec(peer_text(), 0..6),
+        ) {
+            let device = parse_get("wgp", render(port, &peers).as_bytes()).unwrap();
+            prop_assert_eq!(device.listen_port, port);
+            prop_assert_eq!(device.peers.len(), peers.len());
+            for (got, want) in device.peers.iter().zip(&peers) {
+                prop_assert_eq!(&got.public_key, &key_to_base64(&want.key));
+                prop_assert_eq!(got.endpoint, want.endpoint);
+                prop_assert_eq!((got.rx_bytes, got.tx_bytes), (want.rx, want.tx));
+                let ips: Vec<(IpAddr, u8)> =
+                    got.allowed_ips.iter().map(|a| (a.addr, a.prefix_len)).collect();
+                prop_assert_eq!(&ips, &want.allowed);
+                let never = want.handshake == (0, 0);
+                prop_assert_eq!(got.last_handshake.is_none(), never);
+                prop_assert_eq!(got.persistent_keepalive, (want.keepalive != 0).then_some(want.keepalive));
+            }
+        }
+
+        #[test]
+        fn an_answer_cut_before_its_errno_line_is_never_taken(
+            peers in proptest::collection::vec(peer_text(), 1..4),
+            cut in any::<proptest::sample::Index>(),
+        ) {
+            let text = render(51820, &peers);
+            let end = text.find("errno=").unwrap();
+            let prefix = &text[..cut.index(end)];
+            prop_assert!(parse_get("wgp", prefix.as_bytes()).is_err());
+        }
+
+        #[test]
+        fn junk_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse_get("wgp", &bytes);
+        }
+
+        #[test]
+        fn mutated_answers_never_panic(
+            peers in proptest::collection::vec(peer_text(), 1..3),
+            at in any::<proptest::sample::Index>(),
+            byte in any::<u8>(),
+        ) {
+            let mut bytes = render(51820, &peers).into_bytes();
+            let i = at.index(bytes.len());
+            bytes[i] = byte;
+            let _ = parse_get("wgp", &bytes);
+        }
     }
 
     #[test]
