@@ -14,6 +14,7 @@ pub mod control_plane;
 pub mod dashboard;
 pub mod kernel_mesh;
 pub mod mesh;
+pub mod openssl;
 pub mod pod;
 pub mod prometheus;
 pub mod prometheus_server;

@@ -30,7 +30,7 @@ pub enum Need {
     /// for BPF, LLVM 22, and bpf-linker built against it.
     EbpfBuild,
     /// Running the agent and the privileged tests: WireGuard, iproute2 (`ip`, `tc`), nftables,
-    /// ping, fping, bpftool.
+    /// ping, fping, bpftool, openssl.
     Testbed,
     /// Checking the deployment files: `kubernetes-validate` (PyPI, with the Kubernetes
     /// schemas bundled, in a venv under `target/tools`) and `systemd-analyze`.
@@ -56,7 +56,8 @@ const EBPF_PACKAGES: &[&str] = &[
     "libstd-rust-web-dev-bpf",
     "llvm-22-dev",
 ];
-/// Debian packages for the testbed and the agent's own needs.
+/// Debian packages for the testbed and the agent's own needs (openssl: the TLS server and
+/// the certificates of `tests/tests/tls.rs`).
 const TESTBED_PACKAGES: &[&str] = &[
     "wireguard-go",
     "wireguard-tools",
@@ -65,6 +66,7 @@ const TESTBED_PACKAGES: &[&str] = &[
     "iputils-ping",
     "fping",
     "bpftool",
+    "openssl",
 ];
 /// Debian packages for the VM tests (`cargo xtask integration-test vm`).
 const VM_PACKAGES: &[&str] = &["qemu-system-x86", "binutils"];
@@ -102,6 +104,7 @@ const TESTBED_COMMANDS: &[&str] = &[
     "ping",
     "fping",
     "bpftool",
+    "openssl",
 ];
 
 impl Need {
