@@ -15,6 +15,7 @@ pub mod dashboard;
 pub mod go_control_plane;
 pub mod kernel_mesh;
 pub mod mesh;
+pub mod openssl;
 pub mod pod;
 pub mod prometheus;
 pub mod prometheus_server;

@@ -513,6 +513,7 @@ impl LocalSetup {
             secret_key: "local-metrics-token".into(),
             tls_insecure_skip_verify: false,
             ca_file: Some(self.dir.write("local-ca.pem", self.local.ca_pem())),
+            ..LocalEndpointConfig::default()
         };
         let fetcher = self.control_plane.clone() as Arc<dyn SecretFetcher>;
         LocalReporter::new(&cfg, fetcher, NodeSecretKey::from_bytes(NSK), "node-1").unwrap()

@@ -30,7 +30,7 @@ pub enum Need {
     /// for BPF, LLVM 22, and bpf-linker built against it.
     EbpfBuild,
     /// Running the agent and the privileged tests: WireGuard, iproute2 (`ip`, `tc`), nftables,
-    /// ping, fping, bpftool.
+    /// ping, fping, bpftool, openssl.
     Testbed,
     /// Checking the deployment files: `kubernetes-validate` (PyPI, with the Kubernetes
     /// schemas bundled, in a venv under `target/tools`) and `systemd-analyze`.
@@ -56,7 +56,9 @@ const EBPF_PACKAGES: &[&str] = &[
     "libstd-rust-web-dev-bpf",
     "llvm-22-dev",
 ];
-/// Debian packages for the testbed and the agent's own needs.
+/// Debian packages for the testbed and the agent's own needs (openssl: the TLS server and
+/// the certificates of `tests/tests/tls.rs`; golang-go: the Go control plane of
+/// `tests/tests/go_control_plane.rs`, which judges the wire contract).
 const TESTBED_PACKAGES: &[&str] = &[
     "wireguard-go",
     "wireguard-tools",
@@ -65,7 +67,7 @@ const TESTBED_PACKAGES: &[&str] = &[
     "iputils-ping",
     "fping",
     "bpftool",
-    // The Go control plane that judges the wire contract (tests/go/controlplane).
+    "openssl",
     "golang-go",
 ];
 /// Debian packages for the VM tests (`cargo xtask integration-test vm`).
@@ -104,6 +106,7 @@ const TESTBED_COMMANDS: &[&str] = &[
     "ping",
     "fping",
     "bpftool",
+    "openssl",
     "go",
 ];
 

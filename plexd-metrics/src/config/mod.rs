@@ -22,11 +22,15 @@ mod peer_names;
 mod settings;
 #[cfg(test)]
 mod testing;
+mod tls;
 mod validate;
 
 pub use env::{EnvKey, CLI_ENV_VARIABLES, ENV_PREFIX};
 pub use peer_names::{read_peer_names_file, PeerNames};
 pub use settings::{MetricsSettings, Settings};
+pub use tls::{
+    ParsedTls, TlsOptions, TlsVersion, DEFAULT_TLS_MAX_VERSION, DEFAULT_TLS_MIN_VERSION,
+};
 pub(crate) use validate::is_loopback;
 pub use validate::{
     MAX_LATENCY_PROBES, MAX_PEERS_LIMIT, MAX_SESSIONS_LIMIT, MIN_COLLECT_INTERVAL,
@@ -78,6 +82,17 @@ pub struct ControlPlaneConfig {
     pub key_file: Option<PathBuf>,
     /// Accept any server certificate. Only for testing; the agent warns at start.
     pub tls_insecure_skip_verify: bool,
+    /// The name the server's certificate must be valid for, instead of the URL's host
+    /// (e.g. when the URL names an IP address); empty means the URL's host.
+    pub server_name: String,
+    /// The oldest TLS version offered: `TLS1.2` or `TLS1.3`.
+    pub min_version: String,
+    /// The newest TLS version offered: `TLS1.2` or `TLS1.3`.
+    pub max_version: String,
+    /// The cipher suites offered, by their IANA (and Go) names; empty means rustls' defaults.
+    pub cipher_suites: Vec<String>,
+    /// Resume TLS sessions; false makes every new connection a full handshake.
+    pub session_tickets: bool,
     /// File with this node's 32-byte secret key (hex or base64), which decrypts the local
     /// endpoint's credential.
     pub node_secret_key_file: Option<PathBuf>,
@@ -95,6 +110,11 @@ impl Default for ControlPlaneConfig {
             cert_file: None,
             key_file: None,
             tls_insecure_skip_verify: false,
+            server_name: String::new(),
+            min_version: DEFAULT_TLS_MIN_VERSION.to_owned(),
+            max_version: DEFAULT_TLS_MAX_VERSION.to_owned(),
+            cipher_suites: Vec::new(),
+            session_tickets: true,
             node_secret_key_file: None,
             timeout: DEFAULT_REQUEST_TIMEOUT,
         }
@@ -107,6 +127,26 @@ impl ControlPlaneConfig {
         !self.url.is_empty()
     }
 }
+
+/// Gives each HTTP client section the method that collects its TLS keys, which the sections
+/// declare one by one because serde cannot flatten into a struct that denies unknown keys.
+macro_rules! tls_options {
+    ($($section:ty),+) => {$(
+        impl $section {
+            /// This section's TLS keys, for [`TlsOptions::parse`].
+            pub fn tls_options(&self) -> TlsOptions {
+                TlsOptions {
+                    server_name: self.server_name.clone(),
+                    min_version: self.min_version.clone(),
+                    max_version: self.max_version.clone(),
+                    cipher_suites: self.cipher_suites.clone(),
+                    session_tickets: self.session_tickets,
+                }
+            }
+        }
+    )+};
+}
+tls_options!(ControlPlaneConfig, LocalEndpointConfig, RemoteWriteConfig);
 
 /// Collection and reporting: the spec's `metrics.Config`.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
@@ -269,6 +309,17 @@ pub struct RemoteWriteConfig {
     pub key_file: Option<PathBuf>,
     /// Accept any server certificate. Only for testing; the agent warns at start.
     pub tls_insecure_skip_verify: bool,
+    /// The name the server's certificate must be valid for, instead of the URL's host
+    /// (e.g. when the URL names an IP address); empty means the URL's host.
+    pub server_name: String,
+    /// The oldest TLS version offered: `TLS1.2` or `TLS1.3`.
+    pub min_version: String,
+    /// The newest TLS version offered: `TLS1.2` or `TLS1.3`.
+    pub max_version: String,
+    /// The cipher suites offered, by their IANA (and Go) names; empty means rustls' defaults.
+    pub cipher_suites: Vec<String>,
+    /// Resume TLS sessions; false makes every new connection a full handshake.
+    pub session_tickets: bool,
     /// Bound of one request, from connecting to the end of the response.
     #[serde(deserialize_with = "duration", serialize_with = "duration_text")]
     pub timeout: Duration,
@@ -289,6 +340,11 @@ impl Default for RemoteWriteConfig {
             cert_file: None,
             key_file: None,
             tls_insecure_skip_verify: false,
+            server_name: String::new(),
+            min_version: DEFAULT_TLS_MIN_VERSION.to_owned(),
+            max_version: DEFAULT_TLS_MAX_VERSION.to_owned(),
+            cipher_suites: Vec::new(),
+            session_tickets: true,
             timeout: DEFAULT_REMOTE_WRITE_TIMEOUT,
             external_labels: BTreeMap::new(),
         }
@@ -316,7 +372,7 @@ impl RemoteWriteConfig {
 }
 
 /// The spec's `LocalEndpointConfig`: an HTTPS endpoint that receives every batch too.
-#[derive(Clone, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LocalEndpointConfig {
     /// HTTPS URL; empty means not configured.
@@ -329,6 +385,17 @@ pub struct LocalEndpointConfig {
     /// PEM file with CA certificates trusted for this endpoint only (an addition to the
     /// spec, so that a private endpoint can be verified instead of skipping verification).
     pub ca_file: Option<PathBuf>,
+    /// The name the server's certificate must be valid for, instead of the URL's host
+    /// (e.g. when the URL names an IP address); empty means the URL's host.
+    pub server_name: String,
+    /// The oldest TLS version offered: `TLS1.2` or `TLS1.3`.
+    pub min_version: String,
+    /// The newest TLS version offered: `TLS1.2` or `TLS1.3`.
+    pub max_version: String,
+    /// The cipher suites offered, by their IANA (and Go) names; empty means rustls' defaults.
+    pub cipher_suites: Vec<String>,
+    /// Resume TLS sessions; false makes every new connection a full handshake.
+    pub session_tickets: bool,
 }
 
 // The secret key never appears in logs or config dumps.
@@ -346,7 +413,28 @@ impl fmt::Debug for LocalEndpointConfig {
             )
             .field("tls_insecure_skip_verify", &self.tls_insecure_skip_verify)
             .field("ca_file", &self.ca_file)
+            .field("server_name", &self.server_name)
+            .field("min_version", &self.min_version)
+            .field("max_version", &self.max_version)
+            .field("cipher_suites", &self.cipher_suites)
+            .field("session_tickets", &self.session_tickets)
             .finish()
+    }
+}
+
+impl Default for LocalEndpointConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            secret_key: String::new(),
+            tls_insecure_skip_verify: false,
+            ca_file: None,
+            server_name: String::new(),
+            min_version: DEFAULT_TLS_MIN_VERSION.to_owned(),
+            max_version: DEFAULT_TLS_MAX_VERSION.to_owned(),
+            cipher_suites: Vec::new(),
+            session_tickets: true,
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 use super::{
     Config, ConfigError, ControlPlaneConfig, EbpfConfig, HealthConfig, LatencyConfig,
     LocalEndpointConfig, MetricsConfig, MetricsSettings, PrometheusConfig, RemoteWriteConfig,
-    Settings, SystemConfig, WireGuardConfig,
+    Settings, SystemConfig, TlsOptions, WireGuardConfig,
 };
 use crate::secret::NodeSecretKey;
 
@@ -131,6 +131,7 @@ impl ControlPlaneConfig {
                 "config: control_plane: cert_file and key_file must be set together".to_owned(),
             );
         }
+        check_tls("config: control_plane", self.tls_options(), problems);
         if let Some(path) = &self.node_secret_key_file {
             if let Err(e) = NodeSecretKey::load(path) {
                 problems.push(format!("config: control_plane.node_secret_key_file: {e}"));
@@ -169,6 +170,14 @@ fn check_readable<const N: usize>(
                 ));
             }
         }
+    }
+}
+
+/// A section's TLS keys (versions, cipher suites, server name); `section` prefixes each key
+/// in the messages.
+fn check_tls(section: &str, options: TlsOptions, problems: &mut Vec<String>) {
+    if let Err(found) = options.parse(section) {
+        problems.extend(found);
     }
 }
 
@@ -352,6 +361,11 @@ impl LocalEndpointConfig {
                 ));
             }
         }
+        check_tls(
+            "metrics: config: local_endpoint",
+            self.tls_options(),
+            problems,
+        );
     }
 }
 
@@ -538,6 +552,7 @@ impl RemoteWriteConfig {
                 "{P}: cert_file and key_file go together (mutual TLS); set both or neither"
             ));
         }
+        check_tls(P, self.tls_options(), problems);
         for (name, value) in &self.headers {
             if REMOTE_WRITE_RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
                 problems.push(format!(
@@ -700,6 +715,34 @@ mod tests {
             "metrics: { remote_write: { url: 'http://vm.monitoring:8428/api/v1/write' } }"
         )
         .is_empty());
+    }
+
+    #[test]
+    fn each_client_section_checks_its_tls_keys_under_its_own_name() {
+        let files = Files::new("tls-keys");
+        let token = files.path("token");
+        let nsk = files.path("nsk");
+        let bad = "min_version: TLS1.0, max_version: tls13, cipher_suites: [TLS_NOPE], \
+                   server_name: 'a b'";
+        let found = problems(&format!(
+            "node_id: n\ncontrol_plane: {{ url: 'https://cp.example', token_file: {token}, \
+             node_secret_key_file: {nsk}, {bad} }}\nmetrics:\n  local_endpoint: {{ url: \
+             'https://le.example', secret_key: k, max_version: '1.2', min_version: '1.3' }}\n  \
+             remote_write: {{ url: 'https://rw.example', cipher_suites: \
+             [TLS_AES_128_GCM_SHA256] }}\n"
+        ));
+        let expected = [
+            "config: control_plane.server_name: \"a b\" is neither a DNS name nor an IP address; write the name the server's certificate carries, e.g. cp.example",
+            "config: control_plane.min_version: \"TLS1.0\" (TLS 1.0) is refused: rustls",
+            "config: control_plane.cipher_suites: \"TLS_NOPE\" is not a cipher suite rustls implements (its suites are AEADs with forward secrecy); the supported ones are TLS_AES_128_GCM_SHA256, TLS_AES_256_GCM_SHA384, TLS_CHACHA20_POLY1305_SHA256, TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, ",
+            "metrics: config: local_endpoint: min_version TLS1.3 is newer than max_version TLS1.2; no version is left to offer",
+            "metrics: config: remote_write.cipher_suites names no TLS1.2 suite, so TLS1.2 could not be used; add one of TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, ",
+        ];
+        assert_eq!(found.len(), expected.len(), "{found:#?}");
+        for (problem, start) in found.iter().zip(expected) {
+            assert!(problem.starts_with(start), "{problem}");
+        }
+        assert!(found[1].contains("RFC 8996"), "{found:?}");
     }
 
     #[test]

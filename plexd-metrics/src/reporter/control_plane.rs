@@ -49,6 +49,7 @@ impl ControlPlaneReporter {
             ca_file: cfg.ca_file.clone(),
             client_identity: cfg.cert_file.clone().zip(cfg.key_file.clone()),
             insecure_skip_verify: cfg.tls_insecure_skip_verify,
+            options: cfg.tls_options(),
         };
         if tls.insecure_skip_verify {
             warn!(

@@ -6,6 +6,7 @@ use std::time::Duration;
 use reqwest::redirect::Policy;
 
 use super::{ReportError, USER_AGENT};
+use crate::config::TlsOptions;
 
 /// Longest part of an error response's body kept for the log.
 const BODY_EXCERPT: usize = 200;
@@ -19,9 +20,12 @@ pub struct TlsSettings {
     pub client_identity: Option<(PathBuf, PathBuf)>,
     /// Accept any server certificate.
     pub insecure_skip_verify: bool,
+    /// Server name, versions, cipher suites and resumption.
+    pub options: TlsOptions,
 }
 
-/// Builds a client with rustls, the given trust and a bound on every request.
+/// Builds a client with rustls configured by [`super::tls::client_config`], and a bound on
+/// every request.
 ///
 /// Redirects are not followed: a POST that is redirected is a misconfigured URL, and
 /// following it could carry the bearer token elsewhere.
@@ -30,62 +34,12 @@ pub(crate) fn build_client(
     timeout: Duration,
     keys: &TlsKeys,
 ) -> Result<reqwest::Client, ReportError> {
-    let mut builder = reqwest::Client::builder()
-        .use_rustls_tls()
+    let config = super::tls::client_config(tls, keys)?;
+    reqwest::Client::builder()
+        .use_preconfigured_tls(config)
         .user_agent(USER_AGENT)
         .timeout(timeout)
-        .redirect(Policy::none());
-    if let Some(path) = &tls.ca_file {
-        let pem = std::fs::read(path).map_err(|e| {
-            ReportError::Setup(format!("{}: cannot read {}: {e}", keys.ca, path.display()))
-        })?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-            ReportError::Setup(format!(
-                "{}: {} is not a PEM certificate bundle: {}",
-                keys.ca,
-                path.display(),
-                chain(&e)
-            ))
-        })?;
-        if certs.is_empty() {
-            return Err(ReportError::Setup(format!(
-                "{}: {} holds no PEM certificate",
-                keys.ca,
-                path.display()
-            )));
-        }
-        for cert in certs {
-            builder = builder.add_root_certificate(cert);
-        }
-    }
-    if let Some((cert, key)) = &tls.client_identity {
-        let mut pem = Vec::new();
-        for (name, path) in [("cert_file", cert), ("key_file", key)] {
-            let bytes = std::fs::read(path).map_err(|e| {
-                ReportError::Setup(format!(
-                    "{}.{name}: cannot read {}: {e}",
-                    keys.section,
-                    path.display()
-                ))
-            })?;
-            pem.extend_from_slice(&bytes);
-            pem.push(b'\n');
-        }
-        let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
-            ReportError::Setup(format!(
-                "{}.cert_file/key_file: {} and {} are not a PEM certificate and private key: {}",
-                keys.section,
-                cert.display(),
-                key.display(),
-                chain(&e)
-            ))
-        })?;
-        builder = builder.identity(identity);
-    }
-    if tls.insecure_skip_verify {
-        builder = builder.danger_accept_invalid_certs(true);
-    }
-    builder
+        .redirect(Policy::none())
         .build()
         .map_err(|e| ReportError::Setup(format!("cannot set up the HTTP client: {}", chain(&e))))
 }
@@ -136,17 +90,49 @@ pub(crate) fn transport_error(
         };
     }
     let mut detail = chain(&e.without_url());
-    let lower = detail.to_ascii_lowercase();
-    if lower.contains("certificate") || lower.contains("unknownissuer") {
-        detail.push_str(&format!(
-            " (TLS: set {} to the CA that signed the server's certificate)",
-            keys.ca
-        ));
+    if let Some(advice) = tls_advice(keys, &detail.to_ascii_lowercase()) {
+        detail.push_str(&format!(" (TLS: {advice})"));
     }
     ReportError::Transport {
         what: keys.what,
         url: url.to_owned(),
         detail,
+    }
+}
+
+/// What to change when a handshake failed, from rustls' words for the failure (`lower`,
+/// in lower case).
+fn tls_advice(keys: &TlsKeys, lower: &str) -> Option<String> {
+    let (ca, section) = (keys.ca, keys.section);
+    if lower.contains("causedasendentity") {
+        Some(format!(
+            "the server's certificate is itself a CA certificate (basicConstraints CA:TRUE, \
+             as `openssl req -x509` makes by default), which TLS refuses as a server's \
+             certificate, and it is not in {ca}: put that very certificate in {ca} to pin it \
+             (its name and dates are still checked), or give the server a certificate with \
+             CA:FALSE (`openssl req -x509 ... -addext basicConstraints=critical,CA:FALSE`, or \
+             a CA that signs a server certificate) and put its CA in {ca}"
+        ))
+    } else if lower.contains("not valid for name") || lower.contains("notvalidforname") {
+        Some(format!(
+            "the server's certificate is not valid for the name the agent checks (the URL's \
+             host, or {section}.server_name): set {section}.server_name to a name the \
+             certificate carries, e.g. when the URL names an IP address"
+        ))
+    } else if lower.contains("certificate") || lower.contains("unknownissuer") {
+        Some(format!(
+            "set {ca} to the CA that signed the server's certificate"
+        ))
+    } else if ["protocolversion", "handshakefailure", "peerincompatible"]
+        .iter()
+        .any(|w| lower.contains(w))
+    {
+        Some(format!(
+            "the server accepts none of the TLS versions or cipher suites offered; check \
+             {section}.min_version, max_version and cipher_suites against the server's"
+        ))
+    } else {
+        None
     }
 }
 

@@ -77,6 +77,7 @@ impl LocalReporter {
             ca_file: cfg.ca_file.clone(),
             client_identity: None,
             insecure_skip_verify: cfg.tls_insecure_skip_verify,
+            options: cfg.tls_options(),
         };
         if tls.insecure_skip_verify {
             warn!(

@@ -15,6 +15,7 @@ mod local;
 mod multi;
 mod remote_write;
 mod stdout;
+mod tls;
 pub(crate) mod token;
 
 pub use control_plane::{gzip_json, ControlPlaneReporter};

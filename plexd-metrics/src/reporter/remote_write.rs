@@ -127,6 +127,7 @@ impl RemoteWriteReporter {
             ca_file: cfg.ca_file.clone(),
             client_identity: cfg.cert_file.clone().zip(cfg.key_file.clone()),
             insecure_skip_verify: cfg.tls_insecure_skip_verify,
+            options: cfg.tls_options(),
         };
         if tls.insecure_skip_verify {
             warn!(
