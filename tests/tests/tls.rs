@@ -100,6 +100,48 @@ async fn a_self_signed_ca_certificate_in_ca_file_is_pinned_with_its_name_still_c
 }
 
 #[tokio::test]
+async fn server_name_is_sent_as_sni_so_a_server_with_two_names_shows_the_right_one() {
+    // s_server presents default.example's certificate unless the client asks for
+    // cp.example in SNI; only cp.example's certificate is pinned.
+    let dir = TempDir::new("tls-sni");
+    let default = self_signed(dir.path(), "default", "default.example", &[]);
+    let named = self_signed(dir.path(), "named", "cp.example", &[]);
+    let root = root();
+    let cert2 = named.cert.to_str().unwrap();
+    let key2 = named.key.to_str().unwrap();
+    let server = SServer::start(
+        root.path(),
+        &default,
+        &["-servername", "cp.example", "-cert2", cert2, "-key2", key2],
+    );
+    let url = server.url();
+    let by_name = config(&url, &dir, &named.cert, |c| {
+        c.server_name = "cp.example".into()
+    });
+    fetch(&by_name)
+        .await
+        .expect("cp.example was asked for in SNI, and its certificate came back");
+
+    // Pinning default.example's certificate and naming it: the server shows it because the
+    // name sent is not cp.example.
+    let other = config(&url, &dir, &default.cert, |c| {
+        c.server_name = "default.example".into()
+    });
+    fetch(&other)
+        .await
+        .expect("the default certificate for another name");
+
+    // The name is checked against what the server showed: asking for cp.example while
+    // trusting only default.example's certificate fails.
+    let e = fetch(&config(&url, &dir, &default.cert, |c| {
+        c.server_name = "cp.example".into()
+    }))
+    .await
+    .unwrap_err();
+    assert!(e.contains("control_plane"), "{e}");
+}
+
+#[tokio::test]
 async fn certificates_openssl_makes_with_ca_false_verify_as_before() {
     let dir = TempDir::new("tls-leaf");
     let root = root();

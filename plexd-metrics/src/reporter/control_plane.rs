@@ -12,7 +12,9 @@ use tracing::{debug, warn};
 use url::Url;
 use uuid::Uuid;
 
-use super::http::{build_client, check_status, transport_error, TlsSettings, CONTROL_PLANE};
+use super::http::{
+    build_client, check_status, transport_error, ServerClient, TlsSettings, CONTROL_PLANE,
+};
 use super::local::SecretFetcher;
 use super::{MetricReporter, ReportError, TokenFile};
 use crate::api::MetricPoint;
@@ -27,7 +29,7 @@ pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
 /// bearer token of `control_plane.token_file`, and fetches secrets for the local endpoint.
 #[derive(Debug)]
 pub struct ControlPlaneReporter {
-    client: reqwest::Client,
+    client: ServerClient,
     base: Url,
     token: TokenFile,
     timeout: Duration,
@@ -59,7 +61,7 @@ impl ControlPlaneReporter {
             );
         }
         Ok(Self {
-            client: build_client(&tls, cfg.timeout, &CONTROL_PLANE)?,
+            client: build_client(&base, &tls, cfg.timeout, &CONTROL_PLANE)?,
             base,
             token: TokenFile::new(token),
             timeout: cfg.timeout,
@@ -107,7 +109,7 @@ impl ControlPlaneReporter {
         loop {
             let sent = self
                 .client
-                .post(url.clone())
+                .post(&url)
                 .header(CONTENT_TYPE, "application/json")
                 .header(CONTENT_ENCODING, "gzip")
                 .header(AUTHORIZATION, self.bearer(&token)?)
@@ -190,7 +192,7 @@ impl SecretFetcher for ControlPlaneReporter {
         let token = self.token.current().map_err(token_error)?;
         let response = self
             .client
-            .get(url.clone())
+            .get(&url)
             .header(ACCEPT, "application/json")
             .header(AUTHORIZATION, self.bearer(&token)?)
             .send()

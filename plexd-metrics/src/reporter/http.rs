@@ -3,7 +3,13 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::redirect::Policy;
+use tokio_rustls::rustls::pki_types::ServerName;
+use url::Url;
 
 use super::{ReportError, USER_AGENT};
 use crate::config::TlsOptions;
@@ -24,24 +30,110 @@ pub struct TlsSettings {
     pub options: TlsOptions,
 }
 
-/// Builds a client with rustls configured by [`super::tls::client_config`], and a bound on
-/// every request.
+/// Builds the client of the server at `url`: rustls configured by
+/// [`super::tls::client_config`], and a bound on every request.
 ///
 /// Redirects are not followed: a POST that is redirected is a misconfigured URL, and
 /// following it could carry the bearer token elsewhere.
 pub(crate) fn build_client(
+    url: &Url,
     tls: &TlsSettings,
     timeout: Duration,
     keys: &TlsKeys,
-) -> Result<reqwest::Client, ReportError> {
+) -> Result<ServerClient, ReportError> {
     let config = super::tls::client_config(tls, keys)?;
-    reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .use_preconfigured_tls(config)
         .user_agent(USER_AGENT)
         .timeout(timeout)
-        .redirect(Policy::none())
+        .redirect(Policy::none());
+    let sni = sni_name(url, tls);
+    if let (Some(name), Some(host)) = (&sni, url.host_str()) {
+        builder = builder.dns_resolver(Arc::new(ServerNameResolver {
+            server_name: name.clone(),
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+        }));
+    }
+    let client = builder
         .build()
-        .map_err(|e| ReportError::Setup(format!("cannot set up the HTTP client: {}", chain(&e))))
+        .map_err(|e| ReportError::Setup(format!("cannot set up the HTTP client: {}", chain(&e))))?;
+    Ok(ServerClient { client, sni })
+}
+
+/// The DNS name to send as SNI instead of `url`'s host: `server_name` when it is a DNS
+/// name other than the host (TLS sends no SNI for an address).
+fn sni_name(url: &Url, tls: &TlsSettings) -> Option<String> {
+    if url.scheme() != "https" {
+        return None;
+    }
+    match ServerName::try_from(tls.options.server_name.trim()).ok()? {
+        ServerName::DnsName(name) if Some(name.as_ref()) != url.host_str() => {
+            Some(name.as_ref().to_owned())
+        }
+        _ => None,
+    }
+}
+
+/// A client of one server. With `server_name` set to another DNS name than the URL's host,
+/// the connection is addressed by that name, so that rustls sends it as SNI (reqwest takes
+/// SNI from the request's URL and has no setting of its own for it), while the resolver
+/// maps the name back to the URL's host and the `Host` header stays the URL's.
+#[derive(Clone, Debug)]
+pub(crate) struct ServerClient {
+    client: reqwest::Client,
+    sni: Option<String>,
+}
+
+impl ServerClient {
+    /// A request to `url`.
+    pub(crate) fn request(&self, method: reqwest::Method, url: &Url) -> reqwest::RequestBuilder {
+        let Some(name) = &self.sni else {
+            return self.client.request(method, url.clone());
+        };
+        let mut addressed = url.clone();
+        if addressed.set_host(Some(name)).is_err() {
+            return self.client.request(method, url.clone());
+        }
+        let host = &url[url::Position::BeforeHost..url::Position::AfterPort];
+        self.client
+            .request(method, addressed)
+            .header(reqwest::header::HOST, host)
+    }
+
+    /// A POST to `url`.
+    pub(crate) fn post(&self, url: &Url) -> reqwest::RequestBuilder {
+        self.request(reqwest::Method::POST, url)
+    }
+
+    /// A GET of `url`.
+    pub(crate) fn get(&self, url: &Url) -> reqwest::RequestBuilder {
+        self.request(reqwest::Method::GET, url)
+    }
+}
+
+/// Resolves `server_name` to the addresses of the URL's host, every other name as usual.
+struct ServerNameResolver {
+    server_name: String,
+    host: String,
+}
+
+impl Resolve for ServerNameResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        let target = if name.as_str() == self.server_name {
+            self.host.clone()
+        } else {
+            name.as_str().to_owned()
+        };
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((target.as_str(), 0))
+                .await?
+                .collect();
+            Ok(Box::new(addrs.into_iter()) as Addrs)
+        })
+    }
 }
 
 /// The config keys a client's error messages point at.

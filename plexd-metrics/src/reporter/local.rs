@@ -11,7 +11,9 @@ use tokio::time::Instant;
 use tracing::warn;
 use url::Url;
 
-use super::http::{build_client, check_status, transport_error, TlsSettings, LOCAL_ENDPOINT};
+use super::http::{
+    build_client, check_status, transport_error, ServerClient, TlsSettings, LOCAL_ENDPOINT,
+};
 use super::{MetricReporter, ReportError};
 use crate::api::MetricPoint;
 use crate::collector::BoxError;
@@ -38,7 +40,7 @@ struct Cached {
 
 /// Posts each batch, as plain JSON, to `metrics.local_endpoint.url`.
 pub struct LocalReporter {
-    client: reqwest::Client,
+    client: ServerClient,
     url: Url,
     secret_key: String,
     fetcher: Arc<dyn SecretFetcher>,
@@ -87,7 +89,7 @@ impl LocalReporter {
             );
         }
         Ok(Self {
-            client: build_client(&tls, LOCAL_TIMEOUT, &LOCAL_ENDPOINT)?,
+            client: build_client(&url, &tls, LOCAL_TIMEOUT, &LOCAL_ENDPOINT)?,
             url,
             secret_key: cfg.secret_key.clone(),
             fetcher,
@@ -168,7 +170,7 @@ impl MetricReporter for LocalReporter {
         let body = serde_json::to_vec(batch)?;
         let response = self
             .client
-            .post(self.url.clone())
+            .post(&self.url)
             .header(CONTENT_TYPE, "application/json")
             .header(AUTHORIZATION, auth)
             .body(body)

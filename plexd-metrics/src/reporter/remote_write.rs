@@ -20,7 +20,9 @@ use tracing::{debug, warn};
 use url::Url;
 use uuid::Uuid;
 
-use super::http::{build_client, check_status, transport_error, TlsSettings, REMOTE_WRITE};
+use super::http::{
+    build_client, check_status, transport_error, ServerClient, TlsSettings, REMOTE_WRITE,
+};
 use super::{MetricReporter, ReportError, TokenFile};
 use crate::api::MetricPoint;
 use crate::collector::BoxError;
@@ -80,7 +82,7 @@ struct State {
 /// credential file) is retried.
 #[derive(Debug)]
 pub struct RemoteWriteReporter {
-    client: reqwest::Client,
+    client: ServerClient,
     url: Url,
     /// The URL as errors and logs show it: without credentials, query or fragment.
     shown: String,
@@ -144,7 +146,7 @@ impl RemoteWriteReporter {
             );
         }
         Ok(Self {
-            client: build_client(&tls, cfg.timeout, &REMOTE_WRITE)?,
+            client: build_client(&url, &tls, cfg.timeout, &REMOTE_WRITE)?,
             url,
             shown,
             auth,
@@ -220,7 +222,7 @@ impl RemoteWriteReporter {
     fn request(&self, body: Bytes, credential: Option<&SecretString>) -> reqwest::RequestBuilder {
         let request = self
             .client
-            .post(self.url.clone())
+            .post(&self.url)
             .headers(self.headers.clone())
             .header(CONTENT_TYPE, "application/x-protobuf")
             .header(CONTENT_ENCODING, "snappy")
