@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use super::http::{
     build_client, check_status, transport_error, ServerClient, TlsSettings, CONTROL_PLANE,
+    MAX_RESPONSE_BODY,
 };
 use super::local::SecretFetcher;
 use super::{MetricReporter, ReportError, TokenFile};
@@ -200,9 +201,14 @@ impl SecretFetcher for ControlPlaneReporter {
             .map_err(|e| transport_error(&CONTROL_PLANE, url.as_str(), self.timeout, e))?;
         let body = check_status(&CONTROL_PLANE, url.as_str(), response).await?;
         serde_json::from_str(&body).map_err(|e| {
+            let detail = if body.len() >= MAX_RESPONSE_BODY {
+                format!("the answer is larger than {} KiB", MAX_RESPONSE_BODY >> 10)
+            } else {
+                e.to_string()
+            };
             ReportError::SecretFormat {
                 url: url.to_string(),
-                detail: e.to_string(),
+                detail,
             }
             .into()
         })

@@ -14,6 +14,11 @@ use url::Url;
 use super::{ReportError, USER_AGENT};
 use crate::config::TlsOptions;
 
+/// Most bytes of a response body read: the answers the agent needs (a secret, an error's
+/// first line) are small, and a server that sends more, or never stops, must not fill the
+/// agent's memory while the request's timeout runs.
+pub(crate) const MAX_RESPONSE_BODY: usize = 1 << 20;
+
 /// Longest part of an error response's body kept for the log.
 const BODY_EXCERPT: usize = 200;
 
@@ -228,8 +233,8 @@ fn tls_advice(keys: &TlsKeys, lower: &str) -> Option<String> {
     }
 }
 
-/// Accepts a 2xx response and returns its body; otherwise returns the status with the
-/// body's first line.
+/// Accepts a 2xx response and returns its body (at most [`MAX_RESPONSE_BODY`] bytes of it);
+/// otherwise returns the status with the body's first line.
 pub(crate) async fn check_status(
     keys: &TlsKeys,
     url: &str,
@@ -242,8 +247,9 @@ pub(crate) async fn check_status(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(Duration::from_secs);
-    // Reading the body, even when unused, lets the connection be reused.
-    let body = response.text().await.unwrap_or_default();
+    // Reading the body, even when unused, lets the connection be reused; one cut short is
+    // dropped with its connection.
+    let body = bounded_text(response, MAX_RESPONSE_BODY).await;
     if status.is_success() {
         return Ok(body);
     }
@@ -264,6 +270,22 @@ pub(crate) async fn check_status(
     })
 }
 
+/// The first `limit` bytes of `response`'s body as text (invalid UTF-8 replaced); what
+/// could not be read is left out, since a body is only ever evidence here.
+async fn bounded_text(mut response: reqwest::Response, limit: usize) -> String {
+    let mut body = Vec::new();
+    while body.len() < limit {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let take = chunk.len().min(limit - body.len());
+                body.extend_from_slice(&chunk[..take]);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&body).into_owned()
+}
+
 /// An error and its sources, each once: reqwest's own text alone says little
 /// ("error sending request"); the cause (refused, certificate unknown) is further down.
 pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
@@ -277,4 +299,60 @@ pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
         next = err.source();
     }
     parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// A server on loopback that answers every request with `status` and a chunked body that
+    /// never ends. Returns its URL.
+    async fn endless(status: &'static str) -> Url {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = [0u8; 4096];
+                    let _ = stream.read(&mut request).await;
+                    let head = format!(
+                        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\n\
+                         Transfer-Encoding: chunked\r\n\r\n"
+                    );
+                    if stream.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let chunk = format!("10000\r\n{}\r\n", "x".repeat(0x10000));
+                    // Until the client hangs up.
+                    while stream.write_all(chunk.as_bytes()).await.is_ok() {}
+                });
+            }
+        });
+        Url::parse(&format!("http://{addr}/")).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_endless_body_is_read_only_up_to_the_bound() {
+        let timeout = Duration::from_secs(30);
+        for status in ["503 Service Unavailable", "200 OK"] {
+            let url = endless(status).await;
+            let client = build_client(&url, &TlsSettings::default(), timeout, &CONTROL_PLANE)
+                .unwrap();
+            let started = Instant::now();
+            let response = client.get(&url).send().await.unwrap();
+            let result = check_status(&CONTROL_PLANE, url.as_str(), response).await;
+            // Well before the request's timeout: the read stopped at the bound.
+            assert!(started.elapsed() < timeout / 3, "{status}: {:?}", started.elapsed());
+            match result {
+                Ok(body) => assert_eq!(body.len(), MAX_RESPONSE_BODY, "{status}"),
+                Err(ReportError::Status { status, body, .. }) => {
+                    assert_eq!(status.as_u16(), 503);
+                    assert_eq!(body.len(), BODY_EXCERPT);
+                }
+                Err(e) => panic!("{status}: {e}"),
+            }
+        }
+    }
 }
