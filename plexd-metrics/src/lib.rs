@@ -21,4 +21,5 @@ pub mod prometheus;
 pub mod queue;
 pub mod reporter;
 pub mod secret;
+pub mod small_file;
 pub mod source;

@@ -104,10 +104,12 @@ impl NodeSecretKey {
     /// Reads the key from `path`: 64 hex digits or base64 of 32 bytes, surrounding
     /// whitespace ignored. Anything else is an error naming the file (never its content).
     pub fn load(path: &Path) -> Result<Self, SecretError> {
-        let text = std::fs::read(path).map_err(|source| SecretError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let limit = crate::small_file::MAX_SECRET_BYTES;
+        let text =
+            crate::small_file::read_at_most(path, limit).map_err(|source| SecretError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
         Self::parse(&text).ok_or_else(|| SecretError::KeyFormat {
             path: path.to_owned(),
         })

@@ -647,10 +647,13 @@ impl Config {
         V: Into<OsString>,
     {
         let text = match path {
-            Some(path) => std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                path: path.to_owned(),
-                source,
-            })?,
+            Some(path) => {
+                crate::small_file::read_text_at_most(path, crate::small_file::MAX_CONFIG_BYTES)
+                    .map_err(|source| ConfigError::Read {
+                        path: path.to_owned(),
+                        source,
+                    })?
+            }
             None => String::new(),
         };
         let overrides = env::overrides(vars)?;

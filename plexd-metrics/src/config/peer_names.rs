@@ -72,7 +72,8 @@ impl PeerNames {
 /// Reads a peer names file: a YAML (or JSON) map of public key to name. An empty file
 /// names no one.
 pub fn read_peer_names_file(path: &Path) -> Result<BTreeMap<String, String>, Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let limit = crate::small_file::MAX_CONFIG_BYTES;
+    let text = crate::small_file::read_text_at_most(path, limit).map_err(|e| {
         vec![format!(
             "metrics: config: wireguard.peer_names: cannot read {}: {e}",
             path.display()

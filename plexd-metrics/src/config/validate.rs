@@ -145,7 +145,7 @@ impl ControlPlaneConfig {
 
 /// A file holding a token or password: readable and not blank. `key` prefixes the messages.
 fn check_secret_file(key: &str, path: &std::path::Path, problems: &mut Vec<String>) {
-    match std::fs::read_to_string(path) {
+    match crate::small_file::read_text_at_most(path, crate::small_file::MAX_SECRET_BYTES) {
         Err(e) => problems.push(format!("{key}: cannot read {}: {e}", path.display())),
         Ok(text) if text.trim().is_empty() => {
             problems.push(format!("{key}: {} is empty", path.display()))

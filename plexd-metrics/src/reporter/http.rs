@@ -338,13 +338,17 @@ mod tests {
         let timeout = Duration::from_secs(30);
         for status in ["503 Service Unavailable", "200 OK"] {
             let url = endless(status).await;
-            let client = build_client(&url, &TlsSettings::default(), timeout, &CONTROL_PLANE)
-                .unwrap();
+            let client =
+                build_client(&url, &TlsSettings::default(), timeout, &CONTROL_PLANE).unwrap();
             let started = Instant::now();
             let response = client.get(&url).send().await.unwrap();
             let result = check_status(&CONTROL_PLANE, url.as_str(), response).await;
             // Well before the request's timeout: the read stopped at the bound.
-            assert!(started.elapsed() < timeout / 3, "{status}: {:?}", started.elapsed());
+            assert!(
+                started.elapsed() < timeout / 3,
+                "{status}: {:?}",
+                started.elapsed()
+            );
             match result {
                 Ok(body) => assert_eq!(body.len(), MAX_RESPONSE_BODY, "{status}"),
                 Err(ReportError::Status { status, body, .. }) => {

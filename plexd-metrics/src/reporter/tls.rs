@@ -9,6 +9,7 @@
 //! the agent accepts it then, still checking its name, its dates and the handshake's
 //! signature.
 
+use crate::small_file::{read_at_most, MAX_CONFIG_BYTES};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -116,7 +117,7 @@ fn path_text(path: &Option<std::path::PathBuf>) -> String {
 
 /// The certificates of a CA file; at least one.
 fn read_ca_file(path: &Path, keys: &TlsKeys) -> Result<Vec<CertificateDer<'static>>, ReportError> {
-    let pem = std::fs::read(path).map_err(|e| {
+    let pem = read_at_most(path, MAX_CONFIG_BYTES).map_err(|e| {
         ReportError::Setup(format!("{}: cannot read {}: {e}", keys.ca, path.display()))
     })?;
     let certs = CertificateDer::pem_slice_iter(&pem)
@@ -145,7 +146,7 @@ fn read_identity(
     keys: &TlsKeys,
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), ReportError> {
     let read = |name: &str, path: &Path| {
-        std::fs::read(path).map_err(|e| {
+        read_at_most(path, MAX_CONFIG_BYTES).map_err(|e| {
             ReportError::Setup(format!(
                 "{}.{name}: cannot read {}: {e}",
                 keys.section,

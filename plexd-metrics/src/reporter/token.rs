@@ -59,7 +59,9 @@ impl TokenFile {
                 return Ok(token.clone());
             }
         }
-        let text = std::fs::read_to_string(&self.path).map_err(read_error)?;
+        let text =
+            crate::small_file::read_text_at_most(&self.path, crate::small_file::MAX_SECRET_BYTES)
+                .map_err(read_error)?;
         let token = text.trim();
         if token.is_empty() {
             return Err(read_error(std::io::Error::new(
