@@ -19,6 +19,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 mod env;
 mod peer_names;
+#[cfg(test)]
+mod properties;
 mod settings;
 #[cfg(test)]
 mod testing;
@@ -618,13 +620,29 @@ pub enum ConfigError {
     Invalid(Vec<String>),
 }
 
+/// `text` with its control characters escaped as Rust writes them (`\n`, `\u{1b}`).
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 impl ConfigError {
-    /// Each problem as its own line, for printing one per line.
+    /// Each problem as its own line, for printing one per line. Problems quote what the
+    /// user wrote (paths, values), which may hold line breaks or other control characters:
+    /// those are escaped, so that one problem stays one line.
     pub fn lines(&self) -> Vec<String> {
-        match self {
+        let problems = match self {
             Self::Invalid(problems) | Self::Environment(problems) => problems.clone(),
             other => vec![other.to_string()],
-        }
+        };
+        problems.iter().map(|p| one_line(p)).collect()
     }
 }
 
