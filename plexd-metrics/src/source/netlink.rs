@@ -46,6 +46,14 @@ pub enum NetlinkError {
         /// What was wrong with the bytes.
         message: String,
     },
+    /// The answer stopped before its end (a dump without `NLMSG_DONE`).
+    #[error(
+        "the kernel's answer to {request} stopped before its end: nothing more within {REPLY_TIMEOUT:?}"
+    )]
+    CutShort {
+        /// What was asked.
+        request: &'static str,
+    },
     /// The object kept changing while it was dumped, every time.
     #[error("the kernel's dump of {request} was interrupted {DUMP_ATTEMPTS} times in a row")]
     Interrupted {
@@ -173,7 +181,13 @@ impl NetlinkSocket {
         self.socket.send(&bytes, 0)?;
         let mut messages = Vec::new();
         loop {
-            let (datagram, _) = self.socket.recv_from_full()?;
+            let (datagram, _) = self.socket.recv_from_full().map_err(|e| {
+                if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+                    NetlinkError::CutShort { request }
+                } else {
+                    NetlinkError::Io(e)
+                }
+            })?;
             let part = split_datagram(&datagram, self.seq, request)?;
             messages.extend(part.messages);
             if part.done {
@@ -297,6 +311,56 @@ pub(crate) mod tests {
         let part = split_datagram(&datagram, 2, "test").unwrap();
         assert_eq!(part.messages.len(), 1);
         assert!(part.done);
+    }
+
+    use proptest::prelude::*;
+
+    /// A dump's datagram: `parts` payload messages of request `seq`, then `NLMSG_DONE`.
+    fn dump(seq: u32, parts: &[Vec<u8>]) -> Vec<u8> {
+        let mut datagram: Vec<u8> = parts
+            .iter()
+            .flat_map(|p| message(0x20, NLM_F_MULTIPART, seq, p))
+            .collect();
+        datagram.extend(message(NLMSG_DONE, NLM_F_MULTIPART, seq, &0i32.to_ne_bytes()));
+        datagram
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4_000))]
+
+        #[test]
+        fn junk_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256), seq: u32) {
+            let _ = split_datagram(&bytes, seq, "test");
+        }
+
+        #[test]
+        fn a_dump_cut_anywhere_is_never_taken_as_complete(
+            seq: u32,
+            parts in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 1..5),
+            cut in any::<proptest::sample::Index>(),
+        ) {
+            let whole = dump(seq, &parts);
+            let complete = split_datagram(&whole, seq, "test").unwrap();
+            prop_assert!(complete.done);
+            prop_assert_eq!(complete.messages.len(), parts.len());
+            // Anything short of the whole: an error, or a part that waits for more.
+            let cut = cut.index(whole.len());
+            if let Ok(part) = split_datagram(&whole[..cut], seq, "test") {
+                prop_assert!(!part.done, "cut at {} of {}", cut, whole.len());
+            }
+        }
+
+        #[test]
+        fn a_changed_byte_never_panics(
+            parts in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 1..4),
+            at in any::<proptest::sample::Index>(),
+            byte: u8,
+        ) {
+            let mut datagram = dump(1, &parts);
+            let i = at.index(datagram.len());
+            datagram[i] = byte;
+            let _ = split_datagram(&datagram, 1, "test");
+        }
     }
 
     #[test]
