@@ -604,3 +604,38 @@ pub mod wg {
         }
     }
 }
+
+/// The keys of `points`' data that `docs/metrics.md` does not name in its group's entry
+/// (`- \`group\`: ...`), as `group.key`: the document is the list users read, and each key
+/// an agent sends must be in it. Keys of nested objects keyed by user data (interface or
+/// destination names) are not looked at; their parent key is.
+pub fn undocumented_keys(points: &[plexd_metrics::api::MetricPoint]) -> Vec<String> {
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/metrics.md"),
+    )
+    .expect("read docs/metrics.md");
+    let entry = |group: &str| -> String {
+        let start = format!("- `{group}`");
+        let mut lines = doc.lines().skip_while(|l| !l.starts_with(&start));
+        let mut text = String::new();
+        if let Some(first) = lines.next() {
+            text.push_str(first);
+            for line in lines.take_while(|l| !l.starts_with("- `") && !l.starts_with('#')) {
+                text.push('\n');
+                text.push_str(line);
+            }
+        }
+        text
+    };
+    let mut missing = std::collections::BTreeSet::new();
+    for point in points {
+        let text = entry(&point.group);
+        let data = point.data.to_value();
+        for key in data.as_object().into_iter().flat_map(|o| o.keys()) {
+            if !text.contains(&format!("`{key}`")) {
+                missing.insert(format!("{}.{key}", point.group));
+            }
+        }
+    }
+    missing.into_iter().collect()
+}

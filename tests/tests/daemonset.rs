@@ -286,6 +286,11 @@ fn under_the_daemonsets_constraints_the_agent_attaches_collects_reports_and_is_h
         "{}",
         latency.data
     );
+    assert_eq!(
+        plexd_metrics_tests::undocumented_keys(&points),
+        Vec::<String>::new(),
+        "every key the agent sends is in docs/metrics.md"
+    );
     let agent_point = points.iter().find(|p| p.group == "agent").expect("agent");
     assert_eq!(agent_point.data.to_value()["ebpf_programs_attached"], 2);
     // mount_point is the host's root, bind-mounted at /host/root.
