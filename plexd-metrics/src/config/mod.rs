@@ -141,6 +141,8 @@ pub struct MetricsConfig {
     pub prometheus: PrometheusConfig,
     /// Prometheus remote write: a destination beside (or instead of) the control plane.
     pub remote_write: RemoteWriteConfig,
+    /// Application endpoints fetched every cycle, one `app` point each.
+    pub apps: Vec<AppConfig>,
 }
 
 impl Default for MetricsConfig {
@@ -159,6 +161,42 @@ impl Default for MetricsConfig {
             health: HealthConfig::default(),
             prometheus: PrometheusConfig::default(),
             remote_write: RemoteWriteConfig::default(),
+            apps: Vec::new(),
+        }
+    }
+}
+
+/// Default bound of one fetch of an application endpoint (`metrics.apps[].timeout`).
+pub const DEFAULT_APP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One application endpoint of `metrics.apps`: a URL answering JSON or the Prometheus text
+/// format, fetched at every collect cycle.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AppConfig {
+    /// The `name` of the endpoint's points (letters, digits, `_`, `-` and `.`; unique).
+    pub name: String,
+    /// `http` or `https` URL, e.g. `http://127.0.0.1:8080/metrics`.
+    pub url: String,
+    /// File holding a bearer token sent with each fetch; read again whenever it changes.
+    /// Plain `http` with a token only to a loopback address.
+    pub token_file: Option<PathBuf>,
+    /// PEM file with CA certificates trusted in addition to the system's and Mozilla's roots.
+    pub ca_file: Option<PathBuf>,
+    /// Bound of one fetch, from connecting to the end of the body; shorter than
+    /// `metrics.collect_interval`.
+    #[serde(deserialize_with = "duration", serialize_with = "duration_text")]
+    pub timeout: Duration,
+}
+
+impl Default for AppConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            url: String::new(),
+            token_file: None,
+            ca_file: None,
+            timeout: DEFAULT_APP_TIMEOUT,
         }
     }
 }
