@@ -18,6 +18,8 @@ pub const GROUP_TUNNEL: &str = "tunnel";
 pub const GROUP_LATENCY: &str = "latency";
 /// Group of [`crate::collector::AgentStatsCollector`]: the agent's own health.
 pub const GROUP_AGENT: &str = "agent";
+/// Group of [`crate::collector::AppsCollector`]: application endpoints (`metrics.apps`).
+pub const GROUP_APP: &str = "app";
 
 /// One measurement of one group, optionally about one peer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -5,6 +5,7 @@
 //! [`crate::manager::Manager`] are tested with fakes and without privileges.
 
 mod agent;
+mod apps;
 mod latency;
 mod system;
 mod tunnel;
@@ -13,6 +14,7 @@ pub use agent::{
     AgentStats, AgentStatsCollector, DeliveryCounters, DeliveryTotals, DestinationCounters,
     DestinationFigures, KernelCounters, KernelTotals, ReconnectCounter,
 };
+pub use apps::{AppFetcher, AppResponse, AppStats, AppsCollector};
 pub use latency::{LatencyCollector, LatencyResult, LatencySettings, PeerLister, Pinger};
 pub use system::{SystemCollector, SystemReader, SystemStats};
 pub use tunnel::{no_handshake_time, TunnelCollector, TunnelStats, TunnelStatsReader};
