@@ -254,8 +254,19 @@ pub const AGENT_EBPF_BYTES: FamilyDef = counter(
     "Bytes the kernel programs saw on the underlay, per direction.",
 );
 
+/// Whether an application endpoint answered (`app` group).
+pub const APP_UP: FamilyDef = gauge(
+    "plexd_app_up",
+    "1 when the application endpoint (metrics.apps) answered a 2xx with a readable body within its timeout in the last cycle, else 0.",
+);
+/// How long the last fetch of an application endpoint took.
+pub const APP_SCRAPE_DURATION: FamilyDef = gauge(
+    "plexd_app_scrape_duration_seconds",
+    "Seconds the last fetch of the application endpoint (metrics.apps) took, to the end of its body or to its failure.",
+);
+
 /// Every family, in the order they are written.
-pub const ALL: [FamilyDef; 40] = [
+pub const ALL: [FamilyDef; 42] = [
     PEER_RECEIVE_BYTES,
     PEER_TRANSMIT_BYTES,
     PEER_RECEIVE_PACKETS,
@@ -296,4 +307,6 @@ pub const ALL: [FamilyDef; 40] = [
     AGENT_EBPF_PROGRAMS,
     AGENT_EBPF_PACKETS,
     AGENT_EBPF_BYTES,
+    APP_UP,
+    APP_SCRAPE_DURATION,
 ];
