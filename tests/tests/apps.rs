@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use plexd_metrics::api::MetricPoint;
 use plexd_metrics_tests::agent::json_log_events;
 use plexd_metrics_tests::agent_binary;
-use plexd_metrics_tests::control_plane::TempDir;
+use plexd_metrics_tests::control_plane::{TempDir, TestControlPlane};
 use plexd_metrics_tests::prometheus_server::{free_port, get};
 use serde_json::{json, Value};
 
@@ -372,14 +372,75 @@ fn every_endpoint_gives_its_point_and_failures_say_what_happened() {
     );
 }
 
+/// An HTTPS endpoint (the test control plane's secrets API, which answers JSON) is trusted
+/// through the entry's `ca_file` and no other way, and gets the entry's token.
+#[test]
+fn https_endpoints_are_trusted_through_their_ca_file_and_sent_their_token() {
+    let server = TestControlPlane::https();
+    server.require_token("app-token-1");
+    server.put_secret("k", "plain", &[7; 32]);
+    let dir = TempDir::new("apps-tls");
+    let ca = dir.write("ca.pem", server.ca_pem());
+    let token = dir.write("token", "app-token-1\n");
+    let wrong = dir.write("wrong", "not-the-token\n");
+    let url = format!("{}/v1/nodes/n/secrets/k", server.url());
+    let (token, wrong, ca) = (token.display(), wrong.display(), ca.display());
+    let apps = [
+        format!("    - {{ name: trusted, url: '{url}', token_file: {token}, ca_file: {ca} }}\n"),
+        format!("    - {{ name: untrusted, url: '{url}', token_file: {token} }}\n"),
+        format!(
+            "    - {{ name: wrong-token, url: '{url}', token_file: {wrong}, ca_file: {ca} }}\n"
+        ),
+    ]
+    .concat();
+    let (batch, _) = run_once(&config(&dir, &apps, ""));
+    let points = app_points(&batch);
+
+    let trusted = &points["trusted"];
+    assert_eq!(trusted["up"], true, "{trusted}");
+    // The secret's fields are strings, which are not measurements.
+    assert_eq!(trusted["metrics"], json!({}), "{trusted}");
+    let error = |name: &str| {
+        points[name]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(
+        error("untrusted").contains("(TLS: set the entry's ca_file to the CA that signed"),
+        "{}",
+        points["untrusted"]
+    );
+    assert_eq!(
+        error("wrong-token"),
+        format!("{url}: answered 401 Unauthorized")
+    );
+
+    // Two requests got through TLS; each carried its entry's token.
+    let mut sent: Vec<String> = (0..2)
+        .map(|_| {
+            let request = server.next_blocking(DEADLINE);
+            assert_eq!(request.method.as_str(), "GET");
+            request
+                .header("authorization")
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    sent.sort();
+    assert_eq!(sent, ["Bearer app-token-1", "Bearer not-the-token"]);
+}
+
 #[test]
 fn the_agents_own_metrics_page_reads_as_it_does_fetched_directly() {
     let dir = TempDir::new("apps-self");
     let listen = free_port();
     // The first agent serves /metrics; it reports to stdout, which nobody reads.
+    // It also fetches its own page as an endpoint, which puts the app group's families on
+    // that page.
     let first = config(
         &dir,
-        "    []\n",
+        &format!("    - {{ name: own, url: 'http://{listen}/metrics', timeout: 2s }}\n"),
         &format!("  collect_interval: 5s\n  report_interval: 10s\n  prometheus: {{ listen: '{listen}' }}\n"),
     );
     let mut serving = Command::new(agent_binary())
@@ -403,13 +464,13 @@ fn the_agents_own_metrics_page_reads_as_it_does_fetched_directly() {
     let deadline = Instant::now() + DEADLINE;
     let page = loop {
         if let Ok((200, body)) = get(listen, "/metrics") {
-            if body.contains("plexd_node_") {
+            if body.contains("plexd_node_") && body.contains("plexd_app_up{app=\"own\"} 1") {
                 break body;
             }
         }
         assert!(
             Instant::now() < deadline,
-            "no plexd_node_ series on /metrics"
+            "no plexd_node_ and plexd_app_up series on /metrics"
         );
         // Paced by the agent's own log lines (or a tenth of a second without any).
         let _ = logs.recv_timeout(Duration::from_millis(100));
