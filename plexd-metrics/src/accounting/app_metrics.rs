@@ -119,65 +119,133 @@ fn sniff(text: &str) -> Format {
     }
 }
 
-/// Flattens a JSON object; anything else is an error. serde_json refuses nesting deeper than
-/// 128 levels, which bounds the recursion below.
+/// Flattens a JSON object; anything else is an error.
+///
+/// The document is walked as it is parsed, without building it as a tree first: what it
+/// costs in memory is what is kept, whatever the body's size. serde_json refuses nesting
+/// deeper than 128 levels, which bounds the recursion.
 pub fn json_metrics(text: &str, max_metrics: usize) -> Result<AppMetrics, String> {
-    let value: Value = serde_json::from_str(text).map_err(|e| format!("JSON: {e}"))?;
-    let Value::Object(object) = value else {
-        return Err(format!(
-            "JSON: the document is {}, not an object of numbers",
-            kind(&value)
-        ));
-    };
+    use serde::de::Deserializer as _;
     let mut out = AppMetrics::default();
     let mut key = String::new();
-    flatten_object(&object, &mut key, &mut out, max_metrics);
+    let mut de = serde_json::Deserializer::from_str(text);
+    de.deserialize_map(Flatten {
+        prefix: &mut key,
+        out: &mut out,
+        max: max_metrics,
+        top: true,
+    })
+    .and_then(|()| de.end())
+    .map_err(|e| format!("JSON: {e}"))?;
     Ok(out)
 }
 
-fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-fn flatten_object(object: &Map<String, Value>, key: &mut String, out: &mut AppMetrics, max: usize) {
-    for (name, value) in object {
-        flatten_value(value, key, name, out, max);
-    }
-}
-
-/// Visits `value` under `prefix.segment`, restoring `prefix` afterwards so that one buffer
-/// serves the whole walk.
-fn flatten_value(
-    value: &Value,
-    prefix: &mut String,
-    segment: &str,
-    out: &mut AppMetrics,
+/// Visits one JSON value under `prefix`, keeping its numbers in `out`.
+struct Flatten<'a> {
+    prefix: &'a mut String,
+    out: &'a mut AppMetrics,
     max: usize,
-) {
-    let len = prefix.len();
-    if !prefix.is_empty() {
-        prefix.push('.');
+    /// The document itself, which must be an object.
+    top: bool,
+}
+
+impl Flatten<'_> {
+    fn number(self, n: Number) {
+        self.out.insert(self.prefix.clone(), n, self.max);
     }
-    prefix.push_str(segment);
-    match value {
-        Value::Number(n) => out.insert(prefix.clone(), n.clone(), max),
-        Value::Bool(b) => out.insert(prefix.clone(), Number::from(u8::from(*b)), max),
-        Value::Object(object) => flatten_object(object, prefix, out, max),
-        Value::Array(items) => {
-            for (i, item) in items.iter().enumerate() {
-                flatten_value(item, prefix, &i.to_string(), out, max);
-            }
+
+    /// The visitor for the value under `prefix.segment`; the caller restores `prefix`.
+    fn child<'b>(&'b mut self, segment: &str) -> Flatten<'b> {
+        if !self.prefix.is_empty() {
+            self.prefix.push('.');
         }
-        Value::String(_) | Value::Null => {}
+        self.prefix.push_str(segment);
+        Flatten {
+            prefix: self.prefix,
+            out: self.out,
+            max: self.max,
+            top: false,
+        }
     }
-    prefix.truncate(len);
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Flatten<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Flatten<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.top {
+            "an object of numbers"
+        } else {
+            "a JSON value"
+        })
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<(), E> {
+        self.number(Number::from(u8::from(v)));
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<(), E> {
+        self.number(Number::from(v));
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<(), E> {
+        self.number(Number::from(v));
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<(), E> {
+        // serde_json reads no NaN or infinity; the check is for the type's sake.
+        if let Some(n) = Number::from_f64(v) {
+            self.number(n);
+        }
+        Ok(())
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
+        if self.top {
+            return Err(serde::de::Error::invalid_type(
+                serde::de::Unexpected::Seq,
+                &self,
+            ));
+        }
+        let len = self.prefix.len();
+        let mut index = 0usize;
+        loop {
+            let more = seq.next_element_seed(self.child(&index.to_string()))?;
+            self.prefix.truncate(len);
+            if more.is_none() {
+                return Ok(());
+            }
+            index += 1;
+        }
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
+        let len = self.prefix.len();
+        while let Some(name) = map.next_key::<String>()? {
+            map.next_value_seed(self.child(&name))?;
+            self.prefix.truncate(len);
+        }
+        Ok(())
+    }
 }
 
 /// Reads the Prometheus text format. A body that is blank is a page without metrics; one
@@ -188,6 +256,10 @@ pub fn prometheus_metrics(text: &str, max_metrics: usize) -> Result<AppMetrics, 
     if text.trim().is_empty() {
         return Ok(out);
     }
+    // The parser builds the whole document before a bound can apply, a few times the text's
+    // size; only the lines up to the last sample that can be kept are handed to it.
+    let (text, beyond) = cut_after_samples(text, max_metrics);
+    out.truncated = beyond;
     // Errors of assembly (a TYPE line without samples, HELP of another family) come with the
     // families that were read; only a document the grammar cannot read at all gives none.
     let (families, error) = prom_text_format_parser::parse_scrape(text);
@@ -228,6 +300,35 @@ pub fn prometheus_metrics(text: &str, max_metrics: usize) -> Result<AppMetrics, 
         }
     }
     Ok(out)
+}
+
+/// `text` up to the end of its `max`th sample line (a line that is neither blank nor a
+/// comment), and how many sample lines follow.
+fn cut_after_samples(text: &str, max: usize) -> (&str, u64) {
+    let mut samples = 0usize;
+    let mut end = None;
+    let mut beyond = 0u64;
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        let start = line.trim_start();
+        let is_sample = !start.is_empty() && !start.starts_with('#');
+        at += line.len();
+        if !is_sample {
+            continue;
+        }
+        if samples < max {
+            samples += 1;
+            if samples == max {
+                end = Some(at);
+            }
+        } else {
+            beyond += 1;
+        }
+    }
+    match end {
+        Some(end) if beyond > 0 => (&text[..end], beyond),
+        _ => (text, 0),
+    }
 }
 
 /// The first line of what the grammar said, shortened: its messages can quote the input.
@@ -276,11 +377,21 @@ mod tests {
     #[test]
     fn json_that_is_not_an_object_or_not_json_is_refused() {
         for (body, want) in [
-            (&b"[1, 2]"[..], "the document is an array"),
+            (
+                &b"[1, 2]"[..],
+                "JSON: invalid type: sequence, expected an object of numbers",
+            ),
+            (
+                b"12",
+                "JSON: invalid type: integer `12`, expected an object of numbers",
+            ),
+            (b"{\"a\": 1} trailing", "JSON: trailing characters"),
             (b"{\"a\": ", "JSON: EOF while parsing"),
             (b"{\"a\": NaN}", "JSON: expected value"),
         ] {
-            let err = parse_body(body, None, 10).unwrap_err().to_string();
+            let err = parse_body(body, Some("application/json"), 10)
+                .unwrap_err()
+                .to_string();
             assert!(err.starts_with("not JSON or Prometheus text: "), "{err}");
             assert!(err.contains(want), "{err}");
         }
@@ -408,9 +519,41 @@ untyped_thing +Inf
     }
 
     #[test]
+    fn only_the_lines_up_to_the_last_kept_sample_are_parsed() {
+        let text = "# TYPE a counter\na 1\n\n# TYPE b gauge\nb 2\nc 3\n# trailing\nd junk{\n";
+        assert_eq!(
+            cut_after_samples(text, 2),
+            ("# TYPE a counter\na 1\n\n# TYPE b gauge\nb 2\n", 2)
+        );
+        assert_eq!(cut_after_samples(text, 4), (text, 0));
+        assert_eq!(cut_after_samples("a 1", 1), ("a 1", 0));
+        // What lies beyond the cut is counted, not read: junk there does not matter.
+        let m = prometheus_metrics(text, 2).unwrap();
+        assert_eq!((keys(&m), m.truncated), (vec!["a", "b"], 2));
+    }
+
+    #[test]
     fn a_repeated_series_keeps_its_first_value() {
         let m = prometheus_metrics("up 1\nup 0\n", 10).unwrap();
         assert_eq!((m.metrics["up"].clone(), m.truncated), (json!(1.0), 0));
+    }
+
+    /// JSON values nested a few levels, with keys that may contain dots and collide.
+    fn json_tree() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            (-1e9f64..1e9).prop_map(|f| json!(f)),
+            "[a-z.]{0,4}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 64, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::vec(("[a-b.]{0,3}", inner), 0..6)
+                    .prop_map(|entries| Value::Object(entries.into_iter().collect())),
+            ]
+        })
     }
 
     proptest! {
@@ -466,6 +609,27 @@ untyped_thing +Inf
             for (k, v) in &entries {
                 prop_assert_eq!(&m.metrics[k], &Value::Number(v.clone()));
             }
+        }
+
+        /// Nested documents flatten as a walk of their parsed tree does: dotted keys, array
+        /// indexes, booleans as 0/1, strings and nulls left out, the first of equal keys kept.
+        #[test]
+        fn nested_json_flattens_as_its_tree_does(value in json_tree()) {
+            fn walk(v: &Value, key: String, out: &mut Map<String, Value>) {
+                let join = |k: &str| if key.is_empty() { k.to_owned() } else { format!("{key}.{k}") };
+                match v {
+                    Value::Number(_) => { out.entry(key).or_insert(v.clone()); }
+                    Value::Bool(b) => { out.entry(key).or_insert(json!(u8::from(*b))); }
+                    Value::Object(m) => m.iter().for_each(|(k, v)| walk(v, join(k), out)),
+                    Value::Array(a) => a.iter().enumerate().for_each(|(i, v)| walk(v, join(&i.to_string()), out)),
+                    Value::String(_) | Value::Null => {}
+                }
+            }
+            let object = json!({"root": value, "n": 1});
+            let mut want = Map::new();
+            walk(&object, String::new(), &mut want);
+            let got = json_metrics(&object.to_string(), DEFAULT_MAX_METRICS).unwrap();
+            prop_assert_eq!(got.metrics, want);
         }
 
         /// Every sample of simple exposition text comes back under its name.
