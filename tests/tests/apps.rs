@@ -146,10 +146,22 @@ fn config(dir: &TempDir, apps: &str, extra: &str) -> std::path::PathBuf {
     )
 }
 
-/// Runs `plexd-metrics --once` with `config`: its batch and how long it took.
-fn run_once(config: &std::path::Path) -> (Vec<MetricPoint>, Duration) {
+/// What one `plexd-metrics --once` run left.
+struct Once {
+    batch: Vec<MetricPoint>,
+    /// From start to exit.
+    took: Duration,
+    /// The agent's peak resident memory, in bytes.
+    max_rss: u64,
+}
+
+/// Runs `plexd-metrics --once` with `config`; fails the test unless it exits 0 with one JSON
+/// batch within [`DEADLINE`].
+fn run_once(config: &std::path::Path) -> Once {
     let started = Instant::now();
-    let child = Command::new(agent_binary())
+    // Reaped by wait4 below, which std's Child cannot do; clippy cannot see that.
+    #[allow(clippy::zombie_processes)]
+    let mut child = Command::new(agent_binary())
         .args(["--once", "--log-format", "json", "--config"])
         .arg(config)
         .env_remove("RUST_LOG")
@@ -157,33 +169,47 @@ fn run_once(config: &std::path::Path) -> (Vec<MetricPoint>, Duration) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start the agent");
-    let out = wait_with_deadline(child);
-    let took = started.elapsed();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "agent --once failed: {stderr}");
-    let batch = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "stdout is not one JSON batch ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    });
-    (batch, took)
-}
-
-/// The child's output, or a failed test (and a killed child) after [`DEADLINE`].
-fn wait_with_deadline(child: std::process::Child) -> std::process::Output {
-    let pid = child.id();
+    let pid = child.id() as libc::pid_t;
+    let (mut stdout, mut stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
+        let err = std::thread::spawn(move || {
+            let mut err = Vec::new();
+            let _ = stderr.read_to_end(&mut err);
+            err
+        });
+        let mut out = Vec::new();
+        let _ = stdout.read_to_end(&mut out);
+        let err = err.join().unwrap_or_default();
+        // wait4 rather than Child::wait: it also tells this child's own peak memory.
+        let mut status = 0;
+        // SAFETY: wait4 on our own child's pid, filling the status and usage given.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        let _ = tx.send((waited, status, usage.ru_maxrss, out, err));
     });
-    match rx.recv_timeout(DEADLINE) {
-        Ok(out) => out.expect("wait for the agent"),
-        Err(_) => {
-            // SAFETY: kill(2) with the pid of our own child, which has not been reaped.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            panic!("agent --once still running after {DEADLINE:?}");
-        }
+    let Ok((waited, status, max_rss_kib, out, err)) = rx.recv_timeout(DEADLINE) else {
+        // SAFETY: kill(2) with the pid of our own child, which has not been reaped.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        panic!("agent --once still running after {DEADLINE:?}");
+    };
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&err);
+    assert_eq!(waited, pid, "wait4: {}", std::io::Error::last_os_error());
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "agent --once failed ({status:#x}): {stderr}"
+    );
+    let batch = serde_json::from_slice(&out).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not one JSON batch ({e}): {}",
+            String::from_utf8_lossy(&out)
+        )
+    });
+    Once {
+        batch,
+        took,
+        max_rss: u64::try_from(max_rss_kib).unwrap() * 1024,
     }
 }
 
@@ -198,17 +224,6 @@ fn app_points(batch: &[MetricPoint]) -> BTreeMap<String, Value> {
             (data["name"].as_str().unwrap().to_owned(), data)
         })
         .collect()
-}
-
-/// The largest resident set of this test's waited-for children so far, in bytes.
-fn children_max_rss() -> u64 {
-    // SAFETY: getrusage fills the struct it is given.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    assert_eq!(
-        unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) },
-        0
-    );
-    u64::try_from(usage.ru_maxrss).unwrap() * 1024
 }
 
 #[test]
@@ -286,7 +301,11 @@ fn every_endpoint_gives_its_point_and_failures_say_what_happened() {
     .iter()
     .map(|(name, url, secs)| format!("    - {{ name: {name}, url: '{url}', timeout: {secs}s }}\n"))
     .collect();
-    let (batch, took) = run_once(&config(&dir, &apps, ""));
+    let Once {
+        batch,
+        took,
+        max_rss,
+    } = run_once(&config(&dir, &apps, ""));
     let points = app_points(&batch);
     assert_eq!(points.len(), 10, "{points:#?}");
 
@@ -365,10 +384,44 @@ fn every_endpoint_gives_its_point_and_failures_say_what_happened() {
 
     // Reading a 50 MB body that has no length stops at the limit instead of buffering it:
     // the agent's peak memory stays well below the body's size.
-    let rss = children_max_rss();
     assert!(
-        rss < HUGE as u64,
-        "the agent's resident memory peaked at {rss} bytes"
+        max_rss < HUGE as u64,
+        "the agent's resident memory peaked at {max_rss} bytes"
+    );
+}
+
+/// A valid page of 400,000 series (about 15 MB, under the body limit) keeps its first
+/// 10,000 and counts the rest, without the agent's memory growing with the page.
+#[test]
+fn a_large_valid_page_keeps_its_first_metrics_and_counts_the_rest() {
+    const SERIES: usize = 400_000;
+    let mut page = String::from("# HELP requests_total Requests.\n# TYPE requests_total counter\n");
+    for i in 0..SERIES {
+        page.push_str(&format!("requests_total{{path=\"/p{i}\"}} {i}\n"));
+    }
+    assert!(page.len() < 16 << 20, "{} bytes", page.len());
+    let server = Server::start(BTreeMap::from([(
+        "/metrics",
+        Answer::Fixed(200, Some("text/plain; version=0.0.4"), page.into_bytes()),
+    )]));
+    let dir = TempDir::new("apps-large");
+    let run = run_once(&config(
+        &dir,
+        &format!("    - {{ name: big, url: '{}' }}\n", server.url("/metrics")),
+        "",
+    ));
+    let point = &app_points(&run.batch)["big"];
+    assert_eq!(point["up"], true, "{}", point["error"]);
+    let metrics = point["metrics"].as_object().unwrap();
+    assert_eq!(metrics.len(), 10_000);
+    assert_eq!(point["truncated"], SERIES - 10_000);
+    assert_eq!(metrics["requests_total{path=\"/p9999\"}"], 9999.0);
+    // The body itself is held while it is read (up to 16 MiB); parsing all 400,000 series
+    // would take several times that again.
+    assert!(
+        run.max_rss < 64 << 20,
+        "the agent's resident memory peaked at {} bytes",
+        run.max_rss
     );
 }
 
@@ -393,7 +446,7 @@ fn https_endpoints_are_trusted_through_their_ca_file_and_sent_their_token() {
         ),
     ]
     .concat();
-    let (batch, _) = run_once(&config(&dir, &apps, ""));
+    let batch = run_once(&config(&dir, &apps, "")).batch;
     let points = app_points(&batch);
 
     let trusted = &points["trusted"];
@@ -477,11 +530,12 @@ fn the_agents_own_metrics_page_reads_as_it_does_fetched_directly() {
     };
 
     let second = TempDir::new("apps-self-2");
-    let (batch, _) = run_once(&config(
+    let batch = run_once(&config(
         &second,
         &format!("    - {{ name: self, url: 'http://{listen}/metrics' }}\n"),
         "",
-    ));
+    ))
+    .batch;
     let (_, after) = get(listen, "/metrics").expect("fetch /metrics again");
     drop(stop);
 
