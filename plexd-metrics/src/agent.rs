@@ -13,7 +13,7 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::accounting::app_metrics::{DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_METRICS};
+use crate::accounting::app_metrics::DEFAULT_MAX_BODY_BYTES;
 use crate::api::MetricBatch;
 use crate::collector::{
     AgentStatsCollector, AppFetcher, AppsCollector, Collector, KernelCounters, LatencyCollector,
@@ -478,7 +478,7 @@ fn apps_collector(cfg: &Config) -> Result<Arc<dyn Collector>, AgentError> {
         .collect::<Result<Vec<_>, _>>()?;
     let names: Vec<&str> = cfg.metrics.apps.iter().map(|a| a.name.as_str()).collect();
     info!(component = "metrics", apps = ?names, "application endpoints enabled");
-    Ok(Arc::new(AppsCollector::new(apps, DEFAULT_MAX_METRICS)))
+    Ok(Arc::new(AppsCollector::new(apps)))
 }
 
 /// The kernel programs' per-endpoint counts for the tunnel join; `None` without them, and

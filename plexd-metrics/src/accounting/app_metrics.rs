@@ -28,11 +28,6 @@ use serde_json::{Map, Number, Value};
 /// cannot take the agent's memory.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 
-/// Most metrics kept from one endpoint per cycle: each becomes a key of the point, which
-/// waits in the queue and goes to the control plane, so a page of a million series must not
-/// turn into a point of a million keys.
-pub const DEFAULT_MAX_METRICS: usize = 10_000;
-
 /// Longest key kept: a metric name with its labels. Longer ones are counted as truncated
 /// rather than carried into every batch.
 pub const MAX_KEY_BYTES: usize = 1024;
@@ -51,8 +46,8 @@ pub enum Format {
 pub struct AppMetrics {
     /// Key → number, in the order the body gave them.
     pub metrics: Map<String, Value>,
-    /// Metrics left out because of [`DEFAULT_MAX_METRICS`] (or the configured bound) or
-    /// [`MAX_KEY_BYTES`].
+    /// Metrics left out because of the bound on their number
+    /// (`metrics.apps[].max_metrics`) or [`MAX_KEY_BYTES`].
     pub truncated: u64,
 }
 
@@ -353,6 +348,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use serde_json::json;
+
+    const DEFAULT_MAX_METRICS: usize = crate::config::DEFAULT_APP_MAX_METRICS as usize;
 
     fn keys(m: &AppMetrics) -> Vec<&str> {
         m.metrics.keys().map(String::as_str).collect()

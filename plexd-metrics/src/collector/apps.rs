@@ -37,6 +37,8 @@ pub trait AppFetcher: Send + Sync {
     fn url(&self) -> &str;
     /// Longest time one fetch may take.
     fn timeout(&self) -> Duration;
+    /// Most metrics kept from one answer.
+    fn max_metrics(&self) -> usize;
     /// Fetches the endpoint once. The error says what happened ("answered 503 Service
     /// Unavailable", "body larger than 16 MiB"); the collector adds the URL.
     async fn fetch(&self) -> Result<AppResponse, String>;
@@ -64,13 +66,12 @@ pub struct AppStats {
 /// Emits one `app` point per endpoint per cycle.
 pub struct AppsCollector {
     apps: Vec<Arc<dyn AppFetcher>>,
-    max_metrics: usize,
 }
 
 impl AppsCollector {
-    /// A collector over `apps`, keeping at most `max_metrics` metrics of each.
-    pub fn new(apps: Vec<Arc<dyn AppFetcher>>, max_metrics: usize) -> Self {
-        Self { apps, max_metrics }
+    /// A collector over `apps`.
+    pub fn new(apps: Vec<Arc<dyn AppFetcher>>) -> Self {
+        Self { apps }
     }
 }
 
@@ -85,10 +86,7 @@ impl Collector for AppsCollector {
         _: Cycle,
         cancel: &CancellationToken,
     ) -> Result<Vec<MetricPoint>, CollectError> {
-        let scrapes = self
-            .apps
-            .iter()
-            .map(|app| scrape(app.as_ref(), self.max_metrics));
+        let scrapes = self.apps.iter().map(|app| scrape(app.as_ref()));
         let stats = tokio::select! {
             stats = futures_util::future::join_all(scrapes) => stats,
             () = cancel.cancelled() => {
@@ -107,7 +105,7 @@ impl Collector for AppsCollector {
 }
 
 /// Fetches and reads one endpoint; whatever goes wrong becomes the point's `error`.
-async fn scrape(app: &dyn AppFetcher, max_metrics: usize) -> AppStats {
+async fn scrape(app: &dyn AppFetcher) -> AppStats {
     let started = tokio::time::Instant::now();
     // The fetcher bounds itself too; this bound holds for any fetcher, so that one that
     // ignores its timeout cannot hold up the group.
@@ -122,7 +120,7 @@ async fn scrape(app: &dyn AppFetcher, max_metrics: usize) -> AppStats {
         Ok(Ok(response)) => parse_body(
             &response.body,
             response.content_type.as_deref(),
-            max_metrics,
+            app.max_metrics(),
         )
         .map_err(|e| e.to_string()),
     };
@@ -180,6 +178,9 @@ mod tests {
         fn timeout(&self) -> Duration {
             Duration::from_secs(2)
         }
+        fn max_metrics(&self) -> usize {
+            100
+        }
         async fn fetch(&self) -> Result<AppResponse, String> {
             match self.delay {
                 Some(delay) => tokio::time::sleep(delay).await,
@@ -190,7 +191,7 @@ mod tests {
     }
 
     async fn collect(apps: Vec<Arc<dyn AppFetcher>>) -> Vec<AppStats> {
-        AppsCollector::new(apps, 100)
+        AppsCollector::new(apps)
             .collect(Cycle::default(), &CancellationToken::new())
             .await
             .unwrap()
@@ -267,7 +268,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_point_has_the_documented_keys() {
-        let points = AppsCollector::new(vec![Fake::answering("a", "m 1\n", None)], 10)
+        let points = AppsCollector::new(vec![Fake::answering("a", "m 1\n", None)])
             .collect(Cycle::default(), &CancellationToken::new())
             .await
             .unwrap();
@@ -283,10 +284,11 @@ mod tests {
                 "truncated"
             ]
         );
-        let down = AppsCollector::new(
-            vec![Fake::answering("b", "\u{0}", Some("application/json"))],
-            10,
-        )
+        let down = AppsCollector::new(vec![Fake::answering(
+            "b",
+            "\u{0}",
+            Some("application/json"),
+        )])
         .collect(Cycle::default(), &CancellationToken::new())
         .await
         .unwrap();
@@ -310,7 +312,7 @@ mod tests {
             delay: None,
             answer: Err(String::new()),
         });
-        let err = AppsCollector::new(vec![hang], 10)
+        let err = AppsCollector::new(vec![hang])
             .collect(Cycle::default(), &cancel)
             .await
             .unwrap_err();

@@ -168,6 +168,9 @@ impl Default for MetricsConfig {
 
 /// Default bound of one fetch of an application endpoint (`metrics.apps[].timeout`).
 pub const DEFAULT_APP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default of `metrics.apps[].max_metrics`: a large service's page, while one point stays
+/// well under a megabyte.
+pub const DEFAULT_APP_MAX_METRICS: u32 = 10_000;
 
 /// One application endpoint of `metrics.apps`: a URL answering JSON or the Prometheus text
 /// format, fetched at every collect cycle.
@@ -187,6 +190,9 @@ pub struct AppConfig {
     /// `metrics.collect_interval`.
     #[serde(deserialize_with = "duration", serialize_with = "duration_text")]
     pub timeout: Duration,
+    /// Most metrics kept from one answer; the rest are counted in the point's `truncated`.
+    /// Every one is a key of a point that waits in the queue and goes to the control plane.
+    pub max_metrics: u32,
 }
 
 impl Default for AppConfig {
@@ -197,6 +203,7 @@ impl Default for AppConfig {
             token_file: None,
             ca_file: None,
             timeout: DEFAULT_APP_TIMEOUT,
+            max_metrics: DEFAULT_APP_MAX_METRICS,
         }
     }
 }

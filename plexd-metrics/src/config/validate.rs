@@ -661,6 +661,9 @@ fn valid_interface_name(name: &str) -> bool {
 /// Longest `metrics.apps[].name`: it is a label value and a log field.
 pub const MAX_APP_NAME: usize = 64;
 
+/// Largest `metrics.apps[].max_metrics`: ten times the default, a point of several MB.
+pub const MAX_APP_METRICS: u32 = 100_000;
+
 /// `metrics.apps`: each entry's name (a label value: unique, short, of a safe alphabet), URL,
 /// token and CA files and timeout.
 fn validate_apps(apps: &[AppConfig], collect_interval: Duration, problems: &mut Vec<String>) {
@@ -722,6 +725,12 @@ fn validate_apps(apps: &[AppConfig], collect_interval: Duration, problems: &mut 
             check_secret_file(&format!("{p}.token_file"), path, problems);
         }
         check_readable(&p, [("ca_file", &app.ca_file)], problems);
+        if app.max_metrics == 0 || app.max_metrics > MAX_APP_METRICS {
+            problems.push(format!(
+                "{p}.max_metrics must be between 1 and {MAX_APP_METRICS}, got {}",
+                app.max_metrics
+            ));
+        }
         if app.timeout.is_zero() {
             problems.push(format!("{p}.timeout must be > 0"));
         } else if app.timeout >= collect_interval {
@@ -1260,6 +1269,7 @@ metrics:
     - {{ name: b, url: "https://user:pw@app.example/m" }}
     - {{ name: c, url: "http://app.example/m", ca_file: /nonexistent/ca.pem, timeout: 0s }}
     - {{ name: d, url: "http://localhost:9/m", token_file: {token}, timeout: 15s }}
+    - {{ name: e, url: "http://localhost:9/m", max_metrics: 0 }}
 "#
         );
         assert_eq!(
@@ -1276,6 +1286,7 @@ metrics:
                 "metrics: config: apps[5].ca_file: cannot read /nonexistent/ca.pem: No such file or directory (os error 2)",
                 "metrics: config: apps[5].timeout must be > 0",
                 "metrics: config: apps[6].timeout (15s) must be shorter than CollectInterval (15s)",
+                "metrics: config: apps[7].max_metrics must be between 1 and 100000, got 0",
             ]
         );
         // Plain http without a token goes anywhere: nothing secret travels.

@@ -32,6 +32,7 @@ pub struct HttpAppFetcher {
     token: Option<(TokenFile, String)>,
     timeout: Duration,
     max_body: usize,
+    max_metrics: usize,
 }
 
 impl HttpAppFetcher {
@@ -57,6 +58,7 @@ impl HttpAppFetcher {
             }),
             timeout: cfg.timeout,
             max_body,
+            max_metrics: usize::try_from(cfg.max_metrics).unwrap_or(usize::MAX),
         })
     }
 
@@ -95,6 +97,10 @@ impl AppFetcher for HttpAppFetcher {
 
     fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    fn max_metrics(&self) -> usize {
+        self.max_metrics
     }
 
     async fn fetch(&self) -> Result<AppResponse, String> {
