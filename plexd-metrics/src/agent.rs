@@ -13,10 +13,11 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::accounting::app_metrics::DEFAULT_MAX_BODY_BYTES;
 use crate::api::MetricBatch;
 use crate::collector::{
-    AgentStatsCollector, Collector, GpuCollector, KernelCounters, LatencyCollector,
-    LatencySettings, ReconnectCounter, SystemCollector, TunnelCollector,
+    AgentStatsCollector, AppFetcher, AppsCollector, Collector, GpuCollector, KernelCounters,
+    LatencyCollector, LatencySettings, ReconnectCounter, SystemCollector, TunnelCollector,
 };
 use crate::config::{AttachModeConfig, Config, Settings};
 use crate::config::{GpuConfig, PrometheusConfig};
@@ -32,6 +33,7 @@ use crate::reporter::{
     ReportError, StdoutReporter,
 };
 use crate::secret::{NodeSecretKey, SecretError};
+use crate::source::apps::HttpAppFetcher;
 use crate::source::counters::EndpointCounterSource;
 use crate::source::ebpf::{embedded_object, AttachMode, ProbeOptions, UnderlayProbe};
 use crate::source::gpu::NvmlGpus;
@@ -194,6 +196,9 @@ impl Agent {
             );
             tunnel.hand_listen_ports(&found);
             collectors.push(Arc::new(TunnelCollector::new(tunnel)));
+        }
+        if metrics.is_some() && !cfg.metrics.apps.is_empty() {
+            collectors.push(apps_collector(cfg)?);
         }
         let heartbeat = Arc::new(Heartbeat::default());
         // With metrics off the agent does nothing and exits, so there is nothing to probe.
@@ -485,6 +490,23 @@ fn latency_collector(
         peers,
         LatencySettings::from_config(&cfg.metrics),
     )))
+}
+
+/// The `app` collector: one HTTP fetcher per entry of `metrics.apps`.
+fn apps_collector(cfg: &Config) -> Result<Arc<dyn Collector>, AgentError> {
+    let apps = cfg
+        .metrics
+        .apps
+        .iter()
+        .enumerate()
+        .map(|(i, app)| {
+            HttpAppFetcher::new(i, app, DEFAULT_MAX_BODY_BYTES)
+                .map(|f| Arc::new(f) as Arc<dyn AppFetcher>)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let names: Vec<&str> = cfg.metrics.apps.iter().map(|a| a.name.as_str()).collect();
+    info!(component = "metrics", apps = ?names, "application endpoints enabled");
+    Ok(Arc::new(AppsCollector::new(apps)))
 }
 
 /// The kernel programs' per-endpoint counts for the tunnel join; `None` without them, and

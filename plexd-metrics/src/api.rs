@@ -20,6 +20,8 @@ pub const GROUP_LATENCY: &str = "latency";
 pub const GROUP_AGENT: &str = "agent";
 /// Group of [`crate::collector::GpuCollector`]: one point per NVIDIA GPU.
 pub const GROUP_GPU: &str = "gpu";
+/// Group of [`crate::collector::AppsCollector`]: application endpoints (`metrics.apps`).
+pub const GROUP_APP: &str = "app";
 
 /// One measurement of one group, optionally about one peer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

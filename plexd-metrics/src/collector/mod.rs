@@ -5,6 +5,7 @@
 //! [`crate::manager::Manager`] are tested with fakes and without privileges.
 
 mod agent;
+mod apps;
 mod gpu;
 mod latency;
 mod system;
@@ -14,6 +15,7 @@ pub use agent::{
     AbandonedCollections, AgentStats, AgentStatsCollector, DeliveryCounters, DeliveryTotals,
     DestinationCounters, DestinationFigures, KernelCounters, KernelTotals, ReconnectCounter,
 };
+pub use apps::{AppFetcher, AppResponse, AppStats, AppsCollector};
 pub use gpu::{GpuCollector, GpuReader, GpuStats};
 pub use latency::{LatencyCollector, LatencyResult, LatencySettings, PeerLister, Pinger};
 pub use system::{SystemCollector, SystemReader, SystemStats};

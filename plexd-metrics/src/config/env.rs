@@ -126,9 +126,15 @@ pub(super) fn parse_with_overrides(
         }
     }
     serde_path_to_error::deserialize(doc).map_err(|e| {
+        // The error may be inside the value a variable set (`metrics.apps[0]`), not at it.
+        let at = e.path().to_string();
         let set_by = overrides
             .iter()
-            .find(|(key, _)| key.path.join(".") == e.path().to_string())
+            .find(|(key, _)| {
+                let key = key.path.join(".");
+                at.strip_prefix(&key)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+            })
             .map(|(key, _)| key.variable.clone());
         let message = path_error(e);
         match set_by {

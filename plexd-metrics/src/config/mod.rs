@@ -185,6 +185,8 @@ pub struct MetricsConfig {
     pub remote_write: RemoteWriteConfig,
     /// NVIDIA GPUs through NVML.
     pub gpu: GpuConfig,
+    /// Application endpoints fetched every cycle, one `app` point each.
+    pub apps: Vec<AppConfig>,
 }
 
 impl Default for MetricsConfig {
@@ -204,6 +206,49 @@ impl Default for MetricsConfig {
             prometheus: PrometheusConfig::default(),
             remote_write: RemoteWriteConfig::default(),
             gpu: GpuConfig::default(),
+            apps: Vec::new(),
+        }
+    }
+}
+
+/// Default bound of one fetch of an application endpoint (`metrics.apps[].timeout`).
+pub const DEFAULT_APP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default of `metrics.apps[].max_metrics`: a large service's page, while one point stays
+/// well under a megabyte.
+pub const DEFAULT_APP_MAX_METRICS: u32 = 10_000;
+
+/// One application endpoint of `metrics.apps`: a URL answering JSON or the Prometheus text
+/// format, fetched at every collect cycle.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AppConfig {
+    /// The `name` of the endpoint's points (letters, digits, `_`, `-` and `.`; unique).
+    pub name: String,
+    /// `http` or `https` URL, e.g. `http://127.0.0.1:8080/metrics`.
+    pub url: String,
+    /// File holding a bearer token sent with each fetch; read again whenever it changes.
+    /// Plain `http` with a token only to a loopback address.
+    pub token_file: Option<PathBuf>,
+    /// PEM file with CA certificates trusted in addition to the system's and Mozilla's roots.
+    pub ca_file: Option<PathBuf>,
+    /// Bound of one fetch, from connecting to the end of the body; shorter than
+    /// `metrics.collect_interval`.
+    #[serde(deserialize_with = "duration", serialize_with = "duration_text")]
+    pub timeout: Duration,
+    /// Most metrics kept from one answer; the rest are counted in the point's `truncated`.
+    /// Every one is a key of a point that waits in the queue and goes to the control plane.
+    pub max_metrics: u32,
+}
+
+impl Default for AppConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            url: String::new(),
+            token_file: None,
+            ca_file: None,
+            timeout: DEFAULT_APP_TIMEOUT,
+            max_metrics: DEFAULT_APP_MAX_METRICS,
         }
     }
 }

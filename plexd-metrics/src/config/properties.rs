@@ -24,9 +24,8 @@ fn scalar() -> impl Strategy<Value = serde_yaml_ng::Value> {
         "[0-9]{1,4}(ns|us|ms|s|m|h|d|x|)".prop_map(Value::String),
         "(https?|ftp)://[a-z0-9.:\\[\\]]{0,20}/?[a-z]{0,5}".prop_map(Value::String),
         Just(Value::Null),
-        proptest::collection::vec("[a-z0-9.]{0,8}", 0..3).prop_map(|v| {
-            Value::Sequence(v.into_iter().map(Value::String).collect())
-        }),
+        proptest::collection::vec("[a-z0-9.]{0,8}", 0..3)
+            .prop_map(|v| { Value::Sequence(v.into_iter().map(Value::String).collect()) }),
     ]
 }
 

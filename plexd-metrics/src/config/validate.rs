@@ -10,7 +10,7 @@ use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use super::{
-    Config, ConfigError, ControlPlaneConfig, EbpfConfig, HealthConfig, LatencyConfig,
+    AppConfig, Config, ConfigError, ControlPlaneConfig, EbpfConfig, HealthConfig, LatencyConfig,
     LocalEndpointConfig, MetricsConfig, MetricsSettings, PrometheusConfig, RemoteWriteConfig,
     Settings, SystemConfig, TlsOptions, WireGuardConfig,
 };
@@ -238,6 +238,7 @@ impl MetricsConfig {
             self.wireguard.validate_into(problems);
         }
         self.ebpf.validate_into(self.collect_interval, problems);
+        validate_apps(&self.apps, self.collect_interval, problems);
         match (
             batch_limit,
             queue_max_points,
@@ -670,6 +671,92 @@ impl LatencyConfig {
 /// IFNAMSIZ is 16 including the terminating NUL; the kernel also refuses `/` and whitespace.
 fn valid_interface_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 15 && !name.contains(['/', ' ', '\t', '\n', ':'])
+}
+
+/// Longest `metrics.apps[].name`: it is a label value and a log field.
+pub const MAX_APP_NAME: usize = 64;
+
+/// Largest `metrics.apps[].max_metrics`: ten times the default, a point of several MB.
+pub const MAX_APP_METRICS: u32 = 100_000;
+
+/// `metrics.apps`: each entry's name (a label value: unique, short, of a safe alphabet), URL,
+/// token and CA files and timeout.
+fn validate_apps(apps: &[AppConfig], collect_interval: Duration, problems: &mut Vec<String>) {
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, app) in apps.iter().enumerate() {
+        let p = format!("metrics: config: apps[{i}]");
+        if app.name.is_empty() {
+            problems.push(format!(
+                "{p}.name is required: it names the endpoint's points"
+            ));
+        } else if app.name.len() > MAX_APP_NAME
+            || !app
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        {
+            problems.push(format!(
+                "{p}.name: {:?} is not a name: up to {MAX_APP_NAME} letters, digits, _, - and .",
+                app.name
+            ));
+        } else if !seen.insert(app.name.as_str()) {
+            problems.push(format!(
+                "{p}.name: {:?} is already the name of another entry; names must be unique",
+                app.name
+            ));
+        }
+        match url::Url::parse(app.url.trim()) {
+            Err(e) => problems.push(format!(
+                "{p}.url: invalid URL {:?}: {e}; write e.g. http://127.0.0.1:8080/metrics",
+                app.url
+            )),
+            Ok(u) => {
+                if !u.username().is_empty() || u.password().is_some() {
+                    // Never echo the URL here: it carries a credential.
+                    problems.push(format!(
+                        "{p}.url must not carry credentials; put a bearer token in its token_file"
+                    ));
+                } else if !matches!(u.scheme(), "http" | "https") {
+                    problems.push(format!(
+                        "{p}.url must be http or https, got {:?}",
+                        u.scheme()
+                    ));
+                } else if u.host_str().is_none_or(str::is_empty) {
+                    problems.push(format!("{p}.url has no host: {:?}", app.url));
+                } else if u.scheme() == "http" && app.token_file.is_some() && !is_loopback(&u) {
+                    problems.push(format!(
+                        "{p}.url: plain http to {:?} would carry the token_file's token in clear \
+                         text; use https, or a loopback address",
+                        u.host_str().unwrap_or_default()
+                    ));
+                } else if u.scheme() == "http" && app.ca_file.is_some() {
+                    problems.push(format!(
+                        "{p}.ca_file is set but the URL is plain http; use https or remove it"
+                    ));
+                }
+            }
+        }
+        if let Some(path) = &app.token_file {
+            check_secret_file(&format!("{p}.token_file"), path, problems);
+        }
+        check_readable(&p, [("ca_file", &app.ca_file)], problems);
+        if app.max_metrics == 0 || app.max_metrics > MAX_APP_METRICS {
+            problems.push(format!(
+                "{p}.max_metrics must be between 1 and {MAX_APP_METRICS}, got {}",
+                app.max_metrics
+            ));
+        }
+        if app.timeout.is_zero() {
+            problems.push(format!("{p}.timeout must be > 0"));
+        } else if app.timeout >= collect_interval {
+            // The next cycle's fetch must not start while this one may still be waiting.
+            problems.push(format!(
+                "{p}.timeout ({}) must be shorter than CollectInterval ({})",
+                humantime::format_duration(app.timeout),
+                humantime::format_duration(collect_interval)
+            ));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1198,5 +1285,92 @@ mod tests {
             problems("metrics: { ebpf: { enabled: false, listen_ports: [], max_peers: 0 } }")
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn apps_parse_with_a_default_timeout_and_their_rules_name_the_entry() {
+        let files = Files::new("apps");
+        let token = files.path("token");
+        let cfg = Config::parse(&format!(
+            "metrics:\n  apps:\n    - {{ name: api, url: 'http://127.0.0.1:8080/metrics', token_file: {token} }}\n    - {{ name: db.primary-1, url: 'https://db.example/stats', timeout: 2s }}\n"
+        ))
+        .unwrap();
+        let apps = &cfg.metrics.apps;
+        assert_eq!(apps.len(), 2);
+        assert_eq!(apps[0].timeout, crate::config::DEFAULT_APP_TIMEOUT);
+        assert_eq!(apps[1].timeout, Duration::from_secs(2));
+        cfg.validate().unwrap();
+
+        let yaml = format!(
+            r#"
+metrics:
+  apps:
+    - {{ name: "", url: "http://127.0.0.1/m" }}
+    - {{ name: "has space", url: "ftp://x/m" }}
+    - {{ name: a, url: "not a url" }}
+    - {{ name: a, url: "http://app.example/m", token_file: {token} }}
+    - {{ name: b, url: "https://user:pw@app.example/m" }}
+    - {{ name: c, url: "http://app.example/m", ca_file: /nonexistent/ca.pem, timeout: 0s }}
+    - {{ name: d, url: "http://localhost:9/m", token_file: {token}, timeout: 15s }}
+    - {{ name: e, url: "http://localhost:9/m", max_metrics: 0 }}
+"#
+        );
+        assert_eq!(
+            problems(&yaml),
+            [
+                "metrics: config: apps[0].name is required: it names the endpoint's points",
+                "metrics: config: apps[1].name: \"has space\" is not a name: up to 64 letters, digits, _, - and .",
+                "metrics: config: apps[1].url must be http or https, got \"ftp\"",
+                "metrics: config: apps[2].url: invalid URL \"not a url\": relative URL without a base; write e.g. http://127.0.0.1:8080/metrics",
+                "metrics: config: apps[3].name: \"a\" is already the name of another entry; names must be unique",
+                "metrics: config: apps[3].url: plain http to \"app.example\" would carry the token_file's token in clear text; use https, or a loopback address",
+                "metrics: config: apps[4].url must not carry credentials; put a bearer token in its token_file",
+                "metrics: config: apps[5].ca_file is set but the URL is plain http; use https or remove it",
+                "metrics: config: apps[5].ca_file: cannot read /nonexistent/ca.pem: No such file or directory (os error 2)",
+                "metrics: config: apps[5].timeout must be > 0",
+                "metrics: config: apps[6].timeout (15s) must be shorter than CollectInterval (15s)",
+                "metrics: config: apps[7].max_metrics must be between 1 and 100000, got 0",
+            ]
+        );
+        // Plain http without a token goes anywhere: nothing secret travels.
+        assert!(problems(
+            "metrics: { apps: [ { name: x, url: 'http://10.0.0.7:9100/metrics' } ] }"
+        )
+        .is_empty());
+        // Nothing is checked with metrics off.
+        assert!(problems("metrics: { enabled: false, apps: [ { name: '' } ] }").is_empty());
+        let e =
+            Config::parse("metrics: { apps: [ { name: a, url: x, timout: 1s } ] }").unwrap_err();
+        assert!(
+            e.contains("metrics.apps[0]") && e.contains("unknown field `timout`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn apps_come_from_the_environment_as_one_yaml_flow_list() {
+        let cfg = with_env(
+            Some("metrics: { apps: [ { name: old, url: 'http://127.0.0.1/m' } ] }\n"),
+            &[(
+                "PLEXD_METRICS_METRICS_APPS",
+                "[{name: api, url: 'http://127.0.0.1:8080/metrics', timeout: 2s}, {name: b, url: 'https://b.example/s'}]",
+            )],
+        )
+        .unwrap();
+        let names: Vec<&str> = cfg.metrics.apps.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(names, ["api", "b"], "the variable replaces the file's list");
+        assert_eq!(cfg.metrics.apps[0].timeout, Duration::from_secs(2));
+        // Anything else is an error naming the key and the variable, not a panic.
+        for bad in ["api", "api,http://x", "[oops", "{name: a}"] {
+            let e = with_env(None, &[("PLEXD_METRICS_METRICS_APPS", bad)]).unwrap_err();
+            let text = e.to_string();
+            assert!(text.contains("metrics.apps"), "{bad}: {text}");
+            assert!(
+                text.ends_with("(set by PLEXD_METRICS_METRICS_APPS)"),
+                "{bad}: {text}"
+            );
+        }
+        let e = with_env(None, &[("PLEXD_METRICS_METRICS_APPS_0_URL", "http://x")]).unwrap_err();
+        assert!(e.to_string().contains("names no config key"), "{e}");
     }
 }

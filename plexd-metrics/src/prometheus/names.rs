@@ -308,8 +308,19 @@ pub const GPU_CLOCK_MEMORY: FamilyDef = gauge(
     "Current memory clock of the GPU.",
 );
 
+/// Whether an application endpoint answered (`app` group).
+pub const APP_UP: FamilyDef = gauge(
+    "plexd_app_up",
+    "1 when the application endpoint (metrics.apps) answered a 2xx with a readable body within its timeout in the last cycle, else 0.",
+);
+/// How long the last fetch of an application endpoint took.
+pub const APP_SCRAPE_DURATION: FamilyDef = gauge(
+    "plexd_app_scrape_duration_seconds",
+    "Seconds the last fetch of the application endpoint (metrics.apps) took, to the end of its body or to its failure.",
+);
+
 /// Every family, in the order they are written.
-pub const ALL: [FamilyDef; 52] = [
+pub const ALL: [FamilyDef; 54] = [
     PEER_RECEIVE_BYTES,
     PEER_TRANSMIT_BYTES,
     PEER_RECEIVE_PACKETS,
@@ -362,4 +373,6 @@ pub const ALL: [FamilyDef; 52] = [
     GPU_FAN,
     GPU_CLOCK_SM,
     GPU_CLOCK_MEMORY,
+    APP_UP,
+    APP_SCRAPE_DURATION,
 ];

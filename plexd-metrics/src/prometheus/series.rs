@@ -12,7 +12,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use chrono::{DateTime, Utc};
 
 use super::names::{self, FamilyDef, RTT_BUCKETS};
-use crate::api::{MetricPoint, GROUP_AGENT, GROUP_GPU, GROUP_LATENCY, GROUP_SYSTEM, GROUP_TUNNEL};
+use crate::api::{
+    MetricPoint, GROUP_AGENT, GROUP_APP, GROUP_GPU, GROUP_LATENCY, GROUP_SYSTEM, GROUP_TUNNEL,
+};
 use crate::collector::{AgentStats, GpuStats, LatencyResult, SystemStats, TunnelStats};
 
 /// A sample's value.
@@ -92,6 +94,25 @@ struct ProbeSeries {
     sum_seconds: f64,
 }
 
+/// What the book keeps of one application endpoint: the figures about the fetch, not the
+/// endpoint's own metrics (which Prometheus scrapes from the application itself).
+#[derive(Clone, Debug, Default)]
+struct AppSeries {
+    /// When a point last spoke of the endpoint (ms since the epoch).
+    seen_ms: i64,
+    up: bool,
+    scrape_duration_seconds: f64,
+}
+
+/// The part of an `app` point the book reads; the rest (its `metrics`) is skipped, not
+/// built into a map.
+#[derive(serde::Deserialize)]
+struct AppPoint {
+    name: String,
+    up: bool,
+    scrape_duration_seconds: f64,
+}
+
 /// The agent's cumulative Prometheus series, folded from its points cycle by cycle.
 #[derive(Debug)]
 pub struct SeriesBook {
@@ -102,6 +123,8 @@ pub struct SeriesBook {
     /// Each peer's key by its name (`peer` label), for the latency targets' labels.
     peer_by_name: HashMap<String, PeerKey>,
     probes: BTreeMap<String, ProbeSeries>,
+    /// Application endpoints by name.
+    apps: BTreeMap<String, AppSeries>,
     system: Option<SystemStats>,
     /// Each GPU by its index.
     gpus: BTreeMap<u32, GpuSeries>,
@@ -120,6 +143,7 @@ impl SeriesBook {
             peers: BTreeMap::new(),
             peer_by_name: HashMap::new(),
             probes: BTreeMap::new(),
+            apps: BTreeMap::new(),
             system: None,
             gpus: BTreeMap::new(),
             agent: None,
@@ -161,6 +185,10 @@ impl SeriesBook {
                 visit_gpu(&self.gpus[&index], visit);
                 true
             }
+            Some(Entity::App(name)) => {
+                visit_app(&name, &self.apps[&name], visit);
+                true
+            }
             None => false,
         }
     }
@@ -181,6 +209,7 @@ impl SeriesBook {
         let mut peers_now = BTreeSet::new();
         let mut probes_now = BTreeSet::new();
         let mut gpus_now = BTreeSet::new();
+        let mut apps_now = BTreeSet::new();
         let (mut tunnel_seen, mut latency_seen) = (false, false);
         for point in points {
             match self.fold(point) {
@@ -195,8 +224,16 @@ impl SeriesBook {
                 Some(Entity::Gpu(index)) => {
                     gpus_now.insert(index);
                 }
+                Some(Entity::App(name)) => {
+                    apps_now.insert(name);
+                }
                 _ => {}
             }
+        }
+        // The app group has a point for every configured endpoint in every cycle, so an
+        // endpoint missing from a cycle's points is no longer configured.
+        if !apps_now.is_empty() {
+            self.apps.retain(|name, _| apps_now.contains(name));
         }
         if tunnel_seen {
             self.peers.retain(|k, _| peers_now.contains(k));
@@ -220,6 +257,7 @@ impl SeriesBook {
         self.peer_by_name.retain(|_, k| peers.contains_key(k));
         self.probes.retain(|_, s| s.seen_ms >= cutoff_ms);
         self.gpus.retain(|_, s| s.seen_ms >= cutoff_ms);
+        self.apps.retain(|_, s| s.seen_ms >= cutoff_ms);
     }
 
     /// Folds one point; says which entity it was about, `None` when it could not be read.
@@ -266,6 +304,15 @@ impl SeriesBook {
                 };
                 self.gpus.insert(index, series);
                 Entity::Gpu(index)
+            }),
+            GROUP_APP => point.data.decode::<AppPoint>().ok().map(|app| {
+                let series = AppSeries {
+                    seen_ms: point.timestamp.timestamp_millis(),
+                    up: app.up,
+                    scrape_duration_seconds: app.scrape_duration_seconds,
+                };
+                self.apps.insert(app.name.clone(), series);
+                Entity::App(app.name)
             }),
             _ => None,
         };
@@ -320,6 +367,9 @@ impl SeriesBook {
             visit_gpu(gpu, &mut collect);
         }
         self.visit_agent(&mut collect);
+        for (name, series) in &self.apps {
+            visit_app(name, series, &mut collect);
+        }
         families.retain(|f| !f.samples.is_empty());
         families
     }
@@ -345,6 +395,7 @@ enum Entity {
     System,
     Agent,
     Gpu(u32),
+    App(String),
 }
 
 /// One GPU's last state, with its index as label text.
@@ -392,6 +443,20 @@ fn visit_gpu(g: &GpuSeries, visit: &mut Visit<'_>) {
             visit(def, &labels, Value::Number(v));
         }
     }
+}
+
+fn visit_app(name: &str, s: &AppSeries, visit: &mut Visit<'_>) {
+    let labels = [("app", name)];
+    visit(
+        &names::APP_UP,
+        &labels,
+        Value::Number(if s.up { 1.0 } else { 0.0 }),
+    );
+    visit(
+        &names::APP_SCRAPE_DURATION,
+        &labels,
+        Value::Number(s.scrape_duration_seconds),
+    );
 }
 
 fn visit_peer(key: &PeerKey, s: &PeerSeries, visit: &mut Visit<'_>) {
@@ -809,5 +874,62 @@ mod tests {
         .unwrap();
         book.observe_cycle(&[odd]);
         assert_eq!(book.unreadable(), 1);
+    }
+
+    #[test]
+    fn app_points_give_up_and_scrape_duration_per_endpoint_and_leave_with_their_entry() {
+        use crate::collector::AppStats;
+        let app = |name: &str, up: bool, seconds: f64| {
+            let stats = AppStats {
+                name: name.to_owned(),
+                up,
+                scrape_duration_seconds: seconds,
+                metrics: serde_json::Map::from_iter([("requests".to_owned(), 7.into())]),
+                truncated: 0,
+                error: (!up).then(|| "http://x: answered 503".to_owned()),
+            };
+            MetricPoint::new(Utc::now(), GROUP_APP, "", &stats).unwrap()
+        };
+        let mut book = SeriesBook::new("1", "stdout");
+        book.observe_cycle(&[app("api", true, 0.25), app("db", false, 5.0)]);
+        let series = |book: &SeriesBook, family: &str| -> Vec<(String, Value)> {
+            book.families()
+                .iter()
+                .filter(|f| f.def.name == family)
+                .flat_map(|f| f.samples.iter())
+                .map(|s| {
+                    assert_eq!(s.labels.len(), 1);
+                    assert_eq!(s.labels[0].0, "app");
+                    (s.labels[0].1.clone(), s.value.clone())
+                })
+                .collect()
+        };
+        assert_eq!(
+            series(&book, "plexd_app_up"),
+            [
+                ("api".to_owned(), Value::Number(1.0)),
+                ("db".to_owned(), Value::Number(0.0))
+            ]
+        );
+        assert_eq!(
+            series(&book, "plexd_app_scrape_duration_seconds"),
+            [
+                ("api".to_owned(), Value::Number(0.25)),
+                ("db".to_owned(), Value::Number(5.0))
+            ]
+        );
+        // The endpoints' own metrics are not re-exported.
+        assert!(book
+            .families()
+            .iter()
+            .all(|f| !f.def.name.contains("requests")));
+        // An entry removed from the config has no point in the next cycle.
+        book.observe_cycle(&[app("api", true, 0.5)]);
+        assert_eq!(series(&book, "plexd_app_up").len(), 1);
+        // Point by point (remote write): the series changed by one point.
+        let changed = book.fold_point(&app("db", true, 1.0));
+        let names: Vec<&str> = changed.iter().map(|(d, _)| d.name).collect();
+        assert_eq!(names, ["plexd_app_up", "plexd_app_scrape_duration_seconds"]);
+        assert_eq!(book.unreadable(), 0);
     }
 }

@@ -10,7 +10,7 @@
 //! - [`StdoutReporter`]: one JSON line per batch when no control plane is configured.
 
 mod control_plane;
-mod http;
+pub(crate) mod http;
 mod local;
 mod multi;
 mod remote_write;

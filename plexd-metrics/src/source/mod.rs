@@ -1,6 +1,7 @@
 //! Sources touch the outside world (files, sockets, BPF maps) and return plain structs for
 //! the collectors.
 
+pub mod apps;
 pub mod counters;
 pub mod ebpf;
 pub mod gpu;

@@ -182,7 +182,10 @@ impl NetlinkSocket {
         let mut messages = Vec::new();
         loop {
             let (datagram, _) = self.socket.recv_from_full().map_err(|e| {
-                if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) {
                     NetlinkError::CutShort { request }
                 } else {
                     NetlinkError::Io(e)
@@ -321,7 +324,12 @@ pub(crate) mod tests {
             .iter()
             .flat_map(|p| message(0x20, NLM_F_MULTIPART, seq, p))
             .collect();
-        datagram.extend(message(NLMSG_DONE, NLM_F_MULTIPART, seq, &0i32.to_ne_bytes()));
+        datagram.extend(message(
+            NLMSG_DONE,
+            NLM_F_MULTIPART,
+            seq,
+            &0i32.to_ne_bytes(),
+        ));
         datagram
     }
 
