@@ -118,7 +118,13 @@ impl RunningPod {
                 .map(|f| f[5].to_owned())
                 .unwrap_or_else(|| panic!("{point} not mounted: {mountinfo}"))
         };
-        for point in ["/", "/host/proc", "/host/root", "/etc/plexd-metrics"] {
+        for point in [
+            "/",
+            "/host/proc",
+            "/host/sys",
+            "/host/root",
+            "/etc/plexd-metrics",
+        ] {
             assert!(
                 options(point).starts_with("ro"),
                 "{point}: {}",
