@@ -95,7 +95,8 @@ pub enum ProcError {
     Task(String),
 }
 
-/// Reads [`SystemStats`] from a Linux host's procfs and from `statvfs` on a mount point.
+/// Reads [`SystemStats`] from a Linux host's procfs, its sysfs's list of block devices and
+/// `statvfs` on a mount point.
 ///
 /// Cheap to clone; clones share their configuration.
 #[derive(Clone, Debug)]
