@@ -117,7 +117,8 @@ impl Agent {
         let options = ManagerOptions::from_settings(settings);
         let system = &cfg.metrics.system;
         let net_interface = Some(system.net_interface.clone()).filter(|s| !s.is_empty());
-        let reader = LinuxSystemReader::new(&system.proc_root, &system.mount_point, net_interface);
+        let reader = LinuxSystemReader::new(&system.proc_root, &system.mount_point, net_interface)
+            .with_disks(&system.sys_root, system.disk_devices.clone());
         reader.check()?;
 
         let wireguard = &cfg.metrics.wireguard;

@@ -180,11 +180,21 @@ pub struct OnceRun {
 /// Runs `plexd-metrics --once` in `ns` with the YAML `config` and fails the test unless it
 /// exits 0 with one JSON batch on stdout.
 pub fn run_once(ns: &NetNs, config: &str) -> OnceRun {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns.name()]).arg(agent_binary());
+    once(cmd, config)
+}
+
+/// [`run_once`] in the test's own namespaces, without privileges.
+pub fn run_once_here(config: &str) -> OnceRun {
+    once(Command::new(agent_binary()), config)
+}
+
+/// Runs `agent` (the binary, or a command that runs it) with `--once` and `config`.
+fn once(mut agent: Command, config: &str) -> OnceRun {
     let path = std::env::temp_dir().join(format!("{}.yaml", unique_name("plexd-once-")));
     std::fs::write(&path, config).expect("write the config");
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns.name()])
-        .arg(agent_binary())
+    let out = agent
         .args(["--once", "--log-format", "json", "--config"])
         .arg(&path)
         .env_remove("RUST_LOG")

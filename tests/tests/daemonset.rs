@@ -118,7 +118,13 @@ impl RunningPod {
                 .map(|f| f[5].to_owned())
                 .unwrap_or_else(|| panic!("{point} not mounted: {mountinfo}"))
         };
-        for point in ["/", "/host/proc", "/host/root", "/etc/plexd-metrics"] {
+        for point in [
+            "/",
+            "/host/proc",
+            "/host/sys",
+            "/host/root",
+            "/etc/plexd-metrics",
+        ] {
             assert!(
                 options(point).starts_with("ro"),
                 "{point}: {}",
@@ -302,6 +308,15 @@ fn under_the_daemonsets_constraints_the_agent_attaches_collects_reports_and_is_h
         "{}",
         system.data
     );
+    // Whole disks are those of the node's /sys/block, read at /host/sys.
+    let block: Vec<String> = std::fs::read_dir("/sys/block")
+        .expect("/sys/block")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    let disks = system.data.to_value()["disks"].clone();
+    for disk in disks.as_object().expect("disks").keys() {
+        assert!(block.contains(disk), "{disk} is not in /sys/block: {disks}");
+    }
 
     let (status, lines) = agent.terminate();
     assert!(status.success(), "{status}; {lines:#?}");
@@ -309,6 +324,11 @@ fn under_the_daemonsets_constraints_the_agent_attaches_collects_reports_and_is_h
     assert!(
         !lines.iter().any(|l| matches!(l, Line::Text(_))),
         "nothing but log events: {lines:#?}"
+    );
+    assert!(
+        !lines.iter().any(|l| matches!(l, Line::Event(e)
+            if e["message"].as_str().is_some_and(|m| m.starts_with("cannot list whole disks")))),
+        "/host/sys/block was listed: {lines:#?}"
     );
     assert_eq!(
         ours(&tc_state(&node.ns, &node.underlay_dev)),

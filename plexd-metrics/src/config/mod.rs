@@ -502,6 +502,12 @@ pub struct SystemConfig {
     pub mount_point: PathBuf,
     /// Only this interface's bytes; empty sums every interface but `lo`.
     pub net_interface: String,
+    /// The sysfs to read, for which block devices are whole disks; `/host/sys` when the
+    /// host's is mounted into a container. Unreadable, disks are told by their names.
+    pub sys_root: PathBuf,
+    /// The block devices whose I/O is reported, as `/proc/diskstats` names them; empty
+    /// reports the whole disks but loop and RAM devices.
+    pub disk_devices: Vec<String>,
 }
 
 impl Default for SystemConfig {
@@ -510,6 +516,8 @@ impl Default for SystemConfig {
             proc_root: PathBuf::from("/proc"),
             mount_point: PathBuf::from("/"),
             net_interface: String::new(),
+            sys_root: PathBuf::from("/sys"),
+            disk_devices: Vec::new(),
         }
     }
 }

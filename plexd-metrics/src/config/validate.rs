@@ -384,7 +384,25 @@ impl SystemConfig {
                 self.mount_point.display()
             ));
         }
+        for name in &self.disk_devices {
+            if !valid_block_device_name(name) {
+                problems.push(format!(
+                    "metrics: config: system.disk_devices: invalid device name {name:?}; write the names /proc/diskstats lists, such as sda or nvme0n1"
+                ));
+            }
+        }
     }
+}
+
+/// A name as the kernel gives a block device in `/proc/diskstats`: one path component (the
+/// kernel writes `!` where a driver's name has a `/`), without blanks, which would split
+/// the line.
+fn valid_block_device_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
 impl HealthConfig {
@@ -1153,6 +1171,22 @@ mod tests {
             [
                 "metrics: config: system.proc_root: /nonexistent/proc is not a proc filesystem (no stat file)",
                 "metrics: config: system.mount_point: /nonexistent/mnt is not a directory",
+            ]
+        );
+    }
+
+    #[test]
+    fn disk_device_names_are_checked() {
+        assert!(
+            problems("metrics: { system: { disk_devices: [sda, nvme0n1, 'cciss!c0d0'] } }")
+                .is_empty()
+        );
+        assert_eq!(
+            problems("metrics: { system: { disk_devices: ['', 'sda 1', ../sda] } }"),
+            [
+                r#"metrics: config: system.disk_devices: invalid device name ""; write the names /proc/diskstats lists, such as sda or nvme0n1"#,
+                r#"metrics: config: system.disk_devices: invalid device name "sda 1"; write the names /proc/diskstats lists, such as sda or nvme0n1"#,
+                r#"metrics: config: system.disk_devices: invalid device name "../sda"; write the names /proc/diskstats lists, such as sda or nvme0n1"#,
             ]
         );
     }

@@ -180,6 +180,93 @@ pub const NODE_LOAD1: FamilyDef = gauge("plexd_node_load1", "1-minute load avera
 pub const NODE_LOAD5: FamilyDef = gauge("plexd_node_load5", "5-minute load average.");
 /// Load averages.
 pub const NODE_LOAD15: FamilyDef = gauge("plexd_node_load15", "15-minute load average.");
+/// CPUs online.
+pub const NODE_CPUS: FamilyDef = gauge("plexd_node_cpus", "CPUs online.");
+/// CPU in use, per CPU.
+pub const NODE_CPU_CORE: FamilyDef = gauge(
+    "plexd_node_cpu_core_usage_ratio",
+    "Share of the CPU's time in use over the collect's sample, 0 to 1.",
+);
+/// Memory available.
+pub const NODE_MEMORY_AVAILABLE: FamilyDef = gauge(
+    "plexd_node_memory_available_bytes",
+    "Memory available without swapping (MemAvailable).",
+);
+/// Swap in all.
+pub const NODE_SWAP_TOTAL: FamilyDef = gauge(
+    "plexd_node_swap_total_bytes",
+    "Swap space in all (SwapTotal).",
+);
+/// Swap in use.
+pub const NODE_SWAP_USED: FamilyDef = gauge(
+    "plexd_node_swap_used_bytes",
+    "Swap space in use: SwapTotal less SwapFree.",
+);
+/// Disk free.
+pub const NODE_DISK_FREE: FamilyDef = gauge(
+    "plexd_node_disk_free_bytes",
+    "Bytes available to unprivileged users on the file system of metrics.system.mount_point (df's Avail).",
+);
+/// Bytes read per block device.
+pub const NODE_DISK_READ_BYTES: FamilyDef = counter(
+    "plexd_node_disk_read_bytes",
+    "Bytes read from the block device since boot.",
+);
+/// Bytes written per block device.
+pub const NODE_DISK_WRITTEN_BYTES: FamilyDef = counter(
+    "plexd_node_disk_written_bytes",
+    "Bytes written to the block device since boot.",
+);
+/// Reads per block device.
+pub const NODE_DISK_READS: FamilyDef = counter(
+    "plexd_node_disk_reads_completed",
+    "Reads the block device completed since boot.",
+);
+/// Writes per block device.
+pub const NODE_DISK_WRITES: FamilyDef = counter(
+    "plexd_node_disk_writes_completed",
+    "Writes the block device completed since boot.",
+);
+/// Bytes received per interface.
+pub const NODE_INTERFACE_RECEIVE_BYTES: FamilyDef = counter(
+    "plexd_node_interface_receive_bytes",
+    "Bytes received on the interface.",
+);
+/// Bytes sent per interface.
+pub const NODE_INTERFACE_TRANSMIT_BYTES: FamilyDef = counter(
+    "plexd_node_interface_transmit_bytes",
+    "Bytes sent on the interface.",
+);
+/// Packets received per interface.
+pub const NODE_INTERFACE_RECEIVE_PACKETS: FamilyDef = counter(
+    "plexd_node_interface_receive_packets",
+    "Packets received on the interface.",
+);
+/// Packets sent per interface.
+pub const NODE_INTERFACE_TRANSMIT_PACKETS: FamilyDef = counter(
+    "plexd_node_interface_transmit_packets",
+    "Packets sent on the interface.",
+);
+/// Receive errors per interface.
+pub const NODE_INTERFACE_RECEIVE_ERRORS: FamilyDef = counter(
+    "plexd_node_interface_receive_errors",
+    "Receive errors the interface's driver reported.",
+);
+/// Transmit errors per interface.
+pub const NODE_INTERFACE_TRANSMIT_ERRORS: FamilyDef = counter(
+    "plexd_node_interface_transmit_errors",
+    "Transmit errors the interface's driver reported.",
+);
+/// Received packets dropped per interface.
+pub const NODE_INTERFACE_RECEIVE_DROPPED: FamilyDef = counter(
+    "plexd_node_interface_receive_dropped",
+    "Received packets dropped on the interface (missed by the device included).",
+);
+/// Packets dropped on transmit per interface.
+pub const NODE_INTERFACE_TRANSMIT_DROPPED: FamilyDef = counter(
+    "plexd_node_interface_transmit_dropped",
+    "Packets dropped on their way out of the interface.",
+);
 
 /// The agent's version.
 pub const AGENT_BUILD_INFO: FamilyDef = gauge(
@@ -320,7 +407,7 @@ pub const APP_SCRAPE_DURATION: FamilyDef = gauge(
 );
 
 /// Every family, in the order they are written.
-pub const ALL: [FamilyDef; 54] = [
+pub const ALL: [FamilyDef; 72] = [
     PEER_RECEIVE_BYTES,
     PEER_TRANSMIT_BYTES,
     PEER_RECEIVE_PACKETS,
@@ -346,6 +433,24 @@ pub const ALL: [FamilyDef; 54] = [
     NODE_LOAD1,
     NODE_LOAD5,
     NODE_LOAD15,
+    NODE_CPUS,
+    NODE_CPU_CORE,
+    NODE_MEMORY_AVAILABLE,
+    NODE_SWAP_TOTAL,
+    NODE_SWAP_USED,
+    NODE_DISK_FREE,
+    NODE_DISK_READ_BYTES,
+    NODE_DISK_WRITTEN_BYTES,
+    NODE_DISK_READS,
+    NODE_DISK_WRITES,
+    NODE_INTERFACE_RECEIVE_BYTES,
+    NODE_INTERFACE_TRANSMIT_BYTES,
+    NODE_INTERFACE_RECEIVE_PACKETS,
+    NODE_INTERFACE_TRANSMIT_PACKETS,
+    NODE_INTERFACE_RECEIVE_ERRORS,
+    NODE_INTERFACE_TRANSMIT_ERRORS,
+    NODE_INTERFACE_RECEIVE_DROPPED,
+    NODE_INTERFACE_TRANSMIT_DROPPED,
     AGENT_BUILD_INFO,
     AGENT_UPTIME,
     AGENT_TASKS,

@@ -534,8 +534,51 @@ fn visit_system(s: &SystemStats, visit: &mut Visit<'_>) {
         (&names::NODE_LOAD1, s.load_avg_1),
         (&names::NODE_LOAD5, s.load_avg_5),
         (&names::NODE_LOAD15, s.load_avg_15),
+        (&names::NODE_CPUS, s.cpu_count as f64),
+        (
+            &names::NODE_MEMORY_AVAILABLE,
+            s.memory_available_bytes as f64,
+        ),
+        (&names::NODE_SWAP_TOTAL, s.swap_total_bytes as f64),
+        (&names::NODE_SWAP_USED, s.swap_used_bytes as f64),
+        (&names::NODE_DISK_FREE, s.disk_free_bytes as f64),
     ] {
         visit(def, &[], Value::Number(v));
+    }
+    for (name, usage) in &s.cpu_cores_usage_percent {
+        // node_exporter's label is the CPU's number: `cpu="0"`, not `cpu="cpu0"`.
+        let cpu = name.strip_prefix("cpu").unwrap_or(name);
+        visit(
+            &names::NODE_CPU_CORE,
+            &[("cpu", cpu)],
+            Value::Number(usage / 100.0),
+        );
+    }
+    for (device, io) in &s.disks {
+        let labels = [("device", device.as_str())];
+        for (def, v) in [
+            (&names::NODE_DISK_READ_BYTES, io.read_bytes),
+            (&names::NODE_DISK_WRITTEN_BYTES, io.write_bytes),
+            (&names::NODE_DISK_READS, io.reads),
+            (&names::NODE_DISK_WRITES, io.writes),
+        ] {
+            visit(def, &labels, Value::Number(v as f64));
+        }
+    }
+    for (interface, c) in &s.interfaces {
+        let labels = [("interface", interface.as_str())];
+        for (def, v) in [
+            (&names::NODE_INTERFACE_RECEIVE_BYTES, c.rx_bytes),
+            (&names::NODE_INTERFACE_TRANSMIT_BYTES, c.tx_bytes),
+            (&names::NODE_INTERFACE_RECEIVE_PACKETS, c.rx_packets),
+            (&names::NODE_INTERFACE_TRANSMIT_PACKETS, c.tx_packets),
+            (&names::NODE_INTERFACE_RECEIVE_ERRORS, c.rx_errors),
+            (&names::NODE_INTERFACE_TRANSMIT_ERRORS, c.tx_errors),
+            (&names::NODE_INTERFACE_RECEIVE_DROPPED, c.rx_dropped),
+            (&names::NODE_INTERFACE_TRANSMIT_DROPPED, c.tx_dropped),
+        ] {
+            visit(def, &labels, Value::Number(v as f64));
+        }
     }
 }
 
@@ -845,6 +888,78 @@ mod tests {
         let f = book.families();
         let name = "plexd_agent_collections_abandoned";
         assert_eq!(labelled(&f, name, ("group", "tunnel")), Some(3.0));
+    }
+
+    #[test]
+    fn host_figures_have_a_series_per_cpu_disk_and_interface() {
+        use crate::accounting::host::{DiskIo, InterfaceCounters};
+        let mut book = SeriesBook::new("1", "stdout");
+        let stats = SystemStats {
+            cpu_count: 2,
+            cpu_cores_usage_percent: [("cpu0".to_owned(), 25.0), ("cpu1".to_owned(), 50.0)].into(),
+            swap_used_bytes: 4096,
+            disks: [("sda".to_owned(), DiskIo::from_sectors(3, 8, 1, 2))].into(),
+            interfaces: [
+                (
+                    "eth0".to_owned(),
+                    InterfaceCounters {
+                        rx_dropped: 7,
+                        ..InterfaceCounters::default()
+                    },
+                ),
+                ("wg0".to_owned(), InterfaceCounters::default()),
+            ]
+            .into(),
+            ..SystemStats::default()
+        };
+        book.observe_cycle(&[MetricPoint::new(Utc::now(), GROUP_SYSTEM, "", &stats).unwrap()]);
+        let f = book.families();
+        let samples = |name: &str| -> Vec<(Vec<(&'static str, String)>, Value)> {
+            f.iter()
+                .find(|f| f.def.name == name)
+                .unwrap_or_else(|| panic!("no {name}"))
+                .samples
+                .iter()
+                .map(|s| (s.labels.clone(), s.value.clone()))
+                .collect()
+        };
+        assert_eq!(
+            samples("plexd_node_cpu_core_usage_ratio"),
+            [
+                (vec![("cpu", "0".to_owned())], Value::Number(0.25)),
+                (vec![("cpu", "1".to_owned())], Value::Number(0.5)),
+            ]
+        );
+        assert_eq!(samples("plexd_node_cpus"), [(vec![], Value::Number(2.0))]);
+        assert_eq!(
+            samples("plexd_node_swap_used_bytes"),
+            [(vec![], Value::Number(4096.0))]
+        );
+        assert_eq!(
+            samples("plexd_node_disk_read_bytes"),
+            [(vec![("device", "sda".to_owned())], Value::Number(4096.0))]
+        );
+        assert_eq!(
+            samples("plexd_node_disk_writes_completed"),
+            [(vec![("device", "sda".to_owned())], Value::Number(1.0))]
+        );
+        assert_eq!(
+            samples("plexd_node_interface_receive_dropped"),
+            [
+                (vec![("interface", "eth0".to_owned())], Value::Number(7.0)),
+                (vec![("interface", "wg0".to_owned())], Value::Number(0.0)),
+            ]
+        );
+        for def in names::ALL
+            .iter()
+            .filter(|d| d.name.starts_with("plexd_node_"))
+        {
+            assert!(
+                f.iter().any(|f| f.def == *def),
+                "{} has no series",
+                def.name
+            );
+        }
     }
 
     #[test]

@@ -1,11 +1,12 @@
-//! `LinuxSystemReader`: the `system` group's figures from /proc and statfs.
+//! `LinuxSystemReader`: the `system` group's figures from /proc, /sys and statfs.
 //!
-//! Every /proc file is read under a configurable root rather than `/proc`, so an agent in a
-//! container reports the host (its /proc mounted at, say, `/host/proc`) and tests read a fake
-//! root of fixture files. Parsing is left to `procfs`; this module only picks fields out of
-//! the parsed files and does the arithmetic, in pure functions that are tested on their own.
+//! Every /proc file is read under a configurable root rather than `/proc`, and `/sys/block`
+//! under a configurable sys root, so an agent in a container reports the host (its /proc
+//! mounted at, say, `/host/proc`) and tests read a fake root of fixture files. Parsing is
+//! left to `procfs`; this module picks fields out of the parsed files and hands them to
+//! [`crate::accounting::host`] for the arithmetic.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -14,9 +15,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use procfs::net::{DeviceStatus, InterfaceDeviceStatus};
-use procfs::{ExplicitSystemInfo, FromRead, FromReadSI, KernelStats, LoadAverage, Meminfo};
+use procfs::{
+    DiskStats, ExplicitSystemInfo, FromRead, FromReadSI, KernelStats, LoadAverage, Meminfo,
+};
 use tokio_util::sync::CancellationToken;
 
+use crate::accounting::host::{
+    cores_usage, cpu_usage, sum_interfaces, CpuTimes, DiskIo, DiskSelection, InterfaceCounters,
+};
 use crate::collector::{BoxError, SystemReader, SystemStats};
 
 /// How far apart the two `stat` samples are: the spec's 100 ms, long enough for a few ticks
@@ -89,7 +95,8 @@ pub enum ProcError {
     Task(String),
 }
 
-/// Reads [`SystemStats`] from a Linux host's procfs and from `statvfs` on a mount point.
+/// Reads [`SystemStats`] from a Linux host's procfs, its sysfs's list of block devices and
+/// `statvfs` on a mount point.
 ///
 /// Cheap to clone; clones share their configuration.
 #[derive(Clone, Debug)]
@@ -98,12 +105,17 @@ pub struct LinuxSystemReader {
     config: Arc<Config>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Config {
     proc_root: PathBuf,
     mount_point: PathBuf,
     net_interface: Option<String>,
+    sys_root: PathBuf,
+    disk_devices: Vec<String>,
 }
+
+/// Where sysfs is mounted unless [`LinuxSystemReader::with_disks`] says otherwise.
+const DEFAULT_SYS_ROOT: &str = "/sys";
 
 impl LinuxSystemReader {
     /// A reader of the procfs mounted at `proc_root` (normally `/proc`, `/host/proc` in a
@@ -122,8 +134,20 @@ impl LinuxSystemReader {
                 proc_root: proc_root.into(),
                 mount_point: mount_point.into(),
                 net_interface: net_interface.filter(|name| !name.is_empty()),
+                sys_root: PathBuf::from(DEFAULT_SYS_ROOT),
+                disk_devices: Vec::new(),
             }),
         }
+    }
+
+    /// The same reader with disk I/O figures of `devices` (names as in `diskstats`) or,
+    /// when that is empty, of the whole disks listed in `block` under `sys_root` (normally
+    /// `/sys`, `/host/sys` in a container). Without it: the whole disks under `/sys`.
+    pub fn with_disks(mut self, sys_root: impl Into<PathBuf>, devices: Vec<String>) -> Self {
+        let config = Arc::make_mut(&mut self.config);
+        config.sys_root = sys_root.into();
+        config.disk_devices = devices;
+        self
     }
 
     /// Startup validation: the proc root is a directory with a readable, parseable `stat`, and
@@ -132,6 +156,10 @@ impl LinuxSystemReader {
     ///
     /// The network interface is not checked: it may legitimately appear later (a WireGuard
     /// interface created after the agent starts), and until then each cycle's error names it.
+    ///
+    /// An unreadable `block` directory under the sys root is not an error, since the disk
+    /// figures can do without it, but it is logged once here: disks are then told from
+    /// partitions by their names alone.
     pub fn check(&self) -> Result<(), ProcError> {
         let root = &self.config.proc_root;
         match std::fs::metadata(root) {
@@ -151,6 +179,17 @@ impl LinuxSystemReader {
         }
         read_cpu_times(&root.join("stat"))?;
         disk_usage(&self.config.mount_point)?;
+        if self.config.disk_devices.is_empty() {
+            let block = self.config.sys_root.join("block");
+            if let Err(error) = std::fs::read_dir(&block) {
+                tracing::warn!(
+                    component = "metrics",
+                    path = %block.display(),
+                    %error,
+                    "cannot list whole disks; telling them from partitions by name (set metrics.system.sys_root to where the host's /sys is mounted)"
+                );
+            }
+        }
         Ok(())
     }
 
@@ -160,7 +199,9 @@ impl LinuxSystemReader {
             sample_cpu_usage(move || read_cpu_times(&stat), CPU_SAMPLE_INTERVAL, cancel).await?;
         let config = Arc::clone(&self.config);
         let mut stats = run_blocking(cancel, move || config.snapshot()).await?;
-        stats.cpu_usage_percent = cpu;
+        stats.cpu_usage_percent = cpu.total;
+        stats.cpu_count = cpu.count;
+        stats.cpu_cores_usage_percent = cpu.cores;
         Ok(stats)
     }
 }
@@ -176,24 +217,54 @@ impl Config {
     /// Everything but the CPU figure, which needs two samples.
     fn snapshot(&self) -> Result<SystemStats, ProcError> {
         let memory = read_memory(&self.proc_root.join("meminfo"))?;
-        let (disk_used_bytes, disk_total_bytes) = disk_usage(&self.mount_point)?;
-        let (network_rx_bytes, network_tx_bytes) = read_network(
+        let disk = disk_usage(&self.mount_point)?;
+        let interfaces = read_network(
             &self.proc_root.join("net/dev"),
             self.net_interface.as_deref(),
         )?;
+        let net = sum_interfaces(interfaces.values());
         let [load_avg_1, load_avg_5, load_avg_15] = read_load(&self.proc_root.join("loadavg"))?;
+        let disks = self.read_disks()?;
         Ok(SystemStats {
             cpu_usage_percent: 0.0,
             memory_used_bytes: memory.used,
             memory_total_bytes: memory.total,
-            disk_used_bytes,
-            disk_total_bytes,
-            network_rx_bytes,
-            network_tx_bytes,
+            disk_used_bytes: disk.used,
+            disk_total_bytes: disk.total,
+            network_rx_bytes: net.rx_bytes,
+            network_tx_bytes: net.tx_bytes,
             load_avg_1,
             load_avg_5,
             load_avg_15,
+            cpu_count: 0,
+            cpu_cores_usage_percent: BTreeMap::new(),
+            memory_available_bytes: memory.available,
+            swap_total_bytes: memory.swap_total,
+            swap_used_bytes: memory.swap_used,
+            disk_free_bytes: disk.available,
+            disks,
+            network_rx_packets: net.rx_packets,
+            network_tx_packets: net.tx_packets,
+            network_rx_errors: net.rx_errors,
+            network_tx_errors: net.tx_errors,
+            network_rx_dropped: net.rx_dropped,
+            network_tx_dropped: net.tx_dropped,
+            interfaces,
         })
+    }
+
+    /// The I/O figures of the selected block devices. The whole disks are those listed in
+    /// `block` under the sys root; when it cannot be listed (no sysfs in a container),
+    /// names are judged by their shape, as [`check`](LinuxSystemReader::check) logged.
+    fn read_disks(&self) -> Result<BTreeMap<String, DiskIo>, ProcError> {
+        let whole: Option<HashSet<String>>;
+        let selection = if self.disk_devices.is_empty() {
+            whole = list_dir(&self.sys_root.join("block"));
+            DiskSelection::WholeDisks(whole.as_ref())
+        } else {
+            DiskSelection::Named(&self.disk_devices)
+        };
+        read_disk_io(&self.proc_root.join("diskstats"), selection)
     }
 }
 
@@ -225,9 +296,9 @@ async fn sample_cpu_usage<F>(
     read: F,
     interval: Duration,
     cancel: &CancellationToken,
-) -> Result<f64, ProcError>
+) -> Result<CpuUsage, ProcError>
 where
-    F: Fn() -> Result<CpuTimes, ProcError> + Clone + Send + 'static,
+    F: Fn() -> Result<CpuSample, ProcError> + Clone + Send + 'static,
 {
     let first = run_blocking(cancel, read.clone()).await?;
     tokio::select! {
@@ -236,49 +307,27 @@ where
         () = tokio::time::sleep(interval) => {}
     }
     let second = run_blocking(cancel, read).await?;
-    Ok(cpu_usage(&first, &second))
+    Ok(CpuUsage {
+        total: cpu_usage(&first.total, &second.total),
+        cores: cores_usage(&first.cores, &second.cores),
+        count: second.cores.len() as u64,
+    })
 }
 
-/// The aggregate `cpu` line of `/proc/stat`, in ticks.
-///
-/// `guest` and `guest_nice` are left out: the kernel already counts them in `user` and
-/// `nice`, and adding them again would count guest time twice.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct CpuTimes {
-    user: u64,
-    nice: u64,
-    system: u64,
-    idle: u64,
-    iowait: u64,
-    irq: u64,
-    softirq: u64,
-    steal: u64,
+/// The CPU lines of one `stat` sample: the aggregate and each online CPU's by its name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct CpuSample {
+    total: CpuTimes,
+    cores: Vec<(String, CpuTimes)>,
 }
 
-impl CpuTimes {
-    fn total(&self) -> u64 {
-        [
-            self.user,
-            self.nice,
-            self.system,
-            self.idle,
-            self.iowait,
-            self.irq,
-            self.softirq,
-            self.steal,
-        ]
-        .into_iter()
-        .fold(0, u64::saturating_add)
-    }
-
-    /// Time waiting on I/O counts as idle: the CPU was free to run something else.
-    fn idle_all(&self) -> u64 {
-        self.idle.saturating_add(self.iowait)
-    }
-
-    fn busy(&self) -> u64 {
-        self.total().saturating_sub(self.idle_all())
-    }
+/// What two samples tell: the busy shares, overall and per CPU, and the CPUs online at the
+/// second one.
+#[derive(Clone, Debug, PartialEq)]
+struct CpuUsage {
+    total: f64,
+    cores: BTreeMap<String, f64>,
+    count: u64,
 }
 
 impl From<&procfs::CpuTime> for CpuTimes {
@@ -298,41 +347,64 @@ impl From<&procfs::CpuTime> for CpuTimes {
     }
 }
 
-/// Percentage of the ticks between `prev` and `now` that were busy, in [0, 100].
-///
-/// No elapsed ticks, or counters that went backwards (a fixture swap, a hypervisor resetting
-/// them), give 0 rather than a division by zero or a wrapped, enormous figure. `iowait` alone
-/// may legitimately decrease (see proc(5)); that can push the share above 100, hence the clamp.
-fn cpu_usage(prev: &CpuTimes, now: &CpuTimes) -> f64 {
-    let total = match now.total().checked_sub(prev.total()) {
-        Some(0) | None => return 0.0,
-        Some(total) => total,
-    };
-    let busy = now.busy().saturating_sub(prev.busy());
-    (busy as f64 / total as f64 * 100.0).clamp(0.0, 100.0)
-}
-
-fn read_cpu_times(path: &Path) -> Result<CpuTimes, ProcError> {
-    let stats: KernelStats = parse_file(path, |bytes| {
-        KernelStats::from_read(bytes, &STAT_SYSTEM_INFO)
+fn read_cpu_times(path: &Path) -> Result<CpuSample, ProcError> {
+    // procfs keeps the per-CPU lines in order but drops their names, which are needed
+    // because an offline CPU has no line: they are taken from the same lines, picked by
+    // the same test procfs applies.
+    let (stats, names) = parse_file(path, |bytes| {
+        let stats = KernelStats::from_read(bytes, &STAT_SYSTEM_INFO)?;
+        Ok((stats, cpu_line_names(bytes)))
     })?;
-    Ok(CpuTimes::from(&stats.total))
+    if names.len() != stats.cpu_time.len() {
+        return Err(ProcError::Parse {
+            path: path.to_owned(),
+            reason: format!(
+                "{} per-CPU lines but {} parsed",
+                names.len(),
+                stats.cpu_time.len()
+            ),
+        });
+    }
+    Ok(CpuSample {
+        total: CpuTimes::from(&stats.total),
+        cores: names
+            .into_iter()
+            .zip(stats.cpu_time.iter().map(CpuTimes::from))
+            .collect(),
+    })
 }
 
-/// Used and total memory, in bytes.
+/// The names (`cpu0`, `cpu1`, ...) of the per-CPU lines of a `stat` file, in order.
+fn cpu_line_names(bytes: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .filter(|line| line.starts_with("cpu") && !line.starts_with("cpu "))
+        .filter_map(|line| line.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The memory and swap figures, in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Memory {
     used: u64,
     total: u64,
+    available: u64,
+    swap_total: u64,
+    swap_used: u64,
 }
 
-/// `MemTotal - MemAvailable`: the spec's figure, and what `free` calls used. procfs has
-/// already turned the file's kB (really KiB) into bytes.
+/// `MemTotal - MemAvailable`: the spec's figure, and what `free` calls used; swap used is
+/// `SwapTotal - SwapFree`, as `free` has it. procfs has already turned the file's kB (really
+/// KiB) into bytes.
 fn memory_from(meminfo: &Meminfo) -> Option<Memory> {
     let available = meminfo.mem_available?;
     Some(Memory {
         used: meminfo.mem_total.saturating_sub(available),
         total: meminfo.mem_total,
+        available,
+        swap_total: meminfo.swap_total,
+        swap_used: meminfo.swap_total.saturating_sub(meminfo.swap_free),
     })
 }
 
@@ -346,40 +418,86 @@ fn read_memory(path: &Path) -> Result<Memory, ProcError> {
     })
 }
 
-/// Received and transmitted bytes: of `interface` alone when given, else summed over every
-/// interface but loopback. `path` only names the file in the error.
-fn network_totals(
+/// The counters of `interface` alone when given, else of every interface but loopback: the
+/// set the spec's network figures are summed over. `path` only names the file in the error.
+fn network_interfaces(
     devices: &HashMap<String, DeviceStatus>,
     interface: Option<&str>,
     path: &Path,
-) -> Result<(u64, u64), ProcError> {
+) -> Result<BTreeMap<String, InterfaceCounters>, ProcError> {
     match interface {
         Some(name) => devices
             .get(name)
-            .map(|dev| (dev.recv_bytes, dev.sent_bytes))
+            .map(|dev| BTreeMap::from([(dev.name.clone(), counters(dev))]))
             .ok_or_else(|| ProcError::InterfaceNotFound {
                 name: name.to_owned(),
                 path: path.to_owned(),
             }),
-        // Saturating: a wrapped sum would look like a traffic spike downstream.
-        None => {
-            Ok(devices
-                .values()
-                .filter(|dev| dev.name != LOOPBACK)
-                .fold((0, 0), |(rx, tx), dev| {
-                    (
-                        rx.saturating_add(dev.recv_bytes),
-                        tx.saturating_add(dev.sent_bytes),
-                    )
-                }))
-        }
+        None => Ok(devices
+            .values()
+            .filter(|dev| dev.name != LOOPBACK)
+            .map(|dev| (dev.name.clone(), counters(dev)))
+            .collect()),
     }
 }
 
-fn read_network(path: &Path, interface: Option<&str>) -> Result<(u64, u64), ProcError> {
+/// The counters of one `net/dev` line that the `system` group reports.
+fn counters(dev: &DeviceStatus) -> InterfaceCounters {
+    InterfaceCounters {
+        rx_bytes: dev.recv_bytes,
+        tx_bytes: dev.sent_bytes,
+        rx_packets: dev.recv_packets,
+        tx_packets: dev.sent_packets,
+        rx_errors: dev.recv_errs,
+        tx_errors: dev.sent_errs,
+        rx_dropped: dev.recv_drop,
+        tx_dropped: dev.sent_drop,
+    }
+}
+
+fn read_network(
+    path: &Path,
+    interface: Option<&str>,
+) -> Result<BTreeMap<String, InterfaceCounters>, ProcError> {
     let devices: InterfaceDeviceStatus =
         parse_file(path, |bytes| InterfaceDeviceStatus::from_read(bytes))?;
-    network_totals(&devices.0, interface, path)
+    network_interfaces(&devices.0, interface, path)
+}
+
+/// The I/O figures of the devices of `diskstats` at `path` that `selection` includes.
+///
+/// A kernel built without a block layer has no `diskstats`: that is no disks rather than a
+/// failed cycle, which would lose the other figures too.
+fn read_disk_io(
+    path: &Path,
+    selection: DiskSelection<'_>,
+) -> Result<BTreeMap<String, DiskIo>, ProcError> {
+    let stats: DiskStats = match parse_file(path, |bytes| DiskStats::from_read(bytes)) {
+        Err(ProcError::Read { error, .. }) if error.kind() == io::ErrorKind::NotFound => {
+            return Ok(BTreeMap::new())
+        }
+        other => other?,
+    };
+    Ok(stats
+        .0
+        .into_iter()
+        .filter(|d| selection.includes(&d.name))
+        .map(|d| {
+            let io = DiskIo::from_sectors(d.reads, d.sectors_read, d.writes, d.sectors_written);
+            (d.name, io)
+        })
+        .collect())
+}
+
+/// The names in directory `path`, or `None` when it cannot be listed.
+fn list_dir(path: &Path) -> Option<HashSet<String>> {
+    let entries = std::fs::read_dir(path).ok()?;
+    Some(
+        entries
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+    )
 }
 
 /// procfs parses load averages into `f32`; widened directly, the file's `1.20` would be
@@ -398,16 +516,26 @@ fn read_load(path: &Path) -> Result<[f64; 3], ProcError> {
     Ok([load.one, load.five, load.fifteen].map(widen_load))
 }
 
-/// Used and total bytes of a filesystem of `blocks` blocks, `free` of them free, each
-/// `fragment_size` bytes.
-fn disk_bytes(blocks: u64, free: u64, fragment_size: u64) -> (u64, u64) {
-    (
-        blocks.saturating_sub(free).saturating_mul(fragment_size),
-        blocks.saturating_mul(fragment_size),
-    )
+/// The sizes of a filesystem, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct DiskSpace {
+    used: u64,
+    total: u64,
+    /// Free to unprivileged users: what `df` shows as Avail.
+    available: u64,
 }
 
-fn disk_usage(mount_point: &Path) -> Result<(u64, u64), ProcError> {
+/// The sizes of a filesystem of `blocks` blocks, `free` of them free and `available` of
+/// those free to unprivileged users, each `fragment_size` bytes.
+fn disk_bytes(blocks: u64, free: u64, available: u64, fragment_size: u64) -> DiskSpace {
+    DiskSpace {
+        used: blocks.saturating_sub(free).saturating_mul(fragment_size),
+        total: blocks.saturating_mul(fragment_size),
+        available: available.saturating_mul(fragment_size),
+    }
+}
+
+fn disk_usage(mount_point: &Path) -> Result<DiskSpace, ProcError> {
     let st = nix::sys::statvfs::statvfs(mount_point).map_err(|error| ProcError::Statfs {
         path: mount_point.to_owned(),
         error,
@@ -418,6 +546,7 @@ fn disk_usage(mount_point: &Path) -> Result<(u64, u64), ProcError> {
     Ok(disk_bytes(
         widen(st.blocks()),
         widen(st.blocks_free()),
+        widen(st.blocks_available()),
         widen(st.fragment_size()),
     ))
 }
@@ -536,18 +665,27 @@ mod tests {
         }
     }
 
+    fn sys_root() -> PathBuf {
+        testdata().join("sys")
+    }
+
     async fn read_root(root: &Path, interface: Option<&str>) -> Result<SystemStats, ProcError> {
         LinuxSystemReader::new(root, "/", interface.map(str::to_owned))
+            .with_disks(sys_root(), Vec::new())
             .read(&CancellationToken::new())
             .await
     }
 
     // Expected figures below are worked out by hand from the fixture files:
-    // meminfo: MemTotal 8192000 kB, MemAvailable 6144000 kB (×1024 for bytes).
+    // meminfo: MemTotal 8192000 kB, MemAvailable 6144000 kB, SwapTotal 2097148 kB,
+    // SwapFree 1048576 kB (×1024 for bytes).
     // net/dev: eth0 rx 1048576 tx 524288, wg0 rx 200000 tx 100000, lo 5000000 both ways.
     // loadavg: 1.50 1.20 0.90.
     const MEM_TOTAL: u64 = 8_388_608_000;
     const MEM_USED: u64 = 2_097_152_000; // (8192000 - 6144000) × 1024
+    const MEM_AVAILABLE: u64 = 6_291_456_000; // 6144000 × 1024
+    const SWAP_TOTAL: u64 = 2_147_479_552; // 2097148 × 1024
+    const SWAP_USED: u64 = 1_073_737_728; // (2097148 - 1048576) × 1024
 
     #[tokio::test]
     async fn reads_a_whole_fake_proc_root() {
@@ -561,6 +699,55 @@ mod tests {
         assert_eq!(stats.load_avg_1, 1.5);
         assert_eq!(stats.load_avg_5, 1.2);
         assert_eq!(stats.load_avg_15, 0.9);
+        assert_eq!(stats.memory_available_bytes, MEM_AVAILABLE);
+        assert_eq!(stats.swap_total_bytes, SWAP_TOTAL);
+        assert_eq!(stats.swap_used_bytes, SWAP_USED);
+        // Two per-CPU lines, unchanged between the samples.
+        assert_eq!(stats.cpu_count, 2);
+        assert_eq!(
+            stats.cpu_cores_usage_percent,
+            BTreeMap::from([("cpu0".to_owned(), 0.0), ("cpu1".to_owned(), 0.0)])
+        );
+        // net/dev: eth0 errs 3/5 drop 4/6, wg0 errs 1/0 drop 2/7; lo left out.
+        assert_eq!(
+            (stats.network_rx_packets, stats.network_tx_packets),
+            (2300, 1750)
+        );
+        assert_eq!((stats.network_rx_errors, stats.network_tx_errors), (4, 5));
+        assert_eq!(
+            (stats.network_rx_dropped, stats.network_tx_dropped),
+            (6, 13)
+        );
+        assert_eq!(stats.interfaces.keys().collect::<Vec<_>>(), ["eth0", "wg0"]);
+        assert_eq!(
+            stats.interfaces["wg0"],
+            InterfaceCounters {
+                rx_bytes: 200_000,
+                tx_bytes: 100_000,
+                rx_packets: 300,
+                tx_packets: 250,
+                rx_errors: 1,
+                tx_errors: 0,
+                rx_dropped: 2,
+                tx_dropped: 7,
+            }
+        );
+        // diskstats: the whole disks of the fake /sys/block (sda, nvme0n1, dm-0; loop0 and
+        // zram0 are memory-backed), sectors ×512.
+        assert_eq!(
+            stats.disks.keys().collect::<Vec<_>>(),
+            ["dm-0", "nvme0n1", "sda"]
+        );
+        assert_eq!(
+            stats.disks["sda"],
+            DiskIo {
+                read_bytes: 400_000 * 512,
+                write_bytes: 200_000 * 512,
+                reads: 5000,
+                writes: 2500,
+            }
+        );
+        assert_eq!(stats.disks["nvme0n1"].write_bytes, 24_000 * 512);
 
         // The disk figures are the real root filesystem's: check them against statvfs.
         let st = nix::sys::statvfs::statvfs("/").unwrap();
@@ -568,6 +755,73 @@ mod tests {
         assert_eq!(stats.disk_total_bytes, widen(st.blocks()) * frsize);
         assert!(stats.disk_total_bytes > 0);
         assert!(stats.disk_used_bytes <= stats.disk_total_bytes);
+        assert!(stats.disk_free_bytes <= stats.disk_total_bytes - stats.disk_used_bytes);
+    }
+
+    #[tokio::test]
+    async fn configured_disk_devices_are_taken_as_named() {
+        let stats = LinuxSystemReader::new(fixture_root(), "/", None)
+            .with_disks(
+                sys_root(),
+                vec!["sda1".into(), "loop0".into(), "sdz".into()],
+            )
+            .read(&CancellationToken::new())
+            .await
+            .unwrap();
+        // sdz is not in diskstats (a disk removed, say): left out, not an error.
+        assert_eq!(stats.disks.keys().collect::<Vec<_>>(), ["loop0", "sda1"]);
+        assert_eq!(stats.disks["loop0"].read_bytes, 2400 * 512);
+    }
+
+    #[tokio::test]
+    async fn without_sys_block_partitions_are_told_by_name() {
+        let stats = LinuxSystemReader::new(fixture_root(), "/", None)
+            .with_disks(testdata().join("no-such-sys"), Vec::new())
+            .read(&CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(
+            stats.disks.keys().collect::<Vec<_>>(),
+            ["dm-0", "nvme0n1", "sda"]
+        );
+    }
+
+    #[tokio::test]
+    async fn no_diskstats_means_no_disks() {
+        let root = TempRoot::new();
+        std::fs::remove_file(root.0.join("diskstats")).unwrap();
+        let stats = read_root(&root.0, None).await.unwrap();
+        assert!(stats.disks.is_empty());
+        assert_eq!(stats.memory_total_bytes, MEM_TOTAL);
+    }
+
+    #[tokio::test]
+    async fn junk_in_any_new_file_is_an_error_naming_it_never_a_panic() {
+        // Bytes that are not text, a line cut short, and nothing at all.
+        let junk: [&[u8]; 3] = [b"\xff\xfe cpu0 \xc3\x28 1 2\n", b"cpu0 1\n", b""];
+        for file in ["stat", "diskstats", "meminfo", "net/dev"] {
+            for bytes in junk {
+                let root = TempRoot::new();
+                // net/dev's first two lines are headers that the parser skips.
+                let header: &[u8] = if file == "net/dev" { b"h\nh\n" } else { b"" };
+                std::fs::write(root.0.join(file), [header, bytes].concat()).unwrap();
+                let Err(err) = read_root(&root.0, None).await else {
+                    // No devices listed at all: a host without block devices, or a
+                    // network namespace without interfaces.
+                    assert!(
+                        bytes.is_empty() && file != "stat" && file != "meminfo",
+                        "{file} accepted {bytes:?}"
+                    );
+                    continue;
+                };
+                let path = root.0.join(file);
+                assert!(
+                    err.to_string()
+                        .starts_with(&format!("parse {}: ", path.display())),
+                    "{file}: {err}"
+                );
+            }
+        }
     }
 
     #[tokio::test]
@@ -735,7 +989,7 @@ mod tests {
         let prev = read_cpu_times(&fixture_root().join("stat")).unwrap();
         let now = read_cpu_times(&fixture_root().join("stat.later")).unwrap();
         assert_eq!(
-            prev,
+            prev.total,
             CpuTimes {
                 user: 10000,
                 nice: 500,
@@ -747,7 +1001,30 @@ mod tests {
                 steal: 0,
             }
         );
-        assert_eq!(cpu_usage(&prev, &now), 45.0);
+        assert_eq!(cpu_usage(&prev.total, &now.total), 45.0);
+    }
+
+    // The per-CPU lines of stat → stat.later, by hand:
+    // cpu0: user +12, system +5, idle +25, iowait +2, irq +1, softirq +1, steal +3: 49 ticks,
+    //       27 idle, 22 busy.
+    // cpu1: user +13, system +5, idle +25, iowait +3, irq +1, softirq +2, steal +2: 51 ticks,
+    //       28 idle, 23 busy.
+    #[test]
+    fn per_cpu_usage_between_two_fixture_samples() {
+        let prev = read_cpu_times(&fixture_root().join("stat")).unwrap();
+        let now = read_cpu_times(&fixture_root().join("stat.later")).unwrap();
+        let names: Vec<&str> = now.cores.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["cpu0", "cpu1"]);
+        let usage = cores_usage(&prev.cores, &now.cores);
+        assert_eq!(usage["cpu0"], 22.0 / 49.0 * 100.0);
+        assert_eq!(usage["cpu1"], 23.0 / 51.0 * 100.0);
+    }
+
+    #[test]
+    fn cpu_names_follow_the_lines_procfs_parses() {
+        let stat = b"cpu  1 2 3 4\ncpu0 1 2 3 4\ncpu3 1 2 3 4\nctxt 1\nbtime 1\nprocesses 1\n";
+        assert_eq!(cpu_line_names(stat), ["cpu0", "cpu3"]);
+        assert!(cpu_line_names(b"").is_empty());
     }
 
     #[tokio::test]
@@ -767,14 +1044,16 @@ mod tests {
         let usage = sample_cpu_usage(read, CPU_SAMPLE_INTERVAL, &CancellationToken::new())
             .await
             .unwrap();
-        assert_eq!(usage, 45.0);
+        assert_eq!(usage.total, 45.0);
+        assert_eq!(usage.count, 2);
+        assert_eq!(usage.cores.len(), 2);
         assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
     async fn cancelled_sampling_stops_at_the_sleep() {
         let cancel = CancellationToken::new();
-        let read = || Ok(CpuTimes::default());
+        let read = || Ok(CpuSample::default());
         let waiting = sample_cpu_usage(read, Duration::from_secs(3600), &cancel);
         let canceller = {
             let cancel = cancel.clone();
@@ -798,68 +1077,43 @@ mod tests {
         assert_eq!(err.to_string(), "read cancelled");
     }
 
-    fn times(busy: u64, idle: u64) -> CpuTimes {
-        CpuTimes {
-            user: busy,
-            idle,
-            ..CpuTimes::default()
-        }
-    }
-
     #[test]
-    fn cpu_usage_edge_cases() {
-        let a = times(100, 900);
-        // No ticks elapsed.
-        assert_eq!(cpu_usage(&a, &a), 0.0);
-        // Counters went backwards: zero, not a wrapped or negative figure.
-        assert_eq!(cpu_usage(&times(200, 1800), &a), 0.0);
-        // Fully busy and fully idle.
-        assert_eq!(cpu_usage(&a, &times(150, 900)), 100.0);
-        assert_eq!(cpu_usage(&a, &times(100, 950)), 0.0);
-        // iowait counts as idle.
-        let mut b = times(110, 930);
-        b.iowait = 10;
-        assert_eq!(cpu_usage(&a, &b), 20.0); // 10 busy of 50
-                                             // iowait decreasing (allowed by the kernel) cannot push past 100.
-        let mut c = a;
-        c.iowait = 50;
-        let mut d = times(120, 900);
-        d.iowait = 40;
-        assert_eq!(cpu_usage(&c, &d), 100.0);
-        // Counters near u64::MAX do not overflow.
-        let huge = times(u64::MAX, u64::MAX);
-        assert_eq!(cpu_usage(&huge, &huge), 0.0);
-    }
-
-    #[test]
-    fn network_totals_skip_loopback() {
+    fn network_interfaces_skip_loopback() {
         let path = fixture_root().join("net/dev");
         let devices = InterfaceDeviceStatus::from_read(&std::fs::read(&path).unwrap()[..])
             .unwrap()
             .0;
+        let all = network_interfaces(&devices, None, &path).unwrap();
+        assert_eq!(all.keys().collect::<Vec<_>>(), ["eth0", "wg0"]);
+        let sum = sum_interfaces(all.values());
+        assert_eq!((sum.rx_bytes, sum.tx_bytes), (1_248_576, 624_288));
+        let eth0 = network_interfaces(&devices, Some("eth0"), &path).unwrap();
+        assert_eq!(eth0.keys().collect::<Vec<_>>(), ["eth0"]);
         assert_eq!(
-            network_totals(&devices, None, &path).unwrap(),
-            (1_248_576, 624_288)
-        );
-        assert_eq!(
-            network_totals(&devices, Some("eth0"), &path).unwrap(),
+            (eth0["eth0"].rx_bytes, eth0["eth0"].tx_bytes),
             (1_048_576, 524_288)
         );
         assert!(matches!(
-            network_totals(&devices, Some("eth9"), &path),
+            network_interfaces(&devices, Some("eth9"), &path),
             Err(ProcError::InterfaceNotFound { .. })
         ));
-        assert_eq!(
-            network_totals(&HashMap::new(), None, &path).unwrap(),
-            (0, 0)
-        );
+        assert!(network_interfaces(&HashMap::new(), None, &path)
+            .unwrap()
+            .is_empty());
     }
 
     #[test]
     fn disk_bytes_math() {
-        assert_eq!(disk_bytes(1000, 250, 4096), (750 * 4096, 1000 * 4096));
+        assert_eq!(
+            disk_bytes(1000, 250, 200, 4096),
+            DiskSpace {
+                used: 750 * 4096,
+                total: 1000 * 4096,
+                available: 200 * 4096
+            }
+        );
         // A free count above the block count (a racing or odd filesystem) is not negative.
-        assert_eq!(disk_bytes(10, 20, 4096), (0, 40960));
+        assert_eq!(disk_bytes(10, 20, 20, 4096).used, 0);
     }
 
     #[test]
@@ -879,7 +1133,10 @@ mod tests {
             memory_from(&meminfo),
             Some(Memory {
                 used: MEM_USED,
-                total: MEM_TOTAL
+                total: MEM_TOTAL,
+                available: MEM_AVAILABLE,
+                swap_total: SWAP_TOTAL,
+                swap_used: SWAP_USED,
             })
         );
     }

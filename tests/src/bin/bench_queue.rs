@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use chrono::{TimeDelta, Utc};
+use plexd_metrics::accounting::host::{DiskIo, InterfaceCounters};
 use plexd_metrics::api::{MetricPoint, GROUP_AGENT, GROUP_LATENCY, GROUP_SYSTEM, GROUP_TUNNEL};
 use plexd_metrics::collector::{AgentStats, LatencyResult, SystemStats, TunnelStats};
 use plexd_metrics::config::{DEFAULT_QUEUE_MAX_BYTES, DEFAULT_QUEUE_MAX_POINTS};
@@ -806,6 +807,46 @@ fn system(cycle: usize) -> MetricPoint {
         load_avg_1: 0.87,
         load_avg_5: 0.64,
         load_avg_15: 0.55,
+        cpu_count: 4,
+        cpu_cores_usage_percent: [10.1, 14.9, 12.5, 13.4]
+            .iter()
+            .enumerate()
+            .map(|(i, u)| (format!("cpu{i}"), *u))
+            .collect(),
+        memory_available_bytes: 13_343_838_208 - c * 4_096,
+        swap_total_bytes: 2_147_479_552,
+        swap_used_bytes: 0,
+        disk_free_bytes: 193_275_273_216 - c * 65_536,
+        disks: [(
+            "nvme0n1".to_owned(),
+            DiskIo::from_sectors(
+                1_203_118 + c * 3,
+                96_249_440 + c * 24,
+                3_311_570 + c * 40,
+                402_113_856 + c * 128,
+            ),
+        )]
+        .into(),
+        network_rx_packets: 712_004_117 + c * 2_400,
+        network_tx_packets: 601_223_902 + c * 2_050,
+        network_rx_errors: 0,
+        network_tx_errors: 0,
+        network_rx_dropped: 1_204,
+        network_tx_dropped: 0,
+        interfaces: [
+            ("eth0", 911_277_452_011, 701_113_980_554),
+            ("wg0", 7_000_000_000, 1_000_000_000),
+        ]
+        .into_iter()
+        .map(|(name, rx, tx)| {
+            let counters = InterfaceCounters {
+                rx_bytes: rx + c * 1_556_020,
+                tx_bytes: tx + c * 1_330_059,
+                ..InterfaceCounters::default()
+            };
+            (name.to_owned(), counters)
+        })
+        .collect(),
     };
     MetricPoint::new(Utc::now(), GROUP_SYSTEM, "", &stats).expect("a system point")
 }
