@@ -333,6 +333,7 @@ mod tests {
                 batch_size,
                 max_points,
                 max_bytes: crate::config::DEFAULT_QUEUE_MAX_BYTES,
+                max_memory_bytes: crate::config::DEFAULT_QUEUE_MAX_MEMORY_BYTES as usize,
             },
         }
     }

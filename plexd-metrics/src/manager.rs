@@ -298,6 +298,8 @@ impl ManagerOptions {
                 batch_size: metrics.batch_limit.get(),
                 max_points: metrics.queue_max_points.get(),
                 max_bytes: cfg.queue.max_bytes.as_u64(),
+                max_memory_bytes: usize::try_from(cfg.queue.max_memory_bytes.as_u64())
+                    .unwrap_or(usize::MAX),
             },
         })
     }
@@ -920,8 +922,9 @@ impl Lane {
                 dropped,
                 dropped_total = total,
                 max_points = self.queue.limits().max_points,
+                max_memory_bytes = self.queue.limits().max_memory_bytes,
                 max_bytes = self.queue.limits().max_bytes,
-                "retry queue full; dropped the oldest points (raise metrics.queue.max_points, or metrics.queue.max_bytes with metrics.queue.dir, to keep more)"
+                "retry queue full; dropped the oldest points (raise metrics.queue.max_points or max_memory_bytes, or metrics.queue.max_bytes with metrics.queue.dir, to keep more)"
             );
         }
     }
@@ -1168,6 +1171,7 @@ mod tests {
                 batch_size: batch,
                 max_points: crate::config::DEFAULT_QUEUE_MAX_POINTS as usize,
                 max_bytes: crate::config::DEFAULT_QUEUE_MAX_BYTES,
+                max_memory_bytes: crate::config::DEFAULT_QUEUE_MAX_MEMORY_BYTES as usize,
             },
         }
     }

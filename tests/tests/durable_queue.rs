@@ -374,6 +374,7 @@ fn damaged_records_and_foreign_files_are_skipped_counted_and_the_rest_delivered(
         batch_size,
         max_points: 100,
         max_bytes: 1 << 30,
+        max_memory_bytes: 1 << 30,
     };
     let mut earlier = DeliveryQueue::open(&queue, limits(1)).expect("open");
     earlier.collected(numbered(1..=6), false);

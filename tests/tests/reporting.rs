@@ -343,6 +343,7 @@ fn run_manager(
             batch_size,
             max_points: 10_000,
             max_bytes: plexd_metrics::config::DEFAULT_QUEUE_MAX_BYTES,
+            max_memory_bytes: plexd_metrics::config::DEFAULT_QUEUE_MAX_MEMORY_BYTES as usize,
         },
     };
     let (tx, outcomes) = mpsc::unbounded_channel();

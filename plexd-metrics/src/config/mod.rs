@@ -51,6 +51,11 @@ pub const DEFAULT_QUEUE_MAX_POINTS: i64 = 10_000;
 /// and days for a small node, while staying a small share of the disk that holds
 /// `/var/lib` on a node. A larger mesh that must ride out longer raises it.
 pub const DEFAULT_QUEUE_MAX_BYTES: u64 = 256 * 1024 * 1024;
+/// Default bound of the memory the queued points take. The default 10,000 points of a
+/// node's own groups take a few MiB; points of application endpoints (`metrics.apps`) can
+/// take hundreds of KiB each, and this keeps an outage from growing the agent past the
+/// DaemonSet's 256 MiB memory limit.
+pub const DEFAULT_QUEUE_MAX_MEMORY_BYTES: u64 = 64 * 1024 * 1024;
 /// Where the health endpoint listens unless `metrics.health.listen` says otherwise: this
 /// host only, so that a systemd service does not open a port to the network by default.
 pub const DEFAULT_HEALTH_LISTEN: &str = "127.0.0.1:9102";
@@ -267,6 +272,10 @@ pub struct QueueConfig {
     /// An integer of bytes or a size with a unit, e.g. `256MiB`.
     #[serde(serialize_with = "byte_size_text")]
     pub max_bytes: bytesize::ByteSize,
+    /// Most bytes the points held in memory may take; beyond it the oldest are dropped and
+    /// counted, as beyond `max_points`. A size like `max_bytes`.
+    #[serde(serialize_with = "byte_size_text")]
+    pub max_memory_bytes: bytesize::ByteSize,
 }
 
 impl Default for QueueConfig {
@@ -275,6 +284,7 @@ impl Default for QueueConfig {
             max_points: DEFAULT_QUEUE_MAX_POINTS,
             dir: None,
             max_bytes: bytesize::ByteSize::b(DEFAULT_QUEUE_MAX_BYTES),
+            max_memory_bytes: bytesize::ByteSize::b(DEFAULT_QUEUE_MAX_MEMORY_BYTES),
         }
     }
 }

@@ -214,11 +214,16 @@ impl MetricsConfig {
             // A batch that cannot fit in the queue could never be retried whole.
             problems.push("metrics: config: queue.max_points must be >= BatchSize".to_owned());
         }
-        if self.queue.max_bytes.as_u64() < MIN_QUEUE_MAX_BYTES {
-            problems.push(format!(
-                "metrics: config: queue.max_bytes must be at least 1MiB, got {}",
-                self.queue.max_bytes.as_u64()
-            ));
+        for (key, size) in [
+            ("max_bytes", self.queue.max_bytes),
+            ("max_memory_bytes", self.queue.max_memory_bytes),
+        ] {
+            if size.as_u64() < MIN_QUEUE_MAX_BYTES {
+                problems.push(format!(
+                    "metrics: config: queue.{key} must be at least 1MiB, got {}",
+                    size.as_u64()
+                ));
+            }
         }
         if let Some(dir) = &self.queue.dir {
             if dir.as_os_str().is_empty() || !dir.is_absolute() {

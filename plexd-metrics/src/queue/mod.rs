@@ -44,6 +44,10 @@ pub struct QueueLimits {
     pub batch_size: usize,
     /// Most points held in memory (all of them without a directory).
     pub max_points: usize,
+    /// Most bytes those points may take in memory: points differ in size by orders of
+    /// magnitude (an `app` point can carry thousands of metrics), so a bound on their number
+    /// alone does not bound the memory.
+    pub max_memory_bytes: usize,
     /// Most bytes in the directory.
     pub max_bytes: u64,
 }
@@ -71,6 +75,8 @@ struct Batch {
     key: Uuid,
     /// Points in the batch.
     count: usize,
+    /// What its points take in memory ([`point_bytes`]), counted while they are there.
+    bytes: usize,
     /// In memory: always without a record in the log, otherwise while there is room or
     /// since it came to the head.
     points: Option<Arc<Vec<MetricPoint>>>,
@@ -107,6 +113,10 @@ pub struct DeliveryQueue {
     memory_points: usize,
     /// Points held in memory by batches with a record.
     cached_points: usize,
+    /// Bytes of the points that `memory_points` counts.
+    memory_bytes: usize,
+    /// Bytes of the points that `cached_points` counts.
+    cached_bytes: usize,
     /// Points of the batches with a record.
     stored_points: u64,
     corrupt: u64,
@@ -127,6 +137,8 @@ impl DeliveryQueue {
             queued_points: 0,
             memory_points: 0,
             cached_points: 0,
+            memory_bytes: 0,
+            cached_bytes: 0,
             stored_points: 0,
             corrupt: 0,
             disk: Disk::Off,
@@ -180,6 +192,7 @@ impl DeliveryQueue {
             self.batches.push_back(Batch {
                 key: at.header.key,
                 count,
+                bytes: 0,
                 points: None,
                 stored: Some(at),
             });
@@ -280,15 +293,20 @@ impl DeliveryQueue {
                     self.stored_points += total as u64;
                     // The newest batches stay in memory too while there is room, so that
                     // what is sent next after a short outage is not read back from disk.
-                    let keep =
-                        self.memory_points + self.cached_points + total <= self.limits.max_points;
+                    let bytes: usize = batches.iter().map(|(_, b)| batch_bytes(b)).sum();
+                    let keep = self.memory_points + self.cached_points + total
+                        <= self.limits.max_points
+                        && self.memory_bytes + self.cached_bytes + bytes
+                            <= self.limits.max_memory_bytes;
                     if keep {
                         self.cached_points += total;
+                        self.cached_bytes += bytes;
                     }
                     for ((key, points), at) in batches.into_iter().zip(located) {
                         self.batches.push_back(Batch {
                             key,
                             count: points.len(),
+                            bytes: if keep { batch_bytes(&points) } else { 0 },
                             points: keep.then(|| Arc::new(points)),
                             stored: Some(at),
                         });
@@ -297,9 +315,12 @@ impl DeliveryQueue {
                 None => {
                     self.memory_points += total;
                     for (key, points) in batches {
+                        let bytes = batch_bytes(&points);
+                        self.memory_bytes += bytes;
                         self.batches.push_back(Batch {
                             key,
                             count: points.len(),
+                            bytes,
                             points: Some(Arc::new(points)),
                             stored: None,
                         });
@@ -311,31 +332,45 @@ impl DeliveryQueue {
     }
 
     /// Drops the oldest points beyond the bounds and returns how many: batches in memory
-    /// beyond `max_points` (the oldest may lose part of its points, keeping its key), whole
-    /// segments of the log beyond `max_bytes`. The head is left alone while it is in flight:
-    /// its request carries it already.
+    /// beyond `max_points` or `max_memory_bytes` (the oldest may lose part of its points,
+    /// keeping its key), whole segments of the log beyond `max_bytes`. The head is left alone
+    /// while it is in flight: its request carries it already.
     pub fn trim(&mut self, head_in_flight: bool) -> usize {
         let from = usize::from(head_in_flight);
         let mut dropped = 0;
-        while self.memory_points > self.limits.max_points {
+        while self.memory_points > self.limits.max_points
+            || self.memory_bytes > self.limits.max_memory_bytes
+        {
             let Some(i) = (from..self.batches.len()).find(|&i| self.batches[i].stored.is_none())
             else {
                 break;
             };
-            let excess = self.memory_points - self.limits.max_points;
+            let excess_points = self.memory_points.saturating_sub(self.limits.max_points);
+            let excess_bytes = self
+                .memory_bytes
+                .saturating_sub(self.limits.max_memory_bytes);
             let oldest = &mut self.batches[i];
-            let cut = excess.min(oldest.count);
+            let points = oldest.points.as_mut().expect("a batch without a record");
+            // The fewest oldest points that cover both excesses.
+            let mut cut = excess_points.min(oldest.count);
+            let mut cut_bytes: usize = points[..cut].iter().map(point_bytes).sum();
+            while cut < oldest.count && cut_bytes < excess_bytes {
+                cut_bytes += point_bytes(&points[cut]);
+                cut += 1;
+            }
             if cut == oldest.count {
+                cut_bytes = oldest.bytes;
                 self.batches.remove(i);
             } else {
                 // If an earlier attempt of this batch did land, the destination drops the
                 // rest as a repeat, which is what it already holds.
-                let points = oldest.points.as_mut().expect("a batch without a record");
                 Arc::make_mut(points).drain(..cut);
                 oldest.count -= cut;
+                oldest.bytes -= cut_bytes;
             }
             dropped += cut;
             self.memory_points -= cut;
+            self.memory_bytes -= cut_bytes;
             self.queued_points -= cut;
         }
         let in_flight = match self.batches.front() {
@@ -374,17 +409,18 @@ impl DeliveryQueue {
         self.batches.retain_mut(|b| {
             let mine = b.stored.is_some_and(|at| at.segment == first);
             if mine {
-                gone.push((b.count, b.points.is_some()));
+                gone.push((b.count, b.bytes, b.points.is_some()));
             }
             !mine
         });
         let mut dropped = 0;
-        for (count, cached) in gone {
+        for (count, bytes, cached) in gone {
             dropped += count;
             self.queued_points -= count;
             self.stored_points -= count as u64;
             if cached {
                 self.cached_points -= count;
+                self.cached_bytes -= bytes;
             }
         }
         if let Disk::Ready(spool)
@@ -418,8 +454,10 @@ impl DeliveryQueue {
             match read {
                 Ok(points) => {
                     let head = self.batches.front_mut().expect("checked");
+                    head.bytes = batch_bytes(&points);
                     head.points = Some(Arc::new(points));
                     self.cached_points += head.count;
+                    self.cached_bytes += head.bytes;
                 }
                 Err(e) => {
                     self.corrupt += 1;
@@ -444,11 +482,15 @@ impl DeliveryQueue {
         };
         self.queued_points -= gone.count;
         match gone.stored {
-            None => self.memory_points -= gone.count,
+            None => {
+                self.memory_points -= gone.count;
+                self.memory_bytes -= gone.bytes;
+            }
             Some(at) => {
                 self.stored_points -= gone.count as u64;
                 if gone.points.is_some() {
                     self.cached_points -= gone.count;
+                    self.cached_bytes -= gone.bytes;
                 }
                 self.delivered(at.header.end);
             }
@@ -628,3 +670,15 @@ fn fresh_keys(n: usize) -> impl Iterator<Item = Uuid> {
 
 #[cfg(test)]
 mod tests;
+
+/// What a point takes in memory, near enough for a bound: its JSON text and names, and the
+/// struct and allocations around them.
+fn point_bytes(point: &MetricPoint) -> usize {
+    const OVERHEAD: usize = 96;
+    point.data.as_str().len() + point.group.len() + point.peer_id.len() + OVERHEAD
+}
+
+/// [`point_bytes`] of every point of a batch.
+fn batch_bytes(points: &[MetricPoint]) -> usize {
+    points.iter().map(point_bytes).sum()
+}

@@ -9,6 +9,7 @@ fn limits(batch_size: usize, max_points: usize) -> QueueLimits {
         batch_size,
         max_points,
         max_bytes: 1 << 30,
+        max_memory_bytes: 1 << 30,
     }
 }
 
@@ -60,6 +61,38 @@ fn the_queue_trims_from_the_oldest_but_never_the_batch_in_flight() {
         [5, 6, 7, 8, 9]
     );
     assert_eq!(q.queued_points(), 0);
+}
+
+#[test]
+fn big_points_are_trimmed_by_the_memory_bound_before_the_count_bound() {
+    // Points of 100 KiB each (an app endpoint's page), a bound of 1 MiB: about ten fit,
+    // far fewer than max_points.
+    let mut q = DeliveryQueue::in_memory(QueueLimits {
+        max_memory_bytes: 1 << 20,
+        ..limits(5, 10_000)
+    });
+    let mut dropped = 0;
+    for cycle in 0..8 {
+        q.buffer = padded(cycle * 5 + 1..=cycle * 5 + 5, 100 << 10);
+        dropped += q.seal(false);
+    }
+    let kept = q.queued_points();
+    assert_eq!(
+        kept + dropped,
+        40,
+        "every point is kept or counted as dropped"
+    );
+    assert!(
+        (9..=10).contains(&kept),
+        "{kept} points of 100 KiB under 1 MiB"
+    );
+    let numbers: Vec<u64> = drain(&mut q).into_iter().flat_map(|(_, p)| p).collect();
+    let newest: Vec<u64> = (41 - kept as u64..=40).collect();
+    assert_eq!(numbers, newest, "the oldest went first");
+    // Small points are bounded by their number as before.
+    let mut q = DeliveryQueue::in_memory(limits(5, 12));
+    q.buffer = numbered(1..=20);
+    assert_eq!(q.seal(false), 8);
 }
 
 #[test]
@@ -199,6 +232,7 @@ fn beyond_max_bytes_the_oldest_segments_go_but_not_the_one_in_flight() {
             batch_size: 50,
             max_points: 10,
             max_bytes: 1 << 20,
+            max_memory_bytes: 1 << 30,
         },
     )
     .unwrap();

@@ -33,7 +33,9 @@ use chrono::{TimeDelta, Utc};
 use plexd_metrics::accounting::host::{DiskIo, InterfaceCounters};
 use plexd_metrics::api::{MetricPoint, GROUP_AGENT, GROUP_LATENCY, GROUP_SYSTEM, GROUP_TUNNEL};
 use plexd_metrics::collector::{AgentStats, LatencyResult, SystemStats, TunnelStats};
-use plexd_metrics::config::{DEFAULT_QUEUE_MAX_BYTES, DEFAULT_QUEUE_MAX_POINTS};
+use plexd_metrics::config::{
+    DEFAULT_QUEUE_MAX_BYTES, DEFAULT_QUEUE_MAX_MEMORY_BYTES, DEFAULT_QUEUE_MAX_POINTS,
+};
 use plexd_metrics::queue::record::{encode, Kind};
 use plexd_metrics::queue::{DeliveryQueue, QueueLimits};
 use plexd_metrics_tests::bench::{
@@ -81,6 +83,7 @@ fn limits(max_bytes: u64) -> QueueLimits {
         batch_size: BATCH_SIZE,
         max_points: usize::try_from(DEFAULT_QUEUE_MAX_POINTS).expect("a positive default"),
         max_bytes,
+        max_memory_bytes: DEFAULT_QUEUE_MAX_MEMORY_BYTES as usize,
     }
 }
 
