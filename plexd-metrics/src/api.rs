@@ -261,6 +261,7 @@ mod tests {
     }
 
     proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4_000))]
         /// The hand-written timestamp is chrono's, byte for byte, over the years chrono
         /// writes with four digits and every precision of fraction.
         #[test]

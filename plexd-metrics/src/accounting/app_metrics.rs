@@ -554,6 +554,7 @@ untyped_thing +Inf
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1_500))]
         /// No bytes make the reader panic, and the bounds hold whatever it reads.
         #[test]
         fn arbitrary_bytes_never_panic(

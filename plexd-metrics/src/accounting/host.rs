@@ -410,6 +410,7 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
         #[test]
         fn usage_is_a_percentage_whatever_the_counters(prev in cpu_times(), now in cpu_times()) {
             let u = cpu_usage(&prev, &now);

@@ -603,6 +603,7 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(8_000))]
         // Whatever arrives on the socket, parsing neither panics nor reads past the end.
         #[test]
         fn any_bytes_parse_without_panic(data in proptest::collection::vec(any::<u8>(), 0..200)) {

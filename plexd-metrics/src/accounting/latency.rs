@@ -220,6 +220,7 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
         #[test]
         fn a_summary_is_ordered_and_counts_what_was_answered(
             rtts in proptest::collection::vec(0u64..10_000_000_000, 0..20),

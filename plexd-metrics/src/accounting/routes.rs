@@ -137,6 +137,7 @@ fe800000000000000000000000000000 40 00000000000000000000000000000000 00 00000000
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(5_000))]
         // The tables come from the kernel, but a container may mount anything there.
         #[test]
         fn any_text_gives_distinct_names_without_lo(
