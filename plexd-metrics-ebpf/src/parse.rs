@@ -699,4 +699,175 @@ pub(crate) mod tests {
         assert_eq!(Segments::of(48 * 4 + 1, 4, 48), None);
         assert_eq!(Segments::of(10, u32::MAX, u32::MAX), None);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A WireGuard transport message inside a frame built from parts chosen at random:
+        /// up to two VLAN tags, IPv4 with options or IPv6 with extension headers, and which
+        /// side the WireGuard port is on.
+        #[derive(Clone, Debug)]
+        struct Built {
+            frame: Vec<u8>,
+            remote: EndpointKey,
+            direction: Direction,
+            receiver: u32,
+            counter: u64,
+            message_len: u32,
+        }
+
+        fn extension() -> impl Strategy<Value = (u8, Vec<u8>)> {
+            prop_oneof![
+                (0u8..3).prop_map(|n| (IPPROTO_HOPOPTS, n)),
+                (0u8..3).prop_map(|n| (IPPROTO_DSTOPTS, n)),
+                (0u8..3).prop_map(|n| (IPPROTO_ROUTING, n)),
+                (1u8..4).prop_map(|n| (IPPROTO_AH, n)),
+            ]
+            .prop_map(|(kind, n)| {
+                // Hop-by-hop, destination and routing headers count 8-byte units beyond the
+                // first; AH counts 4-byte units beyond the first two.
+                let (len_field, bytes) = if kind == IPPROTO_AH {
+                    (n * 2, (usize::from(n) * 2 + 2) * 4)
+                } else {
+                    (n, (usize::from(n) + 1) * 8)
+                };
+                let mut b = vec![0, len_field];
+                b.resize(bytes, 0);
+                (kind, b)
+            })
+        }
+
+        fn built() -> impl Strategy<Value = Built> {
+            (
+                0usize..=2,
+                any::<bool>(),
+                proptest::collection::vec(any::<u8>(), 0..=10).prop_map(|mut o| {
+                    o.resize(o.len() / 4 * 4, 1);
+                    o
+                }),
+                proptest::collection::vec(extension(), 0..=5),
+                any::<bool>(),
+                any::<u32>(),
+                any::<u64>(),
+                0usize..8,
+            )
+                .prop_map(
+                    |(tags, v6, options, exts, egress, receiver, counter, blocks)| {
+                        let payload = transport(receiver, counter, blocks * 16);
+                        let message_len = payload.len() as u32;
+                        let direction = if egress {
+                            Direction::Egress
+                        } else {
+                            Direction::Ingress
+                        };
+                        let (sport, dport) = if egress {
+                            (PORT, PEER_PORT)
+                        } else {
+                            (PEER_PORT, PORT)
+                        };
+                        let l4 = udp(sport, dport, &payload);
+                        let (mut frame, remote) = if v6 {
+                            let addr = if egress { DST6 } else { SRC6 };
+                            (ipv6_frame(&exts, &l4), EndpointKey::v6(addr, PEER_PORT))
+                        } else {
+                            let mut f = eth(ETH_P_IP);
+                            f.extend(ipv4_with(&options, 0, &l4));
+                            let addr = if egress { DST4 } else { SRC4 };
+                            (f, EndpointKey::v4(addr, PEER_PORT))
+                        };
+                        let vlan: &[u8] = match tags {
+                            0 => &[],
+                            1 => &[0x81, 0x00, 0, 20],
+                            _ => &[0x88, 0xa8, 0, 10, 0x81, 0x00, 0, 20],
+                        };
+                        frame.splice(12..12, vlan.iter().copied());
+                        Built {
+                            frame,
+                            remote,
+                            direction,
+                            receiver,
+                            counter,
+                            message_len,
+                        }
+                    },
+                )
+        }
+
+        /// What every frame must satisfy: no panic, and a datagram said well formed lies
+        /// inside the packet.
+        fn sound(frame: &[u8], direction: Direction) -> Result<(), TestCaseError> {
+            if let Frame::WireGuardPort(d) = parse(frame, direction) {
+                let _ = read_message(frame, d.payload_offset, d.payload_len);
+                if !d.malformed {
+                    let end = u64::from(d.payload_offset) + u64::from(d.payload_len);
+                    prop_assert!(
+                        end <= frame.len() as u64,
+                        "{:?} in {} bytes",
+                        d,
+                        frame.len()
+                    );
+                }
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(10_000))]
+
+            #[test]
+            fn any_bytes_are_sound(
+                frame in proptest::collection::vec(any::<u8>(), 0..160),
+                egress: bool,
+            ) {
+                let direction = if egress { Direction::Egress } else { Direction::Ingress };
+                sound(&frame, direction)?;
+            }
+
+            #[test]
+            fn every_built_frame_yields_its_message(b in built()) {
+                let d = match parse(&b.frame, b.direction) {
+                    Frame::WireGuardPort(d) => d,
+                    Frame::Other => return Err(TestCaseError::fail(format!("not found: {b:?}"))),
+                };
+                prop_assert!(!d.malformed);
+                prop_assert_eq!(d.remote, b.remote);
+                prop_assert_eq!(d.payload_len, b.message_len);
+                prop_assert_eq!(
+                    read_message(&b.frame[..], d.payload_offset, d.payload_len),
+                    Message::Transport {
+                        receiver: b.receiver,
+                        counter: b.counter,
+                        keepalive: b.message_len == KEEPALIVE_LEN,
+                    }
+                );
+            }
+
+            #[test]
+            fn a_built_frame_with_any_byte_changed_or_cut_is_sound(
+                b in built(),
+                at in any::<proptest::sample::Index>(),
+                byte: u8,
+                cut in any::<proptest::sample::Index>(),
+            ) {
+                let mut frame = b.frame.clone();
+                let i = at.index(frame.len());
+                frame[i] = byte;
+                sound(&frame, b.direction)?;
+                sound(&b.frame[..cut.index(b.frame.len())], b.direction)?;
+            }
+
+            #[test]
+            fn segments_add_up_to_the_datagram(len: u32, segs in 0u32..80, size in 0u32..2000) {
+                if let Some(s) = Segments::of(len, segs, size) {
+                    prop_assert!(s.count >= 1 && s.last <= s.size.max(s.last));
+                    let total = u64::from(s.count - 1) * u64::from(s.size) + u64::from(s.last);
+                    prop_assert_eq!(total, u64::from(len));
+                    if s.count > 1 {
+                        prop_assert!(s.last >= 1 && s.last <= s.size);
+                    }
+                }
+            }
+        }
+    }
 }
