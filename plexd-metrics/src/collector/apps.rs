@@ -117,15 +117,21 @@ async fn scrape(app: &dyn AppFetcher) -> AppStats {
             humantime::format_duration(app.timeout())
         )),
         Ok(Err(why)) => Err(why),
-        Ok(Ok(response)) => parse_body(
-            &response.body,
-            response.content_type.as_deref(),
-            app.max_metrics(),
-        )
-        .map_err(|e| e.to_string()),
+        Ok(Ok(response)) => {
+            // Reading a page of up to 16 MiB takes milliseconds of CPU: on the blocking
+            // pool, so that the runtime's workers (the Manager's loop, the servers) go on.
+            let max = app.max_metrics();
+            tokio::task::spawn_blocking(move || {
+                parse_body(&response.body, response.content_type.as_deref(), max)
+                    .map(|(_, read)| read)
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("reading the answer failed: {e}")))
+        }
     };
     let (metrics, truncated, error) = match read {
-        Ok((_, read)) => (read.metrics, read.truncated, None),
+        Ok(read) => (read.metrics, read.truncated, None),
         Err(why) => (
             serde_json::Map::new(),
             0,
