@@ -12,6 +12,7 @@
 //! expectations must fail, each naming what the sandbox broke. That the check fails under a
 //! sandbox that is too tight is what makes its passing under the shipped unit mean something.
 
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
@@ -184,9 +185,14 @@ impl Scenario {
         assert_eq!(mesh.ping(0, 1, 3, "0.05").expect("handshake"), 3);
         let cp = TestControlPlane::https();
         cp.require_token(TOKEN);
+        // As the unit's header installs them: the directory 0750, the token 0600.
         std::fs::create_dir_all(CONFIG_DIR).expect("create the config directory");
         let dir = Path::new(CONFIG_DIR);
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))
+            .expect("chmod the config directory");
         std::fs::write(dir.join("token"), TOKEN).expect("write the token");
+        std::fs::set_permissions(dir.join("token"), std::fs::Permissions::from_mode(0o600))
+            .expect("chmod the token");
         std::fs::write(dir.join("ca.pem"), cp.ca_pem()).expect("write the CA");
         let config = format!(
             "node_id: {NODE_ID}\n\
@@ -327,6 +333,30 @@ impl Observed {
                 .unwrap_or_else(|| panic!("{point} not mounted: {}", self.mountinfo))
         };
         assert!(options("/").starts_with("ro"), "/: {}", options("/"));
+        // The file system type and its options, after the " - " of a mountinfo line.
+        let fs = |point: &str| {
+            self.mountinfo
+                .lines()
+                .rev()
+                .find(|l| l.split(' ').nth(4) == Some(point))
+                .and_then(|l| l.split_once(" - "))
+                .map(|(_, fs)| fs.to_owned())
+                .unwrap_or_else(|| panic!("{point} not mounted: {}", self.mountinfo))
+        };
+        // ProtectProc=invisible, PrivateDevices=, PrivateTmp=.
+        assert!(
+            fs("/proc").contains("hidepid=invisible"),
+            "/proc: {}",
+            fs("/proc")
+        );
+        assert!(fs("/dev").starts_with("tmpfs"), "/dev: {}", fs("/dev"));
+        assert!(
+            self.mountinfo
+                .lines()
+                .any(|l| l.split(' ').nth(4) == Some("/tmp") && l.contains("systemd-private-")),
+            "a private /tmp: {}",
+            self.mountinfo
+        );
         assert!(
             options(STATE_DIR).starts_with("rw"),
             "{STATE_DIR}: {}",

@@ -104,8 +104,7 @@ fn finish(mut result: VmResult, outcome: Result<(), Failure>) -> ! {
 /// Leaves the test arguments for [`vm_init::DRIVER_UNIT`] and execs systemd as PID 1; returns only
 /// when that fails, saying why.
 fn exec_systemd(systemd: &str, args: &[String]) -> Failure {
-    let mut text = args.join("\n");
-    text.push('\n');
+    let text: String = args.iter().map(|a| format!("{a}\n")).collect();
     if let Err(e) = std::fs::write(TEST_ARGS, text) {
         return format!("cannot write {TEST_ARGS}: {e}");
     }
