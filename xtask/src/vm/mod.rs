@@ -61,6 +61,7 @@ impl BootKind {
         }
     }
 }
+
 /// Tools the scenarios drive, taken from the host with their libraries.
 const TOOLS: &[&str] = &["ip", "tc", "wg", "ping"];
 /// netem's delay distribution tables, where Debian's iproute2 keeps them.
