@@ -396,6 +396,18 @@ impl TestControlPlane {
         self.runtime().block_on(self.next(within))
     }
 
+    /// The next request, or `None` when none comes within `within` (for a test that has more
+    /// to say about the silence than the timeout).
+    pub fn next_within(&self, within: Duration) -> Option<Recorded> {
+        self.runtime().block_on(async {
+            let mut requests = self.requests.lock().await;
+            tokio::time::timeout(within, requests.recv())
+                .await
+                .ok()
+                .map(|r| r.expect("the test control plane stopped"))
+        })
+    }
+
     /// A request that has already arrived, if any.
     pub fn try_next(&self) -> Option<Recorded> {
         self.requests.try_lock().ok()?.try_recv().ok()

@@ -69,16 +69,33 @@ pub struct KernelMesh {
     pub nodes: Vec<KernelNode>,
     /// The links, one per pair of nodes.
     pub links: Vec<Link>,
+    /// Node 0 is in a namespace that outlives the mesh (see [`KernelMesh::with_first_in`]).
+    first_shared: bool,
 }
 
 impl KernelMesh {
     /// Builds `n` nodes (2 to 20) that all know each other, with no persistent keepalive, so
     /// that only the tests' own traffic crosses the links. No handshake has happened yet.
     pub fn new(n: usize) -> io::Result<Self> {
+        Self::build(n, None)
+    }
+
+    /// Like [`KernelMesh::new`], with node 0 in `first`, a namespace the mesh does not own
+    /// (such as [`NetNs::of_init`], where a systemd unit runs): its WireGuard interface is
+    /// deleted on drop, its veths go with the other nodes' namespaces.
+    pub fn with_first_in(first: NetNs, n: usize) -> io::Result<Self> {
+        Self::build(n, Some(first))
+    }
+
+    fn build(n: usize, mut first: Option<NetNs>) -> io::Result<Self> {
         assert!((2..=20).contains(&n), "2 to 20 nodes");
-        let mut nodes = Vec::with_capacity(n);
+        let first_shared = first.is_some();
+        let mut nodes: Vec<KernelNode> = Vec::with_capacity(n);
         for i in 0..n {
-            let ns = NetNs::new("pkn")?;
+            let ns = match first.take() {
+                Some(ns) => ns,
+                None => NetNs::new("pkn")?,
+            };
             // No router solicitations or DAD on the links: a count must see only the tests'.
             ns.disable_ipv6()?;
             let wg = unique_name("wgk");
@@ -117,7 +134,11 @@ impl KernelMesh {
                 links.push(Self::link(&nodes, a, b, links.len() as u8)?);
             }
         }
-        let mesh = Self { nodes, links };
+        let mesh = Self {
+            nodes,
+            links,
+            first_shared,
+        };
         for i in 0..n {
             for j in (0..n).filter(|&j| j != i) {
                 let endpoint = format!("{}:{}", mesh.addr_of(j, i), mesh.nodes[j].listen_port);
@@ -240,6 +261,17 @@ impl KernelMesh {
                 received.strip_suffix(" received")?.parse().ok()
             })
             .ok_or_else(|| io::Error::other(format!("unexpected ping output: {text}")))
+    }
+}
+
+impl Drop for KernelMesh {
+    fn drop(&mut self) {
+        if self.first_shared {
+            let node = &self.nodes[0];
+            if let Err(e) = node.ns.ip(&["link", "del", &node.wg]) {
+                eprintln!("warning: cannot delete {}: {e}", node.wg);
+            }
+        }
     }
 }
 

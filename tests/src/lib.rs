@@ -95,6 +95,36 @@ pub fn agent_binary() -> PathBuf {
     bin
 }
 
+/// `GET path` of the agent's health endpoint at `addr`, from the calling thread's network
+/// namespace, as a kubelet's or an operator's probe: the status and the JSON body. Fails the
+/// test when no whole answer comes within `timeout`.
+pub fn health_probe(
+    addr: std::net::SocketAddr,
+    path: &str,
+    timeout: std::time::Duration,
+) -> (u16, serde_json::Value) {
+    use std::io::Read as _;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .unwrap_or_else(|e| panic!("the health endpoint at {addr}: {e}"));
+    stream
+        .set_read_timeout(Some(timeout))
+        .expect("read timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send the request");
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).expect("read the answer");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a whole HTTP answer");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status line");
+    (status, serde_json::from_str(body).expect("a JSON body"))
+}
+
 /// A short name that is unique across this machine's concurrent test runs.
 ///
 /// Interface names are limited to 15 bytes, so this stays well below that: `prefix` should be
@@ -140,6 +170,17 @@ impl NetNs {
         run("ip", &["netns", "add", &name])?;
         let ns = Self { name };
         // A namespace starts with lo down; some kernels' defaults need it up for local traffic.
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// A name (`ip netns attach`) for the network namespace of PID 1, the one every process
+    /// without a namespace of its own is in: what a service manager's units see. Dropping it
+    /// removes the name only; the namespace, and what was made in it, stay.
+    pub fn of_init(prefix: &str) -> io::Result<Self> {
+        let name = unique_name(prefix);
+        run("ip", &["netns", "attach", &name, "1"])?;
+        let ns = Self { name };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }

@@ -4,8 +4,8 @@
 //! ConfigMap's config, the Secret's token, the node's network. See `plexd_metrics_tests::pod`.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::process::Child;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -14,7 +14,7 @@ use plexd_metrics::api::MetricPoint;
 use plexd_metrics_tests::control_plane::TestControlPlane;
 use plexd_metrics_tests::mesh::Mesh;
 use plexd_metrics_tests::pod::{PodSpec, SimulatedPod};
-use plexd_metrics_tests::{agent_binary, ours, require_privileges, tc_state, NetNs};
+use plexd_metrics_tests::{agent_binary, health_probe, ours, require_privileges, tc_state, NetNs};
 use serde_json::Value;
 
 /// Bound on waiting for one log line or one report (the report interval is 10 s here).
@@ -169,24 +169,8 @@ fn errors(lines: &[Line]) -> Vec<&Value> {
 
 /// `GET path` at `addr` from inside `ns`, as the kubelet's probe: status and JSON body.
 fn probe(ns: &NetNs, addr: SocketAddr, path: &str) -> (u16, Value) {
-    let path = path.to_owned();
-    let raw = ns
-        .run(move || -> std::io::Result<String> {
-            let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-            write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n")?;
-            let mut text = String::new();
-            stream.read_to_string(&mut text)?;
-            Ok(text)
-        })
+    ns.run(|| health_probe(addr, path, Duration::from_secs(5)))
         .expect("enter the namespace")
-        .expect("the health endpoint answers");
-    let (head, body) = raw.split_once("\r\n\r\n").expect("a full response");
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok());
-    (
-        status.expect("a status line"),
-        serde_json::from_str(body).expect("a JSON body"),
-    )
 }
 
 /// The pod's environment from the manifest, plus what a test has to change: the control

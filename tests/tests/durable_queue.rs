@@ -7,8 +7,8 @@
 //! the queue's format, the bytes it left on the file system.
 
 use std::collections::HashMap;
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Write as _;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -20,7 +20,7 @@ use plexd_metrics::queue::{record, DeliveryQueue, QueueLimits};
 use plexd_metrics_tests::agent::json_log_events;
 use plexd_metrics_tests::control_plane::{Recorded, TempDir, TestControlPlane};
 use plexd_metrics_tests::prometheus_server::{free_port, Prometheus};
-use plexd_metrics_tests::{agent_binary, require_privileges};
+use plexd_metrics_tests::{agent_binary, health_probe, require_privileges};
 
 /// Longest wait for one log line or one request.
 const DEADLINE: Duration = Duration::from_secs(40);
@@ -152,18 +152,7 @@ impl Drop for Agent {
 
 /// `GET path` on the health endpoint: the status and the JSON body.
 fn probe(addr: SocketAddr, path: &str) -> (u16, serde_json::Value) {
-    let mut stream = TcpStream::connect_timeout(&addr, DEADLINE).expect("connect");
-    stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).expect("answer");
-    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status");
-    (status, serde_json::from_str(body).expect("JSON"))
+    health_probe(addr, path, DEADLINE)
 }
 
 /// A config for the agent with only the system and agent groups (no privileges needed),

@@ -14,6 +14,15 @@ pub const MODULE_LIST: &str = "/etc/plexd-vm/modules";
 pub const TEST_DIR: &str = "/tests";
 /// Where the agent binary is in the initramfs (`PLEXD_METRICS_BIN` of the tests).
 pub const AGENT_PATH: &str = "/usr/bin/plexd-metrics";
+/// Present only in the initramfs of a systemd boot: the path of the systemd binary that the
+/// init, once it has mounted and loaded the modules, execs as PID 1. The test binaries then
+/// run under [`DRIVER_UNIT`], which starts the same init again, as an ordinary process.
+pub const SYSTEMD_BOOT: &str = "/etc/plexd-vm/systemd";
+/// Where the init of a systemd boot leaves its arguments (one a line) for [`DRIVER_UNIT`]:
+/// systemd does not hand the kernel command line's `--` arguments to its services.
+pub const TEST_ARGS: &str = "/etc/plexd-vm/test-args";
+/// The unit of a systemd boot that runs the test binaries and powers the machine off.
+pub const DRIVER_UNIT: &str = "plexd-vm-driver.service";
 /// The first word of the result line; nothing else on the console starts with it.
 pub const RESULT_MARKER: &str = "PLEXD-VM-RESULT";
 /// Printed by the init as soon as it runs, so the host can time the boot.

@@ -7,6 +7,11 @@
 //! one [`VmResult`] line and powers the machine off. It never returns: PID 1 exiting would
 //! panic the kernel, and the host would learn less than from the result line.
 //!
+//! In a systemd boot (the initramfs has [`SYSTEMD_BOOT`]) it mounts and loads the modules as
+//! usual, then execs systemd as PID 1; systemd starts [`vm_init::DRIVER_UNIT`], which runs this
+//! program again, not as PID 1: it runs the test binaries, prints the result line and powers
+//! off, as the init does in an ordinary boot.
+//!
 //! System calls go through `libc` directly: nix has wrappers, but enabling its `mount`, `kmod`
 //! and `reboot` features here would change nix's feature set for the whole workspace and
 //! rebuild every crate that uses it.
@@ -15,34 +20,77 @@ use std::ffi::CString;
 use std::io::{BufRead, BufReader, Write as _};
 use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::fs::PermissionsExt as _;
-use std::os::unix::process::ExitStatusExt as _;
+use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use vm_init::{libtest_counts, VmResult, AGENT_PATH, MODULE_LIST, STARTED_MARKER, TEST_DIR};
+use vm_init::{
+    libtest_counts, VmResult, AGENT_PATH, MODULE_LIST, STARTED_MARKER, SYSTEMD_BOOT, TEST_ARGS,
+    TEST_DIR,
+};
 
 /// A step that stops the run: what failed, in words for the result line.
 type Failure = String;
 
 fn main() {
-    let boot_seconds = uptime();
-    let kernel = kernel_release();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // SAFETY: getpid has no preconditions.
+    if unsafe { libc::getpid() } == 1 {
+        as_init(&args)
+    } else {
+        as_driver()
+    }
+}
+
+/// PID 1: mounts, loads the modules, then runs the tests itself or, in a systemd boot, hands
+/// PID 1 over to systemd.
+fn as_init(args: &[String]) -> ! {
+    let mut result = start_result();
     say(&format!(
-        "{STARTED_MARKER} kernel {kernel} reached userspace after {boot_seconds:.2} s"
+        "{STARTED_MARKER} kernel {} reached userspace after {:.2} s",
+        result.kernel, result.boot_seconds
     ));
-    let mut result = VmResult {
+    let outcome = prepare().and_then(|()| match std::fs::read_to_string(SYSTEMD_BOOT) {
+        Ok(systemd) => Err(exec_systemd(systemd.trim(), args)),
+        Err(_) => run_tests(args, &mut result),
+    });
+    finish(result, outcome)
+}
+
+/// Started by [`vm_init::DRIVER_UNIT`] in a systemd boot: runs the tests with the arguments PID 1 left
+/// behind. `boot_s` of the result is then the time until systemd started this unit.
+fn as_driver() -> ! {
+    let mut result = start_result();
+    say(&format!(
+        "vm-init: started by systemd after {:.2} s",
+        result.boot_seconds
+    ));
+    let outcome = std::fs::read_to_string(TEST_ARGS)
+        .map_err(|e| format!("cannot read {TEST_ARGS}: {e}"))
+        .and_then(|text| {
+            let args: Vec<String> = text.lines().map(str::to_owned).collect();
+            run_tests(&args, &mut result)
+        });
+    finish(result, outcome)
+}
+
+fn start_result() -> VmResult {
+    VmResult {
         ok: false,
         passed: 0,
         failed: 0,
         ignored: 0,
-        kernel,
-        boot_seconds,
+        kernel: kernel_release(),
+        boot_seconds: uptime(),
         test_seconds: 0.0,
         reason: String::new(),
-    };
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match prepare().and_then(|()| run_tests(&args, &mut result)) {
+    }
+}
+
+/// Prints the result line and powers off.
+fn finish(mut result: VmResult, outcome: Result<(), Failure>) -> ! {
+    match outcome {
         Ok(()) => result.ok = result.failed == 0 && result.passed > 0,
         Err(reason) => result.reason = reason,
     }
@@ -51,6 +99,18 @@ fn main() {
     }
     say(&result.to_string());
     power_off();
+}
+
+/// Leaves the test arguments for [`vm_init::DRIVER_UNIT`] and execs systemd as PID 1; returns only
+/// when that fails, saying why.
+fn exec_systemd(systemd: &str, args: &[String]) -> Failure {
+    let text: String = args.iter().map(|a| format!("{a}\n")).collect();
+    if let Err(e) = std::fs::write(TEST_ARGS, text) {
+        return format!("cannot write {TEST_ARGS}: {e}");
+    }
+    say(&format!("vm-init: handing PID 1 over to {systemd}"));
+    let e = Command::new(systemd).exec();
+    format!("cannot exec {systemd}: {e}")
 }
 
 /// Writes a line to the console at once (stdout is the console; nothing buffers it).

@@ -307,16 +307,13 @@ fn build(bins: &[&str]) -> Result<()> {
 /// Runs a benchmark binary as root (through sudo when not root: namespaces, eBPF, raw
 /// sockets), telling it where the agent, the tools and the rows file are.
 fn run_binary(bin: &str, args: &[&str], rows: &Path) -> Result<()> {
-    let root = workspace_root();
+    let release = crate::util::target_dir().join("release");
     let env = [
-        (
-            "PLEXD_METRICS_BIN",
-            root.join("target/release/plexd-metrics"),
-        ),
+        ("PLEXD_METRICS_BIN", release.join("plexd-metrics")),
         ("PLEXD_BENCH_TOOLS", setup::tools_dir()),
         ("PLEXD_BENCH_ROWS", rows.to_path_buf()),
     ];
-    let binary = root.join("target/release").join(bin);
+    let binary = release.join(bin);
     let mut cmd = if is_root() {
         let mut c = Command::new(&binary);
         c.envs(env);

@@ -37,7 +37,8 @@ pub enum Need {
     Deploy,
     /// Building the container image: buildah.
     Image,
-    /// The VM tests: QEMU, and objcopy to strip the binaries for the initramfs.
+    /// The VM tests: QEMU, objcopy to strip the binaries for the initramfs, and systemd for
+    /// the boot with systemd as PID 1.
     Vm,
     /// The baselines of `cargo xtask bench`: Prometheus' node_exporter (Debian) and
     /// `prometheus_wireguard_exporter` (crates.io, pinned, under `target/tools`).
@@ -70,8 +71,9 @@ const TESTBED_PACKAGES: &[&str] = &[
     "openssl",
     "golang-go",
 ];
-/// Debian packages for the VM tests (`cargo xtask integration-test vm`).
-const VM_PACKAGES: &[&str] = &["qemu-system-x86", "binutils"];
+/// Debian packages for the VM tests (`cargo xtask integration-test vm`): systemd's files go
+/// into the initramfs of the boot that runs the agent's unit under systemd as PID 1.
+const VM_PACKAGES: &[&str] = &["qemu-system-x86", "binutils", "systemd"];
 /// Where the VM packages come from when the base suite's versions conflict with installed
 /// packages (see [`install_packages`]).
 const BACKPORTS_SOURCE: &str = "/etc/apt/sources.list.d/plexd-metrics-backports.sources";

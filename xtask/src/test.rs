@@ -65,7 +65,10 @@ pub fn run(o: &Options) -> Result<()> {
         .current_dir(&root)
         .env("PLEXD_METRICS_REQUIRE_PRIVILEGED", "1")
         // Built by the unit-test run above (the CLI tests use it).
-        .env("PLEXD_METRICS_BIN", root.join("target/debug/plexd-metrics"))
+        .env(
+            "PLEXD_METRICS_BIN",
+            crate::util::target_dir().join("debug/plexd-metrics"),
+        )
         .env(
             "PLEXD_METRICS_KUBERNETES_VALIDATE",
             setup::kubernetes_validate(),

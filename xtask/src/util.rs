@@ -13,6 +13,15 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Where cargo puts the host workspace's build output: `CARGO_TARGET_DIR` when set (a relative
+/// one from the workspace root, where the xtask commands run cargo), else `target` there.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => workspace_root().join(dir),
+        _ => workspace_root().join("target"),
+    }
+}
+
 /// Runs `cmd`, echoing it first, and fails with its exit status if it does not succeed.
 pub fn run_cmd(cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: running {cmd:?}");
@@ -46,10 +55,7 @@ pub fn cargo_build(release: bool, packages: &[&str], bins: &[&str]) -> Result<()
 pub fn build_agent(release: bool) -> Result<PathBuf> {
     cargo_build(release, &["plexd-metrics"], &["plexd-metrics"])?;
     let profile = if release { "release" } else { "debug" };
-    Ok(workspace_root()
-        .join("target")
-        .join(profile)
-        .join("plexd-metrics"))
+    Ok(target_dir().join(profile).join("plexd-metrics"))
 }
 
 /// Whether this process runs as root.

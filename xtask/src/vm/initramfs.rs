@@ -79,6 +79,15 @@ impl Initramfs {
             .insert(dest.to_path_buf(), Entry::Bytes { data, mode });
     }
 
+    /// Adds a symbolic link `path` pointing at `target`.
+    pub fn symlink(&mut self, path: &Path, target: &Path) {
+        if let Some(parent) = path.parent() {
+            self.dir(parent);
+        }
+        self.entries
+            .insert(path.to_path_buf(), Entry::Symlink(target.to_path_buf()));
+    }
+
     /// Adds a host executable at its own path with every shared library it needs.
     pub fn host_program(&mut self, path: &Path) -> Result<()> {
         self.host_path(path)?;

@@ -7,11 +7,18 @@
 //! the console is streamed until the init's result line. The same binaries boot on both
 //! kernels; the 6.1 kernel attaches the TC programs through netlink and clsact, 6.12 through
 //! TCX.
+//!
+//! Each kernel boots twice: once with the Rust init running `vm_kernel` itself, and once with
+//! Debian's systemd as PID 1 running `vm_systemd`, whose scenarios start the agent from the
+//! unit in `deploy/systemd` (see [`systemd`]). A filter after `--` boots only the VMs whose
+//! scenario binary has tests it selects.
 
 mod initramfs;
 mod kernel;
 mod qemu;
+mod systemd;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -21,13 +28,40 @@ use vm_init::{AGENT_PATH, MODULE_LIST, TEST_DIR};
 
 use crate::build_ebpf;
 use crate::setup::{self, find_on_path, Need};
-use crate::util::{workspace_root, Tally};
+use crate::util::{target_dir, workspace_root, Tally};
 
 pub use kernel::{Series, LINUX_6_1, LINUX_6_12};
 
-/// The scenarios' test target in `plexd-metrics-tests` (`test = false`: it needs the VM's
-/// kernel, so only this command runs it).
-const TEST_TARGET: &str = "vm_kernel";
+/// How a VM boots, and which scenario binary it runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum BootKind {
+    /// The Rust init runs `vm_kernel` as PID 1's child.
+    Init,
+    /// systemd is PID 1 and its driver unit runs `vm_systemd`.
+    Systemd,
+}
+
+impl BootKind {
+    const ALL: [BootKind; 2] = [BootKind::Init, BootKind::Systemd];
+
+    /// The scenarios' test target in `plexd-metrics-tests` (`test = false`: it needs the VM,
+    /// so only this command runs it).
+    fn test_target(self) -> &'static str {
+        match self {
+            BootKind::Init => "vm_kernel",
+            BootKind::Systemd => systemd::TEST_TARGET,
+        }
+    }
+
+    /// For file names and the report.
+    fn name(self) -> &'static str {
+        match self {
+            BootKind::Init => "init",
+            BootKind::Systemd => "systemd",
+        }
+    }
+}
+
 /// Tools the scenarios drive, taken from the host with their libraries.
 const TOOLS: &[&str] = &["ip", "tc", "wg", "ping"];
 /// netem's delay distribution tables, where Debian's iproute2 keeps them.
@@ -88,6 +122,8 @@ impl Default for Options {
 pub struct Timing {
     /// The kernel series (`6.1`, `6.12`).
     pub label: &'static str,
+    /// How the VM booted: `init` or `systemd`.
+    pub boot: &'static str,
     release: String,
     attach: &'static str,
     prepare: Duration,
@@ -118,6 +154,7 @@ pub fn run_timed(o: &Options, tally: &mut Tally) -> Result<(Vec<Timing>, Duratio
     std::fs::create_dir_all(&stage)
         .with_context(|| format!("cannot create {}", stage.display()))?;
     let common = common_initramfs(&binaries, &stage)?;
+    let unit = systemd::Systemd::find()?;
     eprintln!(
         "xtask vm: binaries built and staged in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -134,24 +171,46 @@ pub fn run_timed(o: &Options, tally: &mut Tally) -> Result<(Vec<Timing>, Duratio
     ];
     init_args.extend(o.args.iter().cloned());
 
+    // Only the boots with something to run: a filter may select one binary's tests alone.
+    let mut boots = Vec::new();
+    for kind in BootKind::ALL {
+        let selected = selected_tests(&binaries.tests[&kind], &o.args)?;
+        if selected > 0 {
+            boots.push(kind);
+        } else {
+            eprintln!(
+                "xtask vm: no {} scenario matches {:?}; no {} boot",
+                kind.test_target(),
+                o.args,
+                kind.name()
+            );
+        }
+    }
+    if boots.is_empty() {
+        bail!("no VM scenario matches {:?}", o.args);
+    }
+
     let mut timings = Vec::new();
     let mut failures = Vec::new();
     for series in o.kernel.series() {
-        let kernel_started = Instant::now();
-        match run_kernel(series, o, &cache, &common, &init_args) {
-            Ok(timing) => {
-                tally.add_counts(timing.passed, 0, 0);
-                timings.push(timing);
-            }
-            Err(e) => {
-                eprintln!("xtask vm [{}]: FAILED: {e:#}", series.label);
-                println!(
-                    "xtask vm [{}]: failed after {:.1} s (load average now {})",
-                    series.label,
-                    kernel_started.elapsed().as_secs_f64(),
-                    loadavg()
-                );
-                failures.push(format!("{}: {e:#}", series.label));
+        for &kind in &boots {
+            let kernel_started = Instant::now();
+            match run_kernel(series, kind, o, &cache, &common, &unit, &init_args) {
+                Ok(timing) => {
+                    tally.add_counts(timing.passed, 0, 0);
+                    timings.push(timing);
+                }
+                Err(e) => {
+                    eprintln!("xtask vm [{} {}]: FAILED: {e:#}", series.label, kind.name());
+                    println!(
+                        "xtask vm [{} {}]: failed after {:.1} s (load average now {})",
+                        series.label,
+                        kind.name(),
+                        kernel_started.elapsed().as_secs_f64(),
+                        loadavg()
+                    );
+                    failures.push(format!("{} {}: {e:#}", series.label, kind.name()));
+                }
             }
         }
     }
@@ -160,7 +219,7 @@ pub fn run_timed(o: &Options, tally: &mut Tally) -> Result<(Vec<Timing>, Duratio
     if !failures.is_empty() {
         tally.add_counts(0, failures.len() as u64, 0);
         bail!(
-            "VM tests failed on {} kernel(s):\n{}",
+            "VM tests failed in {} boot(s):\n{}",
             failures.len(),
             failures.join("\n")
         );
@@ -170,9 +229,11 @@ pub fn run_timed(o: &Options, tally: &mut Tally) -> Result<(Vec<Timing>, Duratio
 
 fn run_kernel(
     series: Series,
+    kind: BootKind,
     o: &Options,
     cache: &Path,
     common: &Common,
+    unit: &systemd::Systemd,
     init_args: &[String],
 ) -> Result<Timing> {
     let load_before = loadavg();
@@ -180,19 +241,32 @@ fn run_kernel(
     let kernel = kernel::prepare(series, cache)?;
     let dir = cache.join(series.label);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let archive = dir.join("initramfs.cpio");
-    let size = common.initramfs_with_modules(&kernel)?.write(&archive)?;
+    let (archive, console_log) = match kind {
+        BootKind::Init => (dir.join("initramfs.cpio"), dir.join("console.log")),
+        BootKind::Systemd => (
+            dir.join("initramfs-systemd.cpio"),
+            dir.join("console-systemd.log"),
+        ),
+    };
+    let mut fs = common.initramfs_with_modules(&kernel, kind)?;
+    if kind == BootKind::Systemd {
+        unit.add_to(&mut fs)?;
+    }
+    let size = fs.write(&archive)?;
     let prepare = prepare_started.elapsed();
+    let label = match kind {
+        BootKind::Init => series.label.to_owned(),
+        BootKind::Systemd => format!("{} systemd", series.label),
+    };
     eprintln!(
-        "xtask vm [{}]: {} ({}), initramfs {:.0} MiB, ready in {:.1} s",
-        series.label,
+        "xtask vm [{label}]: {} ({}), initramfs {:.0} MiB, ready in {:.1} s",
         kernel.release,
         kernel.package,
         size as f64 / (1 << 20) as f64,
         prepare.as_secs_f64()
     );
     let outcome = qemu::boot(&qemu::Boot {
-        label: series.label,
+        label: &label,
         kernel: &kernel.vmlinuz,
         initramfs: &archive,
         init_args,
@@ -200,7 +274,7 @@ fn run_kernel(
         // The initramfs stays in memory; the scenarios need little beside it.
         memory_mib: 1024 + (size >> 20) as u32,
         timeout: Duration::from_secs(o.timeout),
-        console_log: &dir.join("console.log"),
+        console_log: &console_log,
     })?;
     if outcome.result.ignored > 0 {
         bail!(
@@ -210,6 +284,7 @@ fn run_kernel(
     }
     Ok(Timing {
         label: series.label,
+        boot: kind.name(),
         release: outcome.result.kernel.clone(),
         attach: series.attach,
         prepare,
@@ -238,8 +313,9 @@ fn print_timings(timings: &[Timing], whole: Duration) {
         cpus()
     );
     println!(
-        "  {:<6} {:<28} {:<15} {:>8} {:>9} {:>10} {:>8} {:>8} {:>6}  load",
+        "  {:<6} {:<7} {:<28} {:<15} {:>8} {:>9} {:>10} {:>8} {:>8} {:>6}  load",
         "kernel",
+        "boot",
         "release",
         "attach",
         "prepare",
@@ -251,8 +327,9 @@ fn print_timings(timings: &[Timing], whole: Duration) {
     );
     for t in timings {
         println!(
-            "  {:<6} {:<28} {:<15} {:>7.1}s {:>8} {:>9.1}s {:>7.1}s {:>7.1}s {:>6}  {} / {}",
+            "  {:<6} {:<7} {:<28} {:<15} {:>7.1}s {:>8} {:>9.1}s {:>7.1}s {:>7.1}s {:>6}  {} / {}",
             t.label,
+            t.boot,
             t.release,
             t.attach,
             t.prepare.as_secs_f64(),
@@ -267,7 +344,7 @@ fn print_timings(timings: &[Timing], whole: Duration) {
         );
     }
     println!(
-        "xtask vm: {} kernel(s) in {:.1} s, builds included (budget: 600 s for both)",
+        "xtask vm: {} boot(s) in {:.1} s, builds included (budget: 600 s for both kernels)",
         timings.len(),
         whole.as_secs_f64()
     );
@@ -277,14 +354,15 @@ fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }
 
-/// The binaries built on the host that go into every VM.
+/// The binaries built on the host: the init and the agent go into every VM, each scenario
+/// binary into the VMs of its [`BootKind`].
 struct Binaries {
     init: PathBuf,
     agent: PathBuf,
-    tests: PathBuf,
+    tests: BTreeMap<BootKind, PathBuf>,
 }
 
-/// Builds the init, the agent and the scenario test binary (debug profile, as `cargo xtask
+/// Builds the init, the agent and the scenario test binaries (debug profile, as `cargo xtask
 /// test` builds the rest, so nothing is compiled twice).
 fn build_binaries() -> Result<Binaries> {
     let root = workspace_root();
@@ -294,30 +372,31 @@ fn build_binaries() -> Result<Binaries> {
         &["plexd-metrics", "vm-init"],
         &["plexd-metrics", "vm-init"],
     )?;
-    let out = Command::new(&cargo)
+    let mut build = Command::new(&cargo);
+    build
         .current_dir(&root)
-        .args([
-            "test",
-            "--package",
-            "plexd-metrics-tests",
-            "--test",
-            TEST_TARGET,
-            "--no-run",
-            "--message-format=json-render-diagnostics",
-        ])
+        .args(["test", "--package", "plexd-metrics-tests"]);
+    for kind in BootKind::ALL {
+        build.args(["--test", kind.test_target()]);
+    }
+    let out = build
+        .args(["--no-run", "--message-format=json-render-diagnostics"])
         .stderr(std::process::Stdio::inherit())
         .output()
         .context("cannot run cargo test --no-run")?;
     if !out.status.success() {
-        bail!(
-            "building the VM scenarios ({TEST_TARGET}) failed: {}",
-            out.status
-        );
+        bail!("building the VM scenarios failed: {}", out.status);
     }
-    let tests = test_executable(&String::from_utf8_lossy(&out.stdout)).with_context(|| {
-        format!("cargo reported no executable for the test target {TEST_TARGET}")
-    })?;
-    let debug = root.join("target").join("debug");
+    let messages = String::from_utf8_lossy(&out.stdout);
+    let mut tests = BTreeMap::new();
+    for kind in BootKind::ALL {
+        let target = kind.test_target();
+        let executable = test_executable(&messages, target).with_context(|| {
+            format!("cargo reported no executable for the test target {target}")
+        })?;
+        tests.insert(kind, executable);
+    }
+    let debug = target_dir().join("debug");
     Ok(Binaries {
         init: debug.join("vm-init"),
         agent: debug.join("plexd-metrics"),
@@ -325,18 +404,42 @@ fn build_binaries() -> Result<Binaries> {
     })
 }
 
-/// The executable of [`TEST_TARGET`] in cargo's JSON messages.
-fn test_executable(messages: &str) -> Option<PathBuf> {
+/// The executable of the test target `target` in cargo's JSON messages.
+fn test_executable(messages: &str, target: &str) -> Option<PathBuf> {
     messages
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == TEST_TARGET)
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == target)
         .find_map(|m| m["executable"].as_str().map(PathBuf::from))
 }
 
-/// What every kernel's initramfs shares: built once per run.
+/// How many tests of the scenario binary `executable` the libtest arguments `args` select,
+/// asked of the binary itself on the host (`--list` runs no test).
+fn selected_tests(executable: &Path, args: &[String]) -> Result<usize> {
+    let out = Command::new(executable)
+        .args(["--list", "--format", "terse"])
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {} --list", executable.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} --list {args:?} failed ({}): {}",
+            executable.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.ends_with(": test"))
+        .count())
+}
+
+/// What every kernel's initramfs shares, built once per run: the init, the agent, the tools,
+/// and each boot's scenario binary.
 struct Common {
     binaries: Vec<(PathBuf, PathBuf)>,
+    tests: BTreeMap<BootKind, (PathBuf, PathBuf)>,
     host_programs: Vec<PathBuf>,
     host_dirs: Vec<PathBuf>,
 }
@@ -344,19 +447,7 @@ struct Common {
 /// Strips the debug info of the built binaries into `stage` (a debug build is mostly debug
 /// info, and every byte of the initramfs is copied and unpacked under emulation).
 fn common_initramfs(b: &Binaries, stage: &Path) -> Result<Common> {
-    let test_name = b
-        .tests
-        .file_name()
-        .and_then(|n| n.to_str())
-        .map_or(TEST_TARGET.to_owned(), |n| {
-            n.split('-').next().unwrap_or(n).to_owned()
-        });
-    let mut binaries = Vec::new();
-    for (source, dest) in [
-        (&b.init, PathBuf::from("/init")),
-        (&b.agent, PathBuf::from(AGENT_PATH)),
-        (&b.tests, Path::new(TEST_DIR).join(&test_name)),
-    ] {
+    let strip = |source: &Path, dest: PathBuf| -> Result<(PathBuf, PathBuf)> {
         let staged = stage.join(dest.file_name().context("binary name")?);
         let status = Command::new("objcopy")
             .arg("--strip-debug")
@@ -370,7 +461,17 @@ fn common_initramfs(b: &Binaries, stage: &Path) -> Result<Common> {
                 source.display()
             );
         }
-        binaries.push((staged, dest));
+        Ok((staged, dest))
+    };
+    let binaries = vec![
+        strip(&b.init, PathBuf::from("/init"))?,
+        strip(&b.agent, PathBuf::from(AGENT_PATH))?,
+    ];
+    let mut tests = BTreeMap::new();
+    for (&kind, executable) in &b.tests {
+        // The target's name without cargo's hash.
+        let dest = Path::new(TEST_DIR).join(kind.test_target());
+        tests.insert(kind, strip(executable, dest)?);
     }
     let mut host_programs = Vec::new();
     for tool in TOOLS {
@@ -392,19 +493,25 @@ fn common_initramfs(b: &Binaries, stage: &Path) -> Result<Common> {
         .collect();
     Ok(Common {
         binaries,
+        tests,
         host_programs,
         host_dirs,
     })
 }
 
 impl Common {
-    fn initramfs_with_modules(&self, kernel: &kernel::Kernel) -> Result<initramfs::Initramfs> {
+    fn initramfs_with_modules(
+        &self,
+        kernel: &kernel::Kernel,
+        kind: BootKind,
+    ) -> Result<initramfs::Initramfs> {
         let mut fs = initramfs::Initramfs::new();
-        for (staged, dest) in &self.binaries {
+        let binaries = self.binaries.iter().chain(self.tests.get(&kind));
+        for (staged, dest) in binaries.clone() {
             fs.file(dest, staged, 0o755);
         }
         // The binaries are dynamically linked against the host's glibc: bring its libraries.
-        for (staged, _) in &self.binaries {
+        for (staged, _) in binaries {
             fs.host_libraries_of(staged)?;
         }
         for program in &self.host_programs {
@@ -440,9 +547,10 @@ mod tests {
             r#"{"reason":"build-finished","success":true}"#,
         );
         assert_eq!(
-            test_executable(messages),
+            test_executable(messages, "vm_kernel"),
             Some(PathBuf::from("/t/debug/deps/vm_kernel-0123"))
         );
-        assert_eq!(test_executable("{}"), None);
+        assert_eq!(test_executable(messages, "vm_systemd"), None);
+        assert_eq!(test_executable("{}", "vm_kernel"), None);
     }
 }
