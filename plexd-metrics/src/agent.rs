@@ -554,10 +554,9 @@ fn attach_probe(cfg: &Config, devices: &[Device]) -> Result<Arc<UnderlayProbe>, 
         match underlay_interfaces(devices, &cfg.metrics.system.proc_root) {
             Ok(found) => found,
             Err(e) => {
-                warn!(component = "metrics", error = %e, "cannot find the underlay interfaces; set metrics.ebpf.interfaces");
-                return Err(format!(
-                    "cannot find the underlay interfaces: {e}; set metrics.ebpf.interfaces"
-                ));
+                // Every error of the lookup already ends with the key to set.
+                warn!(component = "metrics", error = %e, "cannot find the underlay interfaces");
+                return Err(format!("cannot find the underlay interfaces: {e}"));
             }
         }
     } else {
