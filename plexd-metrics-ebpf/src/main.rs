@@ -101,10 +101,10 @@ static CHECKPOINT_NS: u64 = checkpoint_ns(DEFAULT_REORDER_TIMEOUT_NS);
 #[unsafe(no_mangle)]
 static SESSION_SLOT_SHIFT: u32 = session_slot_shift(DEFAULT_SESSION_SLOTS);
 
-/// A zeroed session value to insert from: 472 bytes do not fit the 512-byte BPF stack next
+/// A zeroed session value to insert from: 512 bytes do not fit the 512-byte BPF stack next
 /// to everything else. An array of words rather than a `SessionState`, because a global
 /// holding a spin lock would make the kernel treat `.rodata` as a locked map.
-static ZERO_SESSION: [u64; 59] = [0; 59];
+static ZERO_SESSION: [u64; 64] = [0; 64];
 
 /// A zeroed endpoint value to insert from, copied by the kernel instead of built on the
 /// stack (which would take a memset call).
@@ -133,7 +133,7 @@ const _: () = assert!(same_name(GLOBAL_SESSION_SLOT_SHIFT, "SESSION_SLOT_SHIFT")
 const _: () = assert!(same_name(PROG_INGRESS, "plexd_tc_ingress"));
 const _: () = assert!(same_name(PROG_EGRESS, "plexd_tc_egress"));
 const _: () = assert!(same_name(PROG_COUNT_ONLY, "plexd_tc_count"));
-const _: () = assert!(core::mem::size_of::<SessionState>() == 59 * 8);
+const _: () = assert!(core::mem::size_of::<SessionState>() == 64 * 8);
 const _: () = assert!(core::mem::size_of::<EndpointStats>() == 14 * 8);
 
 /// Accounts a packet arriving on the interface.
