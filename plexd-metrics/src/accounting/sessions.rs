@@ -346,6 +346,7 @@ fn counters(stats: &EndpointStats, sessions: &SessionFigures) -> EndpointCounter
         lost: sessions.lost,
         late: rx.late,
         duplicate: rx.duplicate,
+        suspect: rx.suspect,
     }
 }
 
@@ -392,6 +393,7 @@ mod tests {
             keepalives: packets / 10,
             late: packets / 5,
             duplicate: packets / 20,
+            suspect: packets / 20,
         }
     }
 
@@ -524,7 +526,7 @@ mod tests {
             (c.rx_packets, c.rx_bytes, c.tx_bytes, c.cookie_replies),
             (6 + 40, 4_000, 200, 6)
         );
-        assert_eq!((c.late, c.duplicate, c.lost), (8, 2, 9));
+        assert_eq!((c.late, c.duplicate, c.lost, c.suspect), (8, 2, 9, 2));
         assert_eq!(total.last_seen_ns, 77);
     }
 }

@@ -94,6 +94,11 @@ pub const PEER_DUPLICATE_PACKETS: FamilyDef = counter(
     "plexd_peer_duplicate_packets",
     "Transport messages from the peer that arrived twice.",
 );
+/// Messages WireGuard would reject, held apart from the figures above.
+pub const PEER_SUSPECT_PACKETS: FamilyDef = counter(
+    "plexd_peer_suspect_packets",
+    "Transport messages to the peer's sessions that later messages showed forged (counters far ahead); in no other packet family.",
+);
 /// Handshake messages sent.
 pub const PEER_HANDSHAKES_SENT: FamilyDef = counter(
     "plexd_peer_handshakes_sent",
@@ -309,7 +314,7 @@ pub const GPU_CLOCK_MEMORY: FamilyDef = gauge(
 );
 
 /// Every family, in the order they are written.
-pub const ALL: [FamilyDef; 52] = [
+pub const ALL: [FamilyDef; 53] = [
     PEER_RECEIVE_BYTES,
     PEER_TRANSMIT_BYTES,
     PEER_RECEIVE_PACKETS,
@@ -317,6 +322,7 @@ pub const ALL: [FamilyDef; 52] = [
     PEER_LOST_PACKETS,
     PEER_LATE_PACKETS,
     PEER_DUPLICATE_PACKETS,
+    PEER_SUSPECT_PACKETS,
     PEER_HANDSHAKES_SENT,
     PEER_HANDSHAKES_RECEIVED,
     PEER_PROBES_SENT,
