@@ -34,6 +34,11 @@ pub const MAP_SESSIONS: &str = "SESSIONS";
 /// Name of the LRU hash of receiver indexes this host just announced in a handshake
 /// (`u32` → [`FreshSession`]): their sessions start at counter 0.
 pub const MAP_FRESH_SESSIONS: &str = "FRESH_SESSIONS";
+/// Name of the LRU hash of receiver indexes no handshake of this host announced (`u32` →
+/// [`ProbationSession`]): their first messages wait here until they look like a session
+/// ([`CONFIRM_COUNTERS`] counters close together), so that datagrams with made-up indexes
+/// take no loss window from a real session. A flood only evicts other probation entries.
+pub const MAP_PROBATION: &str = "PROBATION";
 /// Name of the per-CPU array of probe-wide counters, indexed by [`ProbeStat`].
 pub const MAP_PROBE_STATS: &str = "PROBE_STATS";
 
@@ -260,10 +265,17 @@ pub enum ProbeStat {
     /// first messages at the very moment the session holding the slot expired. Each part
     /// sees the other's messages as holes, so the session's loss is overstated.
     SessionsSplit = 5,
+    /// Transport messages held in [`MAP_PROBATION`]: of receiver indexes no handshake of this
+    /// host announced, before they had a window. Sessions that began before the programs
+    /// were attached send a few; made-up indexes send them all.
+    ProbationMessages = 6,
+    /// Sessions that left probation for a window (free slots only: an index this host never
+    /// announced takes no room in [`MAP_SESSIONS`], which real new sessions need).
+    SessionsPromoted = 7,
 }
 
 /// Number of entries in [`MAP_PROBE_STATS`].
-pub const PROBE_STAT_COUNT: u32 = 6;
+pub const PROBE_STAT_COUNT: u32 = 8;
 
 /// Counters covered by a session's window: reordering up to this distance behind the
 /// highest counter is told apart from loss.
@@ -424,6 +436,25 @@ impl Default for SessionState {
     }
 }
 
+/// Value of [`MAP_PROBATION`]: the first messages of a receiver index no handshake of this
+/// host announced, as a candidate range like [`SessionState::pending`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbationSession {
+    /// The lowest counter of the range.
+    pub first: u64,
+    /// Which counters of the range arrived: bit `i` is counter `first + i`.
+    pub bits: u64,
+    /// Bytes of the messages held.
+    pub bytes: u64,
+    /// Messages held, keepalives and duplicates included.
+    pub packets: u32,
+    /// Keepalives among them.
+    pub keepalives: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<ProbationSession>() == 32);
+
 /// Value of [`MAP_FRESH_SESSIONS`]: when this host announced the receiver index.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -548,6 +579,7 @@ mod user {
     unsafe impl aya::Pod for EndpointStats {}
     unsafe impl aya::Pod for SessionState {}
     unsafe impl aya::Pod for FreshSession {}
+    unsafe impl aya::Pod for ProbationSession {}
 }
 
 #[cfg(test)]

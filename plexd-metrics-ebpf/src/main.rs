@@ -22,12 +22,12 @@ use aya_ebpf::{
 };
 use plexd_metrics_common::{
     checkpoint_ns, session_slot, session_slot_shift, Direction, EndpointKey, EndpointStats,
-    FreshSession, PacketCounters, PortSet, ProbeStat, SessionState, DEFAULT_MAX_ENDPOINTS,
-    DEFAULT_MAX_SESSIONS, DEFAULT_REORDER_TIMEOUT_NS, DEFAULT_SESSION_SLOTS, DIRECTIONS,
-    GLOBAL_CHECKPOINT_NS, GLOBAL_REORDER_TIMEOUT_NS, GLOBAL_SESSION_SLOT_SHIFT, MAP_ENDPOINTS,
-    MAP_FRESH_SESSIONS, MAP_LISTEN_PORTS, MAP_PACKET_COUNTERS, MAP_PROBE_STATS, MAP_SESSIONS,
-    MAP_SESSION_SLOTS, PROBE_STAT_COUNT, PROG_COUNT_ONLY, PROG_EGRESS, PROG_INGRESS,
-    SESSION_EXPIRY_NS, SESSION_STARTED,
+    FreshSession, PacketCounters, PortSet, ProbationSession, ProbeStat, SessionState,
+    DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_SESSIONS, DEFAULT_REORDER_TIMEOUT_NS, DEFAULT_SESSION_SLOTS,
+    DIRECTIONS, GLOBAL_CHECKPOINT_NS, GLOBAL_REORDER_TIMEOUT_NS, GLOBAL_SESSION_SLOT_SHIFT,
+    MAP_ENDPOINTS, MAP_FRESH_SESSIONS, MAP_LISTEN_PORTS, MAP_PACKET_COUNTERS, MAP_PROBATION,
+    MAP_PROBE_STATS, MAP_SESSIONS, MAP_SESSION_SLOTS, PROBE_STAT_COUNT, PROG_COUNT_ONLY,
+    PROG_EGRESS, PROG_INGRESS, SESSION_EXPIRY_NS, SESSION_STARTED,
 };
 use plexd_metrics_ebpf::{
     parse::{classify, parse_frame, read_message, Frame, Message, Packet, Segments, HEADER_LEN},
@@ -80,6 +80,13 @@ static SESSIONS: HashMap<
 static FRESH_SESSIONS: LruHashMap<u32, FreshSession, { DEFAULT_MAX_ENDPOINTS as usize }> =
     LruHashMap::new();
 
+/// The first messages of receiver indexes no handshake of this host announced, until they
+/// look like a session. LRU: made-up indexes only push out each other. The agent sizes it
+/// like [`SESSION_SLOTS`], the only place such a session may go.
+#[btf_map]
+static PROBATION: LruHashMap<u32, ProbationSession, { DEFAULT_SESSION_SLOTS as usize }> =
+    LruHashMap::new();
+
 /// The remote endpoint of the GSO/GRO packet being accounted, per direction and CPU, for
 /// [`plexd_segment`]. The kernel programs' scratch space: the agent never reads it.
 #[btf_map]
@@ -126,6 +133,7 @@ const _: () = assert!(same_name(MAP_ENDPOINTS, "ENDPOINTS"));
 const _: () = assert!(same_name(MAP_SESSIONS, "SESSIONS"));
 const _: () = assert!(same_name(MAP_SESSION_SLOTS, "SESSION_SLOTS"));
 const _: () = assert!(same_name(MAP_FRESH_SESSIONS, "FRESH_SESSIONS"));
+const _: () = assert!(same_name(MAP_PROBATION, "PROBATION"));
 const _: () = assert!(same_name(MAP_PROBE_STATS, "PROBE_STATS"));
 const _: () = assert!(same_name(GLOBAL_REORDER_TIMEOUT_NS, "REORDER_TIMEOUT_NS"));
 const _: () = assert!(same_name(GLOBAL_CHECKPOINT_NS, "CHECKPOINT_NS"));
@@ -475,15 +483,27 @@ struct Received<'a> {
     now: u64,
 }
 
+/// How a session that has no window yet may start.
+#[derive(Clone, Copy)]
+enum Start {
+    /// This host announced its index: counters start at 0.
+    Fresh,
+    /// Its probation entry showed a session: the window starts from what it held.
+    Promoted(ProbationSession),
+}
+
 /// Feeds a received transport message into its session: the one in its slot, else the one
-/// in [`SESSIONS`]; a new session goes into its slot if it can have it. Returns false when
-/// the session has no entry and none could be made.
+/// in [`SESSIONS`]. A new session this host announced goes into its slot if it can have it,
+/// else into [`SESSIONS`]; any other index waits in [`PROBATION`] until its messages look
+/// like a session, and then may only take a free slot. Returns false when the message
+/// could be counted nowhere.
 #[inline(always)]
 fn receive(m: &Received) -> bool {
     // SAFETY: a read-only global the loader may have rewritten; volatile so that the
     // compiler does not fold the default in.
     let shift = unsafe { core::ptr::read_volatile(&SESSION_SLOT_SHIFT) };
     let slot = SESSION_SLOTS.get_ptr_mut(session_slot(m.receiver, shift));
+    let mut start = None;
     if let Some(slot) = slot {
         // A first look without the lock, decided again under it: which session holds the
         // slot, and whether it has ended.
@@ -498,15 +518,18 @@ fn receive(m: &Received) -> bool {
         };
         if held && holder == m.receiver {
             // SAFETY: a value of SESSION_SLOTS, whose BTF has the lock.
-            if unsafe { in_slot(slot, m, false, false) } != Slot::Other {
+            if unsafe { in_slot(slot, m, None) } != Slot::Other {
                 return true;
             }
         } else if (!held || m.now.saturating_sub(last_seen) > SESSION_EXPIRY_NS)
             && SESSIONS.get_ptr_mut(m.receiver).is_none()
         {
-            let fresh = is_fresh(m.receiver, m.now);
+            start = admit(m, true);
+            let Some(new) = start else {
+                return true;
+            };
             // SAFETY: as above.
-            match unsafe { in_slot(slot, m, true, fresh) } {
+            match unsafe { in_slot(slot, m, Some(new)) } {
                 Slot::Ours => return true,
                 Slot::Taken => {
                     session_created(m);
@@ -523,7 +546,40 @@ fn receive(m: &Received) -> bool {
             }
         }
     }
-    in_hash(m, slot)
+    in_hash(m, slot, start)
+}
+
+/// Whether a message of an index without a window starts one: `Some` for an index this host
+/// announced, or one whose probation entry now shows a session (only when `may_promote`: a
+/// free slot awaits it). `None` when the message was held in [`PROBATION`].
+#[inline(always)]
+fn admit(m: &Received, may_promote: bool) -> Option<Start> {
+    if is_fresh(m.receiver, m.now) {
+        return Some(Start::Fresh);
+    }
+    stat(ProbeStat::ProbationMessages);
+    let entry = match PROBATION.get_ptr_mut(m.receiver) {
+        Some(entry) => entry,
+        None => {
+            let zero = ProbationSession::default();
+            // An LRU map finds room by evicting; a failure only loses this message.
+            if PROBATION.insert(m.receiver, zero, 0).is_err() {
+                return None;
+            }
+            PROBATION.get_ptr_mut(m.receiver)?
+        }
+    };
+    // SAFETY: a live map value. Two CPUs holding messages of one index at once can lose
+    // one of their updates, which only delays the promotion.
+    let ready = window::probation_hold(unsafe { &mut *entry }, m.counter, m.keepalive, m.bytes);
+    if !ready || !may_promote {
+        return None;
+    }
+    // SAFETY: as above; copied out before the entry goes.
+    let held = unsafe { *entry };
+    let _ = PROBATION.remove(m.receiver);
+    stat(ProbeStat::SessionsPromoted);
+    Some(Start::Promoted(held))
 }
 
 /// What [`in_slot`] found in the slot.
@@ -538,13 +594,13 @@ enum Slot {
 }
 
 /// Feeds the message into the session in `slot` under its lock, if the slot holds it, or
-/// (with `may_take`) if the slot is free or its session has ended, in which case the slot
-/// is cleared for the new session first.
+/// (with a `new` session's start) if the slot is free or its session has ended, in which
+/// case the slot is cleared for the new session first.
 ///
 /// # Safety
 /// `slot` points at a live value of [`SESSION_SLOTS`].
 #[inline(always)]
-unsafe fn in_slot(slot: *mut SessionState, m: &Received, may_take: bool, fresh: bool) -> Slot {
+unsafe fn in_slot(slot: *mut SessionState, m: &Received, new: Option<Start>) -> Slot {
     // SAFETY: the caller's; nothing between lock and unlock calls a helper or returns
     // early, as the verifier enforces.
     unsafe {
@@ -553,14 +609,14 @@ unsafe fn in_slot(slot: *mut SessionState, m: &Received, may_take: bool, fresh: 
         let held = (*slot).flags & SESSION_STARTED != 0;
         let ours = held && (*slot).receiver == m.receiver;
         let take = !ours
-            && may_take
+            && new.is_some()
             && (!held || m.now.saturating_sub((*slot).last_seen_ns) > SESSION_EXPIRY_NS);
         if take {
             clear(slot);
             (*slot).receiver = m.receiver;
         }
         if ours || take {
-            count_in(&mut *slot, m, fresh);
+            count_in(&mut *slot, m, new);
         }
         bpf_spin_unlock(lock);
         if ours {
@@ -614,13 +670,24 @@ unsafe fn clear(slot: *mut SessionState) {
 /// Words of a [`SessionState`]; the first holds the lock and the flags.
 const SESSION_WORDS: usize = core::mem::size_of::<SessionState>() / 8;
 
-/// Feeds the message into its session in [`SESSIONS`], creating it when there is none.
-/// `slot` is the session's slot, which another live session held when the message came.
+/// Feeds the message into its session in [`SESSIONS`], creating it when there is none and
+/// the session may start there: `start` when the caller admitted it already, else an index
+/// this host announced. `slot` is the session's slot, which another live session held when
+/// the message came.
 #[inline(always)]
-fn in_hash(m: &Received, slot: Option<*mut SessionState>) -> bool {
+fn in_hash(m: &Received, slot: Option<*mut SessionState>, start: Option<Start>) -> bool {
+    let mut new = start;
     let state = match SESSIONS.get_ptr_mut(m.receiver) {
         Some(state) => state,
         None => {
+            if new.is_none() {
+                // Its slot is taken: an index this host did not announce waits in probation
+                // rather than take room that real new sessions need.
+                new = admit(m, false);
+                if new.is_none() {
+                    return true;
+                }
+            }
             // SAFETY: ZERO_SESSION has the size of SessionState and all-zero bytes, a valid
             // (unstarted) session; the kernel copies it and leaves the lock to itself.
             let zero = unsafe { &*(&raw const ZERO_SESSION).cast::<SessionState>() };
@@ -651,37 +718,51 @@ fn in_hash(m: &Received, slot: Option<*mut SessionState>) -> bool {
             }
         }
     };
-    // Read without the lock: the hint only matters for the first counter, and every CPU
-    // racing on it computes the same answer (the fresh entry is not removed).
-    // SAFETY: a live map value; a torn read of one u32 flag is impossible.
-    let started = unsafe { (*state).flags } & SESSION_STARTED != 0;
-    let fresh = !started && is_fresh(m.receiver, m.now);
+    if new.is_none() {
+        // Read without the lock: the hint only matters for the first counter, and every CPU
+        // racing on it computes the same answer (the fresh entry is not removed).
+        // SAFETY: a live map value; a torn read of one u32 flag is impossible.
+        let started = unsafe { (*state).flags } & SESSION_STARTED != 0;
+        if !started && is_fresh(m.receiver, m.now) {
+            new = Some(Start::Fresh);
+        }
+    }
     // SAFETY: `state` points at a live map value whose BTF has a bpf_spin_lock at `lock`;
     // nothing between lock and unlock calls a helper or returns early, as the verifier
     // enforces.
     unsafe {
         let lock = (&raw mut (*state).lock).cast();
         bpf_spin_lock(lock);
-        count_in(&mut *state, m, fresh);
+        count_in(&mut *state, m, new);
         bpf_spin_unlock(lock);
     }
     true
 }
 
-/// Counts the message in its session, whose lock the caller holds.
+/// Counts the message in its session, whose lock the caller holds; `start` says how the
+/// session begins if it has not yet.
 #[inline(always)]
-fn count_in(s: &mut SessionState, m: &Received, fresh: bool) {
-    let (timeout, checkpoint) = timeouts();
-    window::receive(
-        s,
-        m.counter,
-        m.keepalive,
-        m.bytes,
-        fresh,
-        m.now,
-        timeout,
-        checkpoint,
-    );
+fn count_in(s: &mut SessionState, m: &Received, start: Option<Start>) {
+    let promoted = match start {
+        Some(Start::Promoted(held)) if s.flags & SESSION_STARTED == 0 => Some(held),
+        _ => None,
+    };
+    if let Some(held) = promoted {
+        // The probation entry holds this message too.
+        window::start_promoted(s, &held, m.now);
+    } else {
+        let (timeout, checkpoint) = timeouts();
+        window::receive(
+            s,
+            m.counter,
+            m.keepalive,
+            m.bytes,
+            matches!(start, Some(Start::Fresh)),
+            m.now,
+            timeout,
+            checkpoint,
+        );
+    }
     s.endpoint = *m.remote;
 }
 

@@ -24,11 +24,15 @@
 //!   order), and the gap they left is loss like any other. This is how a real burst loss
 //!   longer than the jump limit is counted, exactly: the real sender goes on counting from
 //!   where the burst ended.
-//! - It is **forged** when the old sequence goes on: a message within [`PROVISIONAL_JUMP`]
-//!   above the highest. A real sender cannot continue both sequences, and a burst loss leaves
-//!   nothing of the old one to arrive. The candidate's messages are then counted as
-//!   `suspect` ([`SessionRx::suspect`]), never as received, late or lost, and the window is
-//!   as if they never came.
+//! - It is **forged** when the old sequence goes on (a message within [`PROVISIONAL_JUMP`]
+//!   above the highest) while the candidate lies more than [`WINDOW_BITS`] ahead. A real
+//!   sender cannot continue both sequences, a burst loss leaves nothing of the old one to
+//!   arrive, and no reordering the window could tell reaches that far. The candidate's
+//!   messages are then counted as `suspect` ([`SessionRx::suspect`]), never as received,
+//!   late or lost, and the window is as if they never came.
+//! - A candidate less than a window ahead may be real messages that overtook others: it
+//!   stays while the old sequence goes on, and is taken in (as received) once the sequence
+//!   reaches its range; the messages below it that arrive after that are late.
 //! - A far counter outside the candidate's range replaces the candidate, whose messages are
 //!   counted as suspect: only one of the two sequences can be real, and the new one is the
 //!   more recent.
@@ -44,6 +48,8 @@
 //!   messages, which count as late; the real message with the forged counter counts as a
 //!   duplicate. Loss stays exact unless that very real message is lost too (then one lost
 //!   message per forged one goes uncounted).
+//! - A counter less than a window ahead is taken as an early message once the sequence
+//!   reaches it, with the same effects (and fewer late messages).
 //! - [`CONFIRM_COUNTERS`] forged counters within 64 of each other, all sent before the
 //!   session's next real message, look exactly like a real burst loss and are confirmed. A
 //!   busy session's real traffic leaves microseconds for that; an idle one leaves time.
@@ -54,8 +60,8 @@
 #[cfg(doc)]
 use plexd_metrics_common::SessionRx;
 use plexd_metrics_common::{
-    Checkpoint, SessionState, CHECKPOINTS, CONFIRM_COUNTERS, PROVISIONAL_JUMP, SESSION_STARTED,
-    WINDOW_BITS, WINDOW_WORDS,
+    Checkpoint, ProbationSession, SessionState, CHECKPOINTS, CONFIRM_COUNTERS, PROVISIONAL_JUMP,
+    SESSION_STARTED, WINDOW_BITS, WINDOW_WORDS,
 };
 
 /// Counters of a candidate's range that lie below the counter that opened it: a real
@@ -135,47 +141,60 @@ pub fn record_counter(
     checkpoint_ns: u64,
 ) -> Arrival {
     if !s.started() {
-        s.flags |= SESSION_STARTED;
-        s.base = if fresh { 0 } else { counter };
-        s.highest = counter;
         // The window is still all zeros: sessions are created zeroed and start only here.
+        begin(s, if fresh { 0 } else { counter }, counter, 1, now_ns);
         set_bit(s, counter);
-        s.received = 1;
-        s.last_seen_ns = now_ns;
-        s.newest = 0;
-        s.checkpoints[0] = Checkpoint {
-            highest: counter,
-            first_ns: now_ns,
-            last_ns: now_ns,
-        };
         return Arrival::InOrder;
     }
     s.last_seen_ns = now_ns;
     if counter > s.highest {
-        // One call of `advance` for both ways forward: each copy is a loop the verifier
-        // walks.
+        // One call of `advance` for all ways forward: each copy is a loop the verifier walks.
         let mut to = counter;
         let mut confirmed = 0;
+        let mut merged = false;
         if counter - s.highest > PROVISIONAL_JUMP {
             hold(s, counter);
             confirmed = s.pending_bits.count_ones();
             if confirmed < CONFIRM_COUNTERS {
                 return Arrival::Provisional;
             }
-            to = s.pending + u64::from(63 - s.pending_bits.leading_zeros());
+            to = candidate_top(s);
         } else if s.pending_bits != 0 {
-            // The old sequence goes on: the candidate was forged.
-            reject(s);
+            if counter >= s.pending {
+                // The sequence reached the candidate: its messages overtook the ones
+                // before them, and count as received like any early message.
+                confirmed = s.pending_bits.count_ones();
+                merged = true;
+                let top = candidate_top(s);
+                if top > to {
+                    to = top;
+                }
+            } else if s.pending - s.highest > WINDOW_BITS {
+                // The old sequence goes on, and no reordering reaches that far ahead: the
+                // candidate was forged.
+                reject(s);
+            }
         }
         advance(s, to);
-        if confirmed == 0 {
-            set_bit(s, counter);
-            s.received += 1;
-        } else {
+        if confirmed != 0 {
             confirm(s, confirmed);
         }
+        if merged && s.has(counter) {
+            checkpoint(s, now_ns, timeout_ns, checkpoint_ns);
+            return Arrival::Duplicate;
+        }
+        if confirmed == 0 || merged {
+            set_bit(s, counter);
+            s.received += 1;
+        }
         checkpoint(s, now_ns, timeout_ns, checkpoint_ns);
-        return Arrival::InOrder;
+        // Below a candidate taken in it arrived after a later message. The messages of a
+        // confirmed candidate are not told apart, like those it held.
+        return if merged && counter < s.highest {
+            Arrival::Late
+        } else {
+            Arrival::InOrder
+        };
     }
     // Counters below the settle mark that arrive now no longer count as received. Only
     // needed here: a counter above the highest is received whatever the mark.
@@ -198,12 +217,93 @@ pub fn record_counter(
 /// candidate (and rejecting the old one) when it lies outside the current one's range.
 #[inline(always)]
 fn hold(s: &mut SessionState, counter: u64) {
-    if s.pending_bits == 0 || counter < s.pending || counter - s.pending > 63 {
+    if !in_range(s.pending, s.pending_bits, counter) {
         reject(s);
-        // Above the highest by more than the jump limit, so the subtraction stays above it.
-        s.pending = counter - CANDIDATE_BELOW;
+        s.pending = range_start(counter);
     }
     s.pending_bits |= 1 << ((counter - s.pending) & 63);
+}
+
+/// Whether `counter` lies in the candidate range from `first` whose arrivals are `bits`
+/// (none when `bits` is zero).
+#[inline(always)]
+fn in_range(first: u64, bits: u64, counter: u64) -> bool {
+    bits != 0 && counter >= first && counter - first <= 63
+}
+
+/// The first counter of a candidate range opened by `counter`.
+#[inline(always)]
+fn range_start(counter: u64) -> u64 {
+    counter.saturating_sub(CANDIDATE_BELOW)
+}
+
+/// Holds a message of a receiver index no handshake of this host announced in its
+/// probation entry; returns whether enough counters close together arrived to give it a
+/// window ([`start_promoted`]). A counter outside the entry's range starts it again: what
+/// it held goes uncounted, as the messages of a session before the programs saw it do.
+#[inline(always)]
+pub fn probation_hold(p: &mut ProbationSession, counter: u64, keepalive: bool, bytes: u64) -> bool {
+    if !in_range(p.first, p.bits, counter) {
+        *p = ProbationSession {
+            first: range_start(counter),
+            ..ProbationSession::default()
+        };
+    }
+    p.bits |= 1 << ((counter - p.first) & 63);
+    p.packets += 1;
+    p.bytes += bytes;
+    if keepalive {
+        p.keepalives += 1;
+    }
+    p.bits.count_ones() >= CONFIRM_COUNTERS
+}
+
+/// Starts a new (all-zero) session from its probation entry at `now_ns`: the window begins
+/// at the lowest counter held and reaches the highest, and the held messages are its first.
+#[inline(always)]
+pub fn start_promoted(s: &mut SessionState, p: &ProbationSession, now_ns: u64) {
+    let top = p.first + u64::from(63 - p.bits.leading_zeros());
+    let base = p.first + u64::from(p.bits.trailing_zeros());
+    begin(s, base, top, u64::from(p.bits.count_ones()), now_ns);
+    place_range(s, p.first, p.bits);
+    s.rx.packets = u64::from(p.packets);
+    s.rx.bytes = p.bytes;
+    s.rx.keepalives = u64::from(p.keepalives);
+}
+
+/// Starts a new (all-zero) session at `now_ns`: accounted from `base`, its window reaching
+/// `highest`, with `received` counters that the caller puts into the window.
+#[inline(always)]
+fn begin(s: &mut SessionState, base: u64, highest: u64, received: u64, now_ns: u64) {
+    s.flags |= SESSION_STARTED;
+    s.base = base;
+    s.highest = highest;
+    s.received = received;
+    s.last_seen_ns = now_ns;
+    s.newest = 0;
+    s.checkpoints[0] = Checkpoint {
+        highest,
+        first_ns: now_ns,
+        last_ns: now_ns,
+    };
+}
+
+/// Sets the window bits of the 64-counter range from `first` whose arrivals are `bits`. The
+/// range must lie within the window and its bits be clear.
+#[inline(always)]
+fn place_range(s: &mut SessionState, first: u64, bits: u64) {
+    let word = ((first >> 6) as usize) & (WINDOW_WORDS - 1);
+    let shift = first & 63;
+    s.window[word] |= bits << shift;
+    if shift != 0 {
+        s.window[(word + 1) & (WINDOW_WORDS - 1)] |= bits >> (64 - shift);
+    }
+}
+
+/// The highest counter held in the candidate.
+#[inline(always)]
+fn candidate_top(s: &SessionState) -> u64 {
+    s.pending + u64::from(63 - s.pending_bits.leading_zeros())
 }
 
 /// Takes in the confirmed candidate's `arrived` counters, the window having moved to the
@@ -213,12 +313,7 @@ fn hold(s: &mut SessionState, counter: u64) {
 fn confirm(s: &mut SessionState, arrived: u32) {
     // The range lies within the new window (it ends at the top) and above the old highest,
     // so `advance` cleared its bits: the candidate's bits go in as they are.
-    let first = ((s.pending >> 6) as usize) & (WINDOW_WORDS - 1);
-    let shift = s.pending & 63;
-    s.window[first] |= s.pending_bits << shift;
-    if shift != 0 {
-        s.window[(first + 1) & (WINDOW_WORDS - 1)] |= s.pending_bits >> (64 - shift);
-    }
+    place_range(s, s.pending, s.pending_bits);
     s.received += u64::from(arrived);
     let rx = &mut s.rx;
     rx.packets += u64::from(s.pending_packets);
@@ -574,6 +669,36 @@ mod tests {
     }
 
     #[test]
+    fn a_real_message_that_overtook_many_is_received_when_the_stream_reaches_it() {
+        let mut s = Session::new();
+        s.feed(0..100);
+        // 1,000 ahead: provisional, and the stream below it does not reject it, as no
+        // reordering that far could be told from a forgery.
+        s.feed([1_100]);
+        s.feed(100..1_084);
+        assert_eq!((s.provisional, s.s.highest), (1, 1_083));
+        // Reaching its range takes it in; what lies below it is late from then on.
+        s.feed(1_084..1_100);
+        s.feed([1_101]);
+        s.wait(TIMEOUT);
+        assert_eq!((s.lost(), s.s.rx.suspect, s.duplicate), (0, 0, 0));
+        assert_eq!((s.late, s.s.received, s.s.rx.packets), (16, 1_102, 1_102));
+    }
+
+    #[test]
+    fn a_forgery_less_than_a_window_ahead_is_taken_as_an_early_message() {
+        let mut s = Session::new();
+        s.feed(0..100);
+        s.feed([600]);
+        s.feed(100..600);
+        // The real 600 finds the forged one's place taken: a duplicate, and nothing lost.
+        s.feed(600..700);
+        s.wait(TIMEOUT);
+        assert_eq!((s.lost(), s.duplicate, s.s.rx.suspect), (0, 1, 0));
+        assert_eq!(s.late, 600 - 584);
+    }
+
+    #[test]
     fn a_forgery_far_beyond_the_window_moves_nothing() {
         // The counter of the report that started this: a million ahead.
         let mut s = Session::new();
@@ -609,6 +734,62 @@ mod tests {
         s.wait(TIMEOUT);
         assert_eq!(s.lost(), 5_000 + 2);
         assert_eq!((s.s.received, s.s.rx.packets), (15, 15));
+    }
+
+    #[test]
+    fn probation_gives_a_window_after_four_counters_close_together() {
+        let mut p = ProbationSession::default();
+        // Made-up indexes send one counter, or counters far apart: never enough.
+        assert!(!probation_hold(&mut p, 7, false, 100));
+        assert!(!probation_hold(&mut p, 7_000, false, 100));
+        assert!(!probation_hold(&mut p, 7_001, false, 100));
+        assert!(
+            !probation_hold(&mut p, 7_001, false, 100),
+            "a replay is no new counter"
+        );
+        assert_eq!(
+            (p.packets, p.bits.count_ones()),
+            (3, 2),
+            "7 was dropped on restart"
+        );
+        // A real session met midway: 7_002 lost, the rest reordered a little.
+        assert!(!probation_hold(&mut p, 7_004, false, 100));
+        assert!(probation_hold(&mut p, 7_003, true, 32));
+        let mut s = Session::new();
+        start_promoted(&mut s.s, &p, s.now);
+        assert_eq!((s.s.base, s.s.highest, s.s.received), (7_000, 7_004, 4));
+        assert_eq!(
+            (s.s.rx.packets, s.s.rx.bytes, s.s.rx.keepalives),
+            (5, 432, 1)
+        );
+        s.feed([7_002, 7_005]);
+        assert_eq!((s.late, s.in_order), (1, 1));
+        s.feed([7_006, 7_008]);
+        s.wait(TIMEOUT);
+        assert_eq!(s.lost(), 1, "7_007");
+    }
+
+    #[test]
+    fn probation_near_counter_zero_and_the_top() {
+        let mut p = ProbationSession::default();
+        for c in [2u64, 0, 1, 3] {
+            probation_hold(&mut p, c, false, 1);
+        }
+        assert_eq!(p.first, 0);
+        let mut s = Session::new();
+        start_promoted(&mut s.s, &p, s.now);
+        assert_eq!((s.s.base, s.s.highest), (0, 3));
+        let mut top = ProbationSession::default();
+        let mut ready = false;
+        for c in u64::MAX - 3..=u64::MAX {
+            ready = probation_hold(&mut top, c, false, 1);
+        }
+        assert!(ready);
+        let mut t = Session::new();
+        start_promoted(&mut t.s, &top, t.now);
+        assert_eq!((t.s.base, t.s.highest), (u64::MAX - 3, u64::MAX));
+        t.wait(TIMEOUT);
+        assert_eq!(t.lost(), 0);
     }
 
     #[test]
@@ -896,10 +1077,23 @@ mod model {
         duplicate: u64,
         packets: u64,
         suspect: u64,
+        /// Forged counters less than a window ahead, held until the stream reaches
+        /// `anchor` (they might have been real messages that overtook others).
+        held: Vec<u64>,
+        anchor: u64,
     }
 
     impl Model {
         fn arrive(&mut self, c: u64) {
+            if !self.held.is_empty() && c > self.highest && c >= self.anchor {
+                // The stream reached them: taken as early messages.
+                self.packets += self.held.len() as u64;
+                for f in std::mem::take(&mut self.held) {
+                    self.highest = self.highest.max(f);
+                    self.seen.insert(f);
+                    self.received.insert(f);
+                }
+            }
             self.packets += 1;
             if !self.started {
                 self.started = true;
@@ -963,7 +1157,10 @@ mod model {
         next += 1;
         for (i, e) in events.iter().enumerate() {
             now += MS;
-            let e = if forced_delivers > 0 {
+            let e = if !m.held.is_empty() {
+                // Held forgeries stay until the stream reaches them.
+                &Event::Deliver
+            } else if forced_delivers > 0 {
                 forced_delivers -= 1;
                 &Event::Deliver
             } else {
@@ -1001,12 +1198,19 @@ mod model {
                     let Some(at) = m.highest.checked_add(*d) else {
                         continue;
                     };
+                    let anchor = at.saturating_add(offsets[0]) - 16;
+                    let far = anchor - m.highest > WINDOW_BITS;
                     for o in offsets {
                         let c = at.saturating_add(*o);
                         let arrival = feed(&mut s, c, now);
                         prop_assert_eq!(arrival, Arrival::Provisional, "forged {}", c);
-                        m.suspect += 1;
+                        if far {
+                            m.suspect += 1;
+                        } else {
+                            m.held.push(c);
+                        }
                     }
+                    m.anchor = anchor;
                     // The sender's next message, past any counter a forger took ahead of it
                     // (the sender's own messages with those counters are lost on the way).
                     next = next.max(m.highest + 1);
@@ -1038,7 +1242,7 @@ mod model {
         }
         // Real messages to end with: the first settles a forged candidate (the old sequence
         // goes on), and more complete a burst's confirmation.
-        for _ in 0..CONFIRM_COUNTERS {
+        for _ in 0..3 * WINDOW_BITS {
             feed(&mut s, next, now);
             m.arrive(next);
             next += 1;

@@ -180,6 +180,47 @@ fn forged(receiver: [u8; 4], counter: u64) -> Vec<u8> {
     m
 }
 
+/// The agent in node 0's namespace of a fresh two-node mesh, with `ebpf` settings.
+fn start_agent(mesh: &Mesh, dir: &std::path::Path, ebpf: &str) -> RunningAgent {
+    std::fs::create_dir_all(dir).expect("temp dir");
+    let config = dir.join("config.yaml");
+    // Latency probing is off so that the only tunnel traffic is the test's own.
+    std::fs::write(
+        &config,
+        format!(
+            "metrics:\n  collect_interval: 5s\n  report_interval: 10s\n  latency:\n    enabled: false\n{ebpf}"
+        ),
+    )
+    .expect("write config");
+    let agent = RunningAgent::start(&mesh.nodes[0].ns, &config);
+    agent.wait_for("kernel programs attached");
+    agent
+}
+
+/// The sender's (node 1's) tunnel points the agent printed, after two more collect cycles
+/// (the holes of the last interval settle by the collect after the one they opened in).
+fn sender_points(mesh: &Mesh, agent: RunningAgent, dir: &std::path::Path) -> Vec<MetricPoint> {
+    agent.wait_for("collect cycle done");
+    agent.wait_for("collect cycle done");
+    let (code, stdout) = agent.stop();
+    let _ = std::fs::remove_dir_all(dir);
+    assert_eq!(code, Some(0), "exit status after SIGTERM");
+    let points: Vec<MetricPoint> = stdout
+        .lines()
+        .flat_map(|l| serde_json::from_str::<Vec<MetricPoint>>(l).expect("a JSON batch"))
+        .filter(|p| p.group == "tunnel" && p.peer_id == mesh.nodes[1].keys.public)
+        .collect();
+    assert!(points.len() >= 2, "tunnel points for the sender: {stdout}");
+    points
+}
+
+fn sum(points: &[MetricPoint], key: &str) -> u64 {
+    points
+        .iter()
+        .map(|p| p.data.to_value()[key].as_u64().unwrap_or(0))
+        .sum()
+}
+
 #[test]
 fn forged_counters_change_no_loss_and_are_counted_as_suspect() {
     if !require_privileges() {
@@ -187,19 +228,11 @@ fn forged_counters_change_no_loss_and_are_counted_as_suspect() {
     }
     let mesh = Mesh::new(2, None).expect("build the mesh");
     let (receiver, sender) = (&mesh.nodes[0], &mesh.nodes[1]);
-
     let dir = std::env::temp_dir().join(format!("plexd-forged-loss-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let config = dir.join("config.yaml");
-    std::fs::write(
-        &config,
-        "metrics:\n  collect_interval: 5s\n  report_interval: 10s\n  latency:\n    enabled: false\n",
-    )
-    .expect("write config");
-
+    let agent = start_agent(&mesh, &dir, "");
+    // The session starts under the agent's eyes (its index announced in node 0's response),
+    // so its window starts at its first message.
     mesh.handshake(1, 0).expect("handshake");
-    let agent = RunningAgent::start(&receiver.ns, &config);
-    agent.wait_for("kernel programs attached");
 
     // A real message in flight, seen where an on-path attacker sits: the router.
     let (listen, inject) = mesh
@@ -241,33 +274,76 @@ fn forged_counters_change_no_loss_and_are_counted_as_suspect() {
         dropped += round_dropped;
     }
 
-    agent.wait_for("collect cycle done");
-    agent.wait_for("collect cycle done");
-    let (code, stdout) = agent.stop();
-    let _ = std::fs::remove_dir_all(&dir);
-    assert_eq!(code, Some(0), "exit status after SIGTERM");
-
-    let points: Vec<MetricPoint> = stdout
-        .lines()
-        .flat_map(|l| serde_json::from_str::<Vec<MetricPoint>>(l).expect("a JSON batch"))
-        .filter(|p| p.group == "tunnel" && p.peer_id == sender.keys.public)
-        .collect();
-    assert!(points.len() >= 2, "tunnel points for the sender: {stdout}");
-    let sum = |key: &str| -> u64 {
-        points
-            .iter()
-            .map(|p| p.data.to_value()[key].as_u64().unwrap_or(0))
-            .sum()
-    };
+    let points = sender_points(&mesh, agent, &dir);
     assert_eq!(
-        sum("lost_packets"),
+        sum(&points, "lost_packets"),
         dropped,
         "lost_packets equal the router's drops despite the forgeries: {points:#?}"
     );
-    assert_eq!(sum("suspect_packets"), forged_sent, "suspect_packets");
     assert_eq!(
-        sum("duplicate_packets"),
+        sum(&points, "suspect_packets"),
+        forged_sent,
+        "suspect_packets"
+    );
+    assert_eq!(
+        sum(&points, "duplicate_packets"),
         REPLAYS,
         "the replays are duplicates"
+    );
+    assert_eq!(
+        sum(&points, "late_packets"),
+        0,
+        "no real message looked late"
+    );
+}
+
+#[test]
+fn made_up_receiver_indexes_take_no_window_from_real_sessions() {
+    if !require_privileges() {
+        return;
+    }
+    let mesh = Mesh::new(2, None).expect("build the mesh");
+    let (receiver, sender) = (&mesh.nodes[0], &mesh.nodes[1]);
+    let dir = std::env::temp_dir().join(format!("plexd-forged-flood-{}", std::process::id()));
+    // Small maps, so that the flood below could fill them many times over: 64 slots and 64
+    // sessions beyond them.
+    const ROOM: u64 = 64;
+    let agent = start_agent(
+        &mesh,
+        &dir,
+        &format!("  ebpf:\n    max_peers: {ROOM}\n    max_sessions: {ROOM}\n"),
+    );
+
+    // Made-up indexes from the sender's address, some with one message, some with four
+    // consecutive counters (enough to leave probation, but only for a free slot).
+    let inject = mesh
+        .router
+        .run(raw_socket)
+        .expect("enter the router")
+        .expect("raw socket");
+    let from = (sender.underlay, sender.listen_port);
+    let to = (receiver.underlay, receiver.listen_port);
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    for i in 0..ROOM * 40 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let index = (rng as u32).to_le_bytes();
+        let messages = if i % 2 == 0 { 1 } else { 4 };
+        for c in 0..messages {
+            send_spoofed(&inject, from, to, &forged(index, 1_000 + c)).expect("flood");
+        }
+    }
+
+    // A real session begins after the flood, and loses messages.
+    mesh.handshake(1, 0).expect("handshake");
+    let (_, dropped) = mesh
+        .lossy_echoes(1, 0, DROP_PERCENT, LOSSY_PINGS)
+        .expect("lossy echoes");
+    let points = sender_points(&mesh, agent, &dir);
+    assert_eq!(
+        sum(&points, "lost_packets"),
+        dropped,
+        "the real session is measured despite the flood: {points:#?}"
     );
 }
