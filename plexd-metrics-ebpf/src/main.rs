@@ -483,12 +483,14 @@ struct Received<'a> {
     now: u64,
 }
 
-/// How a session that has no window yet may start.
-#[derive(Clone, Copy)]
-enum Start {
-    /// This host announced its index: counters start at 0.
+/// What [`admit`] decided for a message of an index without a window.
+enum Admit {
+    /// This host announced the index: the session starts now, at counter 0.
     Fresh,
-    /// Its probation entry showed a session: the window starts from what it held.
+    /// Held in probation.
+    Held,
+    /// Its probation entry (this message included) shows a session: it starts from what
+    /// the entry held.
     Promoted(ProbationSession),
 }
 
@@ -503,7 +505,6 @@ fn receive(m: &Received) -> bool {
     // compiler does not fold the default in.
     let shift = unsafe { core::ptr::read_volatile(&SESSION_SLOT_SHIFT) };
     let slot = SESSION_SLOTS.get_ptr_mut(session_slot(m.receiver, shift));
-    let mut start = None;
     if let Some(slot) = slot {
         // A first look without the lock, decided again under it: which session holds the
         // slot, and whether it has ended.
@@ -518,44 +519,48 @@ fn receive(m: &Received) -> bool {
         };
         if held && holder == m.receiver {
             // SAFETY: a value of SESSION_SLOTS, whose BTF has the lock.
-            if unsafe { in_slot(slot, m, None) } != Slot::Other {
+            if unsafe { in_slot(slot, m, false, false) } != Slot::Other {
                 return true;
             }
         } else if (!held || m.now.saturating_sub(last_seen) > SESSION_EXPIRY_NS)
             && SESSIONS.get_ptr_mut(m.receiver).is_none()
         {
-            start = admit(m, true);
-            let Some(new) = start else {
-                return true;
+            let taken = match admit(m, true) {
+                Admit::Held => return true,
+                // Its own path, apart from the window's: the verifier walks each path
+                // into the window once more.
+                // SAFETY: as above.
+                Admit::Promoted(entry) => unsafe { promote_in_slot(slot, m, &entry) },
+                // SAFETY: as above.
+                Admit::Fresh => match unsafe { in_slot(slot, m, true, true) } {
+                    Slot::Ours => return true,
+                    Slot::Taken => true,
+                    Slot::Other => false,
+                },
             };
-            // SAFETY: as above.
-            match unsafe { in_slot(slot, m, Some(new)) } {
-                Slot::Ours => return true,
-                Slot::Taken => {
-                    session_created(m);
-                    // Another CPU may have put the same session into the hash between the
-                    // look above and the taking: counted, since its loss is now split. That
-                    // CPU looks at the slot after its insert (`in_hash`), so at least one of
-                    // the two sees the other.
-                    if SESSIONS.get_ptr_mut(m.receiver).is_some() {
-                        stat(ProbeStat::SessionsSplit);
-                    }
-                    return true;
+            if taken {
+                session_created(m);
+                // Another CPU may have put the same session into the hash between the
+                // look above and the taking: counted, since its loss is now split. That
+                // CPU looks at the slot after its insert (`in_hash`), so at least one of
+                // the two sees the other.
+                if SESSIONS.get_ptr_mut(m.receiver).is_some() {
+                    stat(ProbeStat::SessionsSplit);
                 }
-                Slot::Other => {}
+                return true;
             }
         }
     }
-    in_hash(m, slot, start)
+    in_hash(m, slot)
 }
 
-/// Whether a message of an index without a window starts one: `Some` for an index this host
-/// announced, or one whose probation entry now shows a session (only when `may_promote`: a
-/// free slot awaits it). `None` when the message was held in [`PROBATION`].
+/// What a message of an index without a window starts: a session this host announced, a
+/// promoted one (only when `may_promote`: a free slot awaits it), or nothing yet (the
+/// message was held in [`PROBATION`]).
 #[inline(always)]
-fn admit(m: &Received, may_promote: bool) -> Option<Start> {
+fn admit(m: &Received, may_promote: bool) -> Admit {
     if is_fresh(m.receiver, m.now) {
-        return Some(Start::Fresh);
+        return Admit::Fresh;
     }
     stat(ProbeStat::ProbationMessages);
     let entry = match PROBATION.get_ptr_mut(m.receiver) {
@@ -564,22 +569,51 @@ fn admit(m: &Received, may_promote: bool) -> Option<Start> {
             let zero = ProbationSession::default();
             // An LRU map finds room by evicting; a failure only loses this message.
             if PROBATION.insert(m.receiver, zero, 0).is_err() {
-                return None;
+                return Admit::Held;
             }
-            PROBATION.get_ptr_mut(m.receiver)?
+            match PROBATION.get_ptr_mut(m.receiver) {
+                Some(entry) => entry,
+                None => return Admit::Held,
+            }
         }
     };
     // SAFETY: a live map value. Two CPUs holding messages of one index at once can lose
     // one of their updates, which only delays the promotion.
     let ready = window::probation_hold(unsafe { &mut *entry }, m.counter, m.keepalive, m.bytes);
     if !ready || !may_promote {
-        return None;
+        return Admit::Held;
     }
     // SAFETY: as above; copied out before the entry goes.
     let held = unsafe { *entry };
     let _ = PROBATION.remove(m.receiver);
     stat(ProbeStat::SessionsPromoted);
-    Some(Start::Promoted(held))
+    Admit::Promoted(held)
+}
+
+/// Starts a promoted session in `slot` from its probation `entry`, if the slot is still
+/// free or its session has ended; returns whether it did. Otherwise (another CPU was
+/// quicker) the held messages go uncounted and the index starts probation again.
+///
+/// # Safety
+/// `slot` points at a live value of [`SESSION_SLOTS`].
+#[inline(always)]
+unsafe fn promote_in_slot(slot: *mut SessionState, m: &Received, entry: &ProbationSession) -> bool {
+    // SAFETY: the caller's; nothing between lock and unlock calls a helper or returns
+    // early, as the verifier enforces.
+    unsafe {
+        let lock = (&raw mut (*slot).lock).cast();
+        bpf_spin_lock(lock);
+        let held = (*slot).flags & SESSION_STARTED != 0;
+        let take = !held || m.now.saturating_sub((*slot).last_seen_ns) > SESSION_EXPIRY_NS;
+        if take {
+            clear(slot);
+            (*slot).receiver = m.receiver;
+            window::start_promoted(&mut *slot, entry, m.now);
+            (*slot).endpoint = *m.remote;
+        }
+        bpf_spin_unlock(lock);
+        take
+    }
 }
 
 /// What [`in_slot`] found in the slot.
@@ -594,13 +628,13 @@ enum Slot {
 }
 
 /// Feeds the message into the session in `slot` under its lock, if the slot holds it, or
-/// (with a `new` session's start) if the slot is free or its session has ended, in which
-/// case the slot is cleared for the new session first.
+/// (with `may_take`) if the slot is free or its session has ended, in which case the slot
+/// is cleared for the new session first.
 ///
 /// # Safety
 /// `slot` points at a live value of [`SESSION_SLOTS`].
 #[inline(always)]
-unsafe fn in_slot(slot: *mut SessionState, m: &Received, new: Option<Start>) -> Slot {
+unsafe fn in_slot(slot: *mut SessionState, m: &Received, may_take: bool, fresh: bool) -> Slot {
     // SAFETY: the caller's; nothing between lock and unlock calls a helper or returns
     // early, as the verifier enforces.
     unsafe {
@@ -609,14 +643,14 @@ unsafe fn in_slot(slot: *mut SessionState, m: &Received, new: Option<Start>) -> 
         let held = (*slot).flags & SESSION_STARTED != 0;
         let ours = held && (*slot).receiver == m.receiver;
         let take = !ours
-            && new.is_some()
+            && may_take
             && (!held || m.now.saturating_sub((*slot).last_seen_ns) > SESSION_EXPIRY_NS);
         if take {
             clear(slot);
             (*slot).receiver = m.receiver;
         }
         if ours || take {
-            count_in(&mut *slot, m, new);
+            count_in(&mut *slot, m, fresh);
         }
         bpf_spin_unlock(lock);
         if ours {
@@ -671,22 +705,18 @@ unsafe fn clear(slot: *mut SessionState) {
 const SESSION_WORDS: usize = core::mem::size_of::<SessionState>() / 8;
 
 /// Feeds the message into its session in [`SESSIONS`], creating it when there is none and
-/// the session may start there: `start` when the caller admitted it already, else an index
-/// this host announced. `slot` is the session's slot, which another live session held when
-/// the message came.
+/// this host announced its index. `slot` is the session's slot, which another live session
+/// held when the message came.
 #[inline(always)]
-fn in_hash(m: &Received, slot: Option<*mut SessionState>, start: Option<Start>) -> bool {
-    let mut new = start;
+fn in_hash(m: &Received, slot: Option<*mut SessionState>) -> bool {
     let state = match SESSIONS.get_ptr_mut(m.receiver) {
         Some(state) => state,
         None => {
-            if new.is_none() {
-                // Its slot is taken: an index this host did not announce waits in probation
-                // rather than take room that real new sessions need.
-                new = admit(m, false);
-                if new.is_none() {
-                    return true;
-                }
+            // Its slot is taken: an index this host did not announce waits in probation
+            // (and never leaves it for the hash) rather than take room that real new
+            // sessions need.
+            if let Admit::Held | Admit::Promoted(_) = admit(m, false) {
+                return true;
             }
             // SAFETY: ZERO_SESSION has the size of SessionState and all-zero bytes, a valid
             // (unstarted) session; the kernel copies it and leaves the lock to itself.
@@ -718,51 +748,37 @@ fn in_hash(m: &Received, slot: Option<*mut SessionState>, start: Option<Start>) 
             }
         }
     };
-    if new.is_none() {
-        // Read without the lock: the hint only matters for the first counter, and every CPU
-        // racing on it computes the same answer (the fresh entry is not removed).
-        // SAFETY: a live map value; a torn read of one u32 flag is impossible.
-        let started = unsafe { (*state).flags } & SESSION_STARTED != 0;
-        if !started && is_fresh(m.receiver, m.now) {
-            new = Some(Start::Fresh);
-        }
-    }
+    // Read without the lock: the hint only matters for the first counter, and every CPU
+    // racing on it computes the same answer (the fresh entry is not removed).
+    // SAFETY: a live map value; a torn read of one u32 flag is impossible.
+    let started = unsafe { (*state).flags } & SESSION_STARTED != 0;
+    let fresh = !started && is_fresh(m.receiver, m.now);
     // SAFETY: `state` points at a live map value whose BTF has a bpf_spin_lock at `lock`;
     // nothing between lock and unlock calls a helper or returns early, as the verifier
     // enforces.
     unsafe {
         let lock = (&raw mut (*state).lock).cast();
         bpf_spin_lock(lock);
-        count_in(&mut *state, m, new);
+        count_in(&mut *state, m, fresh);
         bpf_spin_unlock(lock);
     }
     true
 }
 
-/// Counts the message in its session, whose lock the caller holds; `start` says how the
-/// session begins if it has not yet.
+/// Counts the message in its session, whose lock the caller holds.
 #[inline(always)]
-fn count_in(s: &mut SessionState, m: &Received, start: Option<Start>) {
-    let promoted = match start {
-        Some(Start::Promoted(held)) if s.flags & SESSION_STARTED == 0 => Some(held),
-        _ => None,
-    };
-    if let Some(held) = promoted {
-        // The probation entry holds this message too.
-        window::start_promoted(s, &held, m.now);
-    } else {
-        let (timeout, checkpoint) = timeouts();
-        window::receive(
-            s,
-            m.counter,
-            m.keepalive,
-            m.bytes,
-            matches!(start, Some(Start::Fresh)),
-            m.now,
-            timeout,
-            checkpoint,
-        );
-    }
+fn count_in(s: &mut SessionState, m: &Received, fresh: bool) {
+    let (timeout, checkpoint) = timeouts();
+    window::receive(
+        s,
+        m.counter,
+        m.keepalive,
+        m.bytes,
+        fresh,
+        m.now,
+        timeout,
+        checkpoint,
+    );
     s.endpoint = *m.remote;
 }
 

@@ -331,11 +331,16 @@ fn reject(s: &mut SessionState) {
 
 #[inline(always)]
 fn clear_candidate(s: &mut SessionState) {
-    s.pending = 0;
-    s.pending_bits = 0;
-    s.pending_bytes = 0;
-    s.pending_packets = 0;
-    s.pending_keepalives = 0;
+    // Volatile, so that the compiler does not merge the adjacent fields into a memset call:
+    // the 6.1 verifier allows no function call under a spin lock.
+    // SAFETY: fields of a live value.
+    unsafe {
+        core::ptr::write_volatile(&mut s.pending, 0);
+        core::ptr::write_volatile(&mut s.pending_bits, 0);
+        core::ptr::write_volatile(&mut s.pending_bytes, 0);
+        core::ptr::write_volatile(&mut s.pending_packets, 0);
+        core::ptr::write_volatile(&mut s.pending_keepalives, 0);
+    }
 }
 
 #[inline(always)]
