@@ -34,6 +34,11 @@ pub const MAP_SESSIONS: &str = "SESSIONS";
 /// Name of the LRU hash of receiver indexes this host just announced in a handshake
 /// (`u32` → [`FreshSession`]): their sessions start at counter 0.
 pub const MAP_FRESH_SESSIONS: &str = "FRESH_SESSIONS";
+/// Name of the LRU hash of receiver indexes no handshake of this host announced (`u32` →
+/// [`ProbationSession`]): their first messages wait here until they look like a session
+/// ([`CONFIRM_COUNTERS`] counters close together), so that datagrams with made-up indexes
+/// take no loss window from a real session. A flood only evicts other probation entries.
+pub const MAP_PROBATION: &str = "PROBATION";
 /// Name of the per-CPU array of probe-wide counters, indexed by [`ProbeStat`].
 pub const MAP_PROBE_STATS: &str = "PROBE_STATS";
 
@@ -62,7 +67,7 @@ pub const SESSION_EXPIRY_NS: u64 = 240_000_000_000;
 /// Entries of [`MAP_SESSION_SLOTS`] for a node of up to `max_endpoints` peers: a power of
 /// two, a quarter of the peers rounded up, from 64 to 65,536.
 ///
-/// A quarter keeps the array small (4,096 slots of 472 bytes, 1.9 MB, at the default 16,384
+/// A quarter keeps the array small (4,096 slots of 512 bytes, 2 MB, at the default 16,384
 /// peers) while most nodes have far fewer peers than their limit; a session whose slot is
 /// taken still counts exactly, in [`MAP_SESSIONS`], only at the cost of a hash lookup.
 pub const fn session_slots(max_endpoints: u32) -> u32 {
@@ -260,16 +265,31 @@ pub enum ProbeStat {
     /// first messages at the very moment the session holding the slot expired. Each part
     /// sees the other's messages as holes, so the session's loss is overstated.
     SessionsSplit = 5,
+    /// Transport messages held in [`MAP_PROBATION`]: of receiver indexes no handshake of this
+    /// host announced, before they had a window. Sessions that began before the programs
+    /// were attached send a few; made-up indexes send them all.
+    ProbationMessages = 6,
+    /// Sessions that left probation for a window (free slots only: an index this host never
+    /// announced takes no room in [`MAP_SESSIONS`], which real new sessions need).
+    SessionsPromoted = 7,
 }
 
 /// Number of entries in [`MAP_PROBE_STATS`].
-pub const PROBE_STAT_COUNT: u32 = 6;
+pub const PROBE_STAT_COUNT: u32 = 8;
 
 /// Counters covered by a session's window: reordering up to this distance behind the
 /// highest counter is told apart from loss.
 pub const WINDOW_BITS: u64 = 2048;
 /// Words of the window bitmap.
 pub const WINDOW_WORDS: usize = (WINDOW_BITS / 64) as usize;
+/// A counter more than this far above a session's highest is provisional: WireGuard has not
+/// authenticated the message yet, and one forged datagram must not move the window. One
+/// word of the bitmap: a real sender's counters only jump this far after 64 messages in a
+/// row were lost or delayed.
+pub const PROVISIONAL_JUMP: u64 = 64;
+/// Distinct counters within a provisional candidate's 64-counter range that confirm it as
+/// the session's sequence ([`SessionState::pending`]).
+pub const CONFIRM_COUNTERS: u32 = 4;
 /// Checkpoints kept per session (see [`Checkpoint`]).
 pub const CHECKPOINTS: usize = 4;
 
@@ -339,6 +359,21 @@ pub struct SessionState {
     pub receiver: u32,
     /// The remote endpoint of the last transport message (peers may roam).
     pub endpoint: EndpointKey,
+    /// Messages held in the candidate (`pending_bits`), keepalives and duplicates included.
+    pub pending_packets: u32,
+    /// The lowest counter of the candidate's range: counters more than [`PROVISIONAL_JUMP`]
+    /// above `highest` arrive here first, in the 64 counters from `pending` on, until
+    /// [`CONFIRM_COUNTERS`] of them confirm the jump or a message continuing from `highest`
+    /// shows them forged (they are then counted in [`SessionRx::suspect`]). Meaningful
+    /// while `pending_bits` is not zero.
+    pub pending: u64,
+    /// Which counters of the candidate's range arrived: bit `i` is counter `pending + i`.
+    /// Zero when there is no candidate.
+    pub pending_bits: u64,
+    /// Bytes of the messages held in the candidate.
+    pub pending_bytes: u64,
+    /// Keepalives among the messages held in the candidate.
+    pub pending_keepalives: u32,
     /// Always zero.
     pub _pad: u32,
     /// What the session received, counted here rather than per endpoint: the lock is held
@@ -349,7 +384,7 @@ pub struct SessionState {
     pub window: [u64; WINDOW_WORDS],
 }
 
-const _: () = assert!(core::mem::size_of::<SessionState>() == 472);
+const _: () = assert!(core::mem::size_of::<SessionState>() == 512);
 
 /// Transport messages a session received, cumulative since it was created. The agent adds
 /// them to the endpoint the session last heard from (see [`SessionState::endpoint`]).
@@ -367,9 +402,13 @@ pub struct SessionRx {
     pub late: u64,
     /// Messages whose counter had been seen before.
     pub duplicate: u64,
+    /// Messages WireGuard would reject: counters far ahead of the session's sequence that
+    /// the messages after them showed forged. Counted in none of the fields above, nor as
+    /// received or lost.
+    pub suspect: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<SessionRx>() == 40);
+const _: () = assert!(core::mem::size_of::<SessionRx>() == 48);
 
 impl Default for SessionState {
     fn default() -> Self {
@@ -385,12 +424,36 @@ impl Default for SessionState {
             newest: 0,
             receiver: 0,
             endpoint: EndpointKey::default(),
+            pending_packets: 0,
+            pending: 0,
+            pending_bits: 0,
+            pending_bytes: 0,
+            pending_keepalives: 0,
             _pad: 0,
             rx: SessionRx::default(),
             window: [0; WINDOW_WORDS],
         }
     }
 }
+
+/// Value of [`MAP_PROBATION`]: the first messages of a receiver index no handshake of this
+/// host announced, as a candidate range like [`SessionState::pending`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbationSession {
+    /// The lowest counter of the range.
+    pub first: u64,
+    /// Which counters of the range arrived: bit `i` is counter `first + i`.
+    pub bits: u64,
+    /// Bytes of the messages held.
+    pub bytes: u64,
+    /// Messages held, keepalives and duplicates included.
+    pub packets: u32,
+    /// Keepalives among them.
+    pub keepalives: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<ProbationSession>() == 32);
 
 /// Value of [`MAP_FRESH_SESSIONS`]: when this host announced the receiver index.
 #[repr(C)]
@@ -516,6 +579,7 @@ mod user {
     unsafe impl aya::Pod for EndpointStats {}
     unsafe impl aya::Pod for SessionState {}
     unsafe impl aya::Pod for FreshSession {}
+    unsafe impl aya::Pod for ProbationSession {}
 }
 
 #[cfg(test)]

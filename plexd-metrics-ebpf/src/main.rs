@@ -22,12 +22,12 @@ use aya_ebpf::{
 };
 use plexd_metrics_common::{
     checkpoint_ns, session_slot, session_slot_shift, Direction, EndpointKey, EndpointStats,
-    FreshSession, PacketCounters, PortSet, ProbeStat, SessionState, DEFAULT_MAX_ENDPOINTS,
-    DEFAULT_MAX_SESSIONS, DEFAULT_REORDER_TIMEOUT_NS, DEFAULT_SESSION_SLOTS, DIRECTIONS,
-    GLOBAL_CHECKPOINT_NS, GLOBAL_REORDER_TIMEOUT_NS, GLOBAL_SESSION_SLOT_SHIFT, MAP_ENDPOINTS,
-    MAP_FRESH_SESSIONS, MAP_LISTEN_PORTS, MAP_PACKET_COUNTERS, MAP_PROBE_STATS, MAP_SESSIONS,
-    MAP_SESSION_SLOTS, PROBE_STAT_COUNT, PROG_COUNT_ONLY, PROG_EGRESS, PROG_INGRESS,
-    SESSION_EXPIRY_NS, SESSION_STARTED,
+    FreshSession, PacketCounters, PortSet, ProbationSession, ProbeStat, SessionState,
+    DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_SESSIONS, DEFAULT_REORDER_TIMEOUT_NS, DEFAULT_SESSION_SLOTS,
+    DIRECTIONS, GLOBAL_CHECKPOINT_NS, GLOBAL_REORDER_TIMEOUT_NS, GLOBAL_SESSION_SLOT_SHIFT,
+    MAP_ENDPOINTS, MAP_FRESH_SESSIONS, MAP_LISTEN_PORTS, MAP_PACKET_COUNTERS, MAP_PROBATION,
+    MAP_PROBE_STATS, MAP_SESSIONS, MAP_SESSION_SLOTS, PROBE_STAT_COUNT, PROG_COUNT_ONLY,
+    PROG_EGRESS, PROG_INGRESS, SESSION_EXPIRY_NS, SESSION_STARTED,
 };
 use plexd_metrics_ebpf::{
     parse::{classify, parse_frame, read_message, Frame, Message, Packet, Segments, HEADER_LEN},
@@ -80,6 +80,13 @@ static SESSIONS: HashMap<
 static FRESH_SESSIONS: LruHashMap<u32, FreshSession, { DEFAULT_MAX_ENDPOINTS as usize }> =
     LruHashMap::new();
 
+/// The first messages of receiver indexes no handshake of this host announced, until they
+/// look like a session. LRU: made-up indexes only push out each other. The agent sizes it
+/// like [`SESSION_SLOTS`], the only place such a session may go.
+#[btf_map]
+static PROBATION: LruHashMap<u32, ProbationSession, { DEFAULT_SESSION_SLOTS as usize }> =
+    LruHashMap::new();
+
 /// The remote endpoint of the GSO/GRO packet being accounted, per direction and CPU, for
 /// [`plexd_segment`]. The kernel programs' scratch space: the agent never reads it.
 #[btf_map]
@@ -101,10 +108,10 @@ static CHECKPOINT_NS: u64 = checkpoint_ns(DEFAULT_REORDER_TIMEOUT_NS);
 #[unsafe(no_mangle)]
 static SESSION_SLOT_SHIFT: u32 = session_slot_shift(DEFAULT_SESSION_SLOTS);
 
-/// A zeroed session value to insert from: 472 bytes do not fit the 512-byte BPF stack next
+/// A zeroed session value to insert from: 512 bytes do not fit the 512-byte BPF stack next
 /// to everything else. An array of words rather than a `SessionState`, because a global
 /// holding a spin lock would make the kernel treat `.rodata` as a locked map.
-static ZERO_SESSION: [u64; 59] = [0; 59];
+static ZERO_SESSION: [u64; 64] = [0; 64];
 
 /// A zeroed endpoint value to insert from, copied by the kernel instead of built on the
 /// stack (which would take a memset call).
@@ -126,6 +133,7 @@ const _: () = assert!(same_name(MAP_ENDPOINTS, "ENDPOINTS"));
 const _: () = assert!(same_name(MAP_SESSIONS, "SESSIONS"));
 const _: () = assert!(same_name(MAP_SESSION_SLOTS, "SESSION_SLOTS"));
 const _: () = assert!(same_name(MAP_FRESH_SESSIONS, "FRESH_SESSIONS"));
+const _: () = assert!(same_name(MAP_PROBATION, "PROBATION"));
 const _: () = assert!(same_name(MAP_PROBE_STATS, "PROBE_STATS"));
 const _: () = assert!(same_name(GLOBAL_REORDER_TIMEOUT_NS, "REORDER_TIMEOUT_NS"));
 const _: () = assert!(same_name(GLOBAL_CHECKPOINT_NS, "CHECKPOINT_NS"));
@@ -133,7 +141,7 @@ const _: () = assert!(same_name(GLOBAL_SESSION_SLOT_SHIFT, "SESSION_SLOT_SHIFT")
 const _: () = assert!(same_name(PROG_INGRESS, "plexd_tc_ingress"));
 const _: () = assert!(same_name(PROG_EGRESS, "plexd_tc_egress"));
 const _: () = assert!(same_name(PROG_COUNT_ONLY, "plexd_tc_count"));
-const _: () = assert!(core::mem::size_of::<SessionState>() == 59 * 8);
+const _: () = assert!(core::mem::size_of::<SessionState>() == 64 * 8);
 const _: () = assert!(core::mem::size_of::<EndpointStats>() == 14 * 8);
 
 /// Accounts a packet arriving on the interface.
@@ -475,9 +483,22 @@ struct Received<'a> {
     now: u64,
 }
 
+/// What [`admit`] decided for a message of an index without a window.
+enum Admit {
+    /// This host announced the index: the session starts now, at counter 0.
+    Fresh,
+    /// Held in probation.
+    Held,
+    /// Its probation entry (this message included) shows a session: it starts from what
+    /// the entry held.
+    Promoted(ProbationSession),
+}
+
 /// Feeds a received transport message into its session: the one in its slot, else the one
-/// in [`SESSIONS`]; a new session goes into its slot if it can have it. Returns false when
-/// the session has no entry and none could be made.
+/// in [`SESSIONS`]. A new session this host announced goes into its slot if it can have it,
+/// else into [`SESSIONS`]; any other index waits in [`PROBATION`] until its messages look
+/// like a session, and then may only take a free slot. Returns false when the message
+/// could be counted nowhere.
 #[inline(always)]
 fn receive(m: &Received) -> bool {
     // SAFETY: a read-only global the loader may have rewritten; volatile so that the
@@ -504,26 +525,95 @@ fn receive(m: &Received) -> bool {
         } else if (!held || m.now.saturating_sub(last_seen) > SESSION_EXPIRY_NS)
             && SESSIONS.get_ptr_mut(m.receiver).is_none()
         {
-            let fresh = is_fresh(m.receiver, m.now);
-            // SAFETY: as above.
-            match unsafe { in_slot(slot, m, true, fresh) } {
-                Slot::Ours => return true,
-                Slot::Taken => {
-                    session_created(m);
-                    // Another CPU may have put the same session into the hash between the
-                    // look above and the taking: counted, since its loss is now split. That
-                    // CPU looks at the slot after its insert (`in_hash`), so at least one of
-                    // the two sees the other.
-                    if SESSIONS.get_ptr_mut(m.receiver).is_some() {
-                        stat(ProbeStat::SessionsSplit);
-                    }
-                    return true;
+            let taken = match admit(m, true) {
+                Admit::Held => return true,
+                // Its own path, apart from the window's: the verifier walks each path
+                // into the window once more.
+                // SAFETY: as above.
+                Admit::Promoted(entry) => unsafe { promote_in_slot(slot, m, &entry) },
+                // SAFETY: as above.
+                Admit::Fresh => match unsafe { in_slot(slot, m, true, true) } {
+                    Slot::Ours => return true,
+                    Slot::Taken => true,
+                    Slot::Other => false,
+                },
+            };
+            if taken {
+                session_created(m);
+                // Another CPU may have put the same session into the hash between the
+                // look above and the taking: counted, since its loss is now split. That
+                // CPU looks at the slot after its insert (`in_hash`), so at least one of
+                // the two sees the other.
+                if SESSIONS.get_ptr_mut(m.receiver).is_some() {
+                    stat(ProbeStat::SessionsSplit);
                 }
-                Slot::Other => {}
+                return true;
             }
         }
     }
     in_hash(m, slot)
+}
+
+/// What a message of an index without a window starts: a session this host announced, a
+/// promoted one (only when `may_promote`: a free slot awaits it), or nothing yet (the
+/// message was held in [`PROBATION`]).
+#[inline(always)]
+fn admit(m: &Received, may_promote: bool) -> Admit {
+    if is_fresh(m.receiver, m.now) {
+        return Admit::Fresh;
+    }
+    stat(ProbeStat::ProbationMessages);
+    let entry = match PROBATION.get_ptr_mut(m.receiver) {
+        Some(entry) => entry,
+        None => {
+            let zero = ProbationSession::default();
+            // An LRU map finds room by evicting; a failure only loses this message.
+            if PROBATION.insert(m.receiver, zero, 0).is_err() {
+                return Admit::Held;
+            }
+            match PROBATION.get_ptr_mut(m.receiver) {
+                Some(entry) => entry,
+                None => return Admit::Held,
+            }
+        }
+    };
+    // SAFETY: a live map value. Two CPUs holding messages of one index at once can lose
+    // one of their updates, which only delays the promotion.
+    let ready = window::probation_hold(unsafe { &mut *entry }, m.counter, m.keepalive, m.bytes);
+    if !ready || !may_promote {
+        return Admit::Held;
+    }
+    // SAFETY: as above; copied out before the entry goes.
+    let held = unsafe { *entry };
+    let _ = PROBATION.remove(m.receiver);
+    stat(ProbeStat::SessionsPromoted);
+    Admit::Promoted(held)
+}
+
+/// Starts a promoted session in `slot` from its probation `entry`, if the slot is still
+/// free or its session has ended; returns whether it did. Otherwise (another CPU was
+/// quicker) the held messages go uncounted and the index starts probation again.
+///
+/// # Safety
+/// `slot` points at a live value of [`SESSION_SLOTS`].
+#[inline(always)]
+unsafe fn promote_in_slot(slot: *mut SessionState, m: &Received, entry: &ProbationSession) -> bool {
+    // SAFETY: the caller's; nothing between lock and unlock calls a helper or returns
+    // early, as the verifier enforces.
+    unsafe {
+        let lock = (&raw mut (*slot).lock).cast();
+        bpf_spin_lock(lock);
+        let held = (*slot).flags & SESSION_STARTED != 0;
+        let take = !held || m.now.saturating_sub((*slot).last_seen_ns) > SESSION_EXPIRY_NS;
+        if take {
+            clear(slot);
+            (*slot).receiver = m.receiver;
+            window::start_promoted(&mut *slot, entry, m.now);
+            (*slot).endpoint = *m.remote;
+        }
+        bpf_spin_unlock(lock);
+        take
+    }
 }
 
 /// What [`in_slot`] found in the slot.
@@ -614,13 +704,20 @@ unsafe fn clear(slot: *mut SessionState) {
 /// Words of a [`SessionState`]; the first holds the lock and the flags.
 const SESSION_WORDS: usize = core::mem::size_of::<SessionState>() / 8;
 
-/// Feeds the message into its session in [`SESSIONS`], creating it when there is none.
-/// `slot` is the session's slot, which another live session held when the message came.
+/// Feeds the message into its session in [`SESSIONS`], creating it when there is none and
+/// this host announced its index. `slot` is the session's slot, which another live session
+/// held when the message came.
 #[inline(always)]
 fn in_hash(m: &Received, slot: Option<*mut SessionState>) -> bool {
     let state = match SESSIONS.get_ptr_mut(m.receiver) {
         Some(state) => state,
         None => {
+            // Its slot is taken: an index this host did not announce waits in probation
+            // (and never leaves it for the hash) rather than take room that real new
+            // sessions need.
+            if let Admit::Held | Admit::Promoted(_) = admit(m, false) {
+                return true;
+            }
             // SAFETY: ZERO_SESSION has the size of SessionState and all-zero bytes, a valid
             // (unstarted) session; the kernel copies it and leaves the lock to itself.
             let zero = unsafe { &*(&raw const ZERO_SESSION).cast::<SessionState>() };

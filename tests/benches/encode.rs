@@ -54,6 +54,7 @@ fn batch() -> Vec<MetricPoint> {
                 lost_packets: Some(i % 3),
                 late_packets: Some(i % 2),
                 duplicate_packets: Some(0),
+                suspect_packets: Some(0),
                 handshakes_sent: Some(1),
                 handshakes_received: Some(1),
             };

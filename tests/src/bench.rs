@@ -467,15 +467,17 @@ pub fn endpoints_on(veth: &crate::VethPair, peers: usize) -> Vec<SocketAddr> {
 ///
 /// The messages are raw frames sent through `peer_ns`'s end, 128 endpoints at a time, each
 /// batch waited for until the probe has counted it: a burst would overflow the receiving
-/// end's backlog before TC sees it.
+/// end's backlog before TC sees it. Before them the node (in `wg_ns`) announces every index
+/// in a handshake response, as WireGuard does, so that each session gets a window.
 pub fn one_session_each(
     peer_ns: &crate::NetNs,
+    wg_ns: &crate::NetNs,
     veth: &crate::VethPair,
     probe: &plexd_metrics::source::ebpf::UnderlayProbe,
     endpoints: &[SocketAddr],
     port: u16,
 ) {
-    use crate::wg::{ipv4_udp_frame, mac, transport, RawLink};
+    use crate::wg::{ipv4_udp_frame, mac, response, transport, RawLink};
     use plexd_metrics::source::counters::EndpointCounterSource as _;
 
     let (a, b) = (&veth.a, &veth.b);
@@ -492,6 +494,43 @@ pub fn one_session_each(
             .expect("read the packet counters")
             .ingress_packets
     };
+    let sent = || {
+        probe
+            .totals()
+            .expect("read the packet counters")
+            .egress_packets
+    };
+    // The node announces each session's index in a handshake response, as WireGuard does:
+    // the kernel gives only announced sessions a window wherever there is room.
+    let node_link = wg_ns
+        .run(|| RawLink::open(&b.name))
+        .expect("enter namespace")
+        .expect("AF_PACKET socket");
+    for (n, chunk) in endpoints.chunks(128).enumerate() {
+        let target = sent() + chunk.len() as u64;
+        for (i, endpoint) in chunk.iter().enumerate() {
+            let SocketAddr::V4(to) = endpoint else {
+                panic!("{endpoint} is not an address of {}", a.name);
+            };
+            let frame = ipv4_udp_frame(
+                mac(&a.mac),
+                mac(&b.mac),
+                (b.addr, port),
+                (*to.ip(), to.port()),
+                &response((n * 128 + i) as u32 + 1),
+            );
+            node_link.send(&frame).expect("send a frame");
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sent() < target {
+            assert!(
+                Instant::now() < deadline,
+                "the kernel programs saw {} of {target} announcements after 10 s",
+                sent()
+            );
+            std::thread::yield_now();
+        }
+    }
     for (n, chunk) in endpoints.chunks(128).enumerate() {
         for counter in [0, 1, 3] {
             let target = seen() + chunk.len() as u64;

@@ -95,6 +95,7 @@ fn scenario(seed: u64) -> Scenario {
                     lost_packets: Some(lost),
                     late_packets: Some(0),
                     duplicate_packets: Some(0),
+                    suspect_packets: Some(0),
                     handshakes_sent: Some(0),
                     handshakes_received: Some(0),
                 };

@@ -46,6 +46,9 @@ pub struct EndpointCounters {
     pub late: u64,
     /// Transport messages from the endpoint that arrived twice.
     pub duplicate: u64,
+    /// Transport messages WireGuard would reject: counters far ahead of their session that
+    /// the messages after them showed forged (see docs/kernel-accounting.md).
+    pub suspect: u64,
 }
 
 /// A snapshot of the kernel programs' per-endpoint counters.

@@ -86,6 +86,7 @@ cumulative_fields!(EndpointCounters {
     lost,
     late,
     duplicate,
+    suspect,
 });
 
 cumulative_fields!(SessionRx {
@@ -94,6 +95,7 @@ cumulative_fields!(SessionRx {
     keepalives,
     late,
     duplicate,
+    suspect,
 });
 
 #[cfg(test)]

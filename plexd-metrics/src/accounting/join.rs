@@ -233,6 +233,7 @@ fn fill_measured(s: &mut TunnelStats, d: &EndpointCounters) {
     s.lost_packets = Some(d.lost);
     s.late_packets = Some(d.late);
     s.duplicate_packets = Some(d.duplicate);
+    s.suspect_packets = Some(d.suspect);
     s.handshakes_sent = Some(d.initiations_sent + d.responses_sent);
     s.handshakes_received = Some(d.initiations_received + d.responses_received);
 }

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use plexd_metrics_common::{
-    EndpointKey, EndpointStats, SessionRx, SessionState, SESSION_EXPIRY_NS,
+    EndpointKey, EndpointStats, SessionRx, SessionState, CONFIRM_COUNTERS, SESSION_EXPIRY_NS,
 };
 
 use super::counters::{CounterSnapshot, EndpointCounters, NetworkKeyHasher};
@@ -80,6 +80,11 @@ pub struct ProbeStats {
     pub allocation_failures: u64,
     /// Sessions started in two places at once (see `ProbeStat::SessionsSplit`).
     pub sessions_split: u64,
+    /// Transport messages of indexes no handshake of this host announced, held before they
+    /// had a window (see `ProbeStat::ProbationMessages`).
+    pub probation_messages: u64,
+    /// Sessions that left probation for a window (see `ProbeStat::SessionsPromoted`).
+    pub sessions_promoted: u64,
 }
 
 /// Which of the probe-wide troubles grew since the last read: each is worth one warning
@@ -92,6 +97,9 @@ pub struct ProbeTrouble {
     pub allocation_failed: bool,
     /// A session began on two CPUs at once.
     pub session_split: bool,
+    /// Messages of indexes this host never announced were held without giving a session a
+    /// window: made-up indexes, or sessions older than the programs whose slot is taken.
+    pub held_unannounced: bool,
 }
 
 /// An endpoint that expired in this read, and whether the endpoint map holds it (and so
@@ -270,6 +278,13 @@ impl SessionLedger {
             overflowed: overflows(stats) > overflows(&last),
             allocation_failed: stats.allocation_failures > last.allocation_failures,
             session_split: stats.sessions_split > last.sessions_split,
+            held_unannounced: stats
+                .probation_messages
+                .wrapping_sub(last.probation_messages)
+                > stats
+                    .sessions_promoted
+                    .wrapping_sub(last.sessions_promoted)
+                    .saturating_mul(u64::from(CONFIRM_COUNTERS)),
         }
     }
 }
@@ -346,6 +361,7 @@ fn counters(stats: &EndpointStats, sessions: &SessionFigures) -> EndpointCounter
         lost: sessions.lost,
         late: rx.late,
         duplicate: rx.duplicate,
+        suspect: rx.suspect,
     }
 }
 
@@ -392,6 +408,7 @@ mod tests {
             keepalives: packets / 10,
             late: packets / 5,
             duplicate: packets / 20,
+            suspect: packets / 20,
         }
     }
 
@@ -524,7 +541,7 @@ mod tests {
             (c.rx_packets, c.rx_bytes, c.tx_bytes, c.cookie_replies),
             (6 + 40, 4_000, 200, 6)
         );
-        assert_eq!((c.late, c.duplicate, c.lost), (8, 2, 9));
+        assert_eq!((c.late, c.duplicate, c.lost, c.suspect), (8, 2, 9, 2));
         assert_eq!(total.last_seen_ns, 77);
     }
 }

@@ -53,6 +53,10 @@ pub struct TunnelStats {
     /// Transport messages that arrived twice.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duplicate_packets: Option<u64>,
+    /// Transport messages WireGuard would reject: counters far ahead of the session that
+    /// later messages showed forged. Counted in none of the figures above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspect_packets: Option<u64>,
     /// Handshake initiations and responses sent to the peer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handshakes_sent: Option<u64>,
@@ -80,6 +84,7 @@ impl Default for TunnelStats {
             lost_packets: None,
             late_packets: None,
             duplicate_packets: None,
+            suspect_packets: None,
             handshakes_sent: None,
             handshakes_received: None,
         }

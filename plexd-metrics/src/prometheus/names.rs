@@ -94,6 +94,11 @@ pub const PEER_DUPLICATE_PACKETS: FamilyDef = counter(
     "plexd_peer_duplicate_packets",
     "Transport messages from the peer that arrived twice.",
 );
+/// Messages WireGuard would reject, held apart from the figures above.
+pub const PEER_SUSPECT_PACKETS: FamilyDef = counter(
+    "plexd_peer_suspect_packets",
+    "Transport messages to the peer's sessions that later messages showed forged (counters far ahead); in no other packet family.",
+);
 /// Handshake messages sent.
 pub const PEER_HANDSHAKES_SENT: FamilyDef = counter(
     "plexd_peer_handshakes_sent",
@@ -407,7 +412,7 @@ pub const APP_SCRAPE_DURATION: FamilyDef = gauge(
 );
 
 /// Every family, in the order they are written.
-pub const ALL: [FamilyDef; 72] = [
+pub const ALL: [FamilyDef; 73] = [
     PEER_RECEIVE_BYTES,
     PEER_TRANSMIT_BYTES,
     PEER_RECEIVE_PACKETS,
@@ -415,6 +420,7 @@ pub const ALL: [FamilyDef; 72] = [
     PEER_LOST_PACKETS,
     PEER_LATE_PACKETS,
     PEER_DUPLICATE_PACKETS,
+    PEER_SUSPECT_PACKETS,
     PEER_HANDSHAKES_SENT,
     PEER_HANDSHAKES_RECEIVED,
     PEER_PROBES_SENT,

@@ -76,6 +76,7 @@ struct PeerSeries {
     lost_packets: u64,
     late_packets: u64,
     duplicate_packets: u64,
+    suspect_packets: u64,
     handshakes_sent: u64,
     handshakes_received: u64,
     last_handshake_seconds: f64,
@@ -477,6 +478,7 @@ fn visit_peer(key: &PeerKey, s: &PeerSeries, visit: &mut Visit<'_>) {
             (&names::PEER_LOST_PACKETS, s.lost_packets),
             (&names::PEER_LATE_PACKETS, s.late_packets),
             (&names::PEER_DUPLICATE_PACKETS, s.duplicate_packets),
+            (&names::PEER_SUSPECT_PACKETS, s.suspect_packets),
             (&names::PEER_HANDSHAKES_SENT, s.handshakes_sent),
             (&names::PEER_HANDSHAKES_RECEIVED, s.handshakes_received),
         ] {
@@ -645,6 +647,7 @@ fn fold_tunnel(series: &mut PeerSeries, stats: &TunnelStats) {
     add(&mut series.lost_packets, stats.lost_packets);
     add(&mut series.late_packets, stats.late_packets);
     add(&mut series.duplicate_packets, stats.duplicate_packets);
+    add(&mut series.suspect_packets, stats.suspect_packets);
     add(&mut series.handshakes_sent, stats.handshakes_sent);
     add(&mut series.handshakes_received, stats.handshakes_received);
 }

@@ -26,8 +26,8 @@ use plexd_metrics_common::{
     checkpoint_ns, session_slot_shift, session_slots, Direction, PacketCounters,
     DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_SESSIONS, GLOBAL_CHECKPOINT_NS, GLOBAL_REORDER_TIMEOUT_NS,
     GLOBAL_SESSION_SLOT_SHIFT, MAP_ENDPOINTS, MAP_FRESH_SESSIONS, MAP_LISTEN_PORTS,
-    MAP_PACKET_COUNTERS, MAP_PROBE_STATS, MAP_SESSIONS, MAP_SESSION_SLOTS, PROG_EGRESS,
-    PROG_INGRESS,
+    MAP_PACKET_COUNTERS, MAP_PROBATION, MAP_PROBE_STATS, MAP_SESSIONS, MAP_SESSION_SLOTS,
+    PROG_EGRESS, PROG_INGRESS,
 };
 
 use crate::accounting::counters::CounterSnapshot;
@@ -372,6 +372,8 @@ impl UnderlayProbe {
             .map_max_entries(MAP_SESSIONS, options.max_sessions)
             // One announced session per peer is in flight at a time, give or take.
             .map_max_entries(MAP_FRESH_SESSIONS, options.max_endpoints)
+            // Sessions out of probation may only take a free slot.
+            .map_max_entries(MAP_PROBATION, slots)
             .override_global(GLOBAL_REORDER_TIMEOUT_NS, &timeout_ns, true)
             .override_global(GLOBAL_CHECKPOINT_NS, &checkpoint, true)
             .override_global(GLOBAL_SESSION_SLOT_SHIFT, &slot_shift, true)

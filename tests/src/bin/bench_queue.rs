@@ -758,6 +758,7 @@ impl Node {
                     lost_packets: Some(lost),
                     late_packets: Some(u64::from(i % 25 == 0)),
                     duplicate_packets: Some(0),
+                    suspect_packets: Some(0),
                     handshakes_sent: Some(u64::from(i % 8 == c as usize % 8)),
                     handshakes_received: Some(u64::from(i % 8 == c as usize % 8)),
                 };

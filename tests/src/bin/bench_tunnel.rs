@@ -39,7 +39,7 @@ fn main() {
     let options = ProbeOptions::default();
     let probe = Arc::new(attach_probe(&wg_ns, &veth.b.name, &options, &[WG_PORT]));
     eprintln!("bench-tunnel: one session for each of {PEERS} peers in the kernel maps");
-    one_session_each(&peer_ns, &veth, &probe, &endpoints, WG_PORT);
+    one_session_each(&peer_ns, &wg_ns, &veth, &probe, &endpoints, WG_PORT);
     // Every session's hole is settled once the reorder timeout has passed since it opened;
     // the coarse clock the programs stamp with is a few ms behind at most.
     std::thread::sleep(options.reorder_timeout + Duration::from_millis(50));

@@ -191,7 +191,7 @@ fn read_round(peers: usize, reads: usize) -> ReadCost {
     let dev = veth.b.name.clone();
     let probe = attach_probe(&wg_ns, &dev, &ProbeOptions::default(), &[WG_PORT]);
     let endpoints = endpoints_on(&veth, peers);
-    one_session_each(&peer_ns, &veth, &probe, &endpoints, WG_PORT);
+    one_session_each(&peer_ns, &wg_ns, &veth, &probe, &endpoints, WG_PORT);
     let snapshot = probe.read_endpoints().expect("read");
     assert_eq!(
         snapshot.endpoints.len(),

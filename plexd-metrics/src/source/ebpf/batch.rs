@@ -79,7 +79,7 @@ pub(super) fn for_each<K: Pod, V: Pod>(
         values.resize(value_words, 0);
     }
     // Values are lent out in place when they lie back to back and aligned (sessions are
-    // 472 bytes, and ten thousand copies of them cost more than the rest of their reading);
+    // 512 bytes, and ten thousand copies of them cost more than the rest of their reading);
     // else each is copied out.
     let in_place = value_stride == std::mem::size_of::<V>() && std::mem::align_of::<V>() <= 8;
     let mut entry = Vec::with_capacity(if in_place { 0 } else { values_per_key });

@@ -102,6 +102,8 @@ impl Reader {
             sessions_created: get(ProbeStat::SessionsCreated)?,
             allocation_failures: get(ProbeStat::AllocationFailure)?,
             sessions_split: get(ProbeStat::SessionsSplit)?,
+            probation_messages: get(ProbeStat::ProbationMessages)?,
+            sessions_promoted: get(ProbeStat::SessionsPromoted)?,
         })
     }
 
@@ -155,6 +157,16 @@ impl Reader {
                 allocation_failures = stats.allocation_failures,
                 "the kernel had no memory at hand for new eBPF map entries; the first messages \
                  of some new peers or sessions were not counted (they are on the next message)"
+            );
+        }
+        if trouble.held_unannounced {
+            tracing::info!(
+                component = "metrics",
+                probation_messages = stats.probation_messages,
+                sessions_promoted = stats.sessions_promoted,
+                "transport messages with receiver indexes no handshake of this host announced \
+                 were held without a loss window: forged datagrams, or sessions that began \
+                 before the agent whose slot is taken (measured from their next handshake)"
             );
         }
         if trouble.session_split {
