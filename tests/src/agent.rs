@@ -136,7 +136,7 @@ impl RunningAgent {
             nix::sys::signal::Signal::SIGTERM,
         )
         .expect("send SIGTERM");
-        let status = self.child.wait().expect("wait for the agent");
+        let status = crate::wait_within(&mut self.child, crate::EXIT_DEADLINE);
         let mut stdout = String::new();
         if let Some(mut out) = self.child.stdout.take() {
             out.read_to_string(&mut stdout).expect("read stdout");
@@ -152,7 +152,7 @@ impl RunningAgent {
             nix::sys::signal::Signal::SIGTERM,
         )
         .expect("send SIGTERM");
-        let status = self.child.wait().expect("wait for the agent");
+        let status = crate::wait_within(&mut self.child, crate::EXIT_DEADLINE);
         let deadline = std::time::Instant::now() + LOG_DEADLINE;
         let mut log = std::mem::take(&mut *self.seen.borrow_mut());
         loop {
@@ -194,12 +194,13 @@ pub fn run_once_here(config: &str) -> OnceRun {
 fn once(mut agent: Command, config: &str) -> OnceRun {
     let path = std::env::temp_dir().join(format!("{}.yaml", unique_name("plexd-once-")));
     std::fs::write(&path, config).expect("write the config");
-    let out = agent
-        .args(["--once", "--log-format", "json", "--config"])
-        .arg(&path)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run the agent");
+    let out = crate::output_within(
+        agent
+            .args(["--once", "--log-format", "json", "--config"])
+            .arg(&path)
+            .env_remove("RUST_LOG"),
+        crate::EXIT_DEADLINE,
+    );
     let _ = std::fs::remove_file(&path);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(

@@ -680,3 +680,55 @@ pub fn undocumented_keys(points: &[plexd_metrics::api::MetricPoint]) -> Vec<Stri
     }
     missing.into_iter().collect()
 }
+
+/// How long an agent may take to exit after SIGTERM or `--once` before a test gives up on
+/// it: its own flush is bounded by 10 s, and loading the kernel programs takes a few.
+pub const EXIT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Waits for `child` to exit, at most `limit`; kills it and fails the test past that.
+pub fn wait_within(
+    child: &mut std::process::Child,
+    limit: std::time::Duration,
+) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("poll the child") {
+            return status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("process {} did not exit within {limit:?}", child.id());
+        }
+        // Polling: std has no wait with a timeout for a child.
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Runs `command` to its end like [`std::process::Command::output`], at most `limit`.
+pub fn output_within(
+    command: &mut std::process::Command,
+    limit: std::time::Duration,
+) -> std::process::Output {
+    use std::io::Read as _;
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the process");
+    let read = |mut pipe: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            bytes
+        })
+    };
+    let stdout = read(Box::new(child.stdout.take().expect("piped stdout")));
+    let stderr = read(Box::new(child.stderr.take().expect("piped stderr")));
+    let status = wait_within(&mut child, limit);
+    std::process::Output {
+        status,
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: stderr.join().expect("stderr reader"),
+    }
+}

@@ -89,7 +89,8 @@ impl Agent {
             nix::sys::signal::Signal::SIGTERM,
         )
         .expect("SIGTERM");
-        let status = self.child.wait().expect("wait for the agent");
+        let status =
+            plexd_metrics_tests::wait_within(&mut self.child, plexd_metrics_tests::EXIT_DEADLINE);
         assert_eq!(status.code(), Some(0), "exit status after SIGTERM");
         while let Ok(event) = self.logs.recv_timeout(DEADLINE) {
             self.note(&event);

@@ -141,7 +141,8 @@ impl RunningPod {
             nix::sys::signal::Signal::SIGTERM,
         )
         .expect("SIGTERM");
-        let status = self.child.wait().expect("wait for the agent");
+        let status =
+            plexd_metrics_tests::wait_within(&mut self.child, plexd_metrics_tests::EXIT_DEADLINE);
         // The reader thread ends with the pipe.
         while let Ok(line) = self.lines.recv_timeout(DEADLINE) {
             self.seen.push(line);

@@ -124,7 +124,8 @@ impl Agent {
             nix::sys::signal::Signal::SIGTERM,
         )
         .expect("SIGTERM");
-        let status = self.child.wait().expect("wait for the agent");
+        let status =
+            plexd_metrics_tests::wait_within(&mut self.child, plexd_metrics_tests::EXIT_DEADLINE);
         let took = asked.elapsed();
         while let Ok(event) = self.logs.recv_timeout(DEADLINE) {
             self.events.push(event);

@@ -2,12 +2,11 @@
 //! agent must say so once and report every other group; on a host with NVIDIA GPUs its
 //! figures are compared with `nvidia-smi`, an independent reader of the same driver.
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use plexd_metrics::api::MetricPoint;
-use plexd_metrics_tests::agent_binary;
+use plexd_metrics_tests::{agent_binary, output_within};
 use serde_json::Value;
 
 /// Bound of one `--once` run: a collect of the system and agent groups takes well under it.
@@ -30,45 +29,28 @@ fn run_once(gpu: &str) -> Once {
          latency: {{enabled: false}}\n  health: {{enabled: false}}\n  gpu: {gpu}\n"
     );
     std::fs::write(&config, yaml).unwrap();
-    let mut child = Command::new(agent_binary())
-        .args([
-            "--once",
-            "--log-format",
-            "json",
-            "--log-level",
-            "debug",
-            "--config",
-        ])
-        .arg(&config)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the agent");
-    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let stdout = std::thread::spawn(move || {
-        let mut s = String::new();
-        out.read_to_string(&mut s).map(|_| s)
-    });
-    let stderr = std::thread::spawn(move || {
-        let mut s = String::new();
-        err.read_to_string(&mut s).map(|_| s)
-    });
-    let deadline = Instant::now() + ONCE_DEADLINE;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("poll the agent") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("agent --once did not exit within {ONCE_DEADLINE:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let out = output_within(
+        Command::new(agent_binary())
+            .args([
+                "--once",
+                "--log-format",
+                "json",
+                "--log-level",
+                "debug",
+                "--config",
+            ])
+            .arg(&config)
+            .env_remove("RUST_LOG"),
+        ONCE_DEADLINE,
+    );
     let _ = std::fs::remove_file(&config);
-    let stdout = stdout.join().unwrap().unwrap();
-    let stderr = stderr.join().unwrap().unwrap();
-    assert!(status.success(), "agent --once failed ({status}): {stderr}");
+    let stdout = String::from_utf8(out.stdout).expect("UTF-8 batch");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "agent --once failed ({}): {stderr}",
+        out.status
+    );
     let batch = serde_json::from_str(&stdout)
         .unwrap_or_else(|e| panic!("stdout is not one JSON batch ({e}): {stdout}"));
     let events = stderr
