@@ -3,14 +3,10 @@
 //! figures are compared with `nvidia-smi`, an independent reader of the same driver.
 
 use std::process::Command;
-use std::time::Duration;
 
 use plexd_metrics::api::MetricPoint;
-use plexd_metrics_tests::{agent_binary, output_within};
+use plexd_metrics_tests::agent::{run_once_here, OnceRun};
 use serde_json::Value;
-
-/// Bound of one `--once` run: a collect of the system and agent groups takes well under it.
-const ONCE_DEADLINE: Duration = Duration::from_secs(30);
 
 /// What `plexd-metrics --once` printed: its batch and its JSON log events.
 struct Once {
@@ -19,40 +15,13 @@ struct Once {
 }
 
 /// Runs the agent once with only the system, agent and gpu groups (nothing that needs the
-/// network or privileges), killing it at [`ONCE_DEADLINE`].
+/// network or privileges).
 fn run_once(gpu: &str) -> Once {
-    let dir = std::env::temp_dir().join(format!("plexd-gpu-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join(format!("{}.yaml", fastrand::u64(..)));
     let yaml = format!(
         "metrics:\n  ebpf: {{enabled: false}}\n  wireguard: {{enabled: false}}\n  \
          latency: {{enabled: false}}\n  health: {{enabled: false}}\n  gpu: {gpu}\n"
     );
-    std::fs::write(&config, yaml).unwrap();
-    let out = output_within(
-        Command::new(agent_binary())
-            .args([
-                "--once",
-                "--log-format",
-                "json",
-                "--log-level",
-                "debug",
-                "--config",
-            ])
-            .arg(&config)
-            .env_remove("RUST_LOG"),
-        ONCE_DEADLINE,
-    );
-    let _ = std::fs::remove_file(&config);
-    let stdout = String::from_utf8(out.stdout).expect("UTF-8 batch");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        out.status.success(),
-        "agent --once failed ({}): {stderr}",
-        out.status
-    );
-    let batch = serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("stdout is not one JSON batch ({e}): {stdout}"));
+    let OnceRun { batch, stderr } = run_once_here(&yaml);
     let events = stderr
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("log line {l:?}: {e}")))

@@ -293,7 +293,8 @@ impl DeliveryQueue {
                     self.stored_points += total as u64;
                     // The newest batches stay in memory too while there is room, so that
                     // what is sent next after a short outage is not read back from disk.
-                    let bytes: usize = batches.iter().map(|(_, b)| batch_bytes(b)).sum();
+                    let sizes: Vec<usize> = batches.iter().map(|(_, b)| batch_bytes(b)).collect();
+                    let bytes: usize = sizes.iter().sum();
                     let keep = self.memory_points + self.cached_points + total
                         <= self.limits.max_points
                         && self.memory_bytes + self.cached_bytes + bytes
@@ -302,11 +303,11 @@ impl DeliveryQueue {
                         self.cached_points += total;
                         self.cached_bytes += bytes;
                     }
-                    for ((key, points), at) in batches.into_iter().zip(located) {
+                    for (((key, points), at), size) in batches.into_iter().zip(located).zip(sizes) {
                         self.batches.push_back(Batch {
                             key,
                             count: points.len(),
-                            bytes: if keep { batch_bytes(&points) } else { 0 },
+                            bytes: if keep { size } else { 0 },
                             points: keep.then(|| Arc::new(points)),
                             stored: Some(at),
                         });
